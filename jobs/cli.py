@@ -1,0 +1,43 @@
+"""`panoptic-flow` console command: one sub-command per job module.
+
+Each sub-command is a module in `jobs/` with a ``main(argv: list[str] | None) -> int``; this file only
+dispatches, so ``panoptic-flow segment ...`` and ``python -m jobs.segment ...`` are the same program.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "segment": ("jobs.segment", "run DETR panoptic segmentation over images and write Parquet"),
+    "query": ("jobs.query", "run SQL (DuckDB) over an output's segments/images tables"),
+    "show": ("jobs.show", "draw one result (or a grid of results) as a PNG"),
+    "export-coco": ("jobs.export_coco", "write COCO panoptic PNGs + JSON from an output"),
+    "evaluate": ("jobs.evaluate", "compute PQ / SQ / RQ against COCO panoptic ground truth"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: panoptic-flow COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`panoptic-flow COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``argv[0]`` to its job module's ``main``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"panoptic-flow: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
