@@ -1,0 +1,118 @@
+"""Batched panoptic inference on plain PyTorch: prepared images in, panoptic results out.
+
+`prepare` is the CPU half (EXIF orientation, RGB, reference resize) and can run on other workers;
+`PanopticPredictor.predict_prepared` groups images by canvas (see `model.preprocess`), pads, runs the
+model — mask head on kept queries only —, crops the padding at stride 4 before any upsampling, and
+merges each image on its own. An image's result therefore never depends on its batch companions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.detr import DetrPanoptic
+from model.panoptic import PanopticResult, merge_panoptic
+from model.preprocess import BatchMode, canvas_size, normalize, pad_batch, processed_size, resize_image, to_rgb
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How images are sized, batched and thresholded. Defaults reproduce the reference."""
+
+    min_size: int = 800
+    max_size: int = 1333
+    threshold: float = 0.85
+    batch_mode: BatchMode = "exact"
+    bucket: int = 128  # canvas multiple in "bucketed" mode
+    precision: Precision = "fp32"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.min_size <= 0 or self.max_size < self.min_size:
+            raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if self.batch_mode not in ("exact", "bucketed"):
+            raise ValueError(f"batch_mode must be 'exact' or 'bucketed', got {self.batch_mode!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.bucket <= 0 or self.bucket % 32:
+            raise ValueError(f"bucket must be a positive multiple of 32, got {self.bucket}")
+
+
+class PreparedImage(NamedTuple):
+    pixels: np.ndarray  # uint8 [h, w, 3] at the processed size
+    original_size: tuple[int, int]  # (height, width) after EXIF orientation
+
+
+def prepare(image: Image.Image, config: InferenceConfig) -> PreparedImage:
+    """EXIF orientation, RGB and the reference resize (PIL bilinear) of one decoded image."""
+    rgb = to_rgb(image)
+    original = (rgb.height, rgb.width)
+    size = processed_size(*original, min_size=config.min_size, max_size=config.max_size)
+    return PreparedImage(resize_image(rgb, size), original)
+
+
+class PanopticPredictor:
+    """Runs `DetrPanoptic` on batches of prepared images on one device."""
+
+    def __init__(self, model: DetrPanoptic, config: InferenceConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def predict(self, images: list[Image.Image]) -> list[PanopticResult]:
+        """Decoded PIL images in, one result per image (same order) out."""
+        return self.predict_prepared([prepare(image, self.config) for image in images])
+
+    @torch.inference_mode()
+    def predict_prepared(self, images: list[PreparedImage]) -> list[PanopticResult]:
+        """One result per prepared image, in input order; images sharing a canvas run as one batch."""
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            size = image.pixels.shape[:2]
+            groups[canvas_size(size, mode=self.config.batch_mode, bucket=self.config.bucket)].append(i)
+        results: list[PanopticResult | None] = [None] * len(images)
+        for canvas, indices in groups.items():
+            for i, result in zip(indices, self._predict_group([images[i] for i in indices], canvas)):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _predict_group(self, images: list[PreparedImage], canvas: tuple[int, int]) -> list[PanopticResult]:
+        pixels = [
+            torch.from_numpy(np.array(im.pixels, copy=True)).to(self.device, non_blocking=True).permute(2, 0, 1)
+            for im in images
+        ]  # each [3, h, w] uint8
+        batch, padding_mask = pad_batch([normalize(p) for p in pixels], canvas)  # [B, 3, H, W], [B, H, W]
+        if self.config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.precision]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = self.model(batch, padding_mask, threshold=self.config.threshold)
+        results = []
+        for b, image in enumerate(images):
+            selected = out.image_index == b  # [N]
+            kept = out.query_index[selected]  # [k] query slots, in query order
+            h, w = image.pixels.shape[:2]
+            stride4 = (-(-h // 4), -(-w // 4))  # valid region of the stride-4 mask logits
+            mask_logits = out.mask_logits[selected][:, : stride4[0], : stride4[1]].float()  # crop padding
+            results.append(
+                merge_panoptic(
+                    out.scores[b, kept],
+                    out.labels[b, kept],
+                    mask_logits,
+                    processed_size=(h, w),
+                    original_size=image.original_size,
+                )
+            )
+        return results

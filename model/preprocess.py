@@ -1,0 +1,104 @@
+"""Inference pre-processing as the reference does it (upstream `datasets/transforms.py`, eval transforms).
+
+EXIF orientation applied, RGB; shorter side resized to ``min_size`` with the longer side capped at
+``max_size`` (the reference's size rule, truncation included) using PIL bilinear on the uint8 image;
+then [0, 1] floats and ImageNet normalisation. Batches are zero-padded bottom/right to a canvas with a
+padding mask (True on padding).
+
+Canvas policy (batch independence): in ``exact`` mode the canvas is the image's own processed size, so
+only images of equal processed size share a batch and each result equals the reference's single-image
+result. In ``bucketed`` mode the canvas is the processed size rounded up to a multiple of ``bucket``
+pixels: more images share a canvas (bigger batches), each result still depends on its own size only, but
+differs slightly from the single-image reference near the bottom/right border (padding is seen by the
+convolutions, as in any padded batch).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BatchMode = Literal["exact", "bucketed"]
+
+
+def processed_size(height: int, width: int, *, min_size: int = 800, max_size: int | None = 1333) -> tuple[int, int]:
+    """The reference's resize rule: (height, width) of the image fed to the model.
+
+    If long/short · min_size > max_size the target short side becomes round(max_size · short / long);
+    an image whose short side already equals the target is kept; otherwise short = target and
+    long = int(target · long / short) (truncation, not rounding).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    size = min_size
+    if max_size is not None:
+        short, long = float(min(height, width)), float(max(height, width))
+        if long / short * size > max_size:
+            size = int(round(max_size * short / long))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation and convert to 8-bit RGB (16-bit and 32-bit grey scaled down, not clipped)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode in ("P", "PA") and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """PIL bilinear (antialiased) resize of an RGB image to (height, width) -> uint8 [h, w, 3]."""
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, h, w] -> float32 ImageNet-normalised [..., 3, h, w]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def canvas_size(size: tuple[int, int], *, mode: BatchMode, bucket: int = 128) -> tuple[int, int]:
+    """The padded canvas an image of processed ``size`` is computed on; depends on its own size only."""
+    if mode == "exact":
+        return size
+    if mode == "bucketed":
+        return (-(-size[0] // bucket) * bucket, -(-size[1] // bucket) * bucket)
+    raise ValueError(f"batch mode must be 'exact' or 'bucketed', got {mode!r}")
+
+
+def pad_batch(images: list[torch.Tensor], canvas: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad normalised images [3, h, w] bottom/right to ``canvas``.
+
+    Returns (batch [B, 3, H, W], padding_mask [B, H, W] bool, True on padding).
+    """
+    height, width = canvas
+    first = images[0]
+    batch = first.new_zeros((len(images), 3, height, width))  # [B, 3, H, W]
+    mask = torch.ones((len(images), height, width), dtype=torch.bool, device=first.device)  # [B, H, W]
+    for i, img in enumerate(images):
+        h, w = img.shape[-2:]
+        if h > height or w > width:
+            raise ValueError(f"image {h}x{w} does not fit the canvas {height}x{width}")
+        batch[i, :, :h, :w] = img
+        mask[i, :h, :w] = False
+    return batch, mask
