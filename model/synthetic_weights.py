@@ -59,7 +59,7 @@ def synthetic_state_dict(
     """Seeded, conditioned weights in the official key layout (see the module docstring)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DetrPanoptic(config).eval()
+        model = DetrPanoptic(config).eval().double()  # calibrated in float64: same weights on any thread count
     d = config.hidden_dim
     for layer in model.detr.transformer.decoder.layers:
         for attention in (layer.self_attn, layer.multihead_attn):
@@ -68,7 +68,7 @@ def synthetic_state_dict(
     _calibrate_frozen_batch_norm(model)
     _calibrate_class_head(model, class_logit_std=class_logit_std, no_object_logit=no_object_logit)
     _calibrate_mask_head(model, query_share=mask_query_share)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 
 def _calibrate_class_head(model: DetrPanoptic, *, class_logit_std: float, no_object_logit: float) -> None:
@@ -108,7 +108,7 @@ def _calibrate_mask_head(model: DetrPanoptic, *, query_share: float) -> None:
 
 
 def _calibration_batch(image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels = normalize(calibration_image() if image is None else image)[None]  # [1, 3, H, W]
+    pixels = normalize(calibration_image() if image is None else image)[None].double()  # [1, 3, H, W]
     return pixels, torch.zeros(1, *pixels.shape[-2:], dtype=torch.bool)  # [1, H, W]
 
 
@@ -132,7 +132,7 @@ def _calibrate_frozen_batch_norm(model: DetrPanoptic) -> None:
     """Set each FrozenBatchNorm2d's statistics to those of its input on the calibration image."""
 
     def set_stats(module: FrozenBatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].double()
+        x = args[0]
         module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         module.running_var.copy_(x.var(dim=(0, 2, 3)) + 1e-3)
 

@@ -1,0 +1,298 @@
+"""Reading an output folder back: its tables, its masks, and one id map per image.
+
+An output ``OUTPUT/`` (a local path or any fsspec URI such as ``s3://bucket/run``) holds
+``segments/**.parquet`` and ``images/**.parquet`` (files may sit in nested sub-folders; names starting
+with ``_`` or ``.`` are ignored), ``_run.json`` (the run's config) and maybe ``_SUCCESS``. The column
+contract is :mod:`pipeline.schema`.
+
+Everything here is plain pyarrow/numpy except :func:`read_segments_by_image`, which builds a Ray Data
+pipeline (one row per image with all its segments) for the commands that must scale with the output;
+Ray is imported only there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.rle import decode_rle
+from pipeline.schema import IMAGES_SCHEMA, IMAGES_TABLE, SEGMENTS_SCHEMA, SEGMENTS_TABLE, STATUS_OK
+
+if TYPE_CHECKING:
+    import ray.data
+
+TableName = Literal["segments", "images"]
+
+RUN_CONFIG_FILE = "_run.json"
+VOID_ID = -1  # value of `panoptic_map` pixels covered by no segment
+
+_SCHEMAS: dict[str, pa.Schema] = {SEGMENTS_TABLE: SEGMENTS_SCHEMA, IMAGES_TABLE: IMAGES_SCHEMA}
+
+
+def output_filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``output`` and the path inside it (no protocol, no trailing slash).
+
+    ``s3://`` goes through s3fs, which honours the usual AWS configuration (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws/config``, ...).
+    """
+    fs, path = fsspec.core.url_to_fs(output)
+    return fs, path.rstrip("/") or path
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """A pyarrow filesystem over ``fs``: native for local paths, ``PyFileSystem(FSSpecHandler)`` otherwise."""
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def _is_data_file(relative: str) -> bool:
+    parts = relative.split("/")
+    return parts[-1].endswith(".parquet") and not any(p.startswith(("_", ".")) for p in parts)
+
+
+def table_files(output: str, table: TableName) -> tuple[list[str], fsspec.AbstractFileSystem]:
+    """The sorted Parquet files of one table (searched recursively) and the fsspec filesystem they are on.
+
+    Paths are filesystem paths (no protocol). A missing table folder gives an empty list.
+    """
+    if table not in _SCHEMAS:
+        raise ValueError(f"table must be one of {sorted(_SCHEMAS)}, got {table!r}")
+    fs, root = output_filesystem(output)
+    folder = f"{root}/{table}"
+    if not fs.isdir(folder):
+        return [], fs
+    files = [p for p in fs.find(folder) if _is_data_file(p[len(folder) + 1 :])]
+    return sorted(files), fs
+
+
+def open_table(output: str, table: TableName) -> ds.Dataset:
+    """A lazy ``pyarrow.dataset.Dataset`` over ``OUTPUT/<table>/`` with the declared schema.
+
+    Folder names are not turned into partition columns (``segments/shard=3/part-0.parquet`` adds no
+    ``shard`` column); a table without files is an empty dataset with the declared schema.
+    """
+    files, fs = table_files(output, table)
+    return ds.dataset(files, schema=_SCHEMAS[table], format="parquet", filesystem=arrow_filesystem(fs))
+
+
+def read_run_config(output: str) -> dict[str, Any]:
+    """``OUTPUT/_run.json`` as a dict, or ``{}`` when the output has none."""
+    fs, root = output_filesystem(output)
+    path = f"{root}/{RUN_CONFIG_FILE}"
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
+    """Decode one ``rle`` struct (``{"size": [h, w], "counts": str}``) to a bool mask ``[h, w]``."""
+    return decode_rle(rle["size"], rle["counts"])
+
+
+def panoptic_map(
+    segments_rows: Iterable[Mapping[str, Any]], *, height: int | None = None, width: int | None = None
+) -> np.ndarray:
+    """Rebuild one image's id map ``[H, W]`` int32 from its segment rows (``segment_id`` + ``rle``).
+
+    Pixel value = the ``segment_id`` covering it, :data:`VOID_ID` (-1) where no segment does. Segments
+    of one image are disjoint by construction; if rows overlap anyway, the later row wins. ``height`` /
+    ``width`` are needed only for an image without segments; when given they must match every mask.
+    """
+    id_map: np.ndarray | None = None
+    if height is not None and width is not None:
+        id_map = np.full((height, width), VOID_ID, dtype=np.int32)  # [H, W]
+    for row in segments_rows:
+        mask = decode_mask(row["rle"])  # [H, W] bool
+        if id_map is None:
+            id_map = np.full(mask.shape, VOID_ID, dtype=np.int32)
+        if mask.shape != id_map.shape:
+            raise ValueError(
+                f"segment {row['segment_id']} has mask size {list(mask.shape)}, expected {list(id_map.shape)}"
+            )
+        id_map[mask] = int(row["segment_id"])
+    if id_map is None:
+        raise ValueError("an image without segments needs height= and width=")
+    return id_map
+
+
+def read_image_rows(output: str, image_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The ``images`` row (or None) and the ``segments`` rows (by ``segment_id``) of one image."""
+    image_filter = pc.field("image_id") == image_id
+    images = open_table(output, IMAGES_TABLE).to_table(filter=image_filter).to_pylist()
+    segments = open_table(output, SEGMENTS_TABLE).to_table(filter=image_filter).to_pylist()
+    return (images[0] if images else None), sorted(segments, key=lambda r: r["segment_id"])
+
+
+# --- Ray Data: one row per image --------------------------------------------------------------------
+
+# One flat row per segment, or one placeholder per ok image (segment_id -1) so that images without
+# segments still get their group.
+_FLAT_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("segment_id", pa.int32()),
+        pa.field("category_id", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("counts", pa.string()),
+    ]
+)
+
+PACKED_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("height", pa.int32()),  # of the image and of every mask
+        pa.field("width", pa.int32()),
+        pa.field("segment_id", pa.list_(pa.int32())),  # sorted; the lists below are aligned with it
+        pa.field("category_id", pa.list_(pa.int32())),
+        pa.field("score", pa.list_(pa.float32())),
+        pa.field("counts", pa.list_(pa.string())),  # COCO compressed RLE of size [height, width]
+    ]
+)
+"""Schema of :func:`read_segments_by_image` rows."""
+
+
+def _keep_image_ids(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa.Table:
+    if image_ids is None:
+        return batch
+    return batch.filter(pc.is_in(batch["image_id"], value_set=pa.array(image_ids, pa.string())))
+
+
+def _images_to_flat(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa.Table:
+    batch = _keep_image_ids(batch, image_ids=image_ids)
+    batch = batch.filter(pc.equal(batch["status"], STATUS_OK))
+    n = batch.num_rows
+    return pa.table(
+        {
+            "image_id": batch["image_id"],
+            "source": batch["source"],
+            "height": batch["height"],
+            "width": batch["width"],
+            "segment_id": pa.array(np.full(n, -1, np.int32)),
+            "category_id": pa.array(np.full(n, -1, np.int32)),
+            "score": pa.array(np.zeros(n, np.float32)),
+            "counts": pa.array([""] * n, pa.string()),
+        },
+        schema=_FLAT_SCHEMA,
+    )
+
+
+def _segments_to_flat(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa.Table:
+    batch = _keep_image_ids(batch, image_ids=image_ids)
+    rle = batch["rle"].combine_chunks()
+    size = rle.field("size")
+    return pa.table(
+        {
+            "image_id": batch["image_id"],
+            "source": batch["source"],
+            "height": pc.list_element(size, 0),
+            "width": pc.list_element(size, 1),
+            "segment_id": batch["segment_id"],
+            "category_id": batch["category_id"],
+            "score": batch["score"],
+            "counts": rle.field("counts"),
+        },
+        schema=_FLAT_SCHEMA,
+    )
+
+
+def _pack_image(group: pa.Table) -> pa.Table:
+    """All flat rows of one image -> one packed row (placeholder dropped), or none without an ok image row."""
+    rows = group.sort_by("segment_id").to_pydict()
+    if rows["segment_id"][0] != -1:  # no ok row in `images`: not an image of this output
+        return PACKED_SCHEMA.empty_table()
+    real = [i for i, s in enumerate(rows["segment_id"]) if s >= 0]
+    sizes = {(rows["height"][i], rows["width"][i]) for i in range(group.num_rows)}
+    if len(sizes) != 1:
+        raise ValueError(f"image {rows['image_id'][0]!r}: image and mask sizes disagree: {sorted(sizes)}")
+    ((height, width),) = sizes
+    return pa.table(
+        {
+            "image_id": [rows["image_id"][0]],
+            "source": [rows["source"][0]],
+            "height": [height],
+            "width": [width],
+            "segment_id": [[rows["segment_id"][i] for i in real]],
+            "category_id": [[rows["category_id"][i] for i in real]],
+            "score": [[rows["score"][i] for i in real]],
+            "counts": [[rows["counts"][i] for i in real]],
+        },
+        schema=PACKED_SCHEMA,
+    )
+
+
+def _read_flat(batch: pa.Table, *, output: str, image_ids: Sequence[str] | None) -> pa.Table:
+    """Ray stage: rows ``{table, path}`` naming Parquet files -> their flat rows (:data:`_FLAT_SCHEMA`)."""
+    fs, _ = output_filesystem(output)
+    parts = [_FLAT_SCHEMA.empty_table()]
+    for table, path in zip(batch["table"].to_pylist(), batch["path"].to_pylist()):
+        with fs.open(path, "rb") as f:
+            rows = pq.read_table(f, schema=_SCHEMAS[table])
+        to_flat = _images_to_flat if table == IMAGES_TABLE else _segments_to_flat
+        parts.append(to_flat(rows, image_ids=image_ids))
+    return pa.concat_tables(parts)
+
+
+def read_segments_by_image(
+    output: str, *, image_ids: Sequence[str] | None = None, num_partitions: int | None = None
+) -> ray.data.Dataset:
+    """A Ray Dataset with one :data:`PACKED_SCHEMA` row per ``ok`` image of ``output``.
+
+    Images without segments get a row with empty lists; ``image_ids`` keeps only those images. Each
+    Parquet file is read by one task, then rows are grouped with ``groupby("image_id").map_groups`` (a
+    hash shuffle into ``num_partitions`` partitions, default: one per file, at most 200), so this scales
+    with the output rather than with the driver's memory.
+    """
+    import ray.data
+
+    items = [{"table": t, "path": p} for t in (IMAGES_TABLE, SEGMENTS_TABLE) for p in table_files(output, t)[0]]
+    if not items:
+        return ray.data.from_arrow(PACKED_SCHEMA.empty_table())
+    flat = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_flat,
+        batch_format="pyarrow",
+        batch_size=1,
+        fn_kwargs={"output": output, "image_ids": None if image_ids is None else list(image_ids)},
+    )
+    partitions = num_partitions or min(len(items), 200)
+    return flat.groupby("image_id", num_partitions=partitions).map_groups(_pack_image, batch_format="pyarrow")
+
+
+def packed_rows(batch: pa.Table) -> list[dict[str, Any]]:
+    """Unpack a batch of :data:`PACKED_SCHEMA` rows into per-image dicts with a ``segments`` list.
+
+    Each segment dict has ``segment_id``, ``category_id``, ``score`` and ``rle`` (``{"size", "counts"}``),
+    so it can be fed to :func:`panoptic_map`.
+    """
+    images = []
+    for row in batch.to_pylist():
+        size = [row["height"], row["width"]]
+        segments = [
+            {"segment_id": s, "category_id": c, "score": p, "rle": {"size": size, "counts": r}}
+            for s, c, p, r in zip(row["segment_id"], row["category_id"], row["score"], row["counts"])
+        ]
+        images.append(
+            {
+                "image_id": row["image_id"],
+                "source": row["source"],
+                "height": row["height"],
+                "width": row["width"],
+                "segments": segments,
+            }
+        )
+    return images

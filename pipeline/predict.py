@@ -1,0 +1,146 @@
+"""Segmentation stage: the GPU (or CPU) actor that hosts the model and returns result rows.
+
+`PanopticSegmenter` is a callable class for ``map_batches(..., compute=ActorPoolStrategy(...))``: each
+actor loads the weights itself from the weights URI (cached on the node), once, in ``__init__`` — the
+model never travels through the object store. A batch of decoded images of any sizes goes through
+`PanopticPredictor` (grouped by canvas, so results do not depend on batch composition), each panoptic map
+is encoded to COCO RLE in one pass, and one row per image comes back with its segments nested.
+
+A CUDA out-of-memory error on a batch retries the two halves separately, down to one image; an image
+that still does not fit becomes an error row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from model.categories import category_name
+from model.checkpoint import build_model, read_state_dict
+from model.config import get_variant
+from model.panoptic import PanopticResult
+from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
+from model.synthetic_weights import synthetic_state_dict
+from pipeline.rle import encode_segments
+from pipeline.schema import STATUS_ERROR, STATUS_OK
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_WEIGHTS = "synthetic"
+
+SEGMENT_STRUCT = pa.struct(
+    [
+        ("segment_id", pa.int32()),
+        ("category_id", pa.int32()),
+        ("category", pa.string()),
+        ("isthing", pa.bool_()),
+        ("score", pa.float32()),
+        ("area", pa.int64()),
+        ("bbox", pa.list_(pa.int32())),
+        ("rle", pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])),
+    ]
+)
+RESULT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("segments", pa.list_(SEGMENT_STRUCT)),
+    ]
+)
+
+
+def pick_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:
+    """``auto``: CUDA when this process sees a GPU, else CPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but this worker sees no CUDA device")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_weights(variant: str, weights: str) -> dict[str, torch.Tensor]:
+    """The state dict for ``weights``: a URI, or "synthetic" for the deterministic demo weights."""
+    if weights == SYNTHETIC_WEIGHTS:
+        return synthetic_state_dict(get_variant(variant).config)
+    return read_state_dict(weights)
+
+
+class PanopticSegmenter:
+    """Ray Data callable class: decoded image rows in, result rows (segments nested) out."""
+
+    def __init__(
+        self, *, variant: str, weights: str, inference: InferenceConfig, device: Literal["auto", "cpu", "cuda"]
+    ) -> None:
+        self.device = pick_device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        model = build_model(get_variant(variant).config, load_weights(variant, weights))
+        self.predictor = PanopticPredictor(model, inference, self.device)
+        log.info("segmenter ready: %s on %s", variant, self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["image_id"])
+        errors = [str(e) for e in batch["error"]]
+        todo = [i for i in range(n) if not errors[i]]
+        prepared = [PreparedImage(batch["pixels"][i], (int(batch["height"][i]), int(batch["width"][i]))) for i in todo]
+        results: dict[int, PanopticResult] = {}
+        for i, result in zip(todo, self._predict_splitting_on_oom(prepared, todo, errors)):
+            if result is not None:
+                results[i] = result
+        rows = [_result_row(batch, i, results.get(i), errors[i]) for i in range(n)]
+        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+    def _predict_splitting_on_oom(
+        self, images: list[PreparedImage], indices: list[int], errors: list[str]
+    ) -> list[PanopticResult | None]:
+        if not images:
+            return []
+        try:
+            return list(self.predictor.predict_prepared(images))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if len(images) == 1:
+                errors[indices[0]] = "CUDA out of memory on this single image"
+                return [None]
+            half = len(images) // 2
+            log.warning("CUDA out of memory on a batch of %d images; retrying in halves", len(images))
+            return self._predict_splitting_on_oom(images[:half], indices[:half], errors) + (
+                self._predict_splitting_on_oom(images[half:], indices[half:], errors)
+            )
+
+
+def _result_row(batch: dict[str, np.ndarray], i: int, result: PanopticResult | None, error: str) -> dict:
+    width, height = int(batch["width"][i]), int(batch["height"][i])
+    base = {"image_id": str(batch["image_id"][i]), "source": str(batch["source"][i])}
+    if result is None:
+        return {
+            **base,
+            "width": width or None,
+            "height": height or None,
+            "status": STATUS_ERROR,
+            "error": error or "no result",
+            "segments": [],
+        }
+    encoded = encode_segments(result.id_map, [s.id for s in result.segments])
+    segments = [
+        {
+            "segment_id": s.id,
+            "category_id": s.category_id,
+            "category": category_name(s.category_id),
+            "isthing": s.isthing,
+            "score": s.score,
+            "area": s.area,
+            "bbox": list(s.bbox),
+            "rle": {"size": [height, width], "counts": e.counts},
+        }
+        for s, e in zip(result.segments, encoded)
+    ]
+    return {**base, "width": width, "height": height, "status": STATUS_OK, "error": None, "segments": segments}

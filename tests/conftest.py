@@ -1,0 +1,60 @@
+"""Session fixtures shared by the pipeline and job tests: one local Ray per test run.
+
+Ray workers inherit the environment of the process that starts Ray, so anything they need (the S3 test
+endpoint and dummy credentials) is set before `ray.init`. Ray gets its own short temp dir and is shut
+down by its own handle at the end; `ray stop` is never used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_env: dict[str, str]) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    temp_dir = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=4,  # more logical CPUs than real cores: some Ray Data operators stall with 2
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 for the whole session; its endpoint and dummy keys in os.environ."""
+    from tests.s3_server import MotoServer
+    from tests.s3_server import s3_env as make_env
+
+    server = MotoServer()
+    server.start()
+    env = make_env(server.endpoint_url)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

@@ -1,0 +1,158 @@
+"""`panoptic-flow evaluate` end to end: synthetic GT (PNGs + JSON) against a synthetic output, through Ray.
+
+Ground truth per image (predictions: ``tests/synthetic_output.py``):
+
+- ``dog``: identical to the prediction (dog, person, sky): 3 TP with IoU 1.
+- ``small_dog``: grass identical; the GT dog lies elsewhere (no overlap): dog FP + FN; GT trees
+  around them: FN.
+- ``cats``: both cats identical; the person is VOID in GT (prediction ignored); a GT-only tree: FN.
+- ``empty``: GT sky over the whole frame, no prediction: FN.
+- ``missing``: GT only (one person), no output image: an error unless ``--allow-missing`` (then FN).
+
+Per class (tp, fp, fn, Σ IoU) with ``--allow-missing``: person (1, 0, 1, 1) PQ 2/3; dog (1, 1, 1, 1)
+PQ 1/2; cat (2, 0, 0, 2) PQ 1; sky (1, 0, 1, 1) PQ 2/3; grass (1, 0, 0, 1) PQ 1; tree (0, 0, 2, 0) PQ 0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.evaluate import evaluate, main, match_key
+from jobs.export_coco import coco_categories, id_map_to_rgb
+from jobs.export_coco import main as export_main
+from tests.synthetic_output import GRASS, PERSON, SKY, SynthImage, make_images, rect, write_output
+
+TREE = (184, "tree-merged")
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    started = not ray.is_initialized()
+    temp_dir = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
+    if started:
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            ignore_reinit_error=True,
+        )
+    yield
+    if started:
+        ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _gt_image(
+    folder: Path, gt: dict[str, list], image_id: int, name: str, size: tuple[int, int], segments: list[tuple]
+) -> None:
+    """Write one GT PNG and its JSON entries; ``segments`` = [(category_id, mask, iscrowd)]."""
+    ids = np.zeros(size, np.uint32)
+    infos = []
+    for k, (category_id, mask, iscrowd) in enumerate(segments):
+        segment_id = 1000 + 300 * k  # > 255: uses the G channel; unrelated to the predicted ids
+        ids[mask] = segment_id
+        infos.append({"id": segment_id, "category_id": category_id, "iscrowd": iscrowd, "area": int(mask.sum())})
+    Image.fromarray(id_map_to_rgb(ids)).save(folder / f"{name}.png")
+    gt["images"].append({"id": image_id, "file_name": f"{name}.jpg", "height": size[0], "width": size[1]})
+    gt["annotations"].append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": infos})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    images: list[SynthImage] = make_images(root / "inputs")
+    write_output(root / "out", images)
+    dog, small_dog, cats = images[:3]
+    folder = root / "gt"
+    folder.mkdir()
+    gt: dict[str, list] = {"images": [], "annotations": [], "categories": coco_categories()}
+    _gt_image(folder, gt, 1, "dog", (30, 40), [(s.category_id, s.mask, 0) for s in dog.segments])
+    grass, _ = small_dog.segments
+    gt_dog = rect(40, 50, 15, 30, 25, 40)
+    trees = rect(40, 50, 0, 0, 30, 50) & ~gt_dog  # under the predicted dog: not VOID, so it is an FP
+    _gt_image(
+        folder, gt, 2, "small_dog", (40, 50), [(grass.category_id, grass.mask, 0), (18, gt_dog, 0), (TREE[0], trees, 0)]
+    )
+    cat_a, cat_b, _person = cats.segments
+    tree = rect(24, 32, 22, 0, 24, 32)
+    _gt_image(folder, gt, 3, "cats", (24, 32), [(17, cat_a.mask, 0), (17, cat_b.mask, 0), (TREE[0], tree, 0)])
+    _gt_image(folder, gt, 4, "empty", (20, 20), [(SKY[0], np.ones((20, 20), bool), 0)])
+    _gt_image(folder, gt, 5, "missing", (10, 10), [(PERSON[0], rect(10, 10, 0, 0, 5, 5), 0)])
+    assert GRASS[0] == grass.category_id
+    (root / "gt.json").write_text(json.dumps(gt))
+    return root / "out", root / "gt.json", folder
+
+
+def test_match_key() -> None:
+    assert match_key("s3://b/val/000000000139.jpg", "stem") == "000000000139"
+    assert match_key("s3://b/shard-0001.tar#sub/000000000139.jpg", "stem") == "000000000139"
+    assert match_key("000000000139.png", "basename") == "000000000139.png"
+    assert match_key("s3://b/x.tar#a.jpg", "uri") == "s3://b/x.tar#a.jpg"
+
+
+def test_missing_predictions_are_an_error(setup: tuple[Path, Path, Path]) -> None:
+    output, gt_json, gt_folder = setup
+    with pytest.raises(ValueError, match=r"1 ground-truth images have no ok prediction .*'missing.png'"):
+        main([str(output), "--gt-json", str(gt_json), "--gt-folder", str(gt_folder)])
+
+
+def test_evaluate_cli_end_to_end(
+    setup: tuple[Path, Path, Path], tmp_path: Path, ray_local: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output, gt_json, gt_folder = setup
+    report_path, per_class_path = tmp_path / "report.json", tmp_path / "per_class.parquet"
+    args = [str(output), "--gt-json", str(gt_json), "--gt-folder", str(gt_folder), "--allow-missing"]
+    assert main([*args, "--report", str(report_path), "--per-class", str(per_class_path)]) == 0
+
+    report = json.loads(report_path.read_text())
+    assert report["images"] == {"ground_truth": 5, "matched": 4, "missing": 1}
+    pq_by_class = {1: 2 / 3, 18: 1 / 2, 17: 1.0, 187: 2 / 3, 193: 1.0, 184: 0.0}
+    metrics = report["metrics"]
+    assert metrics["All"]["n"] == 6
+    assert metrics["All"]["pq"] == pytest.approx(sum(pq_by_class.values()) / 6)
+    assert metrics["Things"] == pytest.approx(
+        {"pq": (2 / 3 + 1 / 2 + 1) / 3, "sq": 1.0, "rq": (2 / 3 + 1 / 2 + 1) / 3, "n": 3}
+    )
+    assert metrics["Stuff"] == pytest.approx(
+        {"pq": (2 / 3 + 1 + 0) / 3, "sq": 2 / 3, "rq": (2 / 3 + 1 + 0) / 3, "n": 3}
+    )
+
+    table = pq.read_table(per_class_path)
+    assert table.num_rows == 133
+    rows = {r["category_id"]: r for r in table.to_pylist()}
+    for category_id, value in pq_by_class.items():
+        assert rows[category_id]["pq"] == pytest.approx(value)
+    assert (rows[18]["tp"], rows[18]["fp"], rows[18]["fn"]) == (1, 1, 1)
+    assert (rows[1]["tp"], rows[1]["fp"], rows[1]["fn"]) == (1, 0, 1)  # the person on GT VOID is ignored
+    assert rows[184]["category"] == "tree-merged" and rows[184]["fn"] == 2
+    assert rows[2]["tp"] + rows[2]["fp"] + rows[2]["fn"] == 0
+
+    printed = capsys.readouterr().out
+    all_line = next(line for line in printed.splitlines() if line.startswith("All"))
+    assert all_line.split("|")[1].split()[:1] == [f"{100 * sum(pq_by_class.values()) / 6:.1f}"]
+
+
+def test_an_export_evaluated_against_its_own_output_is_perfect(
+    setup: tuple[Path, Path, Path], tmp_path: Path, ray_local: None
+) -> None:
+    output, _, _ = setup
+    assert export_main([str(output), str(tmp_path / "coco")]) == 0
+    gt_json = json.loads((tmp_path / "coco" / "panoptic.json").read_text())
+    report = evaluate(str(output), gt_json, str(tmp_path / "coco" / "panoptic"), rule="uri")
+    assert report["images"] == {"ground_truth": 4, "matched": 4, "missing": 0}
+    assert report["metrics"]["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 5}  # person dog cat sky grass
+    assert report["metrics"]["Stuff"]["n"] == 2
+    with pytest.raises(ValueError, match="no ok prediction"):  # exported names do not share the stems
+        evaluate(str(output), gt_json, str(tmp_path / "coco" / "panoptic"), rule="stem")

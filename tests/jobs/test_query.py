@@ -1,0 +1,158 @@
+"""`panoptic-flow query`: DuckDB views over real Parquet, checked against pyarrow over the same files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import socket
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+
+from jobs.query import DOG_OVER_5_PERCENT, connect, format_rows, main, run_query
+from tests.synthetic_output import SynthImage, make_images, write_output
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[SynthImage]]:
+    root = tmp_path_factory.mktemp("query")
+    images = make_images(root / "inputs")
+    write_output(root / "out", images)
+    return root / "out", images
+
+
+def _pyarrow_segments(output: Path) -> ds.Dataset:
+    """The segment files read directly by pyarrow, independently of pipeline.outputs."""
+    files = sorted(str(p) for p in (output / "segments").glob("shard=*/*.parquet"))
+    return ds.dataset(files, format="parquet")
+
+
+def test_category_counts_equal_a_pyarrow_group_by(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    output, _ = synthetic
+    expected = (
+        _pyarrow_segments(output)
+        .to_table()
+        .group_by("category_id")
+        .aggregate([("segment_id", "count"), ("area", "sum"), ("image_id", "count_distinct")])
+    )
+    expected_rows = {
+        r["category_id"]: (r["segment_id_count"], r["area_sum"], r["image_id_count_distinct"])
+        for r in expected.to_pylist()
+    }
+    con = connect(str(output))
+    _, rows = run_query(con, "SELECT category_id, segments, total_area, images FROM category_counts")
+    assert {r[0]: r[1:] for r in rows} == expected_rows
+    assert len(expected_rows) == 5  # person, dog, cat, sky, grass
+
+
+def test_segment_counts_per_category_name(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    output, images = synthetic
+    con = connect(str(output))
+    _, rows = run_query(con, "SELECT category, count(*) FROM segments GROUP BY category")
+    assert dict(rows) == Counter(s.category for i in images for s in i.segments)
+    assert dict(rows)["cat"] == 2
+
+
+def test_image_categories_view(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    output, images = synthetic
+    con = connect(str(output))
+    columns, rows = run_query(con, "SELECT * FROM image_categories ORDER BY image_id")
+    by_id = {r[columns.index("image_id")]: dict(zip(columns, r)) for r in rows}
+    ok = [i for i in images if i.status == "ok"]
+    assert set(by_id) == {i.image_id for i in ok}  # the failed image is not listed
+    for image in ok:
+        row = by_id[image.image_id]
+        assert row["categories"] == dict(Counter(s.category for s in image.segments))
+        assert row["category_list"] == sorted({s.category for s in image.segments})
+        assert row["num_segments"] == len(image.segments)
+        assert (row["width"], row["height"]) == (image.width, image.height)
+    _, cats = run_query(con, "SELECT image_id FROM image_categories WHERE categories['cat'] = 2")
+    assert [c[0] for c in cats] == [images[2].image_id]
+
+
+def test_dog_larger_than_five_percent_of_the_frame(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    output, images = synthetic
+    # pyarrow oracle: dog segments whose area exceeds 5 % of width*height
+    sizes = {i.image_id: i.width * i.height for i in images if i.status == "ok"}
+    dogs = _pyarrow_segments(output).to_table(filter=pc.field("category") == "dog").to_pylist()
+    expected = sorted({d["image_id"] for d in dogs if d["area"] > 0.05 * sizes[d["image_id"]]})
+    assert expected == [images[0].image_id]  # the 25 % dog, not the 1.25 % one
+    _, rows = run_query(connect(str(output)), DOG_OVER_5_PERCENT)
+    assert [r[0] for r in rows] == expected
+
+
+def test_cli_formats(synthetic: tuple[Path, list[SynthImage]], capsys: pytest.CaptureFixture[str]) -> None:
+    output, _ = synthetic
+    sql = "SELECT category, segments FROM category_counts ORDER BY category"
+    assert main([str(output), sql, "--format", "csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["category", "segments"]
+    assert dict(rows[1:]) == {"cat": "2", "dog": "2", "grass-merged": "1", "person": "2", "sky-other-merged": "1"}
+
+    assert main([str(output), sql, "--format", "json", "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"category": "cat", "segments": 2},
+        {"category": "dog", "segments": 2},
+    ]
+
+    assert main([str(output), "SELECT categories FROM image_categories WHERE num_segments = 0"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].strip() == "categories" and table[2].strip() == "{}" and table[-1] == "(1 row)"
+
+    assert main([str(output), "SELECT * FROM no_such_view"]) == 1
+    assert "no_such_view" in capsys.readouterr().err
+
+
+def test_format_rows_table_alignment() -> None:
+    text = format_rows(["a", "long_name"], [(1, None), (22.5, [1, 2])], "table")
+    assert text.splitlines() == [
+        "a    | long_name",
+        "-----+----------",
+        "1    | NULL     ",
+        "22.5 | [1, 2]   ",
+        "(2 rows)",
+    ]
+
+
+@pytest.fixture
+def s3_output(synthetic: tuple[Path, list[SynthImage]], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The synthetic output uploaded to a moto S3 server on 127.0.0.1; yields its s3:// URI."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        bucket = f"query-{uuid.uuid4().hex[:8]}"  # moto keeps buckets for the whole process
+        fs.mkdir(bucket)
+        output, _ = synthetic
+        for path in output.rglob("*"):
+            if path.is_file():
+                fs.put_file(str(path), f"{bucket}/run/{path.relative_to(output).as_posix()}")
+        yield f"s3://{bucket}/run"
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_queries_over_s3_equal_local_ones(synthetic: tuple[Path, list[SynthImage]], s3_output: str) -> None:
+    output, _ = synthetic
+    for sql in (DOG_OVER_5_PERCENT, "SELECT * FROM category_counts ORDER BY category_id"):
+        assert run_query(connect(s3_output), sql) == run_query(connect(str(output)), sql)
+    _, rows = run_query(connect(s3_output), "SELECT count(*) FROM image_categories")
+    assert rows == [(4,)]

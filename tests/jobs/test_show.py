@@ -1,0 +1,145 @@
+"""`panoptic-flow show`: overlay pixels equal the decoded masks; inputs from files, tar members, Parquet rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.show import OverlaySegment, load_image, main, mask_outline, render_image, render_overlay, segment_color
+from model.categories import category_by_id
+from tests.synthetic_output import SynthImage, make_images, write_output
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[SynthImage]]:
+    root = tmp_path_factory.mktemp("show")
+    images = make_images(root / "inputs")
+    write_output(root / "out", images)
+    return root / "out", images
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return np.asarray(img.convert("RGB"))
+
+
+@pytest.mark.parametrize("index", [0, 2])  # dog + person + sky; two touching cats + a person
+def test_filled_pixels_are_the_blend_of_each_mask(
+    synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, index: int
+) -> None:
+    output, images = synthetic
+    image = images[index]
+    out = tmp_path / "overlay.png"
+    args = [str(output), image.image_id, "-o", str(out), "--alpha", "0.4", "--no-labels", "--no-outlines"]
+    assert main(args) == 0
+    drawn = _read_png(out).astype(np.int64)
+    original = image.pixels.astype(np.int64)
+    assert drawn.shape == original.shape
+    covered = np.zeros(original.shape[:2], dtype=bool)
+    for k, segment in enumerate(image.segments):
+        color = np.array(segment_color(segment.category_id, k, isthing=segment.isthing))
+        expected = np.rint(0.6 * original[segment.mask] + 0.4 * color)
+        assert np.abs(drawn[segment.mask] - expected).max() <= 1
+        covered |= segment.mask
+    assert np.array_equal(drawn[~covered], original[~covered])  # outside every mask: untouched
+
+
+def test_colours_follow_the_categories(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    _, images = synthetic
+    sky = images[0].segments[2]
+    assert segment_color(sky.category_id, 2, isthing=False) == category_by_id(sky.category_id).color
+    # two cat instances: same category, different (but stable) colours near the cat colour
+    first, second = segment_color(17, 0, isthing=True), segment_color(17, 1, isthing=True)
+    assert first != second
+    assert first == segment_color(17, 0, isthing=True)
+    assert np.abs(np.array(first) - np.array(category_by_id(17).color)).max() <= 48
+
+
+def test_labels_and_outlines_produce_a_png_of_the_image_size(
+    synthetic: tuple[Path, list[SynthImage]], tmp_path: Path
+) -> None:
+    output, images = synthetic
+    plain, labelled = tmp_path / "plain.png", tmp_path / "labelled.png"
+    assert main([str(output), images[1].image_id, "-o", str(plain), "--no-labels", "--no-outlines"]) == 0
+    assert main([str(output), images[1].image_id, "-o", str(labelled)]) == 0
+    with_labels = _read_png(labelled)
+    assert with_labels.shape == (images[1].height, images[1].width, 3)
+    assert not np.array_equal(with_labels, _read_png(plain))  # labels/outlines drew something
+
+
+def test_render_overlay_outline_pixels() -> None:
+    image = np.zeros((6, 6, 3), np.uint8)
+    mask = np.zeros((6, 6), bool)
+    mask[1:5, 1:5] = True
+    outline = mask_outline(mask)
+    assert outline.sum() == 12 and not outline[2:4, 2:4].any()
+    segment = OverlaySegment(0, 187, "sky-other-merged", False, 0.9, (1, 1, 4, 4), mask)
+    drawn = render_overlay(image, [segment], alpha=1.0, outlines=True, labels=False)
+    assert tuple(drawn[2, 2]) == category_by_id(187).color  # interior: the colour itself at alpha 1
+    assert tuple(drawn[1, 1]) == tuple(int(c * 0.6) for c in category_by_id(187).color)
+    assert not drawn[0].any()
+    with pytest.raises(ValueError, match="mask is"):
+        render_overlay(np.zeros((5, 6, 3), np.uint8), [segment])
+
+
+def test_images_from_tar_members_and_parquet_rows(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path) -> None:
+    _, images = synthetic
+    cats = images[2]
+    encoded = Path(cats.image_id).read_bytes()
+    tar_path = tmp_path / "shard-0001.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in (("other.png", Path(images[0].image_id).read_bytes()), ("sub/cats.png", encoded)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    parquet_path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"jpeg": [b"junk", encoded]}), parquet_path)
+
+    from_tar = dataclasses.replace(cats, image_id=f"{tar_path}#sub/cats.png", source=str(tar_path))
+    from_parquet = dataclasses.replace(cats, image_id=f"{parquet_path}#row=1", source=str(parquet_path))
+    output = tmp_path / "out"
+    write_output(output, [from_tar, from_parquet], run_config={"config": {"input": {"bytes_column": "jpeg"}}})
+
+    style = {"alpha": 0.5, "outlines": False, "labels": False}
+    a = render_image(str(output), from_tar.image_id, **style)
+    b = render_image(str(output), from_parquet.image_id, **style)
+    assert a.shape == (cats.height, cats.width, 3)
+    assert np.array_equal(a, b)
+    outside = ~np.any([s.mask for s in cats.segments], axis=0)
+    assert np.array_equal(a[outside], cats.pixels[outside])  # the right member/row was read
+
+
+def test_exif_orientation_is_applied() -> None:
+    pixels = np.zeros((10, 20, 3), np.uint8)  # 20 wide, 10 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", exif=exif)
+    assert load_image(buffer.getvalue()).shape == (20, 10, 3)
+
+
+def test_grid_contact_sheet(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path) -> None:
+    output, _ = synthetic
+    out = tmp_path / "grid.png"
+    assert main([str(output), "--grid", "4", "--where", "categories['dog'] > 0", "-o", str(out), "--tile", "64"]) == 0
+    assert _read_png(out).shape == (64 + 18, 2 * 64, 3)  # two dog images: 2 columns, 1 row
+    assert main([str(output), "--grid", "3", "--where", "num_segments > 100", "-o", str(out)]) == 1
+
+
+def test_errors(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path) -> None:
+    output, images = synthetic
+    with pytest.raises(KeyError, match="not in"):
+        main([str(output), "nope.png", "-o", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="failed in the run"):
+        main([str(output), images[-1].image_id, "-o", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit):
+        main([str(output)])  # neither IMAGE_ID nor --grid

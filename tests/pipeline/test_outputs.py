@@ -1,0 +1,196 @@
+"""Reading an output back: file selection, masks, id maps, S3, and the per-image Ray dataset."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.outputs import (
+    VOID_ID,
+    decode_mask,
+    open_table,
+    packed_rows,
+    panoptic_map,
+    read_image_rows,
+    read_run_config,
+    read_segments_by_image,
+    table_files,
+)
+from tests.synthetic_output import SynthImage, encode_rle, make_images, rect, write_output
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[SynthImage]]:
+    root = tmp_path_factory.mktemp("outputs")
+    images = make_images(root / "inputs")
+    write_output(root / "out", images, run_config={"input": {"bytes_column": "jpeg"}})
+    return root / "out", images
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    started = not ray.is_initialized()
+    temp_dir = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
+    if started:
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            ignore_reinit_error=True,
+        )
+    yield
+    if started:
+        ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_table_files_skip_underscore_and_dot_files(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    output, _ = synthetic
+    files, _ = table_files(str(output), "segments")
+    assert [Path(f).relative_to(output).as_posix() for f in files] == [
+        "segments/shard=0/part-0.parquet",
+        "segments/shard=1/part-0.parquet",
+    ]
+    with pytest.raises(ValueError, match="table must be one of"):
+        table_files(str(output), "masks")  # type: ignore[arg-type]
+
+
+def test_open_table_reads_every_row_with_the_declared_columns(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    output, images = synthetic
+    segments = open_table(str(output), "segments").to_table()
+    assert "shard" not in segments.column_names  # folder names are not hive columns
+    assert segments.num_rows == sum(len(i.segments) for i in images)
+    assert Counter(segments["category"].to_pylist()) == Counter(s.category for i in images for s in i.segments)
+    statuses = dict(
+        zip(*open_table(str(output), "images").to_table(columns=["image_id", "status"]).to_pydict().values())
+    )
+    assert statuses == {i.image_id: i.status for i in images}
+
+
+def test_open_table_of_a_missing_table_is_empty(tmp_path: Path) -> None:
+    table = open_table(str(tmp_path / "nothing"), "images").to_table()
+    assert table.num_rows == 0
+    assert "status" in table.column_names
+
+
+def test_read_run_config(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path) -> None:
+    output, _ = synthetic
+    assert read_run_config(str(output)) == {"input": {"bytes_column": "jpeg"}}
+    assert read_run_config(str(tmp_path)) == {}
+
+
+def test_decode_mask_round_trips_an_irregular_mask() -> None:
+    mask = np.random.default_rng(0).random((13, 17)) > 0.6
+    decoded = decode_mask(encode_rle(mask))
+    assert decoded.dtype == bool
+    assert decoded.shape == (13, 17)
+    assert np.array_equal(decoded, mask)
+
+
+def test_panoptic_map_rebuilds_ids_and_void() -> None:
+    a, b = rect(6, 8, 0, 0, 3, 4), rect(6, 8, 3, 4, 6, 8)
+    rows = [{"segment_id": 0, "rle": encode_rle(a)}, {"segment_id": 1, "rle": encode_rle(b)}]
+    ids = panoptic_map(rows)
+    assert ids.dtype == np.int32
+    assert np.array_equal(ids == 0, a)
+    assert np.array_equal(ids == 1, b)
+    assert np.array_equal(ids == VOID_ID, ~(a | b))
+
+
+def test_panoptic_map_sizes() -> None:
+    assert np.array_equal(panoptic_map([], height=2, width=3), np.full((2, 3), -1))
+    with pytest.raises(ValueError, match="needs height= and width="):
+        panoptic_map([])
+    with pytest.raises(ValueError, match="mask size"):
+        panoptic_map([{"segment_id": 0, "rle": encode_rle(rect(4, 4, 0, 0, 1, 1))}], height=4, width=5)
+
+
+def test_read_image_rows(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    output, images = synthetic
+    image_row, segments = read_image_rows(str(output), images[0].image_id)
+    assert image_row is not None and (image_row["width"], image_row["height"]) == (40, 30)
+    assert [s["segment_id"] for s in segments] == [0, 1, 2]
+    assert read_image_rows(str(output), "nope.png") == (None, [])
+
+
+def test_read_segments_by_image_groups_every_ok_image(
+    synthetic: tuple[Path, list[SynthImage]], ray_local: None
+) -> None:
+    output, images = synthetic
+    rows = {}
+    for batch in read_segments_by_image(str(output)).iter_batches(batch_format="pyarrow"):
+        for image in packed_rows(batch):
+            rows[image["image_id"]] = image
+    assert set(rows) == {i.image_id for i in images if i.status == "ok"}  # the failed image is left out
+    for image in images:
+        if image.status != "ok":
+            continue
+        packed = rows[image.image_id]
+        assert (packed["height"], packed["width"]) == (image.height, image.width)
+        assert [s["segment_id"] for s in packed["segments"]] == list(range(len(image.segments)))
+        for got, want in zip(packed["segments"], image.segments):
+            assert got["category_id"] == want.category_id
+            assert np.array_equal(decode_mask(got["rle"]), want.mask)
+
+    only = read_segments_by_image(str(output), image_ids=[images[2].image_id]).take_all()
+    assert [r["image_id"] for r in only] == [images[2].image_id]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_open_table_over_s3(synthetic: tuple[Path, list[SynthImage]], monkeypatch: pytest.MonkeyPatch) -> None:
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for key, value in {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        bucket = f"outputs-{uuid.uuid4().hex[:8]}"  # moto keeps buckets for the whole process
+        fs.mkdir(bucket)
+        output, _ = synthetic
+        for path in output.rglob("*"):
+            if path.is_file():
+                fs.put_file(str(path), f"{bucket}/run/{path.relative_to(output).as_posix()}")
+
+        uri = f"s3://{bucket}/run"
+        segments = open_table(uri, "segments").to_table()
+        local = open_table(str(output), "segments").to_table()
+        assert segments.sort_by([("image_id", "ascending"), ("segment_id", "ascending")]).equals(
+            local.sort_by([("image_id", "ascending"), ("segment_id", "ascending")])
+        )
+        assert read_run_config(uri) == {"input": {"bytes_column": "jpeg"}}
+        assert len(table_files(uri, "images")[0]) == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_synthetic_images_are_on_disk(synthetic: tuple[Path, list[SynthImage]]) -> None:
+    _, images = synthetic
+    pixels = np.asarray(Image.open(images[0].image_id))
+    assert images[0].pixels is not None and np.array_equal(pixels, images[0].pixels)
