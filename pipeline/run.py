@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
-# Read and decode run as CPU tasks, retried when a worker dies. Their remote args differ from the actor's, which
-# also keeps Ray Data from fusing them into the model actors (decoding there would idle the GPU and cap decode
-# parallelism at the number of actors).
-CPU_TASK_ARGS = {"num_cpus": 1, "max_retries": 5}
+# Read and decode run as CPU tasks with a memory reservation for the decoded images. Their resources differ from
+# the actor's, which also keeps Ray Data from fusing them into the model actors (decoding there would idle the
+# GPU and cap decode parallelism at the number of actors).
+CPU_TASK_ARGS = {"num_cpus": 1, "memory": 512 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -124,16 +124,20 @@ def build_dataset(config: JobConfig, inputs: ResolvedInputs, *, weights: str, co
         fn_kwargs={"max_pixels": config.input.max_pixels, "inference": config.inference},
     )
     res = config.resources
-    use_gpu = res.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+    cluster = ray.cluster_resources()
+    use_gpu = res.device != "cpu" and cluster.get("GPU", 0) > 0
     if res.device == "cuda" and not use_gpu:
         raise ValueError("--device cuda was requested but the Ray cluster has no GPU (use --device auto or cpu)")
+    # A CPU actor runs torch on as many threads as CPUs it reserves (Ray sets OMP_NUM_THREADS): on a CPU-only
+    # cluster give each actor half of its share, leaving the rest to reading and decoding.
+    actor_cpus = res.num_cpus_per_actor if use_gpu else max(1.0, cluster.get("CPU", 1) // (2 * res.max_actors))
     return ds.map_batches(
         PanopticSegmenter,
         batch_format="numpy",
         batch_size=res.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_gpus=res.num_gpus if use_gpu else 0,
-        num_cpus=res.num_cpus_per_actor,
+        num_cpus=actor_cpus,
         fn_constructor_kwargs={
             "variant": config.model.variant,
             "weights": weights,
