@@ -16,9 +16,6 @@ PQ 1/2; cat (2, 0, 0, 2) PQ 1; sky (1, 0, 1, 1) PQ 2/3; grass (1, 0, 0, 1) PQ 1;
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,26 +29,6 @@ from jobs.export_coco import main as export_main
 from tests.synthetic_output import GRASS, PERSON, SKY, SynthImage, make_images, rect, write_output
 
 TREE = (184, "tree-merged")
-
-
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    import ray
-
-    started = not ray.is_initialized()
-    temp_dir = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
-    if started:
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            ignore_reinit_error=True,
-        )
-    yield
-    if started:
-        ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _gt_image(
@@ -109,7 +86,7 @@ def test_missing_predictions_are_an_error(setup: tuple[Path, Path, Path]) -> Non
 
 
 def test_evaluate_cli_end_to_end(
-    setup: tuple[Path, Path, Path], tmp_path: Path, ray_local: None, capsys: pytest.CaptureFixture[str]
+    setup: tuple[Path, Path, Path], tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output, gt_json, gt_folder = setup
     report_path, per_class_path = tmp_path / "report.json", tmp_path / "per_class.parquet"
@@ -145,7 +122,7 @@ def test_evaluate_cli_end_to_end(
 
 
 def test_an_export_evaluated_against_its_own_output_is_perfect(
-    setup: tuple[Path, Path, Path], tmp_path: Path, ray_local: None
+    setup: tuple[Path, Path, Path], tmp_path: Path, ray_session: None
 ) -> None:
     output, _, _ = setup
     assert export_main([str(output), str(tmp_path / "coco")]) == 0

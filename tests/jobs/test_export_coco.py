@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +12,6 @@ from PIL import Image
 from jobs.export_coco import coco_image, coco_names, id_map_to_rgb, main, rgb_to_id_map, to_coco_ids
 from pipeline.outputs import decode_mask
 from tests.synthetic_output import encode_rle, make_images, write_output
-
-
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    import ray
-
-    started = not ray.is_initialized()
-    temp_dir = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
-    if started:
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            ignore_reinit_error=True,
-        )
-    yield
-    if started:
-        ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_png_id_encoding_on_known_values() -> None:
@@ -71,7 +48,7 @@ def test_coco_names_are_deterministic_sanitised_and_distinct() -> None:
 
 
 def test_export_then_reimport_gives_the_same_masks(
-    tmp_path: Path, ray_local: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     images = make_images(tmp_path / "inputs")
     write_output(tmp_path / "out", images)

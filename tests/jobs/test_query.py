@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import socket
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -122,32 +121,19 @@ def test_format_rows_table_alignment() -> None:
 
 
 @pytest.fixture
-def s3_output(synthetic: tuple[Path, list[SynthImage]], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The synthetic output uploaded to a moto S3 server on 127.0.0.1; yields its s3:// URI."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        bucket = f"query-{uuid.uuid4().hex[:8]}"  # moto keeps buckets for the whole process
-        fs.mkdir(bucket)
-        output, _ = synthetic
-        for path in output.rglob("*"):
-            if path.is_file():
-                fs.put_file(str(path), f"{bucket}/run/{path.relative_to(output).as_posix()}")
-        yield f"s3://{bucket}/run"
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+def s3_output(synthetic: tuple[Path, list[SynthImage]], s3_env: dict[str, str]) -> Iterator[str]:
+    """The synthetic output uploaded to the session's moto S3 server on 127.0.0.1; yields its s3:// URI."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    bucket = f"query-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    output, _ = synthetic
+    for path in output.rglob("*"):
+        if path.is_file():
+            fs.put_file(str(path), f"{bucket}/run/{path.relative_to(output).as_posix()}")
+    yield f"s3://{bucket}/run"
 
 
 def test_queries_over_s3_equal_local_ones(synthetic: tuple[Path, list[SynthImage]], s3_output: str) -> None:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +30,6 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Synt
     images = make_images(root / "inputs")
     write_output(root / "out", images, run_config={"input": {"bytes_column": "jpeg"}})
     return root / "out", images
-
-
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    import ray
-
-    started = not ray.is_initialized()
-    temp_dir = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
-    if started:
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            ignore_reinit_error=True,
-        )
-    yield
-    if started:
-        ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_table_files_skip_underscore_and_dot_files(synthetic: tuple[Path, list[SynthImage]]) -> None:
@@ -126,7 +102,7 @@ def test_read_image_rows(synthetic: tuple[Path, list[SynthImage]]) -> None:
 
 
 def test_read_segments_by_image_groups_every_ok_image(
-    synthetic: tuple[Path, list[SynthImage]], ray_local: None
+    synthetic: tuple[Path, list[SynthImage]], ray_session: None
 ) -> None:
     output, images = synthetic
     rows = {}
@@ -148,46 +124,25 @@ def test_read_segments_by_image_groups_every_ok_image(
     assert [r["image_id"] for r in only] == [images[2].image_id]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_open_table_over_s3(synthetic: tuple[Path, list[SynthImage]], s3_env: dict[str, str]) -> None:
+    import s3fs
 
-
-def test_open_table_over_s3(synthetic: tuple[Path, list[SynthImage]], monkeypatch: pytest.MonkeyPatch) -> None:
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        for key, value in {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            monkeypatch.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        bucket = f"outputs-{uuid.uuid4().hex[:8]}"  # moto keeps buckets for the whole process
-        fs.mkdir(bucket)
-        output, _ = synthetic
-        for path in output.rglob("*"):
-            if path.is_file():
-                fs.put_file(str(path), f"{bucket}/run/{path.relative_to(output).as_posix()}")
-
-        uri = f"s3://{bucket}/run"
-        segments = open_table(uri, "segments").to_table()
-        local = open_table(str(output), "segments").to_table()
-        assert segments.sort_by([("image_id", "ascending"), ("segment_id", "ascending")]).equals(
-            local.sort_by([("image_id", "ascending"), ("segment_id", "ascending")])
-        )
-        assert read_run_config(uri) == {"input": {"bytes_column": "jpeg"}}
-        assert len(table_files(uri, "images")[0]) == 2
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    bucket = f"outputs-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    output, _ = synthetic
+    for path in output.rglob("*"):
+        if path.is_file():
+            fs.put_file(str(path), f"{bucket}/run/{path.relative_to(output).as_posix()}")
+    uri = f"s3://{bucket}/run"
+    segments = open_table(uri, "segments").to_table()
+    local = open_table(str(output), "segments").to_table()
+    assert segments.sort_by([("image_id", "ascending"), ("segment_id", "ascending")]).equals(
+        local.sort_by([("image_id", "ascending"), ("segment_id", "ascending")])
+    )
+    assert read_run_config(uri) == {"input": {"bytes_column": "jpeg"}}
+    assert len(table_files(uri, "images")[0]) == 2
 
 
 def test_synthetic_images_are_on_disk(synthetic: tuple[Path, list[SynthImage]]) -> None:
