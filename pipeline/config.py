@@ -82,7 +82,18 @@ class JobConfig:
         check_output_uri(self.output)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The configuration for `_run.json`, URIs stripped of query strings and user info (no secrets)."""
+        record = asdict(self)
+        record["input"]["uris"] = [redact_uri(u) for u in self.input.uris]
+        record["output"] = redact_uri(self.output)
+        record["model"]["weights"] = redact_uri(self.model.weights)
+        return record
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without ``user:password@`` and without a query string (e.g. a pre-signed URL's signature)."""
+    uri = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri)
+    return uri.split("?", 1)[0]
 
 
 def check_output_uri(uri: str) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from model.checkpoint import CheckpointError, fetch
 from model.config import get_variant
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, redact_uri
 from pipeline.decode import decode_batch
 from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter
 from pipeline.sources import ResolvedInputs, manifest_rows, read_refs, resolve_inputs
@@ -196,7 +196,7 @@ def run_job(config: JobConfig, *, allow_synthetic: bool = False, show_progress: 
 def _run_record(config: JobConfig, weights: str, sha256: str) -> dict:
     return {
         "config": config.to_dict(),
-        "weights": {"uri": weights, "sha256": sha256},
+        "weights": {"uri": redact_uri(weights), "sha256": sha256},
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
     }
 

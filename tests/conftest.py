@@ -14,15 +14,25 @@ from collections.abc import Iterator
 
 import pytest
 
+# A secret that must never show up in a log or an output file (checked by tests/pipeline/test_job_s3.py).
+CANARY_SECRET = "pf-canary-5ecret-7d1c0ffee"
+
 
 @pytest.fixture(scope="session")
-def ray_session(s3_env: dict[str, str]) -> Iterator[None]:
+def ray_temp_dir() -> Iterator[str]:
+    temp_dir = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
+    yield temp_dir
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_env: dict[str, str], ray_temp_dir: str) -> Iterator[None]:
     import ray
 
     if ray.is_initialized():
         yield
         return
-    temp_dir = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
+    temp_dir = ray_temp_dir
     ray.init(
         address="local",
         num_cpus=4,  # more logical CPUs than real cores: some Ray Data operators stall with 2
@@ -35,7 +45,6 @@ def ray_session(s3_env: dict[str, str]) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +55,7 @@ def s3_env() -> Iterator[dict[str, str]]:
 
     server = MotoServer()
     server.start()
-    env = make_env(server.endpoint_url)
+    env = {**make_env(server.endpoint_url), "AWS_SECRET_ACCESS_KEY": CANARY_SECRET}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -95,6 +95,24 @@ def test_s3_folder_tar_and_parquet_to_s3(ray_session: None, bucket: str) -> None
     assert open_table(output, "images").count_rows() == 8
 
 
+def test_canary_secret_appears_in_no_log_or_output(ray_session: None, ray_temp_dir: str, bucket: str) -> None:
+    """The secret key (set only in the environment) is in no Ray log and no output object of the S3 run."""
+    from pathlib import Path
+
+    from tests.conftest import CANARY_SECRET
+
+    secret = CANARY_SECRET.encode()
+    s3 = boto3.client("s3")
+    outputs = s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]
+    assert outputs, "runs after test_s3_folder_tar_and_parquet_to_s3 and scans its output"
+    for obj in outputs:
+        assert secret not in s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read(), obj["Key"]
+    logs = [p for p in Path(ray_temp_dir).rglob("*") if p.is_file() and "logs" in p.parts]
+    assert logs
+    for path in logs:
+        assert secret not in path.read_bytes(), path
+
+
 def test_bad_inputs_fail_before_any_work(s3_env: dict[str, str], bucket: str) -> None:
     from pipeline.sources import resolve_inputs
 
