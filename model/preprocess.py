@@ -15,11 +15,12 @@ convolutions, as in any padded batch).
 
 from __future__ import annotations
 
+import struct
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,16 +50,36 @@ def processed_size(height: int, width: int, *, min_size: int = 800, max_size: in
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation and convert to 8-bit RGB (16-bit and 32-bit grey scaled down, not clipped)."""
-    image = ImageOps.exif_transpose(image)
+    """Apply the EXIF orientation and convert to 8-bit RGB (16-bit and 32-bit grey scaled down, not clipped).
+
+    The orientation tag is read on its own (as `ImageOps.exif_transpose` does, without rewriting the EXIF
+    block, which raises on some damaged blocks); an unreadable or out-of-range tag means no rotation.
+    Transparency is dropped (as the reference's ``convert("RGB")`` does).
+    """
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error):
+        orientation = 1  # a broken EXIF block: shown as stored
+    transpose = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,  # 90° clockwise
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,  # 90° counter-clockwise
+    }.get(orientation if isinstance(orientation, int) else 1)
+    if transpose is not None:
+        image = image.transpose(transpose)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
-    elif image.mode in ("P", "PA") and "transparency" in image.info:
-        image = image.convert("RGBA")
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    elif image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # the palette's transparency applied before the alpha is dropped
     return image.convert("RGB") if image.mode != "RGB" else image
 
 

@@ -1,44 +1,118 @@
 """Decode stage (CPU workers): raw bytes -> the model's input pixels, with per-image errors captured.
 
-Undecodable, truncated, too large (pixel cap checked on the header, before decoding: no decompression
-bombs) or unreadable images become an error row; the job carries on.
+Anything that is not a usable image becomes an error row with a short, specific reason and the job
+carries on: an empty object, bytes in no supported format (JPEG, PNG, GIF, BMP, TIFF, WebP, recognised
+by content, not by extension), too many pixels (checked on the header, before any pixel is decoded: no
+decompression bombs), corrupt or truncated data, a pixel format with no RGB conversion, or an aspect
+ratio so extreme that the resize rule leaves a zero-pixel side. Animated images use their first frame.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from model.predictor import InferenceConfig, prepare
+from model.preprocess import processed_size
 
 EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows without an image
 
+# The formats the README promises (by content, whatever the extension). Restricting `Image.open` to them
+# keeps Pillow's ~40 other parsers away from untrusted bytes (EPS, for one, would run Ghostscript).
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")  # JPEG includes MPO (multi-picture)
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+# What Pillow's parsers and decoders raise on malformed data (found by fuzzing, not only OSError).
+_MALFORMED = (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError, KeyError, TypeError)
+
 
 def decode_image(data: bytes, *, max_pixels: int, inference: InferenceConfig) -> tuple[np.ndarray, int, int]:
-    """bytes -> (pixels uint8 [h, w, 3] at the processed size, original width, original height).
+    """bytes -> (pixels uint8 [h, w, 3] at the processed size, width, height as displayed).
 
-    Raises ValueError with a short reason for anything that is not a usable image.
+    Width and height are after the EXIF orientation (what a viewer shows, and the frame of the masks).
+    ``max_pixels`` caps width·height on the header; Pillow's own hard limit (2 · ``Image.MAX_IMAGE_PIXELS``
+    ≈ 179 MP) applies as well. Raises ValueError with a short reason for anything that is not a usable image.
     """
     if not data:
         raise ValueError("empty object (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > max_pixels:
-                raise ValueError(f"too many pixels: {image.width}x{image.height} > cap {max_pixels}")
-            image.seek(0)  # animated formats: the first frame
-            image.load()
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ValueError(f"undecodable: {type(exc).__name__}: {exc}") from exc
-        except (OSError, SyntaxError, EOFError) as exc:  # truncated/corrupt data
-            raise ValueError(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from exc
-    prepared = prepare(image, inference)
+    image = _open_header(data, max_pixels=max_pixels)
+    target = processed_size(image.height, image.width, min_size=inference.min_size, max_size=inference.max_size)
+    if min(target) < 1:  # symmetric in height and width, so the EXIF orientation does not matter here
+        raise ValueError(
+            f"extreme aspect ratio: {image.width}x{image.height} resizes to {target[1]}x{target[0]} "
+            f"(min_size={inference.min_size}, max_size={inference.max_size})"
+        )
+    try:
+        image.seek(0)  # animated formats: the first frame
+        image.load()
+    except MemoryError as exc:
+        raise ValueError(f"out of memory decoding a {image.width}x{image.height} {image.format} image") from exc
+    except Image.DecompressionBombError as exc:  # e.g. a GIF frame larger than its header said
+        raise ValueError(f"too many pixels (in a frame): {exc}") from exc
+    except _MALFORMED as exc:
+        raise ValueError(f"corrupt or truncated {image.format} image: {type(exc).__name__}: {exc}") from exc
+    try:
+        prepared = prepare(image, inference)
+    except MemoryError as exc:
+        raise ValueError(f"out of memory converting a {image.width}x{image.height} {image.mode} image") from exc
+    except (ValueError, OSError) as exc:  # e.g. a pixel mode Pillow cannot convert to RGB
+        raise ValueError(f"cannot convert {image.format} image of mode {image.mode} to RGB: {exc}") from exc
     height, width = prepared.original_size
     return prepared.pixels, width, height
+
+
+def _open_header(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Parse the header only (Pillow opens lazily) and enforce the pixel cap before any decoding."""
+    with warnings.catch_warnings():
+        # The cap below replaces Pillow's warning level; its error level (2x) still stops absurd headers.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"too many pixels (rejected on the header): {exc}") from exc
+        except UnidentifiedImageError as exc:
+            signature = _signature(data)
+            if signature:  # Pillow hides why its parser gave up
+                raise ValueError(
+                    f"corrupt image header: {signature} signature, but the header cannot be parsed"
+                ) from exc
+            raise ValueError(
+                f"not a supported image format (JPEG, PNG, GIF, BMP, TIFF, WebP); {len(data)} bytes "
+                f"starting {data[:16]!r}"
+            ) from exc
+        except _MALFORMED as exc:  # a recognised format whose header is broken
+            raise ValueError(f"corrupt image header: {type(exc).__name__}: {exc}") from exc
+    if image.width * image.height > max_pixels:
+        raise ValueError(
+            f"too many pixels (rejected on the header): {image.width}x{image.height} = "
+            f"{image.width * image.height} > cap {max_pixels}"
+        )
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"empty image: header says {image.width}x{image.height}")
+    return image
+
+
+def _signature(data: bytes) -> str | None:
+    """The supported format whose magic bytes ``data`` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, max_pixels: int, inference: InferenceConfig) -> dict[str, np.ndarray]:
@@ -58,7 +132,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, max_pixels: int, inference: In
             )
             pixels.append(px)
         except (ValueError, MemoryError) as exc:
-            errors[i] = str(exc)
+            errors[i] = str(exc) or f"undecodable: {type(exc).__name__}"  # never "": that would read as ok
             pixels.append(EMPTY_PIXELS)
     out_pixels = np.empty(n, dtype=object)
     out_pixels[:] = pixels

@@ -124,13 +124,8 @@ def build_dataset(config: JobConfig, inputs: ResolvedInputs, *, weights: str, co
         fn_kwargs={"max_pixels": config.input.max_pixels, "inference": config.inference},
     )
     res = config.resources
-    cluster = ray.cluster_resources()
-    use_gpu = res.device != "cpu" and cluster.get("GPU", 0) > 0
-    if res.device == "cuda" and not use_gpu:
-        raise ValueError("--device cuda was requested but the Ray cluster has no GPU (use --device auto or cpu)")
-    # A CPU actor runs torch on as many threads as CPUs it reserves (Ray sets OMP_NUM_THREADS): on a CPU-only
-    # cluster give each actor half of its share, leaving the rest to reading and decoding.
-    actor_cpus = res.num_cpus_per_actor if use_gpu else max(1.0, cluster.get("CPU", 1) // (2 * res.max_actors))
+    use_gpu = use_gpus(res.device)
+    actor_cpus = res.num_cpus_per_actor if use_gpu else cpu_actor_cpus(res.max_actors)
     return ds.map_batches(
         PanopticSegmenter,
         batch_format="numpy",
@@ -145,6 +140,27 @@ def build_dataset(config: JobConfig, inputs: ResolvedInputs, *, weights: str, co
             "device": "cuda" if use_gpu else "cpu",
         },
     )
+
+
+def use_gpus(device: str) -> bool:
+    """Whether the model actors request GPUs.
+
+    ``cuda`` always does, without looking at the cluster's current resources: on an autoscaling cluster whose
+    GPU workers start at zero, the request is what makes the autoscaler add them. ``auto`` uses GPUs when the
+    cluster has some now (use ``cuda`` on clusters that scale GPU workers from zero); ``cpu`` never does.
+    """
+    if device == "cuda":
+        return True
+    return device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def cpu_actor_cpus(max_actors: int) -> float:
+    """CPUs for one CPU-only model actor (torch runs as many threads as its actor reserves: Ray sets
+    OMP_NUM_THREADS): half of the cluster's CPUs shared by the actors, leaving the rest to reading and
+    decoding, but at most half of the biggest live node's, so that an actor fits on one node beside a decode
+    task (also after a node is lost). A node-spanning request would never be scheduled: the job would hang."""
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    return max(1.0, min(sum(node_cpus) // (2 * max_actors), max(node_cpus, default=0.0) // 2))
 
 
 def _drop_committed(batch: dict, committed: set[str]) -> dict:

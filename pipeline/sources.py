@@ -33,6 +33,28 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RefKind = Literal["file", "tar", "parquet"]
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Storage errors worth a retry. s3fs surfaces a body cut mid-stream (after its own retries) as aiohttp's
+    ClientPayloadError and some connection failures as botocore errors, neither of which is an OSError."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    try:
+        import botocore.exceptions
+
+        errors.append(botocore.exceptions.BotoCoreError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+TRANSIENT_ERRORS = _transient_errors()
 READ_ATTEMPTS = 4  # bounded retries of transient storage errors: waits 0.5 s, 1 s, 2 s between attempts
 _RETRY_BASE_S = 0.5
 
@@ -146,7 +168,7 @@ def read_refs(batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str
                 )
             else:
                 raise ValueError(f"unknown input kind {kind!r}")
-        except (OSError, ValueError, tarfile.TarError, KeyError) as exc:
+        except (*TRANSIENT_ERRORS, ValueError, tarfile.TarError, KeyError) as exc:
             rows.append((uri, uri, b"", f"unreadable: {type(exc).__name__}: {exc}"))
     return {
         "image_id": np.array([r[0] for r in rows], dtype=object),
@@ -163,7 +185,7 @@ def _retrying(what: str, action: Callable[[], T]) -> T:
             return action()
         except FileNotFoundError:
             raise  # gone is gone: no retry
-        except (OSError, TimeoutError) as exc:
+        except TRANSIENT_ERRORS as exc:
             if attempt == READ_ATTEMPTS - 1:
                 raise
             wait = _RETRY_BASE_S * 2**attempt

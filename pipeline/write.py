@@ -15,7 +15,8 @@ Protocol (exactly once per image across crashes and re-runs):
 2. a re-run first deletes ``segments`` parts that have no ``images`` part (a crash between the two
    writes), then skips every image id already in ``images/``.
 
-Files hold ``rows_per_file`` images (not one file per image), zstd-compressed.
+A part is written once at least ``rows_per_file`` images are buffered (whole result blocks, so parts hold
+a little more), zstd-compressed: files sized for queries, not one file per image.
 """
 
 from __future__ import annotations
@@ -98,11 +99,20 @@ class OutputWriter:
         return {posixpath.basename(n) for n in names if posixpath.basename(n).endswith(".parquet")}
 
     def remove_orphans(self) -> int:
-        """Delete segments parts whose images part is missing (a crash between the two writes)."""
+        """Delete segments parts whose images part is missing (a crash between the two writes) and hidden
+        temporary files of a write that was interrupted."""
         orphans = self._parts(SEGMENTS_TABLE) - self._parts(IMAGES_TABLE)
         for name in sorted(orphans):
             log.warning("removing uncommitted segments part %s from an interrupted run", name)
             self.fs.rm(self._path(SEGMENTS_TABLE, name))
+        for table in (SEGMENTS_TABLE, IMAGES_TABLE):
+            try:
+                names = self.fs.ls(self._path(table), detail=False)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if posixpath.basename(name).startswith(".") and name.endswith(".tmp"):
+                    self.fs.rm(name)
         return len(orphans)
 
     def committed_image_ids(self) -> set[str]:
@@ -120,11 +130,14 @@ class OutputWriter:
     def add(self, results: pa.Table) -> None:
         """Buffer result rows (pipeline.predict.RESULT_SCHEMA); duplicates of a committed id are dropped."""
         ids = results.column("image_id").to_pylist()
-        keep = [i for i, image_id in enumerate(ids) if image_id not in self._seen]
+        keep = []
+        for i, image_id in enumerate(ids):  # first occurrence only: repeats within this table count too
+            if image_id not in self._seen:
+                self._seen.add(image_id)
+                keep.append(i)
         if len(keep) != len(ids):
             log.info("dropping %d duplicate image ids", len(ids) - len(keep))
-            results = results.take(keep)
-        self._seen.update(results.column("image_id").to_pylist())
+            results = results.take(pa.array(keep, type=pa.int64()))  # typed: an empty list has no type
         if results.num_rows:
             self._buffer.append(results)
             self._buffered_rows += results.num_rows

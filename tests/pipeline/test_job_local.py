@@ -35,12 +35,14 @@ def _config(inputs: list[str], output: Path, **resources: object) -> JobConfig:
 
 
 @pytest.fixture(scope="module")
-def predictor() -> Iterator[PanopticPredictor]:
-    """The model run in this process. Ray workers run torch on one thread, and float reductions round
-    differently with the thread count, so the oracle runs on one thread too."""
+def predictor(ray_session: None) -> Iterator[PanopticPredictor]:
+    """The model run in this process, on as many threads as the job's CPU actors (float reductions round
+    differently with the thread count)."""
+    from pipeline.run import cpu_actor_cpus
+
     config = VARIANTS["detr-r50-panoptic"].config
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(cpu_actor_cpus(ResourceConfig().max_actors)))
     try:
         yield PanopticPredictor(build_model(config, synthetic_state_dict(config)), INFERENCE)
     finally:

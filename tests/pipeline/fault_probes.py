@@ -1,0 +1,75 @@
+"""Fault-test probes that watch a running job from outside: its Ray processes and its committed parts.
+
+Processes are found through /proc (Linux) as descendants of a process the test started itself, never by
+name across the machine: other Ray sessions may run beside the tests. Ray names an actor's worker process
+``ray::<class name>`` (e.g. ``ray::MapWorker(MapBatches(PanopticSegmenter))``), an idle one ``ray::IDLE``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+SEGMENTER_TITLE = "ray::MapWorker(MapBatches(PanopticSegmenter))"
+
+
+def descendants(root: int) -> dict[int, str]:
+    """{pid: command line} of every live descendant of ``root`` (not ``root`` itself)."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # exited while we looked
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name in parentheses may contain spaces
+        if fields[0] == "Z":  # a zombie has no command line and is already dead
+            continue
+        pid, parent = int(entry.name), int(fields[1])
+        children.setdefault(parent, []).append(pid)
+        commands[pid] = command
+    found: dict[int, str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = commands[pid]
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def segmenter_pids(root: int) -> set[int]:
+    """PIDs of the `PanopticSegmenter` actor processes below ``root`` (e.g. below a raylet)."""
+    return {pid for pid, command in descendants(root).items() if command.startswith(SEGMENTER_TITLE)}
+
+
+def committed_parts(output: Path) -> list[Path]:
+    """The committed ``images`` parts of an output folder (hidden temporary files excluded)."""
+    return sorted((output / "images").glob("part-*.parquet"))
+
+
+def committed_ids(output: Path) -> list[str]:
+    """Every image id in the committed ``images`` parts, duplicates kept."""
+    return [
+        i for part in committed_parts(output) for i in pq.read_table(part, columns=["image_id"])["image_id"].to_pylist()
+    ]
+
+
+def wait_for(predicate: Callable[[], object], *, timeout: float, what: str, poll: float = 0.05) -> object:
+    """The first truthy value of ``predicate()``, polled until ``timeout`` seconds (then AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)

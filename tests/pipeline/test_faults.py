@@ -1,0 +1,202 @@
+"""Exactly once across faults: a model actor killed, the driver killed and re-run, a node lost mid-job.
+
+Each test checks the output, not the logs: the ``images`` table holds every input id exactly once, the
+``segments`` table has no duplicate (image_id, segment_id), every image's ``num_segments`` matches its
+segment rows, and every ``segments`` part has its ``images`` part (no orphans left behind).
+
+Results reach the driver one Ray Data block (16 images, see `pipeline.run`) at a time, and one block late
+(the iterator holds a block until the next one is ready), so 64 inputs give a first commit with two blocks
+still to do: that is when each fault strikes. Processes are killed by PID, found as descendants of
+processes these tests started (`tests.pipeline.fault_probes`), never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from model.predictor import InferenceConfig
+from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
+from tests.pipeline.fault_probes import committed_ids, committed_parts, descendants, segmenter_pids, wait_for
+from tests.pipeline.images import photo_bytes
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds its processes through /proc"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_IMAGES = 64  # four 16-image blocks
+JOB_TIMEOUT_S = 240.0  # generous: the test machines are small and shared
+JOB_FLAGS = [
+    "--weights", "synthetic", "--device", "cpu", "--min-size", "64", "--max-size", "107",
+    "--batch-size", "2", "--rows-per-file", "2", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[Path, set[str]]:
+    """A folder of NUM_IMAGES small JPEGs and their image ids."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(NUM_IMAGES):
+        (folder / f"img{i:03d}.jpg").write_bytes(photo_bytes(48, 64, seed=i))
+    return folder, {str(p) for p in folder.glob("*.jpg")}
+
+
+def assert_exactly_once(output: Path, expected: set[str]) -> None:
+    images = pads.dataset(str(output / "images"), format="parquet").to_table().to_pylist()
+    ids = Counter(r["image_id"] for r in images)
+    assert set(ids) == expected, f"missing {sorted(expected - set(ids))[:5]}, extra {sorted(set(ids) - expected)[:5]}"
+    assert [i for i, n in ids.items() if n > 1] == []
+    assert all(r["status"] == "ok" for r in images)
+    segments = pads.dataset(str(output / "segments"), format="parquet").to_table(columns=["image_id", "segment_id"])
+    pairs = Counter(zip(segments["image_id"].to_pylist(), segments["segment_id"].to_pylist()))
+    assert [p for p, n in pairs.items() if n > 1] == []
+    per_image = Counter(image_id for image_id, _ in pairs)
+    assert {r["image_id"]: r["num_segments"] for r in images} == {i: per_image.get(i, 0) for i in expected}
+    segment_parts = {p.name for p in (output / "segments").glob("part-*.parquet")}
+    assert segment_parts == {p.name for p in committed_parts(output)}
+
+
+def test_killed_model_actor_is_restarted_and_its_batches_redone(
+    ray_session: None, inputs: tuple[Path, set[str]], tmp_path: Path
+) -> None:
+    """SIGKILL the segmenter actor's process after the first commit: Ray Data restarts the actor and
+    retries its in-flight tasks (`max_restarts=-1`, `max_task_retries=-1` are its defaults for actor
+    pools). A task's block reaches the driver only when the task ends, so a killed task delivers nothing
+    and its retry delivers the block once (the writer would drop a repeat of a committed id anyway)."""
+    from pipeline.run import run_job
+
+    folder, expected = inputs
+    output = tmp_path / "out"
+    config = JobConfig(
+        input=InputConfig((str(folder),)),
+        output=str(output),
+        model=ModelSpec(weights="synthetic"),
+        inference=InferenceConfig(min_size=64, max_size=107),
+        resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=2),
+    )
+    stale = segmenter_pids(os.getpid())  # actors of earlier jobs in this session that may still be exiting
+    outcome: dict[str, object] = {}
+
+    def job() -> None:
+        try:
+            outcome["summary"] = run_job(config, show_progress=False)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    wait_for(lambda: committed_parts(output) or not thread.is_alive(), timeout=JOB_TIMEOUT_S, what="a commit")
+    victims = segmenter_pids(os.getpid()) - stale
+    assert thread.is_alive() and victims, "the job ended (or has no actor) before the fault could strike"
+    before = len(committed_ids(output))
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    restarted = wait_for(
+        lambda: segmenter_pids(os.getpid()) - stale - victims or not thread.is_alive(),
+        timeout=JOB_TIMEOUT_S,
+        what="a restarted actor",
+    )
+    thread.join(JOB_TIMEOUT_S)
+    assert not thread.is_alive(), "the job hung after its actor was killed"
+    assert "error" not in outcome, outcome.get("error")
+    assert before < NUM_IMAGES and restarted is not True, "the fault struck after the work was done"
+    assert outcome["summary"].images_ok == NUM_IMAGES  # type: ignore[attr-defined]
+    assert_exactly_once(output, expected)
+
+
+def test_killed_driver_then_rerun_commits_each_image_once(
+    ray_session: None, inputs: tuple[Path, set[str]], tmp_path: Path
+) -> None:
+    """SIGKILL `python -m jobs.segment` (the driver, which is also the writer) after its first commit,
+    then run the same command again: it skips what was committed and does the rest."""
+    import ray
+
+    folder, expected = inputs
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.segment", "--input", str(folder), "--output", str(output), *JOB_FLAGS]
+    # The driver joins this session's cluster, as under `ray job submit`: the cluster outlives the driver.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: committed_parts(output) or first.poll() is not None, timeout=JOB_TIMEOUT_S, what="a commit")
+        assert first.poll() is None, "the first run ended before the fault could strike"
+    finally:
+        first.kill()  # SIGKILL; nothing when it has already exited
+        first.wait()
+        log.close()
+    assert first.returncode == -signal.SIGKILL
+    committed = committed_ids(output)
+    assert 0 < len(committed) < NUM_IMAGES and not (output / "_SUCCESS").exists()
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
+    done = re.search(r"done: (\d+) images ok, (\d+) errors, \d+ segments, (\d+) already committed", second.stdout)
+    assert done, second.stdout
+    assert [int(n) for n in done.groups()] == [NUM_IMAGES - len(committed), 0, len(committed)]
+    assert json.loads((output / "_SUCCESS").read_text())["images_ok"] == NUM_IMAGES - len(committed)
+    assert_exactly_once(output, expected)
+
+
+def test_lost_node_mid_job(inputs: tuple[Path, set[str]], tmp_path: Path) -> None:
+    """A two-node cluster loses the node holding the model actor and decoded blocks after the first
+    commit, and a replacement joins: the actor restarts there, lost blocks are rebuilt from lineage.
+    Runs `tests.pipeline.fault_node_loss` in its own process (its own cluster, its own RAY_TMPDIR)."""
+    folder, expected = inputs
+    output = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="pf-f-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    command = [sys.executable, "-m", "tests.pipeline.fault_node_loss", "--input", str(folder), "--output", str(output)]
+    script = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = script.communicate(timeout=JOB_TIMEOUT_S + 60)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(script.pid), script.pid]:  # still running, so still its descendants
+            _kill(pid)
+        stdout, stderr = script.communicate()
+        pytest.fail(f"the node-loss script timed out:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    finally:
+        for pid in _processes_naming(ray_tmp):  # anything of its cluster that outlived it
+            _kill(pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert script.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["actors_on_lost_node"] == 1 and report["job_alive_after_loss"], report
+    assert 0 < report["committed_before_loss"] < NUM_IMAGES, report
+    assert report["job_finished"] and "job_error" not in report, report
+    assert report["images_ok"] == NUM_IMAGES, report
+    assert_exactly_once(output, expected)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text`` (a path unique to this test)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and text.encode() in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
