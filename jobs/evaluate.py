@@ -155,15 +155,23 @@ def evaluate_batch(
                 f"{image['image_id']}: prediction is {list(pred_ids.shape)} (h, w) but ground truth "
                 f"{ann['file_name']} is {list(gt_ids.shape)}"
             )
+        # DETR has 250 class slots; a segment whose slot is none of the evaluated categories can match nothing
+        # (panopticapi would reject it): its pixels count as void, in the prediction and in the ground truth.
+        known = set(categories)
+        unknown_pred = [s["segment_id"] + 1 for s in image["segments"] if s["category_id"] not in known]
+        pred_ids[np.isin(pred_ids, unknown_pred)] = 0
+        gt_segments = segments_from_coco(ann["segments_info"])
+        unknown_gt = [g.id for g in gt_segments if g.category_id not in known]
+        if unknown_gt:
+            gt_ids[np.isin(gt_ids, unknown_gt)] = 0
+            gt_segments = [g for g in gt_segments if g.category_id in known]
         present = set(np.unique(pred_ids).tolist())
         pred_segments = [
             Segment(id=s["segment_id"] + 1, category_id=s["category_id"])
             for s in image["segments"]
             if s["segment_id"] + 1 in present  # as export-coco: a segment covering no pixel is dropped
         ]
-        stats = image_stats(
-            gt_ids, segments_from_coco(ann["segments_info"]), pred_ids, pred_segments, categories=categories
-        )
+        stats = image_stats(gt_ids, gt_segments, pred_ids, pred_segments, categories=categories)
         add_stats(total, stats)
     return _stats_table(total)
 

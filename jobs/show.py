@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import posixpath
 import sys
 import tarfile
@@ -326,7 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--grid must be >= 1, got {args.grid}")
     style: dict[str, Any] = {"alpha": args.alpha, "outlines": not args.no_outlines, "labels": not args.no_labels}
     if args.grid is None:
-        picture = render_image(args.output, args.image_id, **style)
+        image_id = args.image_id
+        if "://" not in image_id and os.path.exists(image_id.split("#", 1)[0]):
+            image_id = os.path.abspath(image_id)  # local inputs are recorded by absolute path
+        try:
+            picture = render_image(args.output, image_id, **style)
+        except KeyError as exc:
+            print(f"panoptic-flow show: {exc.args[0]}", file=sys.stderr)
+            return 2
     else:
         image_ids = grid_image_ids(args.output, n=args.grid, where=args.where)
         if not image_ids:
