@@ -44,6 +44,7 @@ class Settings:
     stage_repeats: int
     rle_repeats: int
     scaling_sizes: tuple[int, ...]
+    scaling_rows_per_file: tuple[int, ...]  # the writer's commit size: results are held until it is reached
     hf_kept: tuple[int, ...]
     hf_repeats: int
 
@@ -59,6 +60,7 @@ QUICK = Settings(
     stage_repeats=1,
     rle_repeats=5,
     scaling_sizes=(100, 400),
+    scaling_rows_per_file=(2048, 64),
     hf_kept=(10,),
     hf_repeats=1,
 )
@@ -73,6 +75,7 @@ FULL = Settings(
     stage_repeats=1,
     rle_repeats=30,
     scaling_sizes=(200, 1000, 2000),
+    scaling_rows_per_file=(2048, 256),
     hf_kept=(0, 10, 30),
     hf_repeats=3,
 )
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench import scaling
 
             _log("scaling")
-            results["scaling"] = scaling.run(settings.scaling_sizes)
+            results["scaling"] = scaling.run(settings.scaling_sizes, rows_per_file=settings.scaling_rows_per_file)
         if "hf" in names:
             from bench import model_vs_hf
 
@@ -328,26 +331,30 @@ def _rle_table(rle: dict) -> list[str]:
 def _scaling_table(sc: dict) -> list[str]:
     lines = [
         f"### Scaling: tiny {sc['image_size']}×{sc['image_size']} images, min_size {sc['min_size']}, batch "
-        f"{sc['batch_size']}, rows_per_file {sc['rows_per_file']} (one subprocess and one local Ray per row)",
+        f"{sc['batch_size']} (one subprocess and one local Ray per row)",
         "",
-        "| images | total s | start-up s | steady ms/image | total ms/image | driver RSS before job MiB | "
-        "driver peak RSS MiB |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rows_per_file | images | total s | start-up s | steady ms/image | total ms/image | driver RSS before "
+        "job MiB | driver peak RSS MiB | CPU pressure % |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in sc["rows"]:
         lines.append(
-            f"| {row['images']} | {row['total_s']:.1f} | {row['startup_s']:.1f} | {row['steady_ms_per_image']:.1f} | "
-            f"{row['total_ms_per_image']:.1f} | {row['driver_rss_before_mib']:.0f} | {row['driver_peak_rss_mib']:.0f} |"
+            f"| {row['rows_per_file']} | {row['images']} | {row['total_s']:.1f} | {row['startup_s']:.1f} | "
+            f"{row['steady_ms_per_image']:.1f} | {row['total_ms_per_image']:.1f} | "
+            f"{row['driver_rss_before_mib']:.0f} | {row['driver_peak_rss_mib']:.0f} | {_pressure(row['contention'])} |"
         )
-    rows = sc["rows"]
-    if len(rows) >= 2:
+    lines.append("")
+    for per_file in dict.fromkeys(row["rows_per_file"] for row in sc["rows"]):
+        rows = [row for row in sc["rows"] if row["rows_per_file"] == per_file]
+        if len(rows) < 2:
+            continue
         first, last = rows[0], rows[-1]
         slope = (last["driver_peak_rss_mib"] - first["driver_peak_rss_mib"]) * 1024 / (last["images"] - first["images"])
-        lines += [
-            "",
-            f"Driver peak RSS grows by {slope:.1f} KiB per image between {first['images']} and {last['images']} "
-            f"images; steady time per image {first['steady_ms_per_image']:.1f} → {last['steady_ms_per_image']:.1f} ms.",
-        ]
+        lines.append(
+            f"rows_per_file {per_file}: driver peak RSS grows by {slope:.1f} KiB per image between {first['images']} "
+            f"and {last['images']} images; steady time per image {first['steady_ms_per_image']:.1f} → "
+            f"{last['steady_ms_per_image']:.1f} ms."
+        )
     return [*lines, ""]
 
 

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             image_id = os.path.abspath(image_id)  # local inputs are recorded by absolute path
         try:
             picture = render_image(args.output, image_id, **style)
-        except KeyError as exc:
+        except (KeyError, ValueError) as exc:  # unknown id, or an image that failed in the run
             print(f"panoptic-flow show: {exc.args[0]}", file=sys.stderr)
             return 2
     else:
