@@ -64,7 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact: batch only equal-size images (reference results); bucketed: pad to 128-px "
         "buckets (bigger batches, results still independent of batch companions)",
     )
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="fp32 reproduces the reference; bf16/fp16 autocast is faster on GPUs (see BENCHMARKS.md)",
+    )
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
+    p.add_argument(
+        "--device-preprocess",
+        action="store_true",
+        help="decode JPEGs (nvJPEG on CUDA), rotate and resize on the model's device instead of CPU workers; "
+        "other formats stay on CPU",
+    )
     p.add_argument("--batch-size", type=int, default=ResourceConfig.batch_size, help="images per model batch")
     p.add_argument(
         "--num-gpus", type=float, default=ResourceConfig.num_gpus, help="GPUs per actor (fractional shares a GPU)"
@@ -96,6 +108,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             threshold=args.threshold,
             batch_mode=args.batch_mode,
             precision=args.precision,
+            channels_last=args.channels_last,
+            device_preprocess=args.device_preprocess,
         ),
         resources=ResourceConfig(
             batch_size=args.batch_size,

@@ -37,7 +37,7 @@ class Segment(NamedTuple):
 
 
 class PanopticResult(NamedTuple):
-    id_map: np.ndarray  # [H, W] int32 segment ids at the original image size
+    id_map: np.ndarray  # [H, W] segment ids at the original image size: uint8 (int32 beyond 256 segments)
     segments: list[Segment]
 
 
@@ -98,7 +98,7 @@ def merge_panoptic(
     """
     height, width = original_size
     if labels.numel() == 0:
-        return PanopticResult(np.zeros((height, width), dtype=np.int32), [])
+        return PanopticResult(np.zeros((height, width), dtype=np.uint8), [])
     masks = F.interpolate(mask_logits[:, None].float(), size=processed_size, mode="bilinear", align_corners=False)[
         :, 0
     ]  # [k, h, w]
@@ -123,9 +123,10 @@ def merge_panoptic(
         alive = [k for i, k in enumerate(alive) if i not in set(small)]
         first_pass = False
         if not alive:
-            return PanopticResult(np.zeros((height, width), dtype=np.int32), [])
+            return PanopticResult(np.zeros((height, width), dtype=np.uint8), [])
 
-    id_np = id_map.cpu().numpy().astype(np.int32)
+    # Sent back in the smallest type: at full size the map is the largest device-to-host copy of an image.
+    id_np = id_map.to(torch.uint8 if len(alive) <= 256 else torch.int32).cpu().numpy()  # [H, W]
     areas_np, boxes = areas_and_boxes(id_np, len(alive))
     scores_list = scores.tolist()
     segments = [

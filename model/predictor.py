@@ -18,7 +18,17 @@ from PIL import Image
 
 from model.detr import DetrPanoptic
 from model.panoptic import PanopticResult, merge_panoptic
-from model.preprocess import BatchMode, canvas_size, normalize, pad_batch, processed_size, resize_image, to_rgb
+from model.preprocess import (
+    BatchMode,
+    canvas_size,
+    normalize,
+    orient_tensor,
+    pad_batch,
+    processed_size,
+    resize_image,
+    resize_tensor,
+    to_rgb,
+)
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -34,6 +44,8 @@ class InferenceConfig:
     bucket: int = 128  # canvas multiple in "bucketed" mode
     precision: Precision = "fp32"
     channels_last: bool = False
+    # JPEG decode (nvJPEG on CUDA), EXIF orientation and resize on the model's device instead of CPU workers
+    device_preprocess: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
@@ -49,8 +61,15 @@ class InferenceConfig:
 
 
 class PreparedImage(NamedTuple):
-    pixels: np.ndarray  # uint8 [h, w, 3] at the processed size
+    # uint8 at the processed size: numpy [h, w, 3] when prepared on a CPU worker, or a tensor [3, h, w]
+    # already on the model's device (see `pipeline.device_decode`)
+    pixels: np.ndarray | torch.Tensor
     original_size: tuple[int, int]  # (height, width) after EXIF orientation
+
+    @property
+    def processed_size(self) -> tuple[int, int]:
+        shape = self.pixels.shape
+        return (int(shape[-2]), int(shape[-1])) if isinstance(self.pixels, torch.Tensor) else (shape[0], shape[1])
 
 
 def prepare(image: Image.Image, config: InferenceConfig) -> PreparedImage:
@@ -59,6 +78,14 @@ def prepare(image: Image.Image, config: InferenceConfig) -> PreparedImage:
     original = (rgb.height, rgb.width)
     size = processed_size(*original, min_size=config.min_size, max_size=config.max_size)
     return PreparedImage(resize_image(rgb, size), original)
+
+
+def prepare_tensor(pixels: torch.Tensor, orientation: int, config: InferenceConfig) -> PreparedImage:
+    """`prepare` for a decoded RGB tensor uint8 [3, H, W] on any device (resize with `resize_tensor`)."""
+    oriented = orient_tensor(pixels, orientation)  # [3, H', W']
+    original = (int(oriented.shape[-2]), int(oriented.shape[-1]))
+    size = processed_size(*original, min_size=config.min_size, max_size=config.max_size)
+    return PreparedImage(resize_tensor(oriented, size), original)
 
 
 class PanopticPredictor:
@@ -80,8 +107,7 @@ class PanopticPredictor:
         """One result per prepared image, in input order; images sharing a canvas run as one batch."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
-            size = image.pixels.shape[:2]
-            groups[canvas_size(size, mode=self.config.batch_mode, bucket=self.config.bucket)].append(i)
+            groups[canvas_size(image.processed_size, mode=self.config.batch_mode, bucket=self.config.bucket)].append(i)
         results: list[PanopticResult | None] = [None] * len(images)
         for canvas, indices in groups.items():
             for i, result in zip(indices, self._predict_group([images[i] for i in indices], canvas)):
@@ -89,10 +115,7 @@ class PanopticPredictor:
         return results  # type: ignore[return-value]
 
     def _predict_group(self, images: list[PreparedImage], canvas: tuple[int, int]) -> list[PanopticResult]:
-        pixels = [
-            torch.from_numpy(np.array(im.pixels, copy=True)).to(self.device, non_blocking=True).permute(2, 0, 1)
-            for im in images
-        ]  # each [3, h, w] uint8
+        pixels = [self._on_device(im.pixels) for im in images]  # each [3, h, w] uint8
         batch, padding_mask = pad_batch([normalize(p) for p in pixels], canvas)  # [B, 3, H, W], [B, H, W]
         if self.config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -103,7 +126,7 @@ class PanopticPredictor:
         for b, image in enumerate(images):
             selected = out.image_index == b  # [N]
             kept = out.query_index[selected]  # [k] query slots, in query order
-            h, w = image.pixels.shape[:2]
+            h, w = image.processed_size
             stride4 = (-(-h // 4), -(-w // 4))  # valid region of the stride-4 mask logits
             mask_logits = out.mask_logits[selected][:, : stride4[0], : stride4[1]].float()  # crop padding
             results.append(
@@ -116,3 +139,13 @@ class PanopticPredictor:
                 )
             )
         return results
+
+    def _on_device(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [h, w, 3] numpy or [3, h, w] tensor -> [3, h, w] on the device (via pinned memory to CUDA)."""
+        if isinstance(pixels, torch.Tensor):
+            return pixels.to(self.device)
+        if self.device.type == "cuda":
+            staging = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)  # [h, w, 3]
+            staging.numpy()[...] = pixels
+            return staging.to(self.device, non_blocking=True).permute(2, 0, 1)
+        return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)  # copy: Ray's arrays are read-only

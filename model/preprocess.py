@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +50,15 @@ def processed_size(height: int, width: int, *, min_size: int = 800, max_size: in
     return size, int(size * width / height)
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 (as stored) when absent, broken or out of range."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error):
+        return 1  # a broken EXIF block: shown as stored
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation and convert to 8-bit RGB (16-bit and 32-bit grey scaled down, not clipped).
 
@@ -56,10 +66,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     block, which raises on some damaged blocks); an unreadable or out-of-range tag means no rotation.
     Transparency is dropped (as the reference's ``convert("RGB")`` does).
     """
-    try:
-        orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
-    except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error):
-        orientation = 1  # a broken EXIF block: shown as stored
     transpose = {
         2: Image.Transpose.FLIP_LEFT_RIGHT,
         3: Image.Transpose.ROTATE_180,
@@ -68,7 +74,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         6: Image.Transpose.ROTATE_270,  # 90° clockwise
         7: Image.Transpose.TRANSVERSE,
         8: Image.Transpose.ROTATE_90,  # 90° counter-clockwise
-    }.get(orientation if isinstance(orientation, int) else 1)
+    }.get(exif_orientation(image))
     if transpose is not None:
         image = image.transpose(transpose)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -89,6 +95,30 @@ def resize_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
+
+
+def orient_tensor(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation tag (1..8) to an image tensor [C, H, W] as `to_rgb` does to PIL images."""
+    if orientation in (5, 6, 7, 8):
+        pixels = pixels.transpose(-2, -1)  # TRANSPOSE: (x, y) -> (y, x)
+        # after a transpose, tags 6 and 7 need a horizontal flip, 8 a vertical one (7 = transverse: both)
+        flips = {5: (), 6: (-1,), 7: (-1, -2), 8: (-2,)}[orientation]
+    else:
+        flips = {2: (-1,), 3: (-1, -2), 4: (-2,)}.get(orientation, ())
+    return pixels.flip(flips) if flips else pixels
+
+
+def resize_tensor(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 [3, h, w] to (height, width) on the tensor's device -> uint8.
+
+    The float kernel of `F.interpolate` (the one CUDA has) with PIL's filter support: it differs from
+    `resize_image` (PIL) by at most 1 grey level, on about a fifth of the pixels (rounding of the
+    fixed-point weights PIL uses), i.e. well inside the noise of JPEG decoding.
+    """
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    resized = F.interpolate(pixels[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)  # [3, height, width]
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from model.predictor import InferenceConfig, prepare
-from model.preprocess import processed_size
+from model.preprocess import exif_orientation, processed_size
 
 EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows without an image
 
@@ -48,13 +48,33 @@ def decode_image(data: bytes, *, max_pixels: int, inference: InferenceConfig) ->
     """
     if not data:
         raise ValueError("empty object (0 bytes)")
+    return _decode_opened(_open_header(data, max_pixels=max_pixels), inference)
+
+
+def check_for_device(data: bytes, *, max_pixels: int, inference: InferenceConfig) -> tuple[int, int, int] | None:
+    """For ``device_preprocess``: (EXIF orientation, width, height as displayed) of a JPEG that is left to the
+    model's device to decode, after the same header checks as `decode_image`; None for any other image
+    (decode it here). Raises ValueError as `decode_image` does for bytes that are no usable image."""
     image = _open_header(data, max_pixels=max_pixels)
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):  # CMYK, MPO, ...: Pillow on this worker
+        return None
+    orientation = exif_orientation(image)
+    width, height = (image.height, image.width) if orientation >= 5 else (image.width, image.height)
+    _check_aspect_ratio(image, inference)
+    return orientation, width, height
+
+
+def _check_aspect_ratio(image: Image.Image, inference: InferenceConfig) -> None:
     target = processed_size(image.height, image.width, min_size=inference.min_size, max_size=inference.max_size)
     if min(target) < 1:  # symmetric in height and width, so the EXIF orientation does not matter here
         raise ValueError(
             f"extreme aspect ratio: {image.width}x{image.height} resizes to {target[1]}x{target[0]} "
             f"(min_size={inference.min_size}, max_size={inference.max_size})"
         )
+
+
+def _decode_opened(image: Image.Image, inference: InferenceConfig) -> tuple[np.ndarray, int, int]:
+    _check_aspect_ratio(image, inference)
     try:
         image.seek(0)  # animated formats: the first frame
         image.load()
@@ -116,9 +136,15 @@ def _signature(data: bytes) -> str | None:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, max_pixels: int, inference: InferenceConfig) -> dict[str, np.ndarray]:
-    """Image rows with ``data`` -> rows with ``pixels``, ``width``, ``height`` and ``error``."""
+    """Image rows with ``data`` -> rows with ``pixels``, ``width``, ``height`` and ``error``.
+
+    With ``inference.device_preprocess``, JPEGs the device can decode keep their bytes in ``encoded`` (with
+    their EXIF ``orientation``) and get placeholder ``pixels``: the model actor decodes them.
+    """
     n = len(batch["image_id"])
     pixels: list[np.ndarray] = []
+    encoded: list[bytes] = [b""] * n
+    orientations = np.ones(n, dtype=np.int8)
     widths = np.zeros(n, dtype=np.int32)
     heights = np.zeros(n, dtype=np.int32)
     errors = [str(e) for e in batch["error"]]
@@ -126,21 +152,34 @@ def decode_batch(batch: dict[str, np.ndarray], *, max_pixels: int, inference: In
         if errors[i]:
             pixels.append(EMPTY_PIXELS)
             continue
+        data = bytes(batch["data"][i])
         try:
-            px, widths[i], heights[i] = decode_image(
-                bytes(batch["data"][i]), max_pixels=max_pixels, inference=inference
-            )
+            passed = None
+            if inference.device_preprocess and data:
+                passed = check_for_device(data, max_pixels=max_pixels, inference=inference)
+            if passed is not None:
+                orientations[i], widths[i], heights[i] = passed
+                encoded[i] = data
+                pixels.append(EMPTY_PIXELS)
+                continue
+            px, widths[i], heights[i] = decode_image(data, max_pixels=max_pixels, inference=inference)
             pixels.append(px)
         except (ValueError, MemoryError) as exc:
             errors[i] = str(exc) or f"undecodable: {type(exc).__name__}"  # never "": that would read as ok
             pixels.append(EMPTY_PIXELS)
-    out_pixels = np.empty(n, dtype=object)
-    out_pixels[:] = pixels
     return {
         "image_id": batch["image_id"],
         "source": batch["source"],
-        "pixels": out_pixels,
+        "pixels": _object_array(pixels),
+        "encoded": _object_array(encoded),
+        "orientation": orientations,
         "width": widths,
         "height": heights,
         "error": np.array(errors, dtype=object),
     }
+
+
+def _object_array(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out

@@ -25,6 +25,7 @@ from model.config import get_variant
 from model.panoptic import PanopticResult
 from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
 from model.synthetic_weights import synthetic_state_dict
+from pipeline.device_decode import prepare_encoded
 from pipeline.rle import encode_segments
 from pipeline.schema import STATUS_ERROR, STATUS_OK
 
@@ -89,14 +90,38 @@ class PanopticSegmenter:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])
         errors = [str(e) for e in batch["error"]]
-        todo = [i for i in range(n) if not errors[i]]
-        prepared = [PreparedImage(batch["pixels"][i], (int(batch["height"][i]), int(batch["width"][i]))) for i in todo]
+        prepared = self._prepare(batch, errors)  # row -> image, for rows without an error
+        todo = sorted(prepared)
         results: dict[int, PanopticResult] = {}
-        for i, result in zip(todo, self._predict_splitting_on_oom(prepared, todo, errors)):
+        for i, result in zip(todo, self._predict_splitting_on_oom([prepared[i] for i in todo], todo, errors)):
             if result is not None:
                 results[i] = result
         rows = [_result_row(batch, i, results.get(i), errors[i]) for i in range(n)]
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+    def _prepare(self, batch: dict[str, np.ndarray], errors: list[str]) -> dict[int, PreparedImage]:
+        """Images of the rows without an error: pixels from the decode stage, or JPEG bytes it left to this
+        device (`pipeline.device_decode`); a JPEG that cannot be decoded here sets its row's error."""
+        encoded = batch.get("encoded")
+        pending = [i for i in range(len(errors)) if not errors[i]]
+        on_device = [i for i in pending if encoded is not None and len(encoded[i])]
+        prepared = {
+            i: PreparedImage(batch["pixels"][i], (int(batch["height"][i]), int(batch["width"][i])))
+            for i in sorted(set(pending) - set(on_device))
+        }
+        if on_device:
+            images = prepare_encoded(
+                [bytes(encoded[i]) for i in on_device],
+                [int(batch["orientation"][i]) for i in on_device],
+                inference=self.predictor.config,
+                device=self.device,
+            )
+            for i, image in zip(on_device, images):
+                if isinstance(image, str):
+                    errors[i] = image
+                else:
+                    prepared[i] = image
+        return prepared
 
     def _predict_splitting_on_oom(
         self, images: list[PreparedImage], indices: list[int], errors: list[str]

@@ -30,7 +30,7 @@ def _merge(labels: list[int], logits: torch.Tensor, size: tuple[int, int], origi
 def test_no_detection_gives_all_zero_map_and_no_segments() -> None:
     result = _merge([], torch.zeros(0, 4, 5), (16, 20), (30, 41))
     assert result.segments == []
-    assert result.id_map.shape == (30, 41) and result.id_map.dtype == np.int32 and not result.id_map.any()
+    assert result.id_map.shape == (30, 41) and result.id_map.dtype == np.uint8 and not result.id_map.any()
 
 
 def test_thing_instances_of_one_class_stay_apart() -> None:
@@ -38,6 +38,7 @@ def test_thing_instances_of_one_class_stay_apart() -> None:
     logits = _blocks(8, 8, [(slice(0, 8), slice(0, 4)), (slice(0, 8), slice(4, 8))])
     result = _merge([1, 1], logits, (8, 8))
     assert [(s.id, s.category_id, s.isthing, s.area) for s in result.segments] == [(0, 1, True, 32), (1, 1, True, 32)]
+    assert result.id_map.dtype == np.uint8  # sent back from the device in the smallest type
     assert (result.id_map[:, :4] == 0).all() and (result.id_map[:, 4:] == 1).all()
     assert result.segments[1].bbox == (4, 0, 4, 8)
 

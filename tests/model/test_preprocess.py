@@ -7,7 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import canvas_size, normalize, pad_batch, processed_size, to_rgb
+from model.preprocess import (
+    canvas_size,
+    normalize,
+    orient_tensor,
+    pad_batch,
+    processed_size,
+    resize_image,
+    resize_tensor,
+    to_rgb,
+)
 
 
 @pytest.mark.parametrize(
@@ -68,3 +77,32 @@ def test_canvas_depends_on_own_size_only() -> None:
     assert canvas_size((800, 1066), mode="bucketed", bucket=128) == (896, 1152)
     with pytest.raises(ValueError, match="batch mode"):
         canvas_size((1, 1), mode="nope")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tensor_orientation_matches_pil(orientation: int) -> None:
+    stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(stored)
+    image.getexif()[0x0112] = orientation
+    expected = np.asarray(to_rgb(image))  # PIL's transposes
+    got = orient_tensor(torch.from_numpy(stored).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [((480, 640), (400, 533)), ((90, 120), (800, 1066)), ((61, 47), (61, 47))]
+)
+def test_tensor_resize_is_within_one_grey_level_of_pil(source: tuple[int, int], target: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(
+        Image.fromarray(rng.integers(0, 256, (source[0] // 8 + 1, source[1] // 8 + 1, 3), dtype=np.uint8)).resize(
+            (source[1], source[0]), Image.BICUBIC
+        )
+    )  # photo-like: smooth with texture
+    pixels = np.clip(smooth.astype(int) + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
+    expected = resize_image(Image.fromarray(pixels), target)  # [h, w, 3] PIL bilinear
+    got = resize_tensor(torch.from_numpy(pixels).permute(2, 0, 1), target).permute(1, 2, 0).numpy()
+    assert got.shape == expected.shape and got.dtype == np.uint8
+    difference = np.abs(got.astype(int) - expected.astype(int))
+    assert difference.max() <= 1
+    assert (difference == 0).mean() >= (1.0 if source == target else 0.7)
