@@ -134,3 +134,30 @@ def test_cuda_fp32_matches_cpu(segmenters) -> None:
         assert [s["category_id"] for s in a["segments"]] == [s["category_id"] for s in b["segments"]]
         areas_a, areas_b = np.array([s["area"] for s in a["segments"]]), np.array([s["area"] for s in b["segments"]])
         assert np.abs(areas_a - areas_b).sum() <= 0.001 * a["width"] * a["height"]
+
+
+def test_job_with_device_preprocess_commits_every_image(ray_session: None, tmp_path) -> None:
+    """Through Ray Data: the bytes column crosses the object store to the actors; JPEG, PNG and a bad file."""
+    import pyarrow.dataset as pads
+
+    from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
+    from pipeline.run import run_job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo_bytes(72, 96, seed=1))
+    (folder / "b.png").write_bytes(photo_bytes(64, 80, fmt="PNG", seed=2))
+    (folder / "c.jpg").write_bytes(photo_bytes(96, 64, seed=3)[:200])  # header intact, data cut
+    config = JobConfig(
+        input=InputConfig((str(folder),)),
+        output=str(tmp_path / "out"),
+        model=ModelSpec(weights="synthetic"),
+        inference=DEVICE_PATH,
+        resources=ResourceConfig(batch_size=3, device="cpu"),
+    )
+    summary = run_job(config, show_progress=False)
+    images = pads.dataset(str(tmp_path / "out" / "images"), format="parquet").to_table().to_pylist()
+    by_name = {row["image_id"].rsplit("/", 1)[-1]: row for row in images}
+    assert sorted(by_name) == ["a.jpg", "b.png", "c.jpg"] and (summary.images_ok, summary.images_error) == (2, 1)
+    assert (by_name["a.jpg"]["width"], by_name["a.jpg"]["height"]) == (96, 72)
+    assert by_name["c.jpg"]["error"].startswith("corrupt or truncated JPEG image")
