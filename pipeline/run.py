@@ -1,8 +1,9 @@
 """The one place that wires the stages together and sets Ray resources.
 
-read (CPU tasks) -> decode + resize (CPU tasks) -> segment + RLE (actor pool, GPU or CPU) -> the driver
-commits Parquet parts as results stream in (`pipeline.write`). Inputs and weights are checked before any
-cluster work starts.
+refs (input URIs; on resume or with manifests, de-duplicated and filtered against the committed parts by
+hash aggregations on Ray workers) -> read (CPU tasks) -> decode + resize (CPU tasks) -> segment + RLE (actor
+pool, GPU or CPU) -> the driver commits Parquet parts as results stream in (`pipeline.write`). Inputs and
+weights are checked before any cluster work starts.
 """
 
 from __future__ import annotations
@@ -15,16 +16,35 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import fsspec
+import pyarrow as pa
 import ray
 import torch
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from ray.data.aggregate import Max, Unique
 
 from model.checkpoint import CheckpointError, fetch
 from model.config import get_variant
 from pipeline.config import JobConfig, redact_uri
 from pipeline.decode import decode_batch
 from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter
-from pipeline.sources import ResolvedInputs, manifest_rows, read_refs, resolve_inputs
-from pipeline.write import RUN_CONFIG_FILE, SUCCESS_FILE, OutputWriter
+from pipeline.sources import (
+    ResolvedInputs,
+    as_refs,
+    file_ref_keys,
+    files_to_do,
+    manifest_rows,
+    read_refs,
+    resolve_inputs,
+)
+from pipeline.write import (
+    RUN_CONFIG_FILE,
+    SUCCESS_FILE,
+    OutputWriter,
+    committed_file_keys,
+    committed_rows,
+    committed_shard_members,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +110,80 @@ def init_ray() -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
 
 
-def build_dataset(config: JobConfig, inputs: ResolvedInputs, *, weights: str, committed: set[str]) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline for ``inputs`` (image ids in ``committed`` are skipped)."""
-    parts = []
-    refs = [r for r in inputs.refs if not (r["kind"] == "file" and r["uri"] in committed)]
-    if refs:
-        parts.append(ray.data.from_items(refs))
+def build_refs(inputs: ResolvedInputs, *, committed: ray.data.Dataset | None) -> ray.data.Dataset:
+    """The refs still to do (`pipeline.sources.REF_SCHEMA`), each input once, computed on Ray workers.
+
+    ``committed`` holds the {"image_id", "source"} rows of the committed ``images`` parts (None: a fresh run).
+    Nothing here reads image bytes, and the driver never holds committed ids:
+
+    - file refs (listed, or lines of manifests): one hash aggregation by URI over the refs and the committed
+      files' ids keeps each URI once and drops committed ones. A fresh run without manifests skips it (the
+      driver de-duplicates its own listing) and starts streaming at once; a manifest can repeat URIs, so a
+      run with manifests always pays this blocking shuffle of the refs (README: "Resume").
+    - shard refs (tar / Parquet, always from the driver's listing): on resume, one hash aggregation by shard
+      gathers its committed image ids into ``skip``, left out by `read_refs` (the shard's bytes are read again:
+      a tar has no index of its members).
+    """
+    listed = list({ref["uri"]: ref for ref in inputs.refs}.values())  # the driver's listing, without repeats
+    files = [ref for ref in listed if ref["kind"] == "file"]
+    shards = {ref["uri"]: ref["kind"] for ref in listed if ref["kind"] != "file"}
+    file_parts = [ray.data.from_items(files)] if files else []
     for manifest in inputs.manifests:
         if manifest.lower().endswith(".parquet"):
             listing = ray.data.read_parquet(manifest, columns=["uri"])
         else:
             listing = ray.data.read_text(manifest)
-        parts.append(listing.map_batches(manifest_rows, batch_format="numpy"))
+        file_parts.append(listing.map_batches(manifest_rows, batch_format="numpy"))
+    parts = []
+    if file_parts:
+        file_refs = _union(file_parts)
+        if committed is None and not inputs.manifests:
+            parts.append(file_refs.map_batches(as_refs, batch_format="pyarrow"))
+        else:
+            keys = file_refs.map_batches(file_ref_keys, batch_format="pyarrow")
+            if committed is not None:
+                keys = keys.union(committed.map_batches(committed_file_keys, batch_format="pyarrow"))
+            aggregated = keys.groupby("uri", num_partitions=_shuffle_partitions()).aggregate(
+                Max("listed", alias_name="listed", zero_factory=lambda: 0),
+                Max("committed", alias_name="committed", zero_factory=lambda: 0),
+            )
+            parts.append(aggregated.map_batches(files_to_do, batch_format="pyarrow"))
+    if shards:
+        shard_refs = ray.data.from_items([{"uri": uri, "kind": kind, "image_id": None} for uri, kind in shards.items()])
+        if committed is not None:
+            members = committed.map_batches(
+                committed_shard_members, batch_format="pyarrow", fn_kwargs={"kinds": shards}
+            )
+            shard_refs = (
+                shard_refs.map_batches(_typed_shard_refs, batch_format="pyarrow")
+                .union(members)
+                .groupby(["uri", "kind"], num_partitions=_shuffle_partitions())
+                .aggregate(Unique("image_id", alias_name="skip", ignore_nulls=True))
+            )
+        parts.append(shard_refs.map_batches(as_refs, batch_format="pyarrow"))
+    return _union(parts) if parts else ray.data.from_items([])
+
+
+def committed_dataset(fs: fsspec.AbstractFileSystem, parts: list[str]) -> ray.data.Dataset | None:
+    """The {"image_id", "source"} rows of the committed ``images`` parts, read by Ray workers (None if none)."""
     if not parts:
-        return ray.data.from_items([])
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        return None
+    return ray.data.read_parquet(parts, columns=["image_id", "source"], filesystem=PyFileSystem(FSSpecHandler(fs)))
+
+
+def count_committed(fs: fsspec.AbstractFileSystem, parts: list[str]) -> int:
+    """Rows of the committed ``images`` parts, from their Parquet footers read by Ray workers."""
+    if not parts:
+        return 0
+    paths = ray.data.from_items([{"path": p} for p in parts])
+    return int(paths.map_batches(committed_rows, batch_format="numpy", fn_kwargs={"fs": fs}).sum("num_rows") or 0)
+
+
+def build_dataset(
+    config: JobConfig, inputs: ResolvedInputs, *, weights: str, committed: ray.data.Dataset | None = None
+) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline for ``inputs`` (what ``committed`` holds is skipped, see `build_refs`)."""
+    ds = build_refs(inputs, committed=committed)
     # Spread the (cheap) refs over many blocks so that reading and decoding run in parallel.
     ds = ds.repartition(target_num_rows_per_block=16)
     ds = ds.map_batches(
@@ -114,8 +193,6 @@ def build_dataset(config: JobConfig, inputs: ResolvedInputs, *, weights: str, co
         **CPU_TASK_ARGS,
         fn_kwargs={"bytes_column": config.input.bytes_column, "id_column": config.input.id_column},
     )
-    if committed:
-        ds = ds.map_batches(_drop_committed, batch_format="numpy", fn_kwargs={"committed": committed}, **CPU_TASK_ARGS)
     ds = ds.map_batches(
         decode_batch,
         batch_format="numpy",
@@ -142,6 +219,20 @@ def build_dataset(config: JobConfig, inputs: ResolvedInputs, *, weights: str, co
     )
 
 
+def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _typed_shard_refs(batch: pa.Table) -> pa.Table:
+    """Shard refs {"uri", "kind", "image_id": None} with ``image_id`` typed as string, as the members are."""
+    return batch.set_column(2, "image_id", pa.nulls(batch.num_rows, pa.string()))
+
+
+def _shuffle_partitions() -> int:
+    """Partitions of the ref aggregations: one per cluster CPU (≥ 2, ≤ 128); refs are small rows."""
+    return max(2, min(128, int(ray.cluster_resources().get("CPU", 2))))
+
+
 def use_gpus(device: str) -> bool:
     """Whether the model actors request GPUs.
 
@@ -163,11 +254,6 @@ def cpu_actor_cpus(max_actors: int) -> float:
     return max(1.0, min(sum(node_cpus) // (2 * max_actors), max(node_cpus, default=0.0) // 2))
 
 
-def _drop_committed(batch: dict, committed: set[str]) -> dict:
-    keep = [i for i, image_id in enumerate(batch["image_id"]) if str(image_id) not in committed]
-    return {k: v[keep] for k, v in batch.items()}
-
-
 def run_job(config: JobConfig, *, allow_synthetic: bool = False, show_progress: bool = True) -> RunSummary:
     """Run the whole job; re-running with the same output resumes it (see `pipeline.write`)."""
     started = time.perf_counter()
@@ -180,7 +266,7 @@ def run_job(config: JobConfig, *, allow_synthetic: bool = False, show_progress: 
     )
     writer.clear_success()
     writer.remove_orphans()
-    committed = writer.committed_image_ids()
+    committed_parts = writer.committed_parts()  # names only: ~100 B per part, never the ids in them
     writer.write_json(RUN_CONFIG_FILE, _run_record(config, weights, sha256))
 
     init_ray()
@@ -188,24 +274,25 @@ def run_job(config: JobConfig, *, allow_synthetic: bool = False, show_progress: 
     context.execution_options.verbose_progress = False
     context.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
     context.enable_progress_bars = False  # one bar of our own, counted in images
+    committed = committed_dataset(writer.fs, committed_parts)
     dataset = build_dataset(config, inputs, weights=weights, committed=committed)
 
-    known_total = sum(1 for r in inputs.refs if r["kind"] == "file" and r["uri"] not in committed)
-    bar = _progress_bar(
-        known_total if not inputs.manifests and all(r["kind"] == "file" for r in inputs.refs) else None,
-        enabled=show_progress,
-    )
+    # Known up front only for a fresh run over listed files; on resume the filter runs on the workers.
+    only_listed_files = not inputs.manifests and all(r["kind"] == "file" for r in inputs.refs)
+    known_total = len({r["uri"] for r in inputs.refs}) if only_listed_files and not committed_parts else None
+    bar = _progress_bar(known_total, enabled=show_progress)
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         writer.add(batch)
         bar.update(batch.num_rows)
     writer.flush()
     bar.close()
 
+    skipped = count_committed(writer.fs, committed_parts)
     seconds = time.perf_counter() - started
     summary = RunSummary(
-        writer.counts["images_ok"], writer.counts["images_error"], writer.counts["segments"], len(committed), seconds
+        writer.counts["images_ok"], writer.counts["images_error"], writer.counts["segments"], skipped, seconds
     )
-    writer.write_json(SUCCESS_FILE, {**writer.counts, "skipped_committed": len(committed), "seconds": seconds})
+    writer.write_json(SUCCESS_FILE, {**writer.counts, "skipped_committed": skipped, "seconds": seconds})
     return summary
 
 

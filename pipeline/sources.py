@@ -11,6 +11,10 @@ Inputs (any fsspec URI: ``s3://`` via s3fs honouring the AWS configuration incl.
 
 Raw bytes are read here and decoded in `pipeline.decode`, so one bad object becomes one error row.
 ``image_id`` is stable: the object's URI, plus ``#member`` inside a tar shard or ``#row=N`` in Parquet.
+
+Inputs travel as *refs* (`REF_SCHEMA`: ``uri``, ``kind``, ``skip``) until `read_refs` reads their bytes; the
+resume filter and the de-duplication of repeated URIs work on refs (see `pipeline.run.build_refs`), so bytes of
+committed or repeated inputs are never read. ``skip`` lists image ids of a shard that are already committed.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import io
 import logging
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RefKind = Literal["file", "tar", "parquet"]
+REF_SCHEMA = pa.schema([("uri", pa.string()), ("kind", pa.string()), ("skip", pa.list_(pa.string()))])
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -152,24 +159,62 @@ def manifest_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"uri": np.array(uris, dtype=object), "kind": np.array(["file"] * len(uris), dtype=object)}
 
 
+def as_refs(batch: pa.Table) -> pa.Table:
+    """{"uri", "kind"} rows (``skip`` optional) -> `REF_SCHEMA` rows, ``skip`` empty where absent."""
+    n = batch.num_rows
+    skip_type = REF_SCHEMA.field("skip").type
+    skip = batch.column("skip").cast(skip_type) if "skip" in batch.column_names else pa.array([[]] * n, skip_type)
+    columns = [batch.column("uri").cast(pa.string()), batch.column("kind").cast(pa.string()), skip]
+    return pa.table(columns, schema=REF_SCHEMA)
+
+
+def file_ref_keys(batch: pa.Table) -> pa.Table:
+    """File refs -> rows of the resume/de-duplication aggregation: {"uri", "listed": 1, "committed": 0}."""
+    n = batch.num_rows
+    return pa.table(
+        {
+            "uri": batch.column("uri").cast(pa.string()),
+            "listed": pa.array(np.ones(n, dtype=np.int8)),
+            "committed": pa.array(np.zeros(n, dtype=np.int8)),
+        }
+    )
+
+
+def files_to_do(batch: pa.Table) -> pa.Table:
+    """One aggregated row per URI {"uri", "listed", "committed"} (maxima over its key rows) -> the `REF_SCHEMA`
+    file refs that are listed and not committed: each URI once, however often it was listed."""
+    todo = batch.filter(pc.and_(pc.equal(batch.column("listed"), 1), pc.not_equal(batch.column("committed"), 1)))
+    n = todo.num_rows
+    return as_refs(pa.table({"uri": todo.column("uri"), "kind": pa.array(["file"] * n, pa.string())}))
+
+
 def read_refs(batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str | None) -> dict[str, np.ndarray]:
-    """{"uri", "kind"} rows -> image rows {"image_id", "source", "data", "error"} (error "" when read)."""
+    """Refs -> image rows {"image_id", "source", "data", "error"} (error "" when read).
+
+    Image ids in a ref's ``skip`` (optional column: committed members of a shard) are left out, and so are
+    repeats of an id within one shard (a Parquet id column can repeat). Memory is bounded by one shard.
+    """
     rows: list[tuple[str, str, bytes, str]] = []
-    for uri, kind in zip(batch["uri"], batch["kind"]):
+    skips = batch["skip"] if "skip" in batch else [None] * len(batch["uri"])
+    for uri, kind, skip in zip(batch["uri"], batch["kind"], skips):
         uri, kind = str(uri), str(kind)
+        done = set() if skip is None else {str(s) for s in skip}  # grows with the shard's images only
         try:
             if kind == "file":
-                rows.append((uri, uri, read_bytes(uri), ""))
+                images: Iterator[tuple[str, bytes]] = iter([(uri, read_bytes(uri))])
             elif kind == "tar":
-                rows.extend((f"{uri}#{name}", uri, data, "") for name, data in iter_tar_images(uri))
+                images = ((f"{uri}#{name}", data) for name, data in iter_tar_images(uri, skip=done, prefix=f"{uri}#"))
             elif kind == "parquet":
-                rows.extend(
-                    (image_id, uri, data, "") for image_id, data in iter_parquet_images(uri, bytes_column, id_column)
-                )
+                images = iter_parquet_images(uri, bytes_column, id_column)
             else:
                 raise ValueError(f"unknown input kind {kind!r}")
+            for image_id, data in images:
+                if image_id not in done:
+                    done.add(image_id)
+                    rows.append((image_id, uri, data, ""))
         except (*TRANSIENT_ERRORS, ValueError, tarfile.TarError, KeyError) as exc:
-            rows.append((uri, uri, b"", f"unreadable: {type(exc).__name__}: {exc}"))
+            if uri not in done:  # an unreadable shard's error row may be committed already
+                rows.append((uri, uri, b"", f"unreadable: {type(exc).__name__}: {exc}"))
     return {
         "image_id": np.array([r[0] for r in rows], dtype=object),
         "source": np.array([r[1] for r in rows], dtype=object),
@@ -210,8 +255,9 @@ def read_bytes(uri: str) -> bytes:
     return _retrying(uri, attempt)
 
 
-def iter_tar_images(uri: str) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of the first image member of each sample key, in archive order."""
+def iter_tar_images(uri: str, *, skip: Collection[str] = (), prefix: str = "") -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of the first image member of each sample key, in archive order; members whose
+    ``prefix + name`` is in ``skip`` are not extracted (they are still read: a tar has no index)."""
     data = read_bytes(uri)
     seen: set[str] = set()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
@@ -222,6 +268,8 @@ def iter_tar_images(uri: str) -> Iterator[tuple[str, bytes]]:
             if key in seen:
                 continue
             seen.add(key)
+            if prefix + member.name in skip:
+                continue
             handle = archive.extractfile(member)
             yield member.name, handle.read() if handle else b""
 

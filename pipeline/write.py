@@ -13,7 +13,9 @@ Protocol (exactly once per image across crashes and re-runs):
    record of every image in the part (ok or error). Each file appears whole: local files are written under
    a hidden temporary name and renamed; object stores publish an object only when its upload completes;
 2. a re-run first deletes ``segments`` parts that have no ``images`` part (a crash between the two
-   writes), then skips every image id already in ``images/``.
+   writes), then skips every image id already in ``images/``. That filter runs on Ray workers
+   (`pipeline.run.build_refs`, fed by the stage functions below): the driver holds the list of committed
+   parts, never the committed ids.
 
 A part is written once at least ``rows_per_file`` images are buffered (whole result blocks, so parts hold
 a little more), zstd-compressed: files sized for queries, not one file per image.
@@ -29,11 +31,10 @@ import uuid
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.schema import IMAGES_SCHEMA, IMAGES_TABLE, SEGMENTS_SCHEMA, SEGMENTS_TABLE, STATUS_OK
 
@@ -85,7 +86,7 @@ class OutputWriter:
         self._buffer: list[pa.Table] = []
         self._buffered_rows = 0
         self._seq = 0
-        self._seen: set[str] = set()
+        self._buffered_ids: set[str] = set()  # ids of the part being buffered: bounded by rows_per_file
 
     # -- resume ------------------------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -115,28 +116,26 @@ class OutputWriter:
                     self.fs.rm(name)
         return len(orphans)
 
-    def committed_image_ids(self) -> set[str]:
-        """Image ids already committed by earlier runs (from the ``images`` parts)."""
-        if not self._parts(IMAGES_TABLE):
-            return set()
-        dataset = pads.dataset(
-            self._path(IMAGES_TABLE), format="parquet", filesystem=PyFileSystem(FSSpecHandler(self.fs))
-        )
-        ids = set(dataset.to_table(columns=["image_id"]).column("image_id").to_pylist())
-        self._seen |= ids
-        return ids
+    def committed_parts(self) -> list[str]:
+        """Paths (in ``self.fs``) of the committed ``images`` parts, the commit records of earlier runs."""
+        return sorted(self._path(IMAGES_TABLE, name) for name in self._parts(IMAGES_TABLE))
 
     # -- writing -----------------------------------------------------------------------------------------
     def add(self, results: pa.Table) -> None:
-        """Buffer result rows (pipeline.predict.RESULT_SCHEMA); duplicates of a committed id are dropped."""
+        """Buffer result rows (pipeline.predict.RESULT_SCHEMA).
+
+        Inputs reach the model once each (repeats and committed ids are removed before reading, see
+        `pipeline.run.build_refs`); as a cheap guard, a repeat of an id within the part being buffered is
+        dropped. Nothing run-wide is kept: memory does not grow with the number of inputs.
+        """
         ids = results.column("image_id").to_pylist()
         keep = []
         for i, image_id in enumerate(ids):  # first occurrence only: repeats within this table count too
-            if image_id not in self._seen:
-                self._seen.add(image_id)
+            if image_id not in self._buffered_ids:
+                self._buffered_ids.add(image_id)
                 keep.append(i)
         if len(keep) != len(ids):
-            log.info("dropping %d duplicate image ids", len(ids) - len(keep))
+            log.warning("dropping %d repeated image ids", len(ids) - len(keep))
             results = results.take(pa.array(keep, type=pa.int64()))  # typed: an empty list has no type
         if results.num_rows:
             self._buffer.append(results)
@@ -149,7 +148,7 @@ class OutputWriter:
         if not self._buffer:
             return
         results = pa.concat_tables(self._buffer)
-        self._buffer, self._buffered_rows = [], 0
+        self._buffer, self._buffered_rows, self._buffered_ids = [], 0, set()
         images, segments = split_results(results)
         name = f"part-{self.run_id}-{self._seq:06d}.parquet"
         self._seq += 1
@@ -179,3 +178,45 @@ class OutputWriter:
     def clear_success(self) -> None:
         if self.fs.exists(self._path(SUCCESS_FILE)):
             self.fs.rm(self._path(SUCCESS_FILE))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ray stage functions over the committed ``images`` parts (pure: no Ray import; `pipeline.run` wires them)
+# ------------------------------------------------------------------------------------------------------
+
+
+def committed_file_keys(batch: pa.Table) -> pa.Table:
+    """Committed images rows {"image_id", "source"} -> {"uri", "listed": 0, "committed": 1} for the rows of
+    whole files (``image_id == source``), the other side of the aggregation in `pipeline.sources.files_to_do`."""
+    files = batch.filter(pc.equal(batch.column("image_id"), batch.column("source")))
+    n = files.num_rows
+    return pa.table(
+        {
+            "uri": files.column("image_id").cast(pa.string()),
+            "listed": pa.array(np.zeros(n, dtype=np.int8)),
+            "committed": pa.array(np.ones(n, dtype=np.int8)),
+        }
+    )
+
+
+def committed_shard_members(batch: pa.Table, *, kinds: dict[str, str]) -> pa.Table:
+    """Committed images rows {"image_id", "source"} -> {"uri": source, "kind", "image_id"} for the rows read
+    from one of the shards in ``kinds`` ({shard URI: "tar" | "parquet"}; the driver's own listing)."""
+    index = pc.index_in(batch.column("source").cast(pa.string()), value_set=pa.array(list(kinds), pa.string()))
+    found = pc.is_valid(index)
+    return pa.table(
+        {
+            "uri": batch.column("source").cast(pa.string()).filter(found),
+            "kind": pa.array(list(kinds.values()), pa.string()).take(index.filter(found)),
+            "image_id": batch.column("image_id").cast(pa.string()).filter(found),
+        }
+    )
+
+
+def committed_rows(batch: dict[str, np.ndarray], *, fs: fsspec.AbstractFileSystem) -> dict[str, np.ndarray]:
+    """{"path"} of committed ``images`` parts -> {"num_rows"} read from each part's Parquet footer."""
+    counts = []
+    for path in batch["path"]:
+        with fs.open(str(path), "rb") as f:
+            counts.append(pq.ParquetFile(f).metadata.num_rows)
+    return {"num_rows": np.array(counts, dtype=np.int64)}

@@ -1,0 +1,133 @@
+"""Resume and de-duplication at the ref level: committed files, members of a partly committed tar shard and
+repeated manifest lines are each done once, and the driver never reads the committed image ids."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from model.predictor import InferenceConfig
+from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
+from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
+from pipeline.sources import read_refs
+from pipeline.write import OutputWriter
+from tests.pipeline.images import photo_bytes
+
+FAKE_WIDTH = 7  # marks the rows committed by hand below: a redone image would have its real width
+
+
+def _config(inputs: tuple[str, ...], output: Path) -> JobConfig:
+    return JobConfig(
+        input=InputConfig(inputs),
+        output=str(output),
+        model=ModelSpec(weights="synthetic"),
+        inference=InferenceConfig(min_size=64, max_size=107),
+        resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=3),
+    )
+
+
+def _commit_by_hand(output: Path, rows: list[tuple[str, str]]) -> None:
+    """A committed part of ``(image_id, source)`` rows, as an interrupted earlier run leaves it."""
+    images = pa.Table.from_pylist(
+        [
+            {"image_id": i, "source": s, "width": FAKE_WIDTH, "height": 5, "status": "ok", "error": None}
+            | {"num_segments": 0}
+            for i, s in rows
+        ],
+        schema=IMAGES_SCHEMA,
+    )
+    for table, data in (("segments", SEGMENTS_SCHEMA.empty_table()), ("images", images)):
+        (output / table).mkdir(parents=True, exist_ok=True)
+        pq.write_table(data, output / table / "part-earlier-000000.parquet")
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.run import run_job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = [folder / f"f{i}.jpg" for i in range(4)]
+    for i, path in enumerate(files):
+        path.write_bytes(photo_bytes(48, 64, seed=50 + i))
+    shard = tmp_path / "shards" / "shard-000.tar"
+    shard.parent.mkdir()
+    _tar(shard, [(f"s{i}.jpg", photo_bytes(64, 48, seed=60 + i)) for i in range(3)] + [("s1.cls", b"3")])
+    listed = tmp_path / "listed.jpg"
+    listed.write_bytes(photo_bytes(50, 50, seed=70))
+    manifest = tmp_path / "manifest.txt"  # repeats a line, and a file that the folder lists too
+    manifest.write_text(f"{listed}\n{files[1]}\n{listed}\n\n{listed}\n")
+    inputs = (str(folder), str(shard), str(manifest))
+    output = tmp_path / "out"
+    committed = [(str(files[0]), str(files[0])), (f"{shard}#s1.jpg", str(shard)), (str(listed), str(listed))]
+    _commit_by_hand(output, committed)
+
+    summary = run_job(_config(inputs, output), show_progress=False)
+
+    expected = {*map(str, files), *(f"{shard}#s{i}.jpg" for i in range(3)), str(listed)}
+    images = pads.dataset(str(output / "images"), format="parquet").to_table().to_pylist()
+    counts = Counter(r["image_id"] for r in images)
+    assert set(counts) == expected and max(counts.values()) == 1, counts
+    redone = {r["image_id"] for r in images if r["width"] == FAKE_WIDTH}
+    assert redone == {i for i, _ in committed}  # the committed rows were skipped, not done again
+    assert (summary.images_ok, summary.images_error, summary.skipped_committed) == (5, 0, 3)
+
+    # Re-run with everything committed, with the driver's Parquet readers disabled: the resume filter runs
+    # on Ray workers, the driver lists part names and never reads the ids inside them.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the driver read a Parquet table: {args[:1]}")
+
+    for name in ("read_table", "read_pandas"):
+        monkeypatch.setattr(pq, name, refuse)
+    for name in ("read", "read_row_group", "read_row_groups", "iter_batches"):
+        monkeypatch.setattr(pq.ParquetFile, name, refuse)
+    monkeypatch.setattr(pads, "dataset", refuse)
+    assert not hasattr(OutputWriter, "committed_image_ids")
+    again = run_job(_config(inputs, output), show_progress=False)
+    monkeypatch.undo()
+    assert (again.images_ok, again.images_error, again.skipped_committed) == (0, 0, len(expected))
+    ids = pads.dataset(str(output / "images"), format="parquet").to_table(columns=["image_id"])
+    assert sorted(ids.column("image_id").to_pylist()) == sorted(expected)
+
+
+def test_read_refs_leaves_out_skipped_and_repeated_ids_of_a_shard(tmp_path: Path) -> None:
+    """Committed members (``skip``) are not emitted, and an id repeated inside one Parquet shard is emitted once."""
+    shard = tmp_path / "ids.parquet"
+    data = [photo_bytes(20, 20, seed=i) for i in range(4)]
+    pq.write_table(pa.table({"key": ["p1", "p2", "p2", "p3"], "image": data}), shard)
+    tar = tmp_path / "t.tar"
+    _tar(tar, [("a.jpg", data[0]), ("b.jpg", data[1])])
+    rows = read_refs(
+        {"uri": [str(shard), str(tar)], "kind": ["parquet", "tar"], "skip": [["p3"], [f"{tar}#a.jpg"]]},
+        bytes_column="image",
+        id_column="key",
+    )
+    assert list(rows["image_id"]) == ["p1", "p2", f"{tar}#b.jpg"]
+    assert rows["data"][1] == data[1]  # the first of the repeated rows
+
+
+def test_an_unreadable_shard_whose_error_row_is_committed_gets_no_second_one(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar at all" * 64)
+    fresh = read_refs({"uri": [str(broken)], "kind": ["tar"]}, bytes_column="image", id_column=None)
+    assert list(fresh["image_id"]) == [str(broken)] and fresh["error"][0].startswith("unreadable")
+    again = read_refs(
+        {"uri": [str(broken)], "kind": ["tar"], "skip": [[str(broken)]]}, bytes_column="image", id_column=None
+    )
+    assert list(again["image_id"]) == []
