@@ -1,0 +1,215 @@
+"""Each speed switch of the model path, side by side in one process, with its effect on the output.
+
+    python -m bench.variants [--device auto] [--images 16] [--min-size 512] [--batch-size 4] [--repeats 2]
+
+Variants (`model.predictor.InferenceConfig`): the fp32 reference path, then bf16 / fp16 autocast,
+channels-last, bucketed batching and ``device_preprocess`` (JPEG decode + EXIF rotation + resize on the
+model's device, `pipeline.device_decode`) alone and combined. Every variant runs on the same JPEG files
+(`bench.inputs.write_photo_set`, all one size) from bytes to panoptic maps, so the CPU path's Pillow
+decode + resize (one core, as a decode worker does it) is counted against the device path's; model-only
+time is reported apart. Passes are interleaved across variants (shuffled each repeat), median kept; on
+CUDA each pass ends with a synchronize. Fidelity: share of pixels whose segment's category equals the fp32
+path's (the panoptic map compared as categories, so that segment numbering does not matter), and the share
+of images with the same category list. fp32 runs with TF32 off, as the reference.
+
+Synthetic weights (`model.synthetic_weights`): timings are real; agreement figures measure how far each
+switch moves *these* weights' outputs, which amplify rounding far more than a trained model does (see
+BENCHMARKS.md): a low agreement here is a warning to check on real weights, not a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.inputs import write_photo_set
+from model.checkpoint import build_model
+from model.config import VARIANTS
+from model.panoptic import PanopticResult
+from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
+from model.synthetic_weights import synthetic_state_dict
+from pipeline.decode import check_for_device, decode_image
+from pipeline.device_decode import prepare_encoded
+
+MAX_PIXELS = 89_478_485
+
+
+def variants(base: InferenceConfig, device: torch.device) -> dict[str, InferenceConfig]:
+    out = {
+        "fp32": base,
+        "bf16": replace(base, precision="bf16"),
+        "channels_last": replace(base, channels_last=True),
+        "bucketed": replace(base, batch_mode="bucketed"),
+        "device_preprocess": replace(base, device_preprocess=True),
+        "bf16+channels_last+device_preprocess": replace(
+            base, precision="bf16", channels_last=True, device_preprocess=True
+        ),
+    }
+    if device.type == "cuda":
+        out["fp16"] = replace(base, precision="fp16")
+    return out
+
+
+def _prepare(files: list[bytes], config: InferenceConfig, device: torch.device) -> list[PreparedImage]:
+    if not config.device_preprocess:
+        prepared = []
+        for data in files:
+            pixels, width, height = decode_image(data, max_pixels=MAX_PIXELS, inference=config)
+            prepared.append(PreparedImage(pixels, (height, width)))
+        return prepared
+    headers = [check_for_device(data, max_pixels=MAX_PIXELS, inference=config) for data in files]
+    assert all(h is not None for h in headers), "bench files are plain JPEGs"
+    images = prepare_encoded(files, [h[0] for h in headers], inference=config, device=device)  # type: ignore[index]
+    assert all(isinstance(i, PreparedImage) for i in images)
+    return images  # type: ignore[return-value]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _one_pass(
+    predictor: PanopticPredictor, files: list[bytes], batch_size: int, device: torch.device
+) -> tuple[float, float, list[PanopticResult]]:
+    """(seconds from bytes to results, seconds in predict_prepared, results) over all files."""
+    results: list[PanopticResult] = []
+    total = model = 0.0
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        _sync(device)
+        t0 = time.perf_counter()
+        prepared = _prepare(chunk, predictor.config, device)
+        _sync(device)
+        t1 = time.perf_counter()
+        results += predictor.predict_prepared(prepared)
+        _sync(device)
+        t2 = time.perf_counter()
+        total += t2 - t0
+        model += t2 - t1
+    return total, model, results
+
+
+def _categories(result: PanopticResult) -> np.ndarray:
+    """[H, W] category id per pixel (-1 where no segment)."""
+    lookup = np.full(max((s.id for s in result.segments), default=0) + 2, -1, dtype=np.int64)
+    for s in result.segments:
+        lookup[s.id] = s.category_id
+    if not result.segments:
+        return np.full(result.id_map.shape, -1, dtype=np.int64)
+    return lookup[result.id_map.astype(np.int64)]
+
+
+def _agreement(reference: list[PanopticResult], results: list[PanopticResult]) -> dict:
+    pixels = [float((_categories(a) == _categories(b)).mean()) for a, b in zip(reference, results)]
+    same_lists = [
+        [s.category_id for s in a.segments] == [s.category_id for s in b.segments] for a, b in zip(reference, results)
+    ]
+    return {
+        "pixel_agreement_mean": statistics.mean(pixels),
+        "pixel_agreement_min": min(pixels),
+        "same_category_lists": sum(same_lists) / len(same_lists),
+    }
+
+
+def run(*, device: str, images: int, min_size: int, batch_size: int, repeats: int) -> dict:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    base = InferenceConfig(min_size=min_size, max_size=int(min_size * 1333 / 800))
+    config = VARIANTS["detr-r50-panoptic"].config
+    model = build_model(config, synthetic_state_dict(config))
+    with tempfile.TemporaryDirectory(prefix="pfb-variants-") as tmp:
+        files = [p.read_bytes() for p in write_photo_set(Path(tmp), images)]
+    predictors = {name: PanopticPredictor(copy.deepcopy(model), cfg, dev) for name, cfg in variants(base, dev).items()}
+    for predictor in predictors.values():  # warm-up: cudnn autotuning, allocator, first-call costs
+        _one_pass(predictor, files[:batch_size], batch_size, dev)
+    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in predictors}
+    outputs: dict[str, list[PanopticResult]] = {}
+    order = list(predictors)
+    for _ in range(repeats):
+        random.shuffle(order)
+        for name in order:
+            total, model_s, results = _one_pass(predictors[name], files, batch_size, dev)
+            timings[name].append((total, model_s))
+            outputs[name] = results
+    rows = {}
+    base_total = statistics.median(t for t, _ in timings["fp32"])
+    for name in predictors:
+        total = statistics.median(t for t, _ in timings[name])
+        model_s = statistics.median(m for _, m in timings[name])
+        rows[name] = {
+            "images_per_s": images / total,
+            "model_images_per_s": images / model_s,
+            "speedup_vs_fp32": base_total / total,
+            **_agreement(outputs["fp32"], outputs[name]),
+            "kept_segments_per_image": statistics.mean(len(r.segments) for r in outputs[name]),
+        }
+    return {
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "torch_threads": torch.get_num_threads(),
+        "images": images,
+        "processed_size": list(_prepare(files[:1], base, dev)[0].processed_size),
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "variants": rows,
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| variant | images/s (bytes → maps) | × fp32 | model-only images/s | pixels as fp32 | images as fp32 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in result["variants"].items():
+        lines.append(
+            f"| {name} | {row['images_per_s']:.2f} | {row['speedup_vs_fp32']:.2f} | {row['model_images_per_s']:.2f} "
+            f"| {100 * row['pixel_agreement_mean']:.1f} % (min {100 * row['pixel_agreement_min']:.1f} %) "
+            f"| {100 * row['same_category_lists']:.0f} % |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--min-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default=None, help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    from bench.machine import describe
+
+    result = run(
+        device=args.device, images=args.images, min_size=args.min_size, batch_size=args.batch_size, repeats=args.repeats
+    )
+    report = {
+        "command": "python -m bench.variants " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": describe(),
+        **result,
+    }
+    print(json.dumps(report, indent=2))
+    print(table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
