@@ -26,6 +26,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -78,6 +79,37 @@ def _prepare(files: list[bytes], config: InferenceConfig, device: torch.device) 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class GpuBusy:
+    """Samples `torch.cuda.utilization` (NVML: needs the ``nvidia-ml-py`` package) every 20 ms in a thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.samples = device, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.samples.append(torch.cuda.utilization(self.device))
+
+    def __enter__(self) -> GpuBusy:
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.utilization(self.device)
+            except Exception:  # no NVML here: report None
+                return self
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def percent(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
 
 
 def _one_pass(
@@ -140,13 +172,17 @@ def run(*, device: str, images: int, min_size: int, batch_size: int, repeats: in
     for predictor in predictors.values():  # warm-up: cudnn autotuning, allocator, first-call costs
         _one_pass(predictor, files[:batch_size], batch_size, dev)
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in predictors}
+    busy: dict[str, list[float]] = {name: [] for name in predictors}
     outputs: dict[str, list[PanopticResult]] = {}
     order = list(predictors)
     for _ in range(repeats):
         random.shuffle(order)
         for name in order:
-            total, model_s, results = _one_pass(predictors[name], files, batch_size, dev)
+            with GpuBusy(dev) as gpu:
+                total, model_s, results = _one_pass(predictors[name], files, batch_size, dev)
             timings[name].append((total, model_s))
+            if gpu.percent is not None:
+                busy[name].append(gpu.percent)
             outputs[name] = results
     rows = {}
     base_total = statistics.median(t for t, _ in timings["fp32"])
@@ -159,6 +195,7 @@ def run(*, device: str, images: int, min_size: int, batch_size: int, repeats: in
             "speedup_vs_fp32": base_total / total,
             **_agreement(outputs["fp32"], outputs[name]),
             "kept_segments_per_image": statistics.mean(len(r.segments) for r in outputs[name]),
+            "gpu_busy_percent": statistics.mean(busy[name]) if busy[name] else None,
         }
     return {
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
@@ -181,6 +218,7 @@ def table(result: dict) -> str:
             f"| {name} | {row['images_per_s']:.2f} | {row['speedup_vs_fp32']:.2f} | {row['model_images_per_s']:.2f} "
             f"| {100 * row['pixel_agreement_mean']:.1f} % (min {100 * row['pixel_agreement_min']:.1f} %) "
             f"| {100 * row['same_category_lists']:.0f} % |"
+            + (f" GPU busy {row['gpu_busy_percent']:.0f} % |" if row["gpu_busy_percent"] is not None else "")
         )
     return "\n".join(lines)
 
