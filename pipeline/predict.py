@@ -22,7 +22,7 @@ import torch
 from model.categories import category_name
 from model.checkpoint import build_model, read_state_dict
 from model.config import get_variant
-from model.panoptic import PanopticResult
+from model.panoptic import PanopticResult, Segment
 from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
 from model.synthetic_weights import synthetic_state_dict
 from pipeline.device_decode import prepare_encoded
@@ -78,8 +78,15 @@ class PanopticSegmenter:
     """Ray Data callable class: decoded image rows in, result rows (segments nested) out."""
 
     def __init__(
-        self, *, variant: str, weights: str, inference: InferenceConfig, device: Literal["auto", "cpu", "cuda"]
+        self,
+        *,
+        variant: str,
+        weights: str,
+        inference: InferenceConfig,
+        device: Literal["auto", "cpu", "cuda"],
+        encode_rle: bool = True,
     ) -> None:
+        self.encode_rle = encode_rle  # False: id maps go out unencoded, for `encode_results` on CPU workers
         self.device = pick_device(device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -87,7 +94,7 @@ class PanopticSegmenter:
         self.predictor = PanopticPredictor(model, inference, self.device)
         log.info("segmenter ready: %s on %s", variant, self.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table | dict[str, np.ndarray]:
         n = len(batch["image_id"])
         errors = [str(e) for e in batch["error"]]
         prepared = self._prepare(batch, errors)  # row -> image, for rows without an error
@@ -96,6 +103,8 @@ class PanopticSegmenter:
         for i, result in zip(todo, self._predict_splitting_on_oom([prepared[i] for i in todo], todo, errors)):
             if result is not None:
                 results[i] = result
+        if not self.encode_rle:
+            return _unencoded_batch(batch, results, errors)
         rows = [_result_row(batch, i, results.get(i), errors[i]) for i in range(n)]
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
@@ -169,3 +178,38 @@ def _result_row(batch: dict[str, np.ndarray], i: int, result: PanopticResult | N
         for s, e in zip(result.segments, encoded)
     ]
     return {**base, "width": width, "height": height, "status": STATUS_OK, "error": None, "segments": segments}
+
+
+def _unencoded_batch(
+    batch: dict[str, np.ndarray], results: dict[int, PanopticResult], errors: list[str]
+) -> dict[str, np.ndarray]:
+    """The actor's output when RLE runs on CPU workers: each row's id map ([H, W] uint8) and segments as they
+    are (an empty map and no segments for error rows), with ``error`` set where there is no result."""
+    n = len(batch["image_id"])
+    id_maps, segments = np.empty(n, dtype=object), np.empty(n, dtype=object)
+    for i in range(n):
+        result = results.get(i)
+        id_maps[i] = result.id_map if result is not None else np.zeros((0, 0), dtype=np.uint8)
+        segments[i] = [tuple(s) for s in result.segments] if result is not None else []
+    return {
+        "image_id": batch["image_id"],
+        "source": batch["source"],
+        "width": batch["width"],
+        "height": batch["height"],
+        "error": np.array([e if i in results else (e or "no result") for i, e in enumerate(errors)], dtype=object),
+        "id_map": id_maps,
+        "segments": segments,
+    }
+
+
+def encode_results(batch: dict[str, np.ndarray]) -> pa.Table:
+    """CPU stage after an actor built with ``encode_rle=False``: RLE-encode each id map -> RESULT_SCHEMA rows.
+
+    Moves RLE (and the Arrow rows) off the model actor: on a GPU it would otherwise run between batches
+    while the GPU waits (see BENCHMARKS.md)."""
+    rows = []
+    for i in range(len(batch["image_id"])):
+        error = str(batch["error"][i])
+        result = None if error else PanopticResult(batch["id_map"][i], [Segment(*s) for s in batch["segments"][i]])
+        rows.append(_result_row(batch, i, result, error))
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
