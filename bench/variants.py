@@ -12,6 +12,9 @@ CUDA each pass ends with a synchronize. Fidelity: share of pixels whose segment'
 path's (the panoptic map compared as categories, so that segment numbering does not matter), and the share
 of images with the same category list. fp32 runs with TF32 off, as the reference.
 
+The row "fp32, input ±1 grey level" is no switch: the fp32 path on inputs with seeded ±1 noise, i.e. how far
+these weights' outputs move under input noise alone — the yardstick for the agreement figures.
+
 Synthetic weights (`model.synthetic_weights`): timings are real; agreement figures measure how far each
 switch moves *these* weights' outputs, which amplify rounding far more than a trained model does (see
 BENCHMARKS.md): a low agreement here is a warning to check on real weights, not a verdict.
@@ -46,9 +49,13 @@ from pipeline.device_decode import prepare_encoded
 MAX_PIXELS = 89_478_485
 
 
+PERTURBED = "fp32, input ±1 grey level"  # not a switch: how much these weights move under input noise
+
+
 def variants(base: InferenceConfig, device: torch.device) -> dict[str, InferenceConfig]:
     out = {
         "fp32": base,
+        PERTURBED: base,
         "bf16": replace(base, precision="bf16"),
         "channels_last": replace(base, channels_last=True),
         "bucketed": replace(base, batch_mode="bucketed"),
@@ -112,8 +119,19 @@ class GpuBusy:
         return statistics.mean(self.samples) if self.samples else None
 
 
+def _perturbed(images: list[PreparedImage], seed: int) -> list[PreparedImage]:
+    rng = np.random.default_rng(seed)
+    return [
+        PreparedImage(
+            np.clip(im.pixels.astype(np.int16) + rng.integers(-1, 2, im.pixels.shape), 0, 255).astype(np.uint8),
+            im.original_size,
+        )
+        for im in images
+    ]
+
+
 def _one_pass(
-    predictor: PanopticPredictor, files: list[bytes], batch_size: int, device: torch.device
+    predictor: PanopticPredictor, files: list[bytes], batch_size: int, device: torch.device, *, perturb: bool = False
 ) -> tuple[float, float, list[PanopticResult]]:
     """(seconds from bytes to results, seconds in predict_prepared, results) over all files."""
     results: list[PanopticResult] = []
@@ -123,6 +141,8 @@ def _one_pass(
         _sync(device)
         t0 = time.perf_counter()
         prepared = _prepare(chunk, predictor.config, device)
+        if perturb:
+            prepared = _perturbed(prepared, seed=start)
         _sync(device)
         t1 = time.perf_counter()
         results += predictor.predict_prepared(prepared)
@@ -179,7 +199,7 @@ def run(*, device: str, images: int, min_size: int, batch_size: int, repeats: in
         random.shuffle(order)
         for name in order:
             with GpuBusy(dev) as gpu:
-                total, model_s, results = _one_pass(predictors[name], files, batch_size, dev)
+                total, model_s, results = _one_pass(predictors[name], files, batch_size, dev, perturb=name == PERTURBED)
             timings[name].append((total, model_s))
             if gpu.percent is not None:
                 busy[name].append(gpu.percent)
