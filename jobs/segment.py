@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rows-per-file", type=int, default=ResourceConfig.rows_per_file, help="images per committed Parquet part"
     )
+    p.add_argument(
+        "--rle-on",
+        default="workers",
+        choices=["workers", "actor"],
+        help="where masks are RLE-encoded: CPU tasks after the model (keeps GPUs busy) or inside the model actor",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -118,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             max_actors=args.max_actors,
             device=args.device,
             rows_per_file=args.rows_per_file,
+            rle_on=args.rle_on,
         ),
     )
 

@@ -56,6 +56,8 @@ class ResourceConfig:
     device: Device = "auto"
     num_cpus_per_actor: float = 1.0
     rows_per_file: int = 2048  # images per committed output part
+    # "workers": the actor returns id maps and CPU tasks encode RLE (keeps the GPU fed); "actor": RLE in the actor
+    rle_on: Literal["workers", "actor"] = "workers"
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -68,6 +70,8 @@ class ResourceConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.rows_per_file <= 0:
             raise ValueError(f"rows_per_file must be positive, got {self.rows_per_file}")
+        if self.rle_on not in ("workers", "actor"):
+            raise ValueError(f"rle_on must be 'workers' or 'actor', got {self.rle_on!r}")
 
 
 @dataclass(frozen=True)

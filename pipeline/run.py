@@ -27,7 +27,7 @@ from model.checkpoint import CheckpointError, fetch
 from model.config import get_variant
 from pipeline.config import JobConfig, redact_uri
 from pipeline.decode import decode_batch
-from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter
+from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter, encode_results
 from pipeline.sources import (
     ResolvedInputs,
     as_refs,
@@ -203,7 +203,7 @@ def build_dataset(
     res = config.resources
     use_gpu = use_gpus(res.device)
     actor_cpus = res.num_cpus_per_actor if use_gpu else cpu_actor_cpus(res.max_actors)
-    return ds.map_batches(
+    ds = ds.map_batches(
         PanopticSegmenter,
         batch_format="numpy",
         batch_size=res.batch_size,
@@ -215,8 +215,12 @@ def build_dataset(
             "weights": weights,
             "inference": config.inference,
             "device": "cuda" if use_gpu else "cpu",
+            "encode_rle": res.rle_on == "actor",
         },
     )
+    if res.rle_on == "workers":  # RLE on CPU tasks: the actor goes on to its next batch meanwhile
+        ds = ds.map_batches(encode_results, batch_format="numpy", **CPU_TASK_ARGS)
+    return ds
 
 
 def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
