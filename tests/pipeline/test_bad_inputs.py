@@ -85,7 +85,8 @@ def test_every_odd_input_gets_exactly_one_row(ray_session: None, tmp_path: Path)
 
 
 def test_a_uri_repeated_within_one_result_table_is_written_once(tmp_path: Path) -> None:
-    """Repeated manifest lines can reach the writer in one result table (Ray Data decides the blocks)."""
+    """The writer's last line of defence: repeated ids are removed on the workers before reading
+    (`pipeline.run.build_refs`), but a repeat that still reached it in one table is written once."""
     row = {"image_id": "a.jpg", "source": "m.txt", "width": 4, "height": 3, "status": "ok", "error": None}
     writer = OutputWriter(str(tmp_path / "out"), run_id="t")
     writer.add(pa.Table.from_pylist([{**row, "segments": []}] * 2, schema=RESULT_SCHEMA))
@@ -94,7 +95,7 @@ def test_a_uri_repeated_within_one_result_table_is_written_once(tmp_path: Path) 
 
 
 def test_a_result_table_of_only_repeats_is_dropped(tmp_path: Path) -> None:
-    """E.g. a block holding only the later copies of URIs listed twice (or two manifests listing the same files)."""
+    """A table holding only repeats of ids in the part being filled (the writer's per-part safety net)."""
     row = {"image_id": "a.jpg", "source": "m.txt", "width": 4, "height": 3, "status": "ok", "error": None}
     table = pa.Table.from_pylist([{**row, "segments": []}], schema=RESULT_SCHEMA)
     writer = OutputWriter(str(tmp_path / "out"), run_id="t")
