@@ -210,6 +210,16 @@ def encode_results(batch: dict[str, np.ndarray]) -> pa.Table:
     rows = []
     for i in range(len(batch["image_id"])):
         error = str(batch["error"][i])
-        result = None if error else PanopticResult(batch["id_map"][i], [Segment(*s) for s in batch["segments"][i]])
+        # A batch whose rows all have no segment comes back from Arrow with None for the empty lists.
+        segments = [_segment(s) for s in (batch["segments"][i] if batch["segments"][i] is not None else [])]
+        result = None if error else PanopticResult(np.asarray(batch["id_map"][i]), segments)
         rows.append(_result_row(batch, i, result, error))
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def _segment(values) -> Segment:
+    """A segment tuple as it comes back from the object store (numpy scalars, arrays) -> `Segment`."""
+    segment_id, category_id, isthing, score, area, bbox = values
+    return Segment(
+        int(segment_id), int(category_id), bool(isthing), float(score), int(area), tuple(int(v) for v in bbox)
+    )

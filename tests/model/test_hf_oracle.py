@@ -56,7 +56,7 @@ def test_raw_outputs_match_hugging_face(variant: str) -> None:
     processor = DetrImageProcessorPil(size={"shortest_edge": MIN_SIZE, "longest_edge": MAX_SIZE})
     encoded = processor(images=image, return_tensors="pt")
     prepared = prepare(image, InferenceConfig(min_size=MIN_SIZE, max_size=MAX_SIZE))
-    pixels = normalize(torch.from_numpy(prepared.pixels).permute(2, 0, 1))[None]  # [1, 3, h, w]
+    pixels = normalize(torch.from_numpy(prepared.pixels.copy()).permute(2, 0, 1))[None]  # [1, 3, h, w]
     # Pre-processing: the same size rule and the same pixels as HF's PIL processor.
     assert tuple(encoded["pixel_values"].shape) == tuple(pixels.shape)
     torch.testing.assert_close(pixels, encoded["pixel_values"], atol=1e-6, rtol=0)

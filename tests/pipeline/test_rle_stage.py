@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.decode import decode_batch
@@ -34,3 +35,81 @@ def test_deferred_rle_rows_equal_the_actor_rows() -> None:
     assert deferred["id_map"][0].dtype == np.uint8 and deferred["id_map"][0].shape == (72, 96)
     assert sum(len(r["segments"]) for r in in_actor.to_pylist()) > 0  # something to encode
     assert encode_results(deferred).equals(in_actor)
+
+
+@pytest.mark.parametrize("threshold", [0.85, 0.999999])  # some images without segments; none with any
+def test_jobs_with_rle_on_workers_and_in_the_actor_write_the_same_tables(
+    ray_session: None, tmp_path, threshold: float
+) -> None:
+    """Through Ray Data and its object store, including blocks whose images all have no segment."""
+    import pyarrow.dataset as pads
+
+    from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
+    from pipeline.run import run_job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"tiny{i}.jpg").write_bytes(photo_bytes(32, 32, seed=i))
+    for i in range(2):
+        (folder / f"photo{i}.png").write_bytes(photo_bytes(72, 96, fmt="PNG", seed=10 + i))
+    tables = {}
+    for rle_on in ("workers", "actor"):
+        config = JobConfig(
+            input=InputConfig((str(folder),)),
+            output=str(tmp_path / rle_on),
+            model=ModelSpec(weights="synthetic"),
+            inference=InferenceConfig(min_size=32, max_size=64, threshold=threshold),
+            resources=ResourceConfig(batch_size=2, device="cpu", rle_on=rle_on),  # type: ignore[arg-type]
+        )
+        assert run_job(config, show_progress=False).images_ok == 8
+        keys = {"images": ["image_id"], "segments": ["image_id", "segment_id"]}
+        tables[rle_on] = {
+            name: pads.dataset(str(tmp_path / rle_on / name)).to_table().sort_by([(k, "ascending") for k in key])
+            for name, key in keys.items()
+        }
+    segments_per_image = tables["actor"]["images"].column("num_segments").to_pylist()
+    if threshold < 0.9:
+        assert 0 in segments_per_image and max(segments_per_image) > 0  # both kinds of rows
+    else:
+        assert max(segments_per_image) == 0  # every block all-empty
+    for name in ("images", "segments"):
+        assert tables["workers"][name].equals(tables["actor"][name]), name
+
+
+def _unencoded_block(with_segments: bool, offset: int) -> dict[str, np.ndarray]:
+    """Two rows as `PanopticSegmenter(encode_rle=False)` returns them, with or without segments."""
+    from model.panoptic import PanopticResult, Segment
+    from pipeline.predict import _unencoded_batch
+
+    id_map = np.zeros((3, 4), dtype=np.uint8)
+    id_map[:, 2:] = 1
+    segments = [Segment(0, 1, True, 0.9, 6, (0, 0, 2, 3)), Segment(1, 184, False, 0.95, 6, (2, 0, 2, 3))]
+    results = {i: PanopticResult(id_map, segments if with_segments else []) for i in range(2)}
+    batch = {
+        "image_id": np.array([f"img{offset + i}" for i in range(2)], dtype=object),
+        "source": np.array(["s", "s"], dtype=object),
+        "width": np.array([4, 4], dtype=np.int32),
+        "height": np.array([3, 3], dtype=np.int32),
+    }
+    return _unencoded_batch(batch, results, ["", ""])
+
+
+def test_encode_stage_merges_blocks_with_and_without_segments(ray_session: None) -> None:
+    """Arrow types a block whose rows all lack segments differently from one with segments; merged into one
+    batch for the encode stage, the empty lists come back as None. Every row must still be encoded."""
+    import ray
+
+    blocks = [_unencoded_block(False, 0), _unencoded_block(True, 2), _unencoded_block(False, 4)]
+    ds = ray.data.range(3, override_num_blocks=3).map_batches(
+        lambda b: blocks[int(b["id"][0])], batch_size=1, batch_format="numpy"
+    )
+    out = ds.map_batches(encode_results, batch_size=6, batch_format="numpy").take_all()
+    by_id = {row["image_id"]: row for row in out}
+    expected = {row["image_id"]: row for block in blocks for row in encode_results(block).to_pylist()}
+    assert sorted(by_id) == sorted(expected) == [f"img{i}" for i in range(6)]
+    for image_id, row in expected.items():
+        assert len(by_id[image_id]["segments"]) == len(row["segments"]) == (2 if image_id in ("img2", "img3") else 0)
+        assert [s["rle"]["counts"] for s in by_id[image_id]["segments"]] == [
+            s["rle"]["counts"] for s in row["segments"]
+        ]
