@@ -209,8 +209,8 @@ def encode_results(batch: dict[str, np.ndarray]) -> pa.Table:
     while the GPU waits (see BENCHMARKS.md)."""
     rows = []
     for i in range(len(batch["image_id"])):
-        error = str(batch["error"][i])
-        # A batch whose rows all have no segment comes back from Arrow with None for the empty lists.
+        error = str(batch["error"][i] or "")
+        # A block whose rows all have no segment, merged with other blocks, comes back with None for its lists.
         segments = [_segment(s) for s in (batch["segments"][i] if batch["segments"][i] is not None else [])]
         result = None if error else PanopticResult(np.asarray(batch["id_map"][i]), segments)
         rows.append(_result_row(batch, i, result, error))

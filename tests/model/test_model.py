@@ -25,7 +25,7 @@ def _photo(height: int, width: int, *, flip: bool = False, seed: int = 0) -> Ima
 
 def test_kept_query_mask_head_equals_all_query_head(r50_model: DetrPanoptic) -> None:
     prepared = prepare(_photo(120, 150), SMALL)
-    pixels = normalize(torch.from_numpy(prepared.pixels).permute(2, 0, 1))[None]
+    pixels = normalize(torch.from_numpy(prepared.pixels.copy()).permute(2, 0, 1))[None]
     mask = torch.zeros(1, *pixels.shape[-2:], dtype=torch.bool)
     with torch.no_grad():
         kept = r50_model(pixels, mask, threshold=0.85)
@@ -72,7 +72,7 @@ def test_float64_and_float32_agree_on_the_panoptic_map(r50_model: DetrPanoptic, 
     fp32 = PanopticPredictor(r50_model, SMALL).predict([image])[0]
     model64 = build_model(VARIANTS["detr-r50-panoptic"].config, r50_state).double()
     prepared = prepare(image, SMALL)
-    pixels = normalize(torch.from_numpy(prepared.pixels).permute(2, 0, 1))[None].double()
+    pixels = normalize(torch.from_numpy(prepared.pixels.copy()).permute(2, 0, 1))[None].double()
     mask = torch.zeros(1, *pixels.shape[-2:], dtype=torch.bool)
     from model.panoptic import merge_panoptic
 
