@@ -25,6 +25,7 @@ from ray.data.aggregate import Max, Unique
 
 from model.checkpoint import CheckpointError, fetch
 from model.config import get_variant
+from pipeline import block_stats
 from pipeline.config import JobConfig, redact_uri
 from pipeline.decode import decode_batch
 from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter, encode_results
@@ -278,6 +279,7 @@ def run_job(config: JobConfig, *, allow_synthetic: bool = False, show_progress: 
     context.execution_options.verbose_progress = False
     context.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
     context.enable_progress_bars = False  # one bar of our own, counted in images
+    block_stats.install(context)  # Ray Data's per-block stats would grow the driver with every image
     committed = committed_dataset(writer.fs, committed_parts)
     dataset = build_dataset(config, inputs, weights=weights, committed=committed)
 

@@ -1,0 +1,52 @@
+"""The architecture stays as the README draws it: dependencies run `jobs -> pipeline -> model`, only
+`pipeline/` and `jobs/` import Ray, and every module says what it is in a docstring."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# package -> top-level names its modules must not import
+FORBIDDEN = {
+    "model": {"ray", "pipeline", "jobs"},
+    "pipeline": {"jobs"},
+}
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_dependencies_run_one_way(package: str) -> None:
+    modules = _modules(package)
+    assert len(modules) >= 5  # the package was found
+    offending = {
+        str(path.relative_to(ROOT)): sorted(_imported_roots(path) & FORBIDDEN[package])
+        for path in modules
+        if _imported_roots(path) & FORBIDDEN[package]
+    }
+    assert offending == {}
+
+
+@pytest.mark.parametrize("package", ["model", "pipeline", "jobs"])
+def test_every_module_has_a_docstring(package: str) -> None:
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in _modules(package)
+        if path.name != "__init__.py" and not ast.get_docstring(ast.parse(path.read_text()))
+    ]
+    assert missing == []
