@@ -26,7 +26,7 @@ def _alive_block_stats() -> int:
 
 
 def _most_alive(callbacks: list[type]) -> tuple[int, int]:
-    """(most BlockStats alive while iterating, rows seen) for a dataset of `BLOCKS` one-row-per-4 blocks."""
+    """(most BlockStats alive while iterating, rows seen) for a dataset of `BLOCKS` blocks of 4 rows."""
     context = DataContext.get_current()
     previous = context.custom_execution_callback_classes
     context.custom_execution_callback_classes = callbacks
