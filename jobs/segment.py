@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["workers", "actor"],
         help="where masks are RLE-encoded: CPU tasks after the model (keeps GPUs busy) or inside the model actor",
     )
+    p.add_argument(
+        "--take-over-lease",
+        action="store_true",
+        help="take the output's lease although another run seems to hold it (only when that run is dead)",
+    )
+    p.add_argument(
+        "--allow-mixed-settings",
+        action="store_true",
+        help="resume into an output made with other model settings on purpose (rows of both in one output)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -137,18 +147,22 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    from pipeline.run import run_job  # imports Ray: after argument checks
+    from pipeline.lease import LeaseHeld
+    from pipeline.resume import SettingsChanged
+    from pipeline.run import OutputError, run_job  # imports Ray: after argument checks
 
     try:
-        summary = run_job(config, allow_synthetic=args.allow_synthetic_weights, show_progress=not args.no_progress)
-    except (InputError, CheckpointError) as exc:
+        summary = run_job(
+            config,
+            allow_synthetic=args.allow_synthetic_weights,
+            show_progress=not args.no_progress,
+            take_over_lease=args.take_over_lease,
+            allow_mixed_settings=args.allow_mixed_settings,
+        )
+    except (InputError, CheckpointError, OutputError, LeaseHeld, SettingsChanged) as exc:
         print(f"panoptic-flow segment: error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"done: {summary.images_ok} images ok, {summary.images_error} errors, {summary.segments} segments, "
-        f"{summary.skipped_committed} already committed, {summary.images_per_second:.2f} images/s "
-        f"({summary.seconds:.1f} s) -> {config.output}"
-    )
+    print(summary.line(config.output))
     return 0
 
 

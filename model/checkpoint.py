@@ -335,22 +335,37 @@ def to_hf_layout(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def load_state_dict_strict(model: DetrPanoptic, state: Mapping[str, torch.Tensor]) -> None:
     """``load_state_dict(strict=True)`` with one readable error naming every mismatch."""
-    expected = model.state_dict()
+    problems = _mismatches(model.state_dict(), state)
+    if problems:
+        raise CheckpointError("\n  ".join(["checkpoint does not fit the model:", *problems]))
+    model.load_state_dict(state, strict=True)
+
+
+def _mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, object]) -> list[str]:
+    """What keeps ``state`` from loading strictly where ``expected`` is: missing, unexpected, mis-shaped keys."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k}: checkpoint {tuple(getattr(state[k], 'shape', ()))} vs model {tuple(expected[k].shape)}"
         for k in set(expected) & set(state)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
+        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(expected[k].shape)
     )
-    if missing or unexpected or misshaped:
-        lines = ["checkpoint does not fit the model:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", … ({len(keys) - 8} more)" if len(keys) > 8 else "")
-                lines.append(f"  {len(keys)} {title}: {shown}")
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
+    problems = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", … ({len(keys) - 8} more)" if len(keys) > 8 else "")
+            problems.append(f"{len(keys)} {title}: {shown}")
+    return problems
+
+
+def check_state_dict(config: DetrConfig, state: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Raise `CheckpointError` (one line, naming ``what``) unless ``state`` loads strictly into a model of
+    ``config``; the model is built on the meta device, so this costs no memory for its weights."""
+    with torch.device("meta"):
+        expected = DetrPanoptic(config).state_dict()
+    problems = _mismatches(expected, state)
+    if problems:
+        raise CheckpointError(f"{what} does not fit the model: " + "; ".join(problems))
 
 
 def build_model(config: DetrConfig, state: Mapping[str, torch.Tensor]) -> DetrPanoptic:

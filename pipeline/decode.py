@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from model.predictor import InferenceConfig, prepare
 from model.preprocess import exif_orientation, processed_size
+from pipeline.schema import INPUT_COLUMNS
 
 EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows without an image
 
@@ -136,7 +137,8 @@ def _signature(data: bytes) -> str | None:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, max_pixels: int, inference: InferenceConfig) -> dict[str, np.ndarray]:
-    """Image rows with ``data`` -> rows with ``pixels``, ``width``, ``height`` and ``error``.
+    """Image rows with ``data`` -> rows with ``pixels``, ``width``, ``height`` and ``error`` (the input columns
+    and ``retryable`` passed through).
 
     With ``inference.device_preprocess``, JPEGs the device can decode keep their bytes in ``encoded`` (with
     their EXIF ``orientation``) and get placeholder ``pixels``: the model actor decodes them.
@@ -168,8 +170,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, max_pixels: int, inference: In
             errors[i] = str(exc) or f"undecodable: {type(exc).__name__}"  # never "": that would read as ok
             pixels.append(EMPTY_PIXELS)
     return {
-        "image_id": batch["image_id"],
-        "source": batch["source"],
+        **{name: batch[name] for name in (*INPUT_COLUMNS, "retryable")},
         "pixels": _object_array(pixels),
         "encoded": _object_array(encoded),
         "orientation": orientations,

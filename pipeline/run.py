@@ -1,81 +1,106 @@
 """The one place that wires the stages together and sets Ray resources.
 
-refs (input URIs; on resume or with manifests, de-duplicated and filtered against the committed parts by
-hash aggregations on Ray workers) -> read (CPU tasks) -> decode + resize (CPU tasks) -> segment + RLE (actor
-pool, GPU or CPU) -> the driver commits Parquet parts as results stream in (`pipeline.write`). Inputs and
-weights are checked before any cluster work starts.
+refs (input URIs; what a resume skips or redoes is decided on Ray workers, `pipeline.resume`) -> read (CPU
+tasks) -> decode + resize (CPU tasks) -> segment (actor pool, GPU or CPU) -> RLE (CPU tasks) -> gathered into
+parts of ``--rows-per-file`` images -> write (CPU tasks commit each part, `pipeline.write`). The driver checks
+inputs, weights and the output before any cluster work, holds the output's lease (`pipeline.lease`), and
+receives one small row per committed part: no result passes through it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
+import posixpath
+import sys
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import fsspec
 import pyarrow as pa
 import ray
 import torch
-from pyarrow.fs import FSSpecHandler, PyFileSystem
-from ray.data.aggregate import Max, Unique
 
-from model.checkpoint import CheckpointError, fetch
+from model.checkpoint import CheckpointError, check_state_dict, fetch, read_state_dict
 from model.config import get_variant
-from pipeline import block_stats
+from pipeline import block_stats, resume
 from pipeline.config import JobConfig, redact_uri
 from pipeline.decode import decode_batch
+from pipeline.lease import Lease, new_run_id
 from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter, encode_results
-from pipeline.sources import (
-    ResolvedInputs,
-    as_refs,
-    file_ref_keys,
-    files_to_do,
-    manifest_rows,
-    read_refs,
-    resolve_inputs,
-)
-from pipeline.write import (
-    RUN_CONFIG_FILE,
-    SUCCESS_FILE,
-    OutputWriter,
-    committed_file_keys,
-    committed_rows,
-    committed_shard_members,
-)
+from pipeline.resume import Counts
+from pipeline.sources import read_refs, resolve_inputs
+from pipeline.storage import publish
+from pipeline.write import PART_ROW_SCHEMA, RUNS_FOLDER, SUCCESS_FILE, write_parts
 
 log = logging.getLogger(__name__)
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
-# Read and decode run as CPU tasks with a memory reservation for the decoded images. Their resources differ from
-# the actor's, which also keeps Ray Data from fusing them into the model actors (decoding there would idle the
-# GPU and cap decode parallelism at the number of actors).
+# Read, decode, RLE and write run as CPU tasks with a memory reservation for their blocks. Their resources
+# differ from the actor's, which also keeps Ray Data from fusing them into the model actors (decoding there
+# would idle the GPU and cap decode parallelism at the number of actors).
 CPU_TASK_ARGS = {"num_cpus": 1, "memory": 512 * 2**20}
+REFS_PER_READ_TASK = 16
 
 
-@dataclass(frozen=True)
+class OutputError(ValueError):
+    """The output cannot be written (read-only, a file, no credentials); raised before any cluster work."""
+
+
+@dataclass
 class RunSummary:
-    images_ok: int
-    images_error: int
-    segments: int
-    skipped_committed: int
+    run_id: str
+    this_run: Counts  # committed by this run
+    parts: int  # committed by this run
+    skipped_committed: int  # committed before, kept
+    redone: dict[str, int]  # committed before, retracted and done again, by reason
+    unlisted: int  # committed before, not among this run's inputs (kept)
+    quarantined: int  # unreadable parts moved aside
+    totals: Counts  # the whole output after this run
     seconds: float
+    parts_by_node: dict[str, int]  # parts committed by this run, by the Ray node that wrote them
+
+    @property
+    def images_ok(self) -> int:
+        return self.this_run.images_ok
+
+    @property
+    def images_error(self) -> int:
+        return self.this_run.images_error
+
+    @property
+    def segments(self) -> int:
+        return self.this_run.segments
 
     @property
     def images_per_second(self) -> float:
-        done = self.images_ok + self.images_error
-        return done / self.seconds if self.seconds > 0 else 0.0
+        return self.this_run.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self, output: str) -> str:
+        """The one-line summary the job prints."""
+        run = self.this_run
+        redone = "".join(f", {n} redone ({reason})" for reason, n in sorted(self.redone.items()))
+        extra = f", {self.unlisted} committed images not among the inputs (kept)" if self.unlisted else ""
+        extra += f", {self.quarantined} unreadable parts moved to _quarantine/" if self.quarantined else ""
+        return (
+            f"done: {run.images_ok} images ok, {run.images_error} errors ({run.images_retryable} retryable), "
+            f"{run.segments} segments, {self.skipped_committed} already committed{redone}{extra}, "
+            f"{self.images_per_second:.2f} images/s ({self.seconds:.1f} s) -> {output} now holds "
+            f"{self.totals.images} images ({self.totals.images_ok} ok, {self.totals.images_error} errors, "
+            f"{self.totals.images_retryable} retryable), {self.totals.segments} segments"
+        )
 
 
 def resolve_weights(variant: str, weights: str, *, allow_synthetic: bool) -> tuple[str, str]:
-    """(weights URI or "synthetic", sha256 or "") after checking that the weights can be read.
+    """(weights URI or "synthetic", sha256 or "") after checking that the weights load into the variant.
 
     ``auto`` means the variant's official release file; when it cannot be fetched, ``allow_synthetic``
-    falls back to deterministic demo weights (with a loud warning), otherwise it is an error.
+    falls back to deterministic demo weights (with a loud warning), otherwise it is an error. A file that is
+    no checkpoint, or not one of this variant, raises `CheckpointError` here, on the driver.
     """
     if weights == SYNTHETIC_WEIGHTS:
         return SYNTHETIC_WEIGHTS, ""
@@ -93,6 +118,7 @@ def resolve_weights(variant: str, weights: str, *, allow_synthetic: bool) -> tup
             )
             return SYNTHETIC_WEIGHTS, ""
         raise
+    check_state_dict(get_variant(variant).config, read_state_dict(uri), what=redact_uri(uri))
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -111,86 +137,16 @@ def init_ray() -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
 
 
-def build_refs(inputs: ResolvedInputs, *, committed: ray.data.Dataset | None) -> ray.data.Dataset:
-    """The refs still to do (`pipeline.sources.REF_SCHEMA`), each input once, computed on Ray workers.
-
-    ``committed`` holds the {"image_id", "source"} rows of the committed ``images`` parts (None: a fresh run).
-    Nothing here reads image bytes, and the driver never holds committed ids:
-
-    - file refs (listed, or lines of manifests): one hash aggregation by URI over the refs and the committed
-      files' ids keeps each URI once and drops committed ones. A fresh run without manifests skips it (the
-      driver de-duplicates its own listing) and starts streaming at once; a manifest can repeat URIs, so a
-      run with manifests always pays this blocking shuffle of the refs (README: "Resume").
-    - shard refs (tar / Parquet, always from the driver's listing): on resume, one hash aggregation by shard
-      gathers its committed image ids into ``skip``, left out by `read_refs` (the shard's bytes are read again:
-      a tar has no index of its members).
-    """
-    listed = list({ref["uri"]: ref for ref in inputs.refs}.values())  # the driver's listing, without repeats
-    files = [ref for ref in listed if ref["kind"] == "file"]
-    shards = {ref["uri"]: ref["kind"] for ref in listed if ref["kind"] != "file"}
-    file_parts = [ray.data.from_items(files)] if files else []
-    for manifest in inputs.manifests:
-        if manifest.lower().endswith(".parquet"):
-            listing = ray.data.read_parquet(manifest, columns=["uri"])
-        else:
-            listing = ray.data.read_text(manifest)
-        file_parts.append(listing.map_batches(manifest_rows, batch_format="numpy"))
-    parts = []
-    if file_parts:
-        file_refs = _union(file_parts)
-        if committed is None and not inputs.manifests:
-            parts.append(file_refs.map_batches(as_refs, batch_format="pyarrow"))
-        else:
-            keys = file_refs.map_batches(file_ref_keys, batch_format="pyarrow")
-            if committed is not None:
-                keys = keys.union(committed.map_batches(committed_file_keys, batch_format="pyarrow"))
-            aggregated = keys.groupby("uri", num_partitions=_shuffle_partitions()).aggregate(
-                Max("listed", alias_name="listed", zero_factory=lambda: 0),
-                Max("committed", alias_name="committed", zero_factory=lambda: 0),
-            )
-            parts.append(aggregated.map_batches(files_to_do, batch_format="pyarrow"))
-    if shards:
-        shard_refs = ray.data.from_items([{"uri": uri, "kind": kind, "image_id": None} for uri, kind in shards.items()])
-        if committed is not None:
-            members = committed.map_batches(
-                committed_shard_members, batch_format="pyarrow", fn_kwargs={"kinds": shards}
-            )
-            shard_refs = (
-                shard_refs.map_batches(_typed_shard_refs, batch_format="pyarrow")
-                .union(members)
-                .groupby(["uri", "kind"], num_partitions=_shuffle_partitions())
-                .aggregate(Unique("image_id", alias_name="skip", ignore_nulls=True))
-            )
-        parts.append(shard_refs.map_batches(as_refs, batch_format="pyarrow"))
-    return _union(parts) if parts else ray.data.from_items([])
-
-
-def committed_dataset(fs: fsspec.AbstractFileSystem, parts: list[str]) -> ray.data.Dataset | None:
-    """The {"image_id", "source"} rows of the committed ``images`` parts, read by Ray workers (None if none)."""
-    if not parts:
-        return None
-    return ray.data.read_parquet(parts, columns=["image_id", "source"], filesystem=PyFileSystem(FSSpecHandler(fs)))
-
-
-def count_committed(fs: fsspec.AbstractFileSystem, parts: list[str]) -> int:
-    """Rows of the committed ``images`` parts, from their Parquet footers read by Ray workers."""
-    if not parts:
-        return 0
-    paths = ray.data.from_items([{"path": p} for p in parts])
-    return int(paths.map_batches(committed_rows, batch_format="numpy", fn_kwargs={"fs": fs}).sum("num_rows") or 0)
-
-
 def build_dataset(
-    config: JobConfig, inputs: ResolvedInputs, *, weights: str, committed: ray.data.Dataset | None = None
+    config: JobConfig, refs: ray.data.Dataset, *, weights: str, run_id: str, run_record: str
 ) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline for ``inputs`` (what ``committed`` holds is skipped, see `build_refs`)."""
-    ds = build_refs(inputs, committed=committed)
+    """The lazy pipeline from ``refs`` (`pipeline.sources.REF_SCHEMA`) to one `PART_ROW_SCHEMA` row per part."""
     # Spread the (cheap) refs over many blocks so that reading and decoding run in parallel.
-    ds = ds.repartition(target_num_rows_per_block=16)
+    ds = refs.repartition(target_num_rows_per_block=REFS_PER_READ_TASK)
     ds = ds.map_batches(
         read_refs,
         batch_format="numpy",
-        batch_size=16,
+        batch_size=REFS_PER_READ_TASK,
         **CPU_TASK_ARGS,
         fn_kwargs={"bytes_column": config.input.bytes_column, "id_column": config.input.id_column},
     )
@@ -220,21 +176,26 @@ def build_dataset(
         },
     )
     if res.rle_on == "workers":  # RLE on CPU tasks: the actor goes on to its next batch meanwhile
-        ds = ds.map_batches(encode_results, batch_format="numpy", **CPU_TASK_ARGS)
-    return ds
+        ds = ds.map_batches(encode_results, batch_format="pyarrow", batch_size=None, **CPU_TASK_ARGS)
+    # Whole parts of rows_per_file images (the last one smaller), each committed by one write task.
+    ds = ds.repartition(target_num_rows_per_block=res.rows_per_file, strict=True)
+    return ds.map_batches(
+        write_stage,
+        batch_format="pyarrow",
+        batch_size=None,
+        **CPU_TASK_ARGS,
+        fn_kwargs={"output": config.output, "run_id": run_id, "run_record": run_record},
+    )
 
 
-def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def _typed_shard_refs(batch: pa.Table) -> pa.Table:
-    """Shard refs {"uri", "kind", "image_id": None} with ``image_id`` typed as string, as the members are."""
-    return batch.set_column(2, "image_id", pa.nulls(batch.num_rows, pa.string()))
+def write_stage(batch: pa.Table, *, output: str, run_id: str, run_record: str) -> pa.Table:
+    """`pipeline.write.write_parts` with the Ray node it runs on."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return write_parts(batch, output=output, run_id=run_id, run_record=run_record, node_id=node_id)
 
 
 def _shuffle_partitions() -> int:
-    """Partitions of the ref aggregations: one per cluster CPU (≥ 2, ≤ 128); refs are small rows."""
+    """Partitions of the resume aggregations: one per cluster CPU (≥ 2, ≤ 128); refs are small rows."""
     return max(2, min(128, int(ray.cluster_resources().get("CPU", 2))))
 
 
@@ -259,55 +220,146 @@ def cpu_actor_cpus(max_actors: int) -> float:
     return max(1.0, min(sum(node_cpus) // (2 * max_actors), max(node_cpus, default=0.0) // 2))
 
 
-def run_job(config: JobConfig, *, allow_synthetic: bool = False, show_progress: bool = True) -> RunSummary:
-    """Run the whole job; re-running with the same output resumes it (see `pipeline.write`)."""
-    started = time.perf_counter()
-    inputs = resolve_inputs(config.input)  # bad inputs fail here, before any cluster work
-    weights, sha256 = resolve_weights(config.model.variant, config.model.weights, allow_synthetic=allow_synthetic)
-    writer = OutputWriter(
-        config.output,
-        run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
-        rows_per_file=config.resources.rows_per_file,
-    )
-    writer.clear_success()
-    writer.remove_orphans()
-    committed_parts = writer.committed_parts()  # names only: ~100 B per part, never the ids in them
-    writer.write_json(RUN_CONFIG_FILE, _run_record(config, weights, sha256))
+def take_lease(output: str, run_id: str, *, take_over: bool) -> Lease:
+    """The output's lease; an output that cannot be written raises `OutputError` (one line)."""
+    try:
+        return Lease.acquire(output, run_id, take_over=take_over)
+    except OSError as exc:  # read-only, a file where a folder should be, no credentials, no such bucket
+        raise OutputError(f"cannot write to the output {redact_uri(output)}: {type(exc).__name__}: {exc}") from exc
 
-    init_ray()
+
+def run_job(
+    config: JobConfig,
+    *,
+    allow_synthetic: bool = False,
+    show_progress: bool = True,
+    take_over_lease: bool = False,
+    allow_mixed_settings: bool = False,
+) -> RunSummary:
+    """Run the whole job; re-running with the same output resumes it (`pipeline.resume` states the rules).
+
+    Raises before any cluster work: `pipeline.sources.InputError`, `model.checkpoint.CheckpointError`,
+    `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.resume.SettingsChanged`.
+    """
+    started = time.perf_counter()
+    inputs = resolve_inputs(config.input, output=config.output)  # bad inputs fail here, before any cluster work
+    weights, sha256 = resolve_weights(config.model.variant, config.model.weights, allow_synthetic=allow_synthetic)
+    run_id = new_run_id()
+    fs, root = fsspec.core.url_to_fs(config.output)
+    root = root.rstrip("/")
+    settings = resume.model_settings(config, sha256)
+    lease = take_lease(config.output, run_id, take_over=take_over_lease)
+    record = _run_record(config, run_id, weights, sha256, settings)
+    try:
+        resume.check_settings(resume.read_run_records(fs, root), settings, allow=allow_mixed_settings)
+        parts, orphans = resume.prepare_output(fs, root)
+        init_ray()
+        _configure_ray_data()
+        state = _inspect(config.output, parts, run_id=run_id)
+        state.orphans_removed = orphans
+        plan = resume.plan(inputs, output=config.output, parts=state.parts, partitions=_shuffle_partitions())
+        lease.raise_if_lost()
+        this_run, parts_by_node = Counts(), {}
+        if plan.known_total != 0:
+            dataset = build_dataset(config, plan.refs, weights=weights, run_id=run_id, run_record=json.dumps(record))
+            bar = _progress_bar(plan.known_total, enabled=show_progress)
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                for row in batch.cast(PART_ROW_SCHEMA).to_pylist():  # one small row per committed part
+                    this_run.add(row)
+                    parts_by_node[row["node_id"]] = parts_by_node.get(row["node_id"], 0) + 1
+                    bar.update(row["images_ok"] + row["images_error"])
+                lease.raise_if_lost()
+            bar.close()
+        totals = Counts()
+        for counts, sign in ((state.totals, 1), (plan.retracted, -1), (this_run, 1)):
+            totals.add(counts, sign)
+        summary = RunSummary(
+            run_id,
+            this_run,
+            sum(parts_by_node.values()),
+            plan.skipped,
+            dict(plan.retracted_by_reason),
+            plan.unlisted,
+            len(state.quarantined),
+            totals,
+            time.perf_counter() - started,
+            parts_by_node,
+        )
+        _finish(fs, root, record, summary)
+        return summary
+    except BaseException as exc:
+        _record_failure(fs, root, record, exc)
+        raise
+    finally:
+        lease.release()
+
+
+def _configure_ray_data() -> None:
     context = ray.data.DataContext.get_current()
     context.execution_options.verbose_progress = False
     context.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
     context.enable_progress_bars = False  # one bar of our own, counted in images
     block_stats.install(context)  # Ray Data's per-block stats would grow the driver with every image
-    committed = committed_dataset(writer.fs, committed_parts)
-    dataset = build_dataset(config, inputs, weights=weights, committed=committed)
-
-    # Known up front only for a fresh run over listed files; on resume the filter runs on the workers.
-    only_listed_files = not inputs.manifests and all(r["kind"] == "file" for r in inputs.refs)
-    known_total = len({r["uri"] for r in inputs.refs}) if only_listed_files and not committed_parts else None
-    bar = _progress_bar(known_total, enabled=show_progress)
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.add(batch)
-        bar.update(batch.num_rows)
-    writer.flush()
-    bar.close()
-
-    skipped = count_committed(writer.fs, committed_parts)
-    seconds = time.perf_counter() - started
-    summary = RunSummary(
-        writer.counts["images_ok"], writer.counts["images_error"], writer.counts["segments"], skipped, seconds
-    )
-    writer.write_json(SUCCESS_FILE, {**writer.counts, "skipped_committed": skipped, "seconds": seconds})
-    return summary
 
 
-def _run_record(config: JobConfig, weights: str, sha256: str) -> dict:
+def _inspect(output: str, parts: list[str], *, run_id: str) -> resume.OutputState:
+    """The committed parts' counts, read from their footers by Ray workers; unreadable parts quarantined."""
+    state = resume.OutputState()
+    if not parts:
+        return state
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    paths = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=min(len(parts), 64))
+    for row in paths.map_batches(resume.inspect_parts, batch_format="numpy", fn_kwargs={"output": output}).iter_rows():
+        if row["problem"]:
+            resume.quarantine(fs, root, row["path"], run_id=run_id, problem=row["problem"])
+            state.quarantined.append(posixpath.basename(row["path"]))
+        else:
+            state.parts.append(row["path"])
+            state.totals.add(row)
+    state.parts.sort()
+    return state
+
+
+def _run_record(config: JobConfig, run_id: str, weights: str, sha256: str, settings: dict) -> dict:
     return {
+        "run_id": run_id,
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": [redact_uri(a) for a in sys.argv],
         "config": config.to_dict(),
+        "settings": settings,
         "weights": {"uri": redact_uri(weights), "sha256": sha256},
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
     }
+
+
+def _finish(fs: fsspec.AbstractFileSystem, root: str, record: dict, summary: RunSummary) -> None:
+    """``_SUCCESS`` (this run's counts and the output's totals), and this run's record completed if it
+    committed anything."""
+    report = {
+        "run_id": summary.run_id,
+        "this_run": {**asdict(summary.this_run), "parts": summary.parts, "skipped_committed": summary.skipped_committed,
+                     "redone": summary.redone, "unlisted": summary.unlisted, "quarantined": summary.quarantined,
+                     "seconds": summary.seconds},
+        "output": {**asdict(summary.totals), "images": summary.totals.images},
+    }  # fmt: skip
+    path = posixpath.join(root, RUNS_FOLDER, f"{summary.run_id}.json")
+    if fs.exists(path):
+        finished = {**record, "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
+        publish(fs, path, json.dumps(finished, indent=2, default=str).encode())
+    publish(fs, posixpath.join(root, SUCCESS_FILE), json.dumps(report, indent=2, default=str).encode())
+
+
+def _record_failure(fs: fsspec.AbstractFileSystem, root: str, record: dict, exc: BaseException) -> None:
+    """Mark this run's record failed, when it committed something (best effort: the run is failing)."""
+    path = posixpath.join(root, RUNS_FOLDER, f"{record['run_id']}.json")
+    try:
+        if fs.exists(path):
+            failed = {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            publish(fs, path, json.dumps(failed, indent=2, default=str).encode())
+    except Exception as inner:  # never hide the run's own error behind this one
+        log.warning("could not mark run %s failed in %s: %s", record["run_id"], path, inner)
 
 
 def _progress_bar(total: int | None, *, enabled: bool):

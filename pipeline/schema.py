@@ -1,11 +1,14 @@
-"""The Parquet output schema, declared once.
+"""The records of the pipeline, declared once: the two Parquet tables and the rows between stages.
 
 An output folder ``OUTPUT/`` holds two tables:
 
-- ``segments/``: one row per panoptic segment.
-- ``images/``: one row per input image (``status`` ``ok`` or ``error``).
+- ``segments/``: one row per panoptic segment (`SEGMENTS_SCHEMA`).
+- ``images/``: one row per input image, ``status`` ``ok`` or ``error`` (`IMAGES_SCHEMA`).
 
-Every writer uses these schemas; README.md documents them column by column.
+Between the stages an image travels as one row whose segments are a list column of `SEGMENT_STRUCT`, the
+segment record without the image's key columns (`RESULT_SCHEMA`, what the write stage receives), and before
+RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``).
+Every other shape is derived from these; README.md documents the tables column by column.
 """
 
 from __future__ import annotations
@@ -43,11 +46,45 @@ SEGMENTS_SCHEMA = pa.schema(
 IMAGES_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # the object read, verbatim
+        pa.field("member", pa.string()),  # inside a shard: tar member name or Parquet "row=N"; null for a file
         pa.field("width", pa.int32()),  # null when the image could not be decoded
         pa.field("height", pa.int32()),
         pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
         pa.field("error", pa.string()),  # null when status == "ok"
+        pa.field("retryable", pa.bool_(), nullable=False),  # a transient error: the next run retries the image
         pa.field("num_segments", pa.int32(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),  # the run that made the row (OUTPUT/_runs/<run_id>.json)
+        pa.field("input_size", pa.int64()),  # bytes of the source object when it was read (null: unknown)
+        pa.field("input_version", pa.string()),  # its ETag / generation / mtime, as the store gives it
     ]
 )
+
+# The columns that say which input an image row is about; every stage passes them through unchanged.
+INPUT_COLUMNS = ("image_id", "source", "member", "input_size", "input_version")
+# The columns a segment row repeats from its image.
+_IMAGE_KEY_COLUMNS = ("image_id", "source")
+
+SEGMENT_STRUCT = pa.struct([f for f in SEGMENTS_SCHEMA if f.name not in _IMAGE_KEY_COLUMNS])
+# What the model gives for a segment; RLE adds ``category`` and ``rle`` (`pipeline.predict.encode_results`).
+PREDICTED_SEGMENT_STRUCT = pa.struct([f for f in SEGMENT_STRUCT if f.name not in ("category", "rle")])
+
+_STAGE_IMAGE_COLUMNS = (*INPUT_COLUMNS, "width", "height", "error", "retryable")
+
+RESULT_SCHEMA = pa.schema(
+    [
+        *(IMAGES_SCHEMA.field(name) for name in _STAGE_IMAGE_COLUMNS),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("segments", pa.list_(SEGMENT_STRUCT)),
+    ]
+)
+"""One row per image with its segments nested: the output of RLE, the input of the write stage."""
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        *(IMAGES_SCHEMA.field(name) for name in _STAGE_IMAGE_COLUMNS),
+        pa.field("id_map", pa.large_binary()),  # [height, width] uint8 segment ids, C order; empty for errors
+        pa.field("segments", pa.list_(PREDICTED_SEGMENT_STRUCT)),
+    ]
+)
+"""One row per image as the model actor returns it when RLE runs on CPU workers (``--rle-on workers``)."""

@@ -3,67 +3,60 @@
 Inputs (any fsspec URI: ``s3://`` via s3fs honouring the AWS configuration incl. ``AWS_ENDPOINT_URL``,
 ``gs://``, ``az://`` when their package is installed, local paths):
 
-- a prefix, folder or glob of image files;
+- a prefix, folder or glob of image files (an existing path is taken literally, even with ``[`` or ``*`` in
+  its name; local folders are walked following symbolic links, each real folder once);
 - WebDataset-style ``.tar`` shards (the first image member of each sample key; other members ignored);
 - Parquet files with an image-bytes column (and an optional id column);
 - a manifest: a ``.txt`` (one URI per line) or a Parquet file with a ``uri`` column listing image files.
-  This is the scalable way: it is read by Ray workers, never listed on the driver.
+  This is the scalable way: it is read by Ray workers, never listed on the driver. Lines are normalised
+  (``file://``, ``./``, ``..``; relative lines resolve against the manifest's own folder).
 
-Raw bytes are read here and decoded in `pipeline.decode`, so one bad object becomes one error row.
-``image_id`` is stable: the object's URI, plus ``#member`` inside a tar shard or ``#row=N`` in Parquet.
+Nothing under the job's output is ever listed as an input. Raw bytes are read here and decoded in
+`pipeline.decode`, so one bad object becomes one error row; an error that another attempt may not meet
+(unreachable store, timeout, throttling, 5xx) is marked ``retryable`` and redone by the next run.
 
-Inputs travel as *refs* (`REF_SCHEMA`: ``uri``, ``kind``, ``skip``) until `read_refs` reads their bytes; the
-resume filter and the de-duplication of repeated URIs work on refs (see `pipeline.run.build_refs`), so bytes of
-committed or repeated inputs are never read. ``skip`` lists image ids of a shard that are already committed.
+Ids (``image_id``) are unambiguous: a file's id is its URI (local: absolute path) with ``%`` and ``#``
+percent-encoded, so it never contains ``#``; a shard member's id is that of its shard, ``#``, and the member
+(tar member name, or ``row=N`` / the ``--id-column`` value for Parquet). The member also has a column of its
+own; ``""`` names the shard itself (a shard that cannot be read, or the truncated rest of a tar).
+
+Inputs travel as *refs* (`REF_SCHEMA`) until `read_refs` reads their bytes; the resume filter and the
+de-duplication of repeated URIs work on refs (`pipeline.resume`), so bytes of committed or repeated inputs are
+never read. A ref's ``skip`` lists members of a shard that are already committed.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import posixpath
 import tarfile
-import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, NamedTuple
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
+from pipeline.storage import TRANSIENT_ERRORS, is_local, object_version, read_object
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 RefKind = Literal["file", "tar", "parquet"]
-REF_SCHEMA = pa.schema([("uri", pa.string()), ("kind", pa.string()), ("skip", pa.list_(pa.string()))])
-
-
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    """Storage errors worth a retry. s3fs surfaces a body cut mid-stream (after its own retries) as aiohttp's
-    ClientPayloadError and some connection failures as botocore errors, neither of which is an OSError."""
-    errors: list[type[BaseException]] = [OSError, TimeoutError]
-    try:
-        import aiohttp
-
-        errors.append(aiohttp.ClientError)
-    except ImportError:
-        pass
-    try:
-        import botocore.exceptions
-
-        errors.append(botocore.exceptions.BotoCoreError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-TRANSIENT_ERRORS = _transient_errors()
-READ_ATTEMPTS = 4  # bounded retries of transient storage errors: waits 0.5 s, 1 s, 2 s between attempts
-_RETRY_BASE_S = 0.5
+REF_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("kind", pa.string()),
+        ("skip", pa.list_(pa.string())),  # committed members of a shard, left out when it is read
+        ("size", pa.int64()),  # from the listing (null: not listed, e.g. a manifest line)
+        ("version", pa.string()),  # ETag / generation / mtime from the listing
+    ]
+)
+SHARD_ITSELF = ""  # the member of a shard-level row: the shard cannot be read, or the rest of a truncated tar
 
 
 class InputError(ValueError):
@@ -72,8 +65,24 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class ResolvedInputs:
-    refs: list[dict[str, str]]  # {"uri", "kind"} rows listed on the driver (folders, globs, shards)
+    refs: list[dict[str, Any]]  # {"uri", "kind", "size", "version"} rows listed on the driver
     manifests: list[str]  # manifest URIs, expanded by Ray workers
+
+
+# -- ids ---------------------------------------------------------------------------------------------------
+
+
+def file_id(uri: str) -> str:
+    """The image id of a whole file: its URI with ``%`` and ``#`` percent-encoded (so it has no ``#``)."""
+    return uri.replace("%", "%25").replace("#", "%23") if ("%" in uri or "#" in uri) else uri
+
+
+def member_id(shard: str, member: str) -> str:
+    """The image id of a shard member (or, with ``member == ""``, of the shard itself)."""
+    return f"{file_id(shard)}#{member}"
+
+
+# -- listing on the driver -----------------------------------------------------------------------------------
 
 
 def _kind_of(path: str) -> RefKind | None:
@@ -92,10 +101,22 @@ def _with_protocol(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> str:
     return f"{protocol}://{path}" if protocol and protocol not in ("file", "local") else path
 
 
-def resolve_inputs(config: InputConfig) -> ResolvedInputs:
-    """List what each input URI holds; raise `InputError` naming the URI when it is unusable."""
-    refs: list[dict[str, str]] = []
+def output_location(output: str | None) -> tuple[fsspec.AbstractFileSystem, str] | None:
+    """(filesystem, root path) of an output URI, to keep it out of the listing; None when there is none."""
+    if not output:
+        return None
+    fs, root = fsspec.core.url_to_fs(output)
+    if is_local(fs):
+        root = os.path.realpath(root)
+    return fs, root.rstrip("/")
+
+
+def resolve_inputs(config: InputConfig, *, output: str | None = None) -> ResolvedInputs:
+    """List what each input URI holds, leaving out anything under ``output``; raise `InputError` naming the
+    URI when it is unusable."""
+    refs: list[dict[str, Any]] = []
     manifests: list[str] = []
+    excluded = output_location(output)
     for uri in config.uris:
         if config.format == "manifest" or (
             config.format == "auto" and uri.lower().endswith((".txt", ".manifest", ".lst"))
@@ -103,9 +124,14 @@ def resolve_inputs(config: InputConfig) -> ResolvedInputs:
             _require_exists(uri)
             manifests.append(uri)
             continue
-        found = _list_uri(uri, config)
+        found, skipped = _list_uri(uri, config, excluded)
         if not found:
-            raise InputError(f"no images found under {uri} (looked for {', '.join(IMAGE_EXTENSIONS)}, .tar, .parquet)")
+            inside = f" ({skipped} files under the output {output} left out)" if skipped else ""
+            raise InputError(
+                f"no images found under {uri} (looked for {', '.join(IMAGE_EXTENSIONS)}, .tar, .parquet){inside}"
+            )
+        if skipped:
+            log.warning("left out %d files under the output %s found in the input %s", skipped, output, uri)
         refs.extend(found)
     return ResolvedInputs(refs, manifests)
 
@@ -114,33 +140,92 @@ def _require_exists(uri: str) -> None:
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         exists = fs.exists(path)
-    except (OSError, ValueError) as exc:
+    except (*TRANSIENT_ERRORS, ValueError) as exc:
         raise InputError(f"cannot access {uri}: {type(exc).__name__}: {exc}") from exc
     if not exists:
         raise InputError(f"input not found: {uri}")
 
 
-def _list_uri(uri: str, config: InputConfig) -> list[dict[str, str]]:
+def _list_uri(
+    uri: str, config: InputConfig, excluded: tuple[fsspec.AbstractFileSystem, str] | None
+) -> tuple[list[dict[str, Any]], int]:
+    """(refs, number of files left out because they are under the output)."""
     try:
         fs, path = fsspec.core.url_to_fs(uri)
-        if any(ch in path for ch in "*?["):
-            paths = sorted(fs.glob(path))
+        if is_local(fs):
+            found = _walk_local(path)
+        elif fs.exists(path) and not fs.isdir(path):
+            found = {path: fs.info(path)}
         elif fs.isdir(path):
-            paths = sorted(fs.find(path))
-        elif fs.exists(path):
-            paths = [path]
+            found = fs.find(path, detail=True)
+        elif any(ch in path for ch in "*?["):
+            found = fs.glob(path, detail=True)
         else:
             raise InputError(f"input not found: {uri}")
     except InputError:
         raise
-    except (OSError, ValueError) as exc:  # no such bucket, access denied, bad endpoint...
+    except (*TRANSIENT_ERRORS, ValueError) as exc:  # no such bucket, access denied, bad endpoint...
         raise InputError(f"cannot access {uri}: {type(exc).__name__}: {exc}") from exc
-    refs = []
-    for p in paths:
+    refs, skipped = [], 0
+    same_fs = excluded is not None and type(excluded[0]) is type(fs)
+    for p in sorted(found):
         kind = _forced_kind(config) or _kind_of(p)
-        if kind is not None:
-            refs.append({"uri": _with_protocol(fs, p, uri), "kind": kind})
-    return refs
+        if kind is None:
+            continue
+        if same_fs and (p == excluded[1] or p.startswith(excluded[1] + "/")):  # type: ignore[index]
+            skipped += 1
+            continue
+        info = found[p]
+        size = info.get("size")
+        refs.append(
+            {
+                "uri": _with_protocol(fs, p, uri),
+                "kind": kind,
+                "size": None if size is None else int(size),
+                "version": object_version(info),
+            }
+        )
+    return refs, skipped
+
+
+def _walk_local(path: str) -> dict[str, dict[str, Any]]:
+    """{real-path-free absolute path: {"size", "mtime"}} of the files at a local path: a file, a folder
+    (walked following symbolic links, each real folder once: a link loop is visited once and logged) or,
+    when no such path exists, a glob. A broken link is listed, so that reading it gives an error row."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return {path: _local_info(path)}
+    if os.path.isdir(path):
+        found: dict[str, dict[str, Any]] = {}
+        seen: set[tuple[int, int]] = set()
+        for folder, subfolders, files in os.walk(path, followlinks=True):
+            stat = os.stat(folder)
+            if (stat.st_dev, stat.st_ino) in seen:
+                log.warning("not listing %s again: a symbolic link leads back to a folder already listed", folder)
+                subfolders.clear()
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            for name in files:
+                full = os.path.join(folder, name)
+                found[full] = _local_info(full)
+        return found
+    import glob
+
+    matches = glob.glob(path, recursive=True)
+    if not matches and not any(ch in path for ch in "*?["):
+        raise InputError(f"input not found: {path}")
+    found = {}
+    for match in matches:
+        found.update(_walk_local(match) if os.path.isdir(match) else {match: _local_info(match)})
+    return found
+
+
+def _local_info(path: str) -> dict[str, Any]:
+    try:
+        stat = os.stat(path)
+    except OSError:  # a broken link: listed, its read gives the error row
+        return {"size": None, "mtime": None}
+    return {"size": stat.st_size, "mtime": stat.st_mtime}
 
 
 def _forced_kind(config: InputConfig) -> RefKind | None:
@@ -152,134 +237,215 @@ def _forced_kind(config: InputConfig) -> RefKind | None:
 # ------------------------------------------------------------------------------------------------------
 
 
-def manifest_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Manifest lines (column ``text`` or ``uri``) -> {"uri", "kind": "file"} rows; blank lines dropped."""
+def normalise_uri(line: str, *, base: str) -> str:
+    """A manifest line as the URI it names: ``file://`` dropped, ``.``/``..`` and repeated ``/`` resolved,
+    relative lines resolved against ``base`` (the manifest's folder, itself a local path or a URI)."""
+    protocol, rest = fsspec.core.split_protocol(line)
+    if protocol in ("file", "local"):
+        protocol = None
+    if protocol is None and not rest.startswith("/"):  # relative to the manifest's folder
+        base_protocol, base_path = fsspec.core.split_protocol(base)
+        protocol = None if base_protocol in (None, "file", "local") else base_protocol
+        rest = posixpath.join(base_path, rest)
+    if protocol is None:
+        return posixpath.normpath("/" + rest.lstrip("/"))
+    bucket, _, key = rest.partition("/")
+    key = posixpath.normpath("/" + key).lstrip("/") if key else ""
+    return f"{protocol}://{bucket}/{key}" if key else f"{protocol}://{bucket}"
+
+
+def manifest_base(manifest: str) -> str:
+    """The folder relative manifest lines resolve against (local paths made absolute)."""
+    protocol, path = fsspec.core.split_protocol(manifest)
+    if protocol in (None, "file", "local"):
+        return os.path.dirname(os.path.abspath(path))
+    return f"{protocol}://{posixpath.dirname(path)}"
+
+
+def manifest_rows(batch: dict[str, np.ndarray], *, base: str) -> dict[str, np.ndarray]:
+    """Manifest lines (column ``text`` or ``uri``) -> normalised {"uri", "kind": "file"} rows (`normalise_uri`
+    against ``base``); blank lines and ``#`` comments dropped."""
     column = batch["uri"] if "uri" in batch else batch["text"]
-    uris = [str(u).strip() for u in column if str(u).strip() and not str(u).lstrip().startswith("#")]
+    uris = [
+        normalise_uri(str(u).strip(), base=base)
+        for u in column
+        if str(u).strip() and not str(u).lstrip().startswith("#")
+    ]
     return {"uri": np.array(uris, dtype=object), "kind": np.array(["file"] * len(uris), dtype=object)}
 
 
 def as_refs(batch: pa.Table) -> pa.Table:
-    """{"uri", "kind"} rows (``skip`` optional) -> `REF_SCHEMA` rows, ``skip`` empty where absent."""
+    """Rows with ``uri`` and ``kind`` (the other `REF_SCHEMA` columns optional) -> `REF_SCHEMA` rows."""
     n = batch.num_rows
-    skip_type = REF_SCHEMA.field("skip").type
-    skip = batch.column("skip").cast(skip_type) if "skip" in batch.column_names else pa.array([[]] * n, skip_type)
-    columns = [batch.column("uri").cast(pa.string()), batch.column("kind").cast(pa.string()), skip]
+    columns = []
+    for field in REF_SCHEMA:
+        if field.name in batch.column_names:
+            columns.append(batch.column(field.name).cast(field.type))
+        elif field.name == "skip":
+            columns.append(pa.array([[]] * n, field.type))
+        else:
+            columns.append(pa.nulls(n, field.type))
     return pa.table(columns, schema=REF_SCHEMA)
 
 
-def file_ref_keys(batch: pa.Table) -> pa.Table:
-    """File refs -> rows of the resume/de-duplication aggregation: {"uri", "listed": 1, "committed": 0}."""
-    n = batch.num_rows
-    return pa.table(
-        {
-            "uri": batch.column("uri").cast(pa.string()),
-            "listed": pa.array(np.ones(n, dtype=np.int8)),
-            "committed": pa.array(np.zeros(n, dtype=np.int8)),
-        }
-    )
+class ImageRow(NamedTuple):
+    """One image as `read_refs` emits it (``data`` empty and ``error`` set when it could not be read)."""
 
-
-def files_to_do(batch: pa.Table) -> pa.Table:
-    """One aggregated row per URI {"uri", "listed", "committed"} (maxima over its key rows) -> the `REF_SCHEMA`
-    file refs that are listed and not committed: each URI once, however often it was listed."""
-    todo = batch.filter(pc.and_(pc.equal(batch.column("listed"), 1), pc.not_equal(batch.column("committed"), 1)))
-    n = todo.num_rows
-    return as_refs(pa.table({"uri": todo.column("uri"), "kind": pa.array(["file"] * n, pa.string())}))
+    image_id: str
+    source: str
+    member: str | None
+    input_size: int | None
+    input_version: str | None
+    data: bytes
+    error: str
+    retryable: bool
 
 
 def read_refs(batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str | None) -> dict[str, np.ndarray]:
-    """Refs -> image rows {"image_id", "source", "data", "error"} (error "" when read).
+    """Refs -> image rows {`INPUT_COLUMNS`, "data", "error", "retryable"} (error "" when read).
 
-    Image ids in a ref's ``skip`` (optional column: committed members of a shard) are left out, and so are
-    repeats of an id within one shard (a Parquet id column can repeat). Memory is bounded by one shard.
+    Members in a ref's ``skip`` (optional column: committed members of a shard) are left out. An
+    ``--id-column`` value repeated inside one Parquet shard gets an error row under the row's own id
+    (``shard#row=N``) instead of a second row with the same id. Memory is bounded by one shard.
     """
-    rows: list[tuple[str, str, bytes, str]] = []
-    skips = batch["skip"] if "skip" in batch else [None] * len(batch["uri"])
+    rows: list[ImageRow] = []
+    n = len(batch["uri"])
+    skips = batch["skip"] if "skip" in batch else [None] * n
     for uri, kind, skip in zip(batch["uri"], batch["kind"], skips):
         uri, kind = str(uri), str(kind)
         done = set() if skip is None else {str(s) for s in skip}  # grows with the shard's images only
-        try:
-            if kind == "file":
-                images: Iterator[tuple[str, bytes]] = iter([(uri, read_bytes(uri))])
-            elif kind == "tar":
-                images = ((f"{uri}#{name}", data) for name, data in iter_tar_images(uri, skip=done, prefix=f"{uri}#"))
-            elif kind == "parquet":
-                images = iter_parquet_images(uri, bytes_column, id_column)
-            else:
-                raise ValueError(f"unknown input kind {kind!r}")
-            for image_id, data in images:
-                if image_id not in done:
-                    done.add(image_id)
-                    rows.append((image_id, uri, data, ""))
-        except (*TRANSIENT_ERRORS, ValueError, tarfile.TarError, KeyError) as exc:
-            if uri not in done:  # an unreadable shard's error row may be committed already
-                rows.append((uri, uri, b"", f"unreadable: {type(exc).__name__}: {exc}"))
+        if kind == "file":
+            rows.append(_read_file(uri))
+        elif kind in ("tar", "parquet"):
+            rows.extend(_read_shard(uri, kind, done, bytes_column=bytes_column, id_column=id_column))
+        else:
+            raise ValueError(f"unknown input kind {kind!r}")  # a bug, not bad data
     return {
-        "image_id": np.array([r[0] for r in rows], dtype=object),
-        "source": np.array([r[1] for r in rows], dtype=object),
-        "data": np.array([r[2] for r in rows], dtype=object),
-        "error": np.array([r[3] for r in rows], dtype=object),
+        name: np.array([getattr(r, name) for r in rows], dtype=object if name != "retryable" else bool)
+        for name in ImageRow._fields
     }
 
 
-def _retrying(what: str, action: Callable[[], T]) -> T:
-    """Run ``action`` with bounded retries of transient storage errors (never of a missing object)."""
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            return action()
-        except FileNotFoundError:
-            raise  # gone is gone: no retry
-        except TRANSIENT_ERRORS as exc:
-            if attempt == READ_ATTEMPTS - 1:
-                raise
-            wait = _RETRY_BASE_S * 2**attempt
-            log.warning(
-                "reading %s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__, exc, attempt + 1, wait
-            )
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+def _read_file(uri: str) -> ImageRow:
+    try:
+        data, info = read_object(uri)
+    except FileNotFoundError as exc:
+        return ImageRow(file_id(uri), uri, None, None, None, b"", f"not found: {exc}", False)
+    except TRANSIENT_ERRORS as exc:
+        return ImageRow(file_id(uri), uri, None, None, None, b"", _unreadable(exc), True)
+    return ImageRow(file_id(uri), uri, None, info.size, info.version, data, "", False)
 
 
-def read_bytes(uri: str) -> bytes:
-    """Whole object at ``uri``; a short read (size differs from the listing's) counts as an error."""
-
-    def attempt() -> bytes:
-        fs, path = fsspec.core.url_to_fs(uri)
-        data = fs.cat_file(path)
-        size = fs.size(path)
-        if size is not None and len(data) != size:
-            raise OSError(f"short read: got {len(data)} of {size} bytes")
-        return data
-
-    return _retrying(uri, attempt)
+def _unreadable(exc: BaseException) -> str:
+    return f"unreadable: {type(exc).__name__}: {exc}"
 
 
-def iter_tar_images(uri: str, *, skip: Collection[str] = (), prefix: str = "") -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) of the first image member of each sample key, in archive order; members whose
-    ``prefix + name`` is in ``skip`` are not extracted (they are still read: a tar has no index)."""
-    data = read_bytes(uri)
+def _read_shard(uri: str, kind: str, done: set[str], *, bytes_column: str, id_column: str | None) -> Iterator[ImageRow]:
+    """The rows of one tar / Parquet shard: its members not in ``done``, then, when part of it could not be
+    read, one shard-level error row (member `SHARD_ITSELF`)."""
+    shard_row = ImageRow(member_id(uri, SHARD_ITSELF), uri, SHARD_ITSELF, None, None, b"", "", False)
+    try:
+        data, info = read_object(uri)
+    except FileNotFoundError as exc:
+        if SHARD_ITSELF not in done:
+            yield shard_row._replace(error=f"not found: {exc}")
+        return
+    except TRANSIENT_ERRORS as exc:
+        if SHARD_ITSELF not in done:
+            yield shard_row._replace(error=_unreadable(exc), retryable=True)
+        return
+    shard_row = shard_row._replace(input_size=info.size, input_version=info.version)
+    members = iter_tar_images(data, skip=done) if kind == "tar" else iter_parquet_images(data, bytes_column, id_column)
+    seen: dict[str, int] = {}
+    try:
+        for member, image_id, image in members:
+            if member in done:
+                continue
+            image_id = image_id or member_id(uri, member)
+            repeat = seen.get(image_id, 0)
+            seen[image_id] = repeat + 1
+            if repeat:  # an --id-column value again: an error row under the row's own id
+                error = f"repeated image id {image_id!r} in this shard (its first row is kept)"
+                yield shard_row._replace(image_id=member_id(uri, member), member=member, error=error)
+            else:
+                yield shard_row._replace(image_id=image_id, member=member, data=image)
+    except ShardError as exc:
+        if SHARD_ITSELF not in done:
+            yield shard_row._replace(error=str(exc))
+
+
+class ShardError(ValueError):
+    """A shard that can be read only in part: its rows so far stand, the rest becomes one error row."""
+
+
+def iter_tar_images(data: bytes, *, skip: Collection[str] = ()) -> Iterator[tuple[str, None, bytes]]:
+    """(member name, None, bytes) of the first image member of each sample key, in archive order; members in
+    ``skip`` are not extracted (they are still read: a tar has no index). Raises `ShardError` after the last
+    whole member when the archive is cut short or corrupt further on."""
     seen: set[str] = set()
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
-        for member in archive:
-            if not member.isfile() or _kind_of(member.name) != "file":
-                continue
-            key = member.name.rsplit(".", 1)[0]
-            if key in seen:
-                continue
-            seen.add(key)
-            if prefix + member.name in skip:
-                continue
-            handle = archive.extractfile(member)
-            yield member.name, handle.read() if handle else b""
+    last = "the first member"
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115 (closed by the `with` below)
+    except tarfile.TarError as exc:
+        raise ShardError(f"unreadable: not a tar archive: {exc}") from exc
+    with archive:
+        try:
+            for member in archive:
+                if member.isfile() and _kind_of(member.name) == "file":
+                    key = member.name.rsplit(".", 1)[0]
+                    if key not in seen:
+                        seen.add(key)
+                        if member.name not in skip:
+                            handle = archive.extractfile(member)
+                            image = handle.read() if handle else b""
+                            if len(image) != member.size:
+                                raise ShardError(f"truncated tar: member {member.name} is cut short")
+                            yield member.name, None, image
+                last = f"member {member.name}"
+        except tarfile.TarError as exc:
+            raise ShardError(f"truncated or corrupt tar after {last}: {exc}") from exc
+        end = archive.offset  # where the next header would start: the end-of-archive marker in a whole tar
+    if end + 512 > len(data) or any(data[end : end + 512]):
+        raise ShardError(
+            f"truncated tar: {len(data) - end} bytes after {last} are neither a member nor the end-of-archive "
+            "marker; members after it are missing"
+        )
 
 
-def iter_parquet_images(uri: str, bytes_column: str, id_column: str | None) -> Iterator[tuple[str, bytes]]:
-    """(image_id, bytes) of each row of a Parquet file with an image-bytes column."""
-    table = pq.read_table(io.BytesIO(read_bytes(uri)), columns=[bytes_column] + ([id_column] if id_column else []))
+def iter_parquet_images(
+    data: bytes, bytes_column: str, id_column: str | None
+) -> Iterator[tuple[str, str | None, bytes]]:
+    """("row=N", the id column's value or None, bytes) of each row of a Parquet file with an image-bytes
+    column; a file whose columns do not fit raises `ShardError` naming what is wrong."""
+    try:
+        file = pq.ParquetFile(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardError(f"unreadable: not a Parquet file: {exc}") from exc
+    problem = parquet_columns_problem(file.schema_arrow, bytes_column, id_column)
+    if problem:
+        raise ShardError(problem)
+    try:
+        table = file.read(columns=[bytes_column] + ([id_column] if id_column else []))
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardError(f"unreadable: corrupt Parquet data: {exc}") from exc
     images = table.column(bytes_column).to_pylist()
-    ids = table.column(id_column).to_pylist() if id_column else [f"{uri}#row={i}" for i in range(len(images))]
-    for image_id, value in zip(ids, images):
+    ids = table.column(id_column).to_pylist() if id_column else [None] * len(images)
+    for i, (image_id, value) in enumerate(zip(ids, images)):
         if isinstance(value, dict):  # e.g. Hugging Face datasets' {"bytes": ..., "path": ...}
             value = value.get("bytes")
-        yield str(image_id), bytes(value or b"")
+        yield f"row={i}", (None if image_id is None else str(image_id)), bytes(value or b"")
+
+
+def parquet_columns_problem(schema: pa.Schema, bytes_column: str, id_column: str | None) -> str | None:
+    """Why a Parquet file with ``schema`` cannot be read as images (None when it can)."""
+    names = schema.names
+    if bytes_column not in names:
+        return f"no column {bytes_column!r} with image bytes (columns: {', '.join(names)}; see --bytes-column)"
+    kind = schema.field(bytes_column).type
+    if pa.types.is_struct(kind):  # {"bytes": ..., "path": ...}
+        kind = kind.field("bytes").type if kind.get_field_index("bytes") >= 0 else kind
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)):
+        return f"column {bytes_column!r} holds {kind}, not image bytes (binary)"
+    if id_column is not None and id_column not in names:
+        return f"no id column {id_column!r} (columns: {', '.join(names)}; see --id-column)"
+    return None

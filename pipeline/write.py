@@ -1,34 +1,32 @@
-"""Committing results: Parquet parts written whole, the images part last, resumable by image id.
+"""The write stage: Ray workers commit result rows as Parquet parts; nothing passes through the driver.
 
 Layout under OUTPUT/::
 
-    segments/part-<run>-<seq>.parquet   one row per segment   (pipeline.schema.SEGMENTS_SCHEMA)
-    images/part-<run>-<seq>.parquet     one row per image     (pipeline.schema.IMAGES_SCHEMA)
-    _run.json                           the run's configuration, weights checksum and versions
-    _SUCCESS                            written when a run finished, with its counts
+    segments/part-<hash>.parquet   one row per segment   (pipeline.schema.SEGMENTS_SCHEMA)
+    images/part-<hash>.parquet     one row per image     (pipeline.schema.IMAGES_SCHEMA): the commit record
+    _runs/<run_id>.json            each run's settings, weights checksum, versions and counts
+    _SUCCESS                       the last run finished: its counts and the output's totals
+    _lease.json                    the lease of the run writing the output (`pipeline.lease`)
 
-Protocol (exactly once per image across crashes and re-runs):
+`write_part` commits one part of about ``--rows-per-file`` images (the write stage gathers result blocks
+into parts first: files sized for queries, not one per block): its ``segments`` file, then its ``images``
+file, each published whole (`pipeline.storage.publish`). The part is named after a hash of its sorted
+image ids, so Ray's retry of a write task whose worker died (before, between or after the two files)
+overwrites the same two objects instead of adding a second copy. Before a run's first commit its record is
+written to ``_runs/`` and ``_SUCCESS`` is removed; every commit checks first that the run still holds the
+output's lease. The task returns one small row (`PART_ROW_SCHEMA`): the driver sees those, never results.
 
-1. a part's ``segments`` file is written first, then its ``images`` file: the images file is the commit
-   record of every image in the part (ok or error). Each file appears whole: local files are written under
-   a hidden temporary name and renamed; object stores publish an object only when its upload completes;
-2. a re-run first deletes ``segments`` parts that have no ``images`` part (a crash between the two
-   writes), then skips every image id already in ``images/``. That filter runs on Ray workers
-   (`pipeline.run.build_refs`, fed by the stage functions below): the driver holds the list of committed
-   parts, never the committed ids.
-
-A part is written once at least ``rows_per_file`` images are buffered (whole result blocks, so parts hold
-a little more), zstd-compressed: files sized for queries, not one file per image.
+The protocol as a whole (what is committed, what a resume redoes) is stated in `pipeline.resume`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
-import os
 import posixpath
-import uuid
-from dataclasses import dataclass, field
+import time
 
 import fsspec
 import numpy as np
@@ -36,187 +34,146 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.schema import IMAGES_SCHEMA, IMAGES_TABLE, SEGMENTS_SCHEMA, SEGMENTS_TABLE, STATUS_OK
+from pipeline.lease import check_holder
+from pipeline.schema import (
+    IMAGES_SCHEMA,
+    IMAGES_TABLE,
+    RESULT_SCHEMA,
+    SEGMENTS_SCHEMA,
+    SEGMENTS_TABLE,
+    STATUS_ERROR,
+    STATUS_OK,
+)
+from pipeline.sources import SHARD_ITSELF, member_id
+from pipeline.storage import publish
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "_run.json"
 SUCCESS_FILE = "_SUCCESS"
+RUNS_FOLDER = "_runs"
+PART_PREFIX = "part-"
+COMPRESSION = "zstd"
+COUNTS_KEY = b"panoptic_flow.counts"  # images parts: their counts as JSON in the Parquet footer
+
+PART_ROW_SCHEMA = pa.schema(
+    [
+        ("part", pa.string()),
+        ("images_ok", pa.int64()),
+        ("images_error", pa.int64()),
+        ("images_retryable", pa.int64()),  # of images_error: transient, retried by the next run
+        ("segments", pa.int64()),
+        ("bytes", pa.int64()),  # of both files
+        ("node_id", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)
+"""What a write task returns for each part it committed: all the driver receives."""
 
 
-def split_results(results: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Result rows with nested ``segments`` -> (images table, segments table) in the output schemas."""
+def part_name(image_ids: list[str]) -> str:
+    """``part-<hash>.parquet``, the hash (96 bits) taken over the sorted image ids: the same images, the same
+    name, whichever attempt writes them."""
+    digest = hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:24]
+    return f"{PART_PREFIX}{digest}.parquet"
+
+
+def split_results(results: pa.Table, *, run_id: str) -> tuple[pa.Table, pa.Table]:
+    """`RESULT_SCHEMA` rows -> (images table, segments table) in the output schemas."""
+    results = results.cast(RESULT_SCHEMA) if results.schema != RESULT_SCHEMA else results
     segments_list = results.column("segments").combine_chunks()
+    counts = pc.fill_null(pc.list_value_length(segments_list), 0).cast(pa.int32())
+    n = results.num_rows
     images = pa.table(
         {
-            "image_id": results.column("image_id"),
-            "source": results.column("source"),
-            "width": results.column("width"),
-            "height": results.column("height"),
-            "status": results.column("status"),
-            "error": results.column("error"),
-            "num_segments": pc.fill_null(pc.list_value_length(segments_list), 0).cast(pa.int32()),
-        },
-        schema=IMAGES_SCHEMA,
-    )
+            **{name: results.column(name) for name in IMAGES_SCHEMA.names if name in RESULT_SCHEMA.names},
+            "num_segments": counts,
+            "run_id": pa.array([run_id] * n, pa.string()),
+        }
+    ).select(IMAGES_SCHEMA.names)
     flat = pc.list_flatten(segments_list)  # struct array, one element per segment
     parents = pc.list_parent_indices(segments_list)
-    columns = {
-        "image_id": pc.take(results.column("image_id"), parents),
-        "source": pc.take(results.column("source"), parents),
-    }
-    for name in ("segment_id", "category_id", "category", "isthing", "score", "area", "bbox", "rle"):
-        columns[name] = flat.field(name)
-    segments = pa.table(columns).cast(SEGMENTS_SCHEMA)
-    return images, segments
+    columns = {name: pc.take(results.column(name), parents) for name in ("image_id", "source")}
+    columns |= {name: flat.field(name) for name in SEGMENTS_SCHEMA.names if name not in columns}
+    return images.cast(IMAGES_SCHEMA), pa.table(columns).cast(SEGMENTS_SCHEMA)
 
 
-@dataclass
-class OutputWriter:
-    """Buffers result rows and commits them in parts (see the module docstring)."""
+def write_part(
+    results: pa.Table, *, output: str, run_id: str, run_record: str, node_id: str = ""
+) -> dict[str, object] | None:
+    """Commit ``results`` (`RESULT_SCHEMA` rows) as one part under ``output``: the write stage's work for one
+    gathered block. Returns its `PART_ROW_SCHEMA` row (None for no rows). Raises `pipeline.lease.LeaseLost`
+    when the run no longer holds the output."""
+    if results.num_rows == 0:
+        return None
+    started = time.perf_counter()
+    fs, root = fsspec.core.url_to_fs(output)
+    images, segments = split_results(_unique_ids(results), run_id=run_id)
+    name = part_name(images.column("image_id").to_pylist())
+    _before_first_commit(fs, root, run_id, run_record)
+    check_holder(output, run_id)
+    counts = part_counts(images)
+    written = publish(fs, posixpath.join(root, SEGMENTS_TABLE, name), parquet_bytes(segments))
+    written += publish(fs, posixpath.join(root, IMAGES_TABLE, name), parquet_bytes(images, counts=counts))  # commit
+    return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": time.perf_counter() - started}
 
-    output: str
-    run_id: str
-    rows_per_file: int = 2048
-    counts: dict[str, int] = field(default_factory=lambda: {"images_ok": 0, "images_error": 0, "segments": 0})
 
-    def __post_init__(self) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(self.output)
-        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        self._buffer: list[pa.Table] = []
-        self._buffered_rows = 0
-        self._seq = 0
-        self._buffered_ids: set[str] = set()  # ids of the part being buffered: bounded by rows_per_file
-
-    # -- resume ------------------------------------------------------------------------------------------
-    def _path(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
-    def _parts(self, table: str) -> set[str]:
-        try:
-            names = self.fs.ls(self._path(table), detail=False)
-        except FileNotFoundError:
-            return set()
-        return {posixpath.basename(n) for n in names if posixpath.basename(n).endswith(".parquet")}
-
-    def remove_orphans(self) -> int:
-        """Delete segments parts whose images part is missing (a crash between the two writes) and hidden
-        temporary files of a write that was interrupted."""
-        orphans = self._parts(SEGMENTS_TABLE) - self._parts(IMAGES_TABLE)
-        for name in sorted(orphans):
-            log.warning("removing uncommitted segments part %s from an interrupted run", name)
-            self.fs.rm(self._path(SEGMENTS_TABLE, name))
-        for table in (SEGMENTS_TABLE, IMAGES_TABLE):
-            try:
-                names = self.fs.ls(self._path(table), detail=False)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if posixpath.basename(name).startswith(".") and name.endswith(".tmp"):
-                    self.fs.rm(name)
-        return len(orphans)
-
-    def committed_parts(self) -> list[str]:
-        """Paths (in ``self.fs``) of the committed ``images`` parts, the commit records of earlier runs."""
-        return sorted(self._path(IMAGES_TABLE, name) for name in self._parts(IMAGES_TABLE))
-
-    # -- writing -----------------------------------------------------------------------------------------
-    def add(self, results: pa.Table) -> None:
-        """Buffer result rows (pipeline.predict.RESULT_SCHEMA).
-
-        Inputs reach the model once each (repeats and committed ids are removed before reading, see
-        `pipeline.run.build_refs`); as a cheap guard, a repeat of an id within the part being buffered is
-        dropped. Nothing run-wide is kept: memory does not grow with the number of inputs.
-        """
-        ids = results.column("image_id").to_pylist()
-        keep = []
-        for i, image_id in enumerate(ids):  # first occurrence only: repeats within this table count too
-            if image_id not in self._buffered_ids:
-                self._buffered_ids.add(image_id)
-                keep.append(i)
-        if len(keep) != len(ids):
-            log.warning("dropping %d repeated image ids", len(ids) - len(keep))
-            results = results.take(pa.array(keep, type=pa.int64()))  # typed: an empty list has no type
-        if results.num_rows:
-            self._buffer.append(results)
-            self._buffered_rows += results.num_rows
-        if self._buffered_rows >= self.rows_per_file:
-            self.flush()
-
-    def flush(self) -> None:
-        """Commit the buffered rows as one part (segments first, images last)."""
-        if not self._buffer:
-            return
-        results = pa.concat_tables(self._buffer)
-        self._buffer, self._buffered_rows, self._buffered_ids = [], 0, set()
-        images, segments = split_results(results)
-        name = f"part-{self.run_id}-{self._seq:06d}.parquet"
-        self._seq += 1
-        self._write(SEGMENTS_TABLE, name, segments)
-        self._write(IMAGES_TABLE, name, images)  # the commit record
-        ok = int(pc.sum(pc.equal(images.column("status"), STATUS_OK)).as_py() or 0)
-        self.counts["images_ok"] += ok
-        self.counts["images_error"] += images.num_rows - ok
-        self.counts["segments"] += segments.num_rows
-
-    def _write(self, table: str, name: str, data: pa.Table) -> None:
-        final = self._path(table, name)
-        self.fs.makedirs(self._path(table), exist_ok=True)
-        if self._local:
-            temporary = self._path(table, f".{name}.{uuid.uuid4().hex}.tmp")
-            pq.write_table(data, temporary, compression="zstd")
-            os.replace(temporary, final)
+def _unique_ids(results: pa.Table) -> pa.Table:
+    """Rows whose id came before in this part (``--id-column`` values repeated across shards; inputs are
+    de-duplicated upstream) become error rows under the id of their shard and member."""
+    ids = results.column("image_id").to_pylist()
+    if len(set(ids)) == len(ids):
+        return results
+    rows = results.to_pylist()
+    first: dict[str, str] = {}
+    for row in rows:
+        if row["image_id"] in first:
+            error = f"repeated image id {row['image_id']!r} (also read from {first[row['image_id']]})"
+            row |= {"image_id": member_id(row["source"], row["member"] or SHARD_ITSELF), "error": error}
+            row |= {"status": STATUS_ERROR, "retryable": False, "segments": []}
         else:
-            with self.fs.open(final, "wb") as f:  # the object is published when the upload completes
-                pq.write_table(data, f, compression="zstd")
-
-    def write_json(self, name: str, payload: dict) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
-        with self.fs.open(self._path(name), "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
-
-    def clear_success(self) -> None:
-        if self.fs.exists(self._path(SUCCESS_FILE)):
-            self.fs.rm(self._path(SUCCESS_FILE))
+            first[row["image_id"]] = row["source"]
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Ray stage functions over the committed ``images`` parts (pure: no Ray import; `pipeline.run` wires them)
-# ------------------------------------------------------------------------------------------------------
+def write_parts(batch: pa.Table, *, output: str, run_id: str, run_record: str, node_id: str = "") -> pa.Table:
+    """Ray stage: one gathered block of `RESULT_SCHEMA` rows -> the `PART_ROW_SCHEMA` row of its part."""
+    row = write_part(batch, output=output, run_id=run_id, run_record=run_record, node_id=node_id)
+    return pa.Table.from_pylist([row] if row else [], schema=PART_ROW_SCHEMA)
 
 
-def committed_file_keys(batch: pa.Table) -> pa.Table:
-    """Committed images rows {"image_id", "source"} -> {"uri", "listed": 0, "committed": 1} for the rows of
-    whole files (``image_id == source``), the other side of the aggregation in `pipeline.sources.files_to_do`."""
-    files = batch.filter(pc.equal(batch.column("image_id"), batch.column("source")))
-    n = files.num_rows
-    return pa.table(
-        {
-            "uri": files.column("image_id").cast(pa.string()),
-            "listed": pa.array(np.zeros(n, dtype=np.int8)),
-            "committed": pa.array(np.ones(n, dtype=np.int8)),
-        }
-    )
+_PREPARED_RUNS: set[str] = set()  # runs whose record this worker process has seen in place
 
 
-def committed_shard_members(batch: pa.Table, *, kinds: dict[str, str]) -> pa.Table:
-    """Committed images rows {"image_id", "source"} -> {"uri": source, "kind", "image_id"} for the rows read
-    from one of the shards in ``kinds`` ({shard URI: "tar" | "parquet"}; the driver's own listing)."""
-    index = pc.index_in(batch.column("source").cast(pa.string()), value_set=pa.array(list(kinds), pa.string()))
-    found = pc.is_valid(index)
-    return pa.table(
-        {
-            "uri": batch.column("source").cast(pa.string()).filter(found),
-            "kind": pa.array(list(kinds.values()), pa.string()).take(index.filter(found)),
-            "image_id": batch.column("image_id").cast(pa.string()).filter(found),
-        }
-    )
+def _before_first_commit(fs: fsspec.AbstractFileSystem, root: str, run_id: str, run_record: str) -> None:
+    """Write ``_runs/<run_id>.json`` and remove ``_SUCCESS`` unless this run did so already: an output
+    never has rows of a run without its record, nor a ``_SUCCESS`` older than its newest rows."""
+    if run_id in _PREPARED_RUNS:
+        return
+    record = posixpath.join(root, RUNS_FOLDER, f"{run_id}.json")
+    if not fs.exists(record):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(posixpath.join(root, SUCCESS_FILE))
+        publish(fs, record, run_record.encode())
+    _PREPARED_RUNS.add(run_id)
 
 
-def committed_rows(batch: dict[str, np.ndarray], *, fs: fsspec.AbstractFileSystem) -> dict[str, np.ndarray]:
-    """{"path"} of committed ``images`` parts -> {"num_rows"} read from each part's Parquet footer."""
-    counts = []
-    for path in batch["path"]:
-        with fs.open(str(path), "rb") as f:
-            counts.append(pq.ParquetFile(f).metadata.num_rows)
-    return {"num_rows": np.array(counts, dtype=np.int64)}
+def parquet_bytes(table: pa.Table, *, counts: dict[str, int] | None = None) -> bytes:
+    """A table as the bytes of a Parquet file (zstd); ``counts`` go into an images part's footer."""
+    if counts is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), COUNTS_KEY: json.dumps(counts)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=COMPRESSION)
+    return sink.getvalue().to_pybytes()
+
+
+def part_counts(images: pa.Table) -> dict[str, int]:
+    """{"images_ok", "images_error", "images_retryable", "segments"} of an ``images`` part's rows."""
+    status = images.column("status")
+    ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
+    retryable = images.column("retryable") if "retryable" in images.column_names else pa.array([], pa.bool_())
+    return {
+        "images_ok": ok,
+        "images_error": images.num_rows - ok,
+        "images_retryable": int(pc.sum(retryable).as_py() or 0),
+        "segments": int(np.sum(images.column("num_segments").to_numpy(zero_copy_only=False))),
+    }

@@ -11,8 +11,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.s3_server import FaultProxy
 
 # A secret that must never show up in a log or an output file (checked by tests/pipeline/test_job_s3.py).
 CANARY_SECRET = "pf-canary-5ecret-7d1c0ffee"
@@ -48,14 +52,28 @@ def ray_session(s3_env: dict[str, str], ray_temp_dir: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def s3_env() -> Iterator[dict[str, str]]:
-    """A moto S3 server on 127.0.0.1 for the whole session; its endpoint and dummy keys in os.environ."""
-    from tests.s3_server import MotoServer
-    from tests.s3_server import s3_env as make_env
+def s3_proxy() -> Iterator[FaultProxy]:
+    """A moto S3 server on 127.0.0.1 for the whole session, behind a fault proxy (transparent unless a test
+    sets a fault): the endpoint every client uses, Ray workers included."""
+    from tests.s3_server import FaultProxy, MotoServer
 
     server = MotoServer()
     server.start()
-    env = {**make_env(server.endpoint_url), "AWS_SECRET_ACCESS_KEY": CANARY_SECRET}
+    proxy = FaultProxy(server.endpoint_url, io_timeout_s=300.0)  # idle keep-alive connections stay open
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_proxy: FaultProxy) -> Iterator[dict[str, str]]:
+    """The session's S3 endpoint (`s3_proxy`) and dummy keys in os.environ."""
+    from tests.s3_server import s3_env as make_env
+
+    env = {**make_env(s3_proxy.endpoint_url), "AWS_SECRET_ACCESS_KEY": CANARY_SECRET}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -66,7 +84,6 @@ def s3_env() -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        server.stop()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -118,16 +118,18 @@ class _Fault:
     mode: FaultMode
     left: int
     methods: frozenset[str] | None
+    paths: tuple[str, ...] | None
     truncate_at: int
     delay_s: float
 
 
-_NO_FAULT = _Fault("none", 0, None, 0, 0.0)  # never mutated: set_fault installs a new _Fault
+_NO_FAULT = _Fault("none", 0, None, None, 0, 0.0)  # never mutated: set_fault installs a new _Fault
 
 
 @dataclasses.dataclass(frozen=True)
 class _Request:
     method: str
+    target: str  # the request line's target: path and query
     raw: bytes  # head and body as they go upstream (without `Expect`, which the proxy answers itself)
     close: bool  # the client asked to close after the response
 
@@ -189,11 +191,13 @@ class FaultProxy:
         *,
         count: int | None = None,
         methods: Collection[str] | None = None,
+        paths: Collection[str] | None = None,
         truncate_at: int = 0,
         delay_s: float = 1.0,
     ) -> None:
         """Inject `mode` into the next `count` (default 1) requests whose method is in `methods` (default:
-        any). A `truncate` fault is spent only on a response whose body is longer than `truncate_at` bytes.
+        any) and whose target (path and query) contains one of `paths` (default: any).
+        A `truncate` fault is spent only on a response whose body is longer than `truncate_at` bytes.
         `stopped` takes no count: it lasts until `heal` or the next `set_fault`."""
         if mode not in ("none", "reset", "truncate", "slowdown_503", "delay", "stopped"):
             raise ValueError(f"unknown fault mode {mode!r}")
@@ -204,7 +208,7 @@ class FaultProxy:
             raise ValueError(f"need count, truncate_at, delay_s >= 0; got {count}, {truncate_at}, {delay_s}")
         wanted = None if methods is None else frozenset(m.upper() for m in methods)
         with self._lock:
-            self._fault = _Fault(mode, count, wanted, truncate_at, delay_s)
+            self._fault = _Fault(mode, count, wanted, None if paths is None else tuple(paths), truncate_at, delay_s)
         with self._listener_lock:
             if mode == "stopped" and self._listener is not None:
                 self._listener.close()
@@ -310,7 +314,7 @@ class FaultProxy:
                     self._threads.append(thread)
                 thread.start()
 
-    def _take_fault(self, method: str, *, phase: Literal["request", "response"], body_len: int | None) -> _Fault:
+    def _take_fault(self, request: _Request, *, phase: Literal["request", "response"], body_len: int | None) -> _Fault:
         """The fault due on this request at this phase, spending one (`_NO_FAULT` if none is due)."""
         with self._lock:
             self._requests_seen += phase == "request"
@@ -319,7 +323,9 @@ class FaultProxy:
                 return _NO_FAULT
             if (phase == "response") != (fault.mode == "truncate"):  # a cut needs the response head first
                 return _NO_FAULT
-            if fault.methods is not None and method not in fault.methods:
+            if fault.methods is not None and request.method not in fault.methods:
+                return _NO_FAULT
+            if fault.paths is not None and not any(p in request.target for p in fault.paths):
                 return _NO_FAULT
             if fault.mode == "truncate" and body_len is not None and body_len <= fault.truncate_at:
                 return _NO_FAULT  # nothing to cut
@@ -327,7 +333,7 @@ class FaultProxy:
             self._faults_injected += 1
             if fault.left == 0:
                 self._fault = _NO_FAULT
-            logger.debug("fault proxy: %s on %s (%d left)", fault.mode, method, fault.left)
+            logger.debug("fault proxy: %s on %s %s (%d left)", fault.mode, request.method, request.target, fault.left)
             return dataclasses.replace(fault, left=1)
 
     def _serve(self, client: socket.socket) -> None:
@@ -340,7 +346,7 @@ class FaultProxy:
                 request = _read_request(reader, client)
                 if request is None:
                     return
-                fault = self._take_fault(request.method, phase="request", body_len=None)
+                fault = self._take_fault(request, phase="request", body_len=None)
                 if fault.mode == "reset":
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
@@ -388,7 +394,7 @@ class FaultProxy:
             body_len = None
         else:
             body_len = int(headers["content-length"])
-        fault = self._take_fault(request.method, phase="response", body_len=body_len)
+        fault = self._take_fault(request, phase="response", body_len=body_len)
         client.sendall(head)
         if fault.mode == "truncate":
             _copy(up_reader, client, fault.truncate_at, until_eof=False)
@@ -457,7 +463,8 @@ def _read_request(reader: BinaryIO, client: socket.socket) -> _Request | None:
         if len(body) != length:
             raise ConnectionError(f"client closed after {len(body)} of {length} body bytes")
     close = headers.get("connection", "").lower() == "close" or rest.rstrip().endswith(b"HTTP/1.0")
-    return _Request(method.decode("ascii").upper(), head + body, close)
+    target = rest.split(b" ", 1)[0].decode("latin-1")
+    return _Request(method.decode("ascii").upper(), target, head + body, close)
 
 
 def _read_chunked(reader: BinaryIO) -> bytes:

@@ -166,7 +166,9 @@ def image_rows(images: list[SynthImage]) -> list[dict[str, object]]:
             "height": i.height if i.status == "ok" else None,
             "status": i.status,
             "error": i.error,
+            "retryable": False,
             "num_segments": len(i.segments),
+            "run_id": "synthetic",
         }
         for i in images
     ]

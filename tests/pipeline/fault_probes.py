@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 SEGMENTER_TITLE = "ray::MapWorker(MapBatches(PanopticSegmenter))"
@@ -73,3 +75,20 @@ def wait_for(predicate: Callable[[], object], *, timeout: float, what: str, poll
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(poll)
+
+
+def assert_exactly_once(output: Path, expected: set[str]) -> None:
+    """Every id in ``expected`` has one ``ok`` images row and no other ids have one; no (image_id, segment_id)
+    twice; each ``num_segments`` matches the image's segment rows; every segments part has its images part."""
+    images = pads.dataset(str(output / "images"), format="parquet").to_table().to_pylist()
+    ids = Counter(r["image_id"] for r in images)
+    assert set(ids) == expected, f"missing {sorted(expected - set(ids))[:5]}, extra {sorted(set(ids) - expected)[:5]}"
+    assert [i for i, n in ids.items() if n > 1] == []
+    assert all(r["status"] == "ok" for r in images)
+    segments = pads.dataset(str(output / "segments"), format="parquet").to_table(columns=["image_id", "segment_id"])
+    pairs = Counter(zip(segments["image_id"].to_pylist(), segments["segment_id"].to_pylist()))
+    assert [p for p, n in pairs.items() if n > 1] == []
+    per_image = Counter(image_id for image_id, _ in pairs)
+    assert {r["image_id"]: r["num_segments"] for r in images} == {i: per_image.get(i, 0) for i in expected}
+    segment_parts = {p.name for p in (output / "segments").glob("part-*.parquet")}
+    assert segment_parts == {p.name for p in committed_parts(output)}

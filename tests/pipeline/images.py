@@ -23,3 +23,17 @@ def photo_bytes(height: int, width: int, *, fmt: str = "JPEG", seed: int = 0) ->
     buffer = io.BytesIO()
     Image.fromarray(photo_array(height, width, seed=seed)).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def input_columns(image_ids: list[str], *, source: str | None = None) -> dict[str, np.ndarray]:
+    """The columns every stage passes through (`pipeline.schema.INPUT_COLUMNS`, ``retryable``), as a read
+    stage emits them for whole files named ``image_ids`` (or members of ``source``)."""
+    n = len(image_ids)
+    return {
+        "image_id": np.array(image_ids, dtype=object),
+        "source": np.array(image_ids if source is None else [source] * n, dtype=object),
+        "member": np.array([None] * n, dtype=object),
+        "input_size": np.array([None] * n, dtype=object),
+        "input_version": np.array([None] * n, dtype=object),
+        "retryable": np.zeros(n, dtype=bool),
+    }

@@ -2,7 +2,7 @@
 
 Two figures quoted in the README (section "Resume, exactly once, failures")::
 
-    # seconds until the first ref leaves `pipeline.run.build_refs`, for a Parquet manifest of N URIs
+    # seconds until the first ref leaves `pipeline.resume.plan`, for a Parquet manifest of N URIs
     python -m tests.pipeline.measure_resume refs --n 1000000                 # fresh: the de-duplication
     python -m tests.pipeline.measure_resume refs --n 1000000 --committed 500000  # resume
     python -m tests.pipeline.measure_resume refs --n 1000000 --plain         # no aggregation (baseline)
@@ -49,11 +49,13 @@ def _commit(output: Path, ids: list[str]) -> None:
                 "width": pa.array([1] * len(chunk), pa.int32()),
                 "height": pa.array([1] * len(chunk), pa.int32()),
                 "status": ["ok"] * len(chunk),
-                "error": pa.nulls(len(chunk), pa.string()),
+                "retryable": [False] * len(chunk),
                 "num_segments": pa.array([0] * len(chunk), pa.int32()),
+                "run_id": ["fake"] * len(chunk),
             },
-            schema=IMAGES_SCHEMA,
         )
+        images = pa.table([images[f.name] if f.name in images.column_names else pa.nulls(len(chunk), f.type)
+                           for f in IMAGES_SCHEMA], schema=IMAGES_SCHEMA)  # fmt: skip
         name = f"part-fake-{start // PART_ROWS:06d}.parquet"
         pq.write_table(SEGMENTS_SCHEMA.empty_table(), output / "segments" / name)
         pq.write_table(images, output / "images" / name)
@@ -62,9 +64,8 @@ def _commit(output: Path, ids: list[str]) -> None:
 def measure_refs(n: int, committed: int, plain: bool, root: Path) -> dict:
     import ray
 
-    from pipeline.run import build_refs, committed_dataset
+    from pipeline.resume import plan, prepare_output
     from pipeline.sources import ResolvedInputs, manifest_rows
-    from pipeline.write import OutputWriter
 
     uris = _uris(n, root)
     manifest = root / "manifest.parquet"
@@ -74,11 +75,14 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
     if plain:  # what the pipeline did before the ref-level filter: the manifest's rows as they come
-        refs = ray.data.read_parquet(str(manifest), columns=["uri"]).map_batches(manifest_rows, batch_format="numpy")
+        refs = ray.data.read_parquet(str(manifest), columns=["uri"]).map_batches(
+            manifest_rows, batch_format="numpy", fn_kwargs={"base": str(root)}
+        )
     else:
-        writer = OutputWriter(str(root / "out"), run_id="measure")
-        committed_ds = committed_dataset(writer.fs, writer.committed_parts())
-        refs = build_refs(ResolvedInputs([], [str(manifest)]), committed=committed_ds)
+        import fsspec
+
+        parts, _ = prepare_output(fsspec.filesystem("file"), str(root / "out"))
+        refs = plan(ResolvedInputs([], [str(manifest)]), output=str(root / "out"), parts=parts, partitions=4).refs
     first = None
     rows = 0
     for batch in refs.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.dataset as pads
 from pycocotools import mask as mask_utils
 
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.predict import RESULT_SCHEMA
-from pipeline.write import OutputWriter
 from tests.pipeline.images import photo_bytes
 from tests.pipeline.odd_inputs import corpus
 
@@ -55,7 +52,11 @@ def test_every_odd_input_gets_exactly_one_row(ray_session: None, tmp_path: Path)
     expected_ok = sum(odd.error is None for odd in odds.values()) + 1  # + the photo listed three times
     assert (summary.images_ok, summary.images_error) == (expected_ok, len(ids) - expected_ok)
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
-    assert (success["images_ok"], success["images_error"]) == (summary.images_ok, summary.images_error)
+    assert (success["this_run"]["images_ok"], success["this_run"]["images_error"]) == (
+        summary.images_ok,
+        summary.images_error,
+    )
+    assert success["output"]["images"] == len(ids)
 
     for path, odd in odds.items():
         row = by_id[path]
@@ -67,7 +68,7 @@ def test_every_odd_input_gets_exactly_one_row(ray_session: None, tmp_path: Path)
             assert (row["width"], row["height"]) == odd.size, odd.name
     assert by_id[str(repeated)]["status"] == "ok"
     gone = by_id[str(missing)]
-    assert gone["status"] == "error" and gone["error"].startswith("unreadable: FileNotFoundError")
+    assert gone["status"] == "error" and gone["error"].startswith("not found:") and not gone["retryable"]
     assert str(missing) in gone["error"]
 
     segments = pads.dataset(str(tmp_path / "out" / "segments"), format="parquet").to_table().to_pylist()
@@ -82,24 +83,3 @@ def test_every_odd_input_gets_exactly_one_row(ray_session: None, tmp_path: Path)
     for name in ("exif6.jpg", "exif8.jpg", "exif_damaged.jpg"):  # rotated: stored landscape, displayed portrait
         row = by_id[str(folder / name)]
         assert row["height"] > row["width"] and row["num_segments"] > 0
-
-
-def test_a_uri_repeated_within_one_result_table_is_written_once(tmp_path: Path) -> None:
-    """The writer's last line of defence: repeated ids are removed on the workers before reading
-    (`pipeline.run.build_refs`), but a repeat that still reached it in one table is written once."""
-    row = {"image_id": "a.jpg", "source": "m.txt", "width": 4, "height": 3, "status": "ok", "error": None}
-    writer = OutputWriter(str(tmp_path / "out"), run_id="t")
-    writer.add(pa.Table.from_pylist([{**row, "segments": []}] * 2, schema=RESULT_SCHEMA))
-    writer.flush()
-    assert pads.dataset(str(tmp_path / "out" / "images")).to_table().column("image_id").to_pylist() == ["a.jpg"]
-
-
-def test_a_result_table_of_only_repeats_is_dropped(tmp_path: Path) -> None:
-    """A table holding only repeats of ids in the part being filled (the writer's per-part safety net)."""
-    row = {"image_id": "a.jpg", "source": "m.txt", "width": 4, "height": 3, "status": "ok", "error": None}
-    table = pa.Table.from_pylist([{**row, "segments": []}], schema=RESULT_SCHEMA)
-    writer = OutputWriter(str(tmp_path / "out"), run_id="t")
-    writer.add(table)
-    writer.add(table)
-    writer.flush()
-    assert writer.counts["images_ok"] == 1

@@ -15,6 +15,7 @@ from PIL import Image
 from model.predictor import InferenceConfig
 from model.preprocess import processed_size, resize_image
 from pipeline.decode import EMPTY_PIXELS, decode_batch, decode_image
+from tests.pipeline.images import input_columns
 from tests.pipeline.odd_inputs import OddInput, animated_gif, corpus, exif_jpeg, forged_jpeg, png_bomb
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)
@@ -102,10 +103,9 @@ def test_decode_batch_gives_one_row_per_input_with_the_error_or_the_size() -> No
     odds = corpus()
     n = len(odds) + 1
     batch = {
-        "image_id": np.array([odd.name for odd in odds] + ["gone.jpg"], dtype=object),
-        "source": np.array([odd.name for odd in odds] + ["gone.jpg"], dtype=object),
+        **input_columns([odd.name for odd in odds] + ["gone.jpg"]),
         "data": np.array([odd.build() for odd in odds] + [b""], dtype=object),
-        "error": np.array([""] * len(odds) + ["unreadable: FileNotFoundError: gone.jpg"], dtype=object),
+        "error": np.array([""] * len(odds) + ["not found: gone.jpg"], dtype=object),
     }
     out = decode_batch(batch, max_pixels=MAX_PIXELS, inference=INFERENCE)
     assert all(len(column) == n for column in out.values())
@@ -116,4 +116,5 @@ def test_decode_batch_gives_one_row_per_input_with_the_error_or_the_size() -> No
             assert out["width"][i] == out["height"][i] == 0
         else:
             assert out["error"][i] == "" and (out["width"][i], out["height"][i]) == odd.size
-    assert out["error"][-1] == "unreadable: FileNotFoundError: gone.jpg" and out["pixels"][-1] is EMPTY_PIXELS
+    assert out["error"][-1] == "not found: gone.jpg" and out["pixels"][-1] is EMPTY_PIXELS
+    assert list(out["member"]) == [None] * n and not out["retryable"].any()  # passed through

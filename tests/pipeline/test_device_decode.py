@@ -11,7 +11,7 @@ from model.predictor import InferenceConfig, PreparedImage
 from pipeline.decode import decode_batch
 from pipeline.device_decode import prepare_encoded
 from pipeline.predict import PanopticSegmenter
-from tests.pipeline.images import photo_bytes
+from tests.pipeline.images import input_columns, photo_bytes
 from tests.pipeline.odd_inputs import corpus
 
 CPU_PATH = InferenceConfig(min_size=64, max_size=107)
@@ -22,12 +22,8 @@ MAX_PIXELS = 89_478_485
 def _rows(named: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
     data = np.empty(len(named), dtype=object)
     data[:] = [payload for _, payload in named]
-    return {
-        "image_id": np.array([name for name, _ in named], dtype=object),
-        "source": np.array([name for name, _ in named], dtype=object),
-        "data": data,
-        "error": np.array([""] * len(named), dtype=object),
-    }
+    errors = np.array([""] * len(named), dtype=object)
+    return {**input_columns([name for name, _ in named]), "data": data, "error": errors}
 
 
 def _finish_on_device(decoded: dict[str, np.ndarray], inference: InferenceConfig, device: str) -> list:

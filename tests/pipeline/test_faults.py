@@ -4,9 +4,9 @@ Each test checks the output, not the logs: the ``images`` table holds every inpu
 ``segments`` table has no duplicate (image_id, segment_id), every image's ``num_segments`` matches its
 segment rows, and every ``segments`` part has its ``images`` part (no orphans left behind).
 
-Results reach the driver one Ray Data block (16 images, see `pipeline.run`) at a time, and one block late
-(the iterator holds a block until the next one is ready), so 64 inputs give a first commit with two blocks
-still to do: that is when each fault strikes. Processes are killed by PID, found as descendants of
+Write tasks commit parts of 2 images (``--rows-per-file 2``) as results stream in, so 64 inputs give a first
+commit long before the last: that is when each fault strikes (write tasks killed mid-commit are in
+tests/pipeline/test_write_stage.py). Processes are killed by PID, found as descendants of
 processes these tests started (`tests.pipeline.fault_probes`), never by name.
 """
 
@@ -22,15 +22,20 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections import Counter
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from tests.pipeline.fault_probes import committed_ids, committed_parts, descendants, segmenter_pids, wait_for
+from tests.pipeline.fault_probes import (
+    assert_exactly_once,
+    committed_ids,
+    committed_parts,
+    descendants,
+    segmenter_pids,
+    wait_for,
+)
 from tests.pipeline.images import photo_bytes
 
 pytestmark = [
@@ -57,28 +62,13 @@ def inputs(tmp_path: Path) -> tuple[Path, set[str]]:
     return folder, {str(p) for p in folder.glob("*.jpg")}
 
 
-def assert_exactly_once(output: Path, expected: set[str]) -> None:
-    images = pads.dataset(str(output / "images"), format="parquet").to_table().to_pylist()
-    ids = Counter(r["image_id"] for r in images)
-    assert set(ids) == expected, f"missing {sorted(expected - set(ids))[:5]}, extra {sorted(set(ids) - expected)[:5]}"
-    assert [i for i, n in ids.items() if n > 1] == []
-    assert all(r["status"] == "ok" for r in images)
-    segments = pads.dataset(str(output / "segments"), format="parquet").to_table(columns=["image_id", "segment_id"])
-    pairs = Counter(zip(segments["image_id"].to_pylist(), segments["segment_id"].to_pylist()))
-    assert [p for p, n in pairs.items() if n > 1] == []
-    per_image = Counter(image_id for image_id, _ in pairs)
-    assert {r["image_id"]: r["num_segments"] for r in images} == {i: per_image.get(i, 0) for i in expected}
-    segment_parts = {p.name for p in (output / "segments").glob("part-*.parquet")}
-    assert segment_parts == {p.name for p in committed_parts(output)}
-
-
 def test_killed_model_actor_is_restarted_and_its_batches_redone(
     ray_session: None, inputs: tuple[Path, set[str]], tmp_path: Path
 ) -> None:
     """SIGKILL the segmenter actor's process after the first commit: Ray Data restarts the actor and
     retries its in-flight tasks (`max_restarts=-1`, `max_task_retries=-1` are its defaults for actor
-    pools). A task's block reaches the driver only when the task ends, so a killed task delivers nothing
-    and its retry delivers the block once (the writer would drop a repeat of a committed id anyway)."""
+    pools). A task's block moves on only when the task ends, so a killed task delivers nothing and its retry
+    delivers the block once."""
     from pipeline.run import run_job
 
     folder, expected = inputs
@@ -123,8 +113,8 @@ def test_killed_model_actor_is_restarted_and_its_batches_redone(
 def test_killed_driver_then_rerun_commits_each_image_once(
     ray_session: None, inputs: tuple[Path, set[str]], tmp_path: Path
 ) -> None:
-    """SIGKILL `python -m jobs.segment` (the driver, which is also the writer) after its first commit,
-    then run the same command again: it skips what was committed and does the rest."""
+    """SIGKILL `python -m jobs.segment` (the driver, holder of the output's lease) after the first commit,
+    then run the same command again: it takes the lease over, skips what was committed and does the rest."""
     import ray
 
     folder, expected = inputs
@@ -147,10 +137,16 @@ def test_killed_driver_then_rerun_commits_each_image_once(
 
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
-    done = re.search(r"done: (\d+) images ok, (\d+) errors, \d+ segments, (\d+) already committed", second.stdout)
+    done = re.search(
+        r"done: (\d+) images ok, (\d+) errors \(0 retryable\), \d+ segments, (\d+) already committed.*now holds (\d+) "
+        r"images",
+        second.stdout,
+    )
     assert done, second.stdout
-    assert [int(n) for n in done.groups()] == [NUM_IMAGES - len(committed), 0, len(committed)]
-    assert json.loads((output / "_SUCCESS").read_text())["images_ok"] == NUM_IMAGES - len(committed)
+    assert [int(n) for n in done.groups()] == [NUM_IMAGES - len(committed), 0, len(committed), NUM_IMAGES]
+    success = json.loads((output / "_SUCCESS").read_text())
+    assert success["this_run"]["images_ok"] == NUM_IMAGES - len(committed)
+    assert success["output"]["images"] == success["output"]["images_ok"] == NUM_IMAGES
     assert_exactly_once(output, expected)
 
 

@@ -93,9 +93,14 @@ def test_local_folder_end_to_end(ray_session: None, tmp_path: Path, predictor: P
             assert seg["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
             assert seg["category_id"] == ref.category_id and seg["isthing"] == ref.isthing
 
-    run = json.loads((tmp_path / "out" / "_run.json").read_text())
-    assert run["config"]["model"]["variant"] == "detr-r50-panoptic"
-    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["images_ok"] == 4
+    run = json.loads((tmp_path / "out" / "_runs" / f"{summary.run_id}.json").read_text())
+    assert run["config"]["model"]["variant"] == "detr-r50-panoptic" and run["status"] == "finished"
+    assert run["settings"]["threshold"] == INFERENCE.threshold and run["this_run"]["images_ok"] == 4
+    success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert success["run_id"] == summary.run_id and success["this_run"]["images_ok"] == 4
+    assert (success["output"]["images"], success["output"]["images_error"]) == (6, 2)
+    assert {r["run_id"] for r in images} == {summary.run_id}
+    assert all(r["member"] is None and r["input_version"].startswith("mtime=") for r in images)  # whole files
 
 
 def test_rerun_resumes_without_duplicates(ray_session: None, tmp_path: Path) -> None:
@@ -128,7 +133,7 @@ def test_crash_between_part_files_is_cleaned_on_rerun(ray_session: None, tmp_pat
     out = tmp_path / "out"
     run_job(_config([str(folder)], out), show_progress=False)
     images_part = next((out / "images").glob("*.parquet"))
-    images_part.unlink()  # as if the driver died after writing the segments part
+    images_part.unlink()  # as if the write task died after writing the segments part
     summary = run_job(_config([str(folder)], out), show_progress=False)
     assert summary.images_ok == 1 and summary.skipped_committed == 0
     assert _read(out, "images").column("image_id").to_pylist() == [str(folder / "x.jpg")]

@@ -87,11 +87,13 @@ def test_s3_folder_tar_and_parquet_to_s3(ray_session: None, bucket: str) -> None
     assert per_image == {k: v["num_segments"] for k, v in ok_rows.items() if v["num_segments"]}
     listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="out/run1/")["Contents"]
     keys = {o["Key"] for o in listing}
-    assert "out/run1/_SUCCESS" in keys and "out/run1/_run.json" in keys
+    assert "out/run1/_SUCCESS" in keys and f"out/run1/_runs/{summary.run_id}.json" in keys
+    assert "out/run1/_lease.json" not in keys  # released at the end
 
     # Re-running the same command commits nothing new.
     again = run_job(_config(inputs, output), show_progress=False)
     assert (again.images_ok, again.images_error, again.skipped_committed) == (0, 0, 8)
+    assert again.parts == 0 and again.totals.images == 8
     assert open_table(output, "images").count_rows() == 8
 
 

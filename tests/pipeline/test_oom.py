@@ -1,5 +1,5 @@
 """A CUDA out-of-memory error on a batch: the actor retries the halves, down to one image; an image that
-still does not fit becomes an error row, and every other image gets its result (no GPU needed: the
+still does not fit becomes a retryable error row, and every other image gets its result (no GPU needed: the
 predictor raises the error the way torch does)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from model.panoptic import PanopticResult, Segment
 from model.predictor import InferenceConfig, PreparedImage
 from pipeline.predict import PanopticSegmenter
+from tests.pipeline.images import input_columns
 
 HUGE = 40  # images at least this wide "do not fit" on their own
 
@@ -38,8 +39,7 @@ def _batch(widths: list[int]) -> dict[str, np.ndarray]:
     pixels = np.empty(len(widths), dtype=object)
     pixels[:] = [np.zeros((10, w, 3), dtype=np.uint8) for w in widths]
     return {
-        "image_id": np.array([f"img{i}" for i in range(len(widths))], dtype=object),
-        "source": np.array(["s"] * len(widths), dtype=object),
+        **input_columns([f"img{i}" for i in range(len(widths))], source="s"),
         "pixels": pixels,
         "width": np.array(widths, dtype=np.int32),
         "height": np.full(len(widths), 10, dtype=np.int32),
@@ -60,7 +60,8 @@ def test_batch_that_does_not_fit_is_split_and_the_huge_image_is_an_error_row() -
     rows = segmenter(_batch(widths)).to_pylist()
     assert [r["image_id"] for r in rows] == [f"img{i}" for i in range(8)]
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok", "ok", "ok", "ok"]
-    assert rows[3]["error"] == "CUDA out of memory on this single image"
+    assert rows[3]["error"] == "CUDA out of memory on this single image" and rows[3]["retryable"]
+    assert not any(r["retryable"] for i, r in enumerate(rows) if i != 3)
     assert all(r["segments"][0]["area"] == 10 * w for r, w in zip(rows, widths) if r["status"] == "ok")
     # 8 -> 4 + 4 -> (2 + 2) + (2 + 2) -> the pair with the huge image splits once more
     assert segmenter.predictor.calls == [8, 4, 2, 2, 1, 1, 4, 2, 2]  # type: ignore[attr-defined]

@@ -17,7 +17,6 @@ from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
 from pipeline.sources import read_refs
-from pipeline.write import OutputWriter
 from tests.pipeline.images import photo_bytes
 
 FAKE_WIDTH = 7  # marks the rows committed by hand below: a redone image would have its real width
@@ -37,8 +36,8 @@ def _commit_by_hand(output: Path, rows: list[tuple[str, str]]) -> None:
     """A committed part of ``(image_id, source)`` rows, as an interrupted earlier run leaves it."""
     images = pa.Table.from_pylist(
         [
-            {"image_id": i, "source": s, "width": FAKE_WIDTH, "height": 5, "status": "ok", "error": None}
-            | {"num_segments": 0}
+            {"image_id": i, "source": s, "member": i.split("#", 1)[1] if "#" in i else None, "width": FAKE_WIDTH}
+            | {"height": 5, "status": "ok", "error": None, "retryable": False, "num_segments": 0, "run_id": "earlier"}
             for i, s in rows
         ],
         schema=IMAGES_SCHEMA,
@@ -98,7 +97,6 @@ def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
     for name in ("read", "read_row_group", "read_row_groups", "iter_batches"):
         monkeypatch.setattr(pq.ParquetFile, name, refuse)
     monkeypatch.setattr(pads, "dataset", refuse)
-    assert not hasattr(OutputWriter, "committed_image_ids")
     again = run_job(_config(inputs, output), show_progress=False)
     monkeypatch.undo()
     assert (again.images_ok, again.images_error, again.skipped_committed) == (0, 0, len(expected))
@@ -106,28 +104,31 @@ def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
     assert sorted(ids.column("image_id").to_pylist()) == sorted(expected)
 
 
-def test_read_refs_leaves_out_skipped_and_repeated_ids_of_a_shard(tmp_path: Path) -> None:
-    """Committed members (``skip``) are not emitted, and an id repeated inside one Parquet shard is emitted once."""
+def test_read_refs_leaves_out_skipped_members_and_repeated_ids_of_a_shard(tmp_path: Path) -> None:
+    """Committed members (``skip``) are not emitted; an id repeated inside one Parquet shard is emitted once, its
+    repeat is an error row under the row's own id."""
     shard = tmp_path / "ids.parquet"
     data = [photo_bytes(20, 20, seed=i) for i in range(4)]
     pq.write_table(pa.table({"key": ["p1", "p2", "p2", "p3"], "image": data}), shard)
     tar = tmp_path / "t.tar"
     _tar(tar, [("a.jpg", data[0]), ("b.jpg", data[1])])
     rows = read_refs(
-        {"uri": [str(shard), str(tar)], "kind": ["parquet", "tar"], "skip": [["p3"], [f"{tar}#a.jpg"]]},
+        {"uri": [str(shard), str(tar)], "kind": ["parquet", "tar"], "skip": [["row=3"], ["a.jpg"]]},
         bytes_column="image",
         id_column="key",
     )
-    assert list(rows["image_id"]) == ["p1", "p2", f"{tar}#b.jpg"]
+    assert list(rows["image_id"]) == ["p1", "p2", f"{shard}#row=2", f"{tar}#b.jpg"]
+    assert list(rows["member"]) == ["row=0", "row=1", "row=2", "b.jpg"]
     assert rows["data"][1] == data[1]  # the first of the repeated rows
+    assert rows["error"][2] == "repeated image id 'p2' in this shard (its first row is kept)"
+    assert list(rows["error"][[0, 1, 3]]) == ["", "", ""]
 
 
 def test_an_unreadable_shard_whose_error_row_is_committed_gets_no_second_one(tmp_path: Path) -> None:
     broken = tmp_path / "broken.tar"
     broken.write_bytes(b"not a tar at all" * 64)
     fresh = read_refs({"uri": [str(broken)], "kind": ["tar"]}, bytes_column="image", id_column=None)
-    assert list(fresh["image_id"]) == [str(broken)] and fresh["error"][0].startswith("unreadable")
-    again = read_refs(
-        {"uri": [str(broken)], "kind": ["tar"], "skip": [[str(broken)]]}, bytes_column="image", id_column=None
-    )
+    assert list(fresh["image_id"]) == [f"{broken}#"] and list(fresh["member"]) == [""]
+    assert fresh["error"][0].startswith("unreadable: not a tar archive") and not fresh["retryable"][0]
+    again = read_refs({"uri": [str(broken)], "kind": ["tar"], "skip": [[""]]}, bytes_column="image", id_column=None)
     assert list(again["image_id"]) == []

@@ -1,14 +1,19 @@
-"""RLE on CPU workers (``encode_rle=False`` + `encode_results`) gives exactly the rows of RLE in the actor."""
+"""RLE on CPU workers (``encode_rle=False`` + `encode_results`) gives exactly the rows of RLE in the actor, and
+the tables between the stages are Arrow all the way (nothing pickled)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.decode import decode_batch
-from pipeline.predict import PanopticSegmenter, encode_results
-from tests.pipeline.images import photo_bytes
+from pipeline.predict import PanopticSegmenter, encode_results, prediction_table
+from pipeline.predict import input_columns as input_columns_of
+from pipeline.rle import decode_rle
+from pipeline.schema import PREDICTION_SCHEMA, RESULT_SCHEMA
+from tests.pipeline.images import input_columns, photo_bytes
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)
 
@@ -21,20 +26,21 @@ def test_deferred_rle_rows_equal_the_actor_rows() -> None:
     ]
     data = np.empty(len(named), dtype=object)
     data[:] = [payload for _, payload in named]
-    rows = {
-        "image_id": np.array([name for name, _ in named], dtype=object),
-        "source": np.array([name for name, _ in named], dtype=object),
-        "data": data,
-        "error": np.array([""] * len(named), dtype=object),
-    }
+    rows = {**input_columns([name for name, _ in named]), "data": data, "error": np.array([""] * 3, dtype=object)}
     decoded = decode_batch(rows, max_pixels=10**8, inference=INFERENCE)
     segmenter = PanopticSegmenter(variant="detr-r50-panoptic", weights="synthetic", inference=INFERENCE, device="cpu")
     in_actor = segmenter(decoded)
     segmenter.encode_rle = False  # the same model, as built with encode_rle=False
     deferred = segmenter(decoded)
-    assert deferred["id_map"][0].dtype == np.uint8 and deferred["id_map"][0].shape == (72, 96)
+    assert deferred.schema == PREDICTION_SCHEMA and in_actor.schema == RESULT_SCHEMA
+    assert len(deferred.column("id_map")[0].as_py()) == 72 * 96  # one byte per pixel
+    assert deferred.column("id_map")[1].as_py() == b"" and deferred.column("error")[1].as_py()
     assert sum(len(r["segments"]) for r in in_actor.to_pylist()) > 0  # something to encode
     assert encode_results(deferred).equals(in_actor)
+    for row in in_actor.to_pylist():  # every mask decodes to its area, in the image's frame
+        for segment in row["segments"]:
+            mask = decode_rle(segment["rle"]["size"], segment["rle"]["counts"])
+            assert mask.shape == (row["height"], row["width"]) and int(mask.sum()) == segment["area"]
 
 
 @pytest.mark.parametrize("threshold", [0.85, 0.999999])  # some images without segments; none with any
@@ -68,6 +74,7 @@ def test_jobs_with_rle_on_workers_and_in_the_actor_write_the_same_tables(
             name: pads.dataset(str(tmp_path / rle_on / name)).to_table().sort_by([(k, "ascending") for k in key])
             for name, key in keys.items()
         }
+        tables[rle_on]["images"] = tables[rle_on]["images"].drop_columns(["run_id"])  # two runs, two ids
     segments_per_image = tables["actor"]["images"].column("num_segments").to_pylist()
     if threshold < 0.9:
         assert 0 in segments_per_image and max(segments_per_image) > 0  # both kinds of rows
@@ -77,34 +84,30 @@ def test_jobs_with_rle_on_workers_and_in_the_actor_write_the_same_tables(
         assert tables["workers"][name].equals(tables["actor"][name]), name
 
 
-def _unencoded_block(with_segments: bool, offset: int) -> dict[str, np.ndarray]:
+def _unencoded_block(with_segments: bool, offset: int) -> pa.Table:
     """Two rows as `PanopticSegmenter(encode_rle=False)` returns them, with or without segments."""
     from model.panoptic import PanopticResult, Segment
-    from pipeline.predict import _unencoded_batch
 
     id_map = np.zeros((3, 4), dtype=np.uint8)
     id_map[:, 2:] = 1
     segments = [Segment(0, 1, True, 0.9, 6, (0, 0, 2, 3)), Segment(1, 184, False, 0.95, 6, (2, 0, 2, 3))]
     results = {i: PanopticResult(id_map, segments if with_segments else []) for i in range(2)}
     batch = {
-        "image_id": np.array([f"img{offset + i}" for i in range(2)], dtype=object),
-        "source": np.array(["s", "s"], dtype=object),
+        **input_columns([f"img{offset + i}" for i in range(2)], source="s"),
         "width": np.array([4, 4], dtype=np.int32),
         "height": np.array([3, 3], dtype=np.int32),
     }
-    return _unencoded_batch(batch, results, ["", ""])
+    return prediction_table(batch, results, errors=["", ""], retryable=[False, False])
 
 
 def test_encode_stage_merges_blocks_with_and_without_segments(ray_session: None) -> None:
-    """Arrow types a block whose rows all lack segments differently from one with segments; merged into one
-    batch for the encode stage, the empty lists come back as None. Every row must still be encoded."""
+    """Blocks whose rows all lack segments, merged with others into one batch for the encode stage, are still
+    encoded row by row."""
     import ray
 
     blocks = [_unencoded_block(False, 0), _unencoded_block(True, 2), _unencoded_block(False, 4)]
-    ds = ray.data.range(3, override_num_blocks=3).map_batches(
-        lambda b: blocks[int(b["id"][0])], batch_size=1, batch_format="numpy"
-    )
-    out = ds.map_batches(encode_results, batch_size=6, batch_format="numpy").take_all()
+    ds = ray.data.from_arrow(blocks)
+    out = ds.map_batches(encode_results, batch_size=6, batch_format="pyarrow").take_all()
     by_id = {row["image_id"]: row for row in out}
     expected = {row["image_id"]: row for block in blocks for row in encode_results(block).to_pylist()}
     assert sorted(by_id) == sorted(expected) == [f"img{i}" for i in range(6)]
@@ -113,3 +116,21 @@ def test_encode_stage_merges_blocks_with_and_without_segments(ray_session: None)
         assert [s["rle"]["counts"] for s in by_id[image_id]["segments"]] == [
             s["rle"]["counts"] for s in row["segments"]
         ]
+    left = decode_rle([3, 4], expected["img2"]["segments"][0]["rle"]["counts"])
+    assert left.tolist() == [[True, True, False, False]] * 3  # segment 0 is the left half of the id map
+
+
+def test_input_columns_come_back_typed_from_numpy_batches() -> None:
+    """Ray hands an all-null string column to numpy stages as float32 NaN, and an integer column with nulls as
+    floats: the Arrow tables the actor returns have them as nulls again."""
+    batch = {
+        "image_id": np.array(["a", "b"], dtype=object),
+        "source": np.array(["a", "s.tar"], dtype=object),
+        "member": np.array([np.nan, np.nan], dtype=np.float32),
+        "input_size": np.array([5.0, np.nan]),
+        "input_version": np.array([None, "v1"], dtype=object),
+    }
+    columns = input_columns_of(batch)
+    assert columns["member"].to_pylist() == [None, None]
+    assert columns["input_size"].to_pylist() == [5, None] and columns["input_size"].type == pa.int64()
+    assert columns["input_version"].to_pylist() == [None, "v1"]

@@ -65,7 +65,11 @@ def test_key_deleted_between_listing_and_reading_is_an_error_row(proxy: FaultPro
     out = _read(*sorted(r["uri"] for r in refs))
     by_id = dict(zip(out["image_id"].tolist(), out["error"].tolist()))
     assert by_id[f"s3://{BUCKET}/race/keep.jpg"] == ""
-    assert "FileNotFoundError" in by_id[f"s3://{BUCKET}/race/gone.jpg"]
+    assert by_id[f"s3://{BUCKET}/race/gone.jpg"].startswith("not found:")
+    assert dict(zip(out["image_id"].tolist(), out["retryable"].tolist())) == {
+        f"s3://{BUCKET}/race/keep.jpg": False,
+        f"s3://{BUCKET}/race/gone.jpg": False,  # gone is final: a re-run would not find it either
+    }
 
 
 def test_dead_endpoint_gives_an_error_row_after_bounded_retries(proxy: FaultProxy) -> None:
@@ -73,5 +77,5 @@ def test_dead_endpoint_gives_an_error_row_after_bounded_retries(proxy: FaultProx
     s3fs.S3FileSystem.clear_instance_cache()
     proxy.set_fault("stopped")
     out = _read(f"s3://{BUCKET}/dead.jpg")
-    assert out["error"][0].startswith("unreadable:")
+    assert out["error"][0].startswith("unreadable:") and out["retryable"][0]  # the next run tries again
     assert out["data"][0] == b""

@@ -1,0 +1,659 @@
+"""Exactly once, across crashes and re-runs: what is committed, and what a run does with an output it finds.
+
+The protocol
+------------
+1. **One writer.** A run takes the output's lease (`pipeline.lease`) before it touches anything; a second run
+   on a held output stops (exit code 2). Clean-up, retractions and commits happen only under the lease, and
+   every commit checks that its run still holds it.
+2. **Commit.** A part is committed by a write task on a Ray worker (`pipeline.write`): its ``segments`` file,
+   then its ``images`` file, each published whole. The ``images`` file is the commit record of every image in
+   it (ok or error). Part names hash the part's image ids, so a retried task overwrites its own files.
+3. **A run starts** (`prepare_output`) by removing temporary files and ``segments`` parts without an
+   ``images`` part (a crash between the two writes), then reads every ``images`` part's footer on the workers
+   (`inspect_parts`); a part that cannot be read (cut short, not Parquet) is moved to ``_quarantine/<run>/``
+   with its ``segments`` part, logged, and its images are done again.
+4. **Settings.** A run whose model settings (`model_settings`: variant, weights checksum, sizes, threshold,
+   precision, batch mode, device preprocessing, pixel cap) differ from those of a run on record in
+   ``_runs/`` stops with one line saying what differs, unless it is allowed on purpose.
+5. **What is redone** (`plan`, on Ray workers; the driver never holds committed ids). Every committed images
+   row is matched with this run's inputs (files by URI, shard members by shard and member):
+   - an input without a committed row is done;
+   - a committed row with a *retryable* error (the store was unreachable, a timeout, throttling, 5xx, a
+     CUDA out-of-memory) is retracted and its input done again;
+   - a committed row whose input changed since (the listing's size/ETag/mtime differs from the row's
+     ``input_size`` / ``input_version``) is retracted and done again; a changed shard is done again whole;
+   - an input committed more than once (an output damaged by hand) has all its rows retracted and is done
+     once;
+   - every other committed row is kept and its input skipped;
+   - committed rows of inputs that are not among this run's inputs (deleted files, another input list) are
+     kept and counted in the summary.
+   Retracting rewrites the parts concerned without those rows (``segments`` first, then ``images``; a part
+   left empty is deleted, ``images`` first), before the run commits anything. A crash in between leaves the
+   rows' decision unchanged, so the next run retracts the rest.
+   Lines of text manifests are not re-checked for changes (a HEAD request per committed object would cost more
+   than the resume itself); listed files and shards are.
+6. **Records.** Each images row names its run (``run_id``); each run that committed something has
+   ``_runs/<run_id>.json`` (settings, weights, versions, counts, status). ``_SUCCESS`` is written when a run
+   finishes, with this run's counts and the output's totals, and is removed by the first commit of a run.
+
+Tested against: a killed model actor, a killed driver then a re-run, a lost node, a write task killed between
+its two files and after both, two runs started together and one started mid-run, an exception and a signal
+during an S3 upload, a store that drops connections (retryable rows retried on the next run), inputs
+changed / deleted / added between a crash and the resume, a changed threshold, an unreadable committed part,
+the output inside the input folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import JobConfig
+from pipeline.schema import IMAGES_TABLE, SEGMENTS_SCHEMA, SEGMENTS_TABLE
+from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, file_id, manifest_base, manifest_rows
+from pipeline.storage import is_temporary, publish
+from pipeline.write import COUNTS_KEY, PART_PREFIX, RUNS_FOLDER, parquet_bytes, part_counts
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_FOLDER = "_quarantine"
+
+
+class SettingsChanged(ValueError):
+    """This run's model settings differ from those the output was made with (one line for the user)."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# The driver: under the lease, before any work
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    images_ok: int = 0
+    images_error: int = 0
+    images_retryable: int = 0
+    segments: int = 0
+
+    @property
+    def images(self) -> int:
+        return self.images_ok + self.images_error
+
+    def add(self, other: Counts | dict[str, Any], sign: int = 1) -> None:
+        values = asdict(other) if isinstance(other, Counts) else other
+        for name in ("images_ok", "images_error", "images_retryable", "segments"):
+            setattr(self, name, getattr(self, name) + sign * int(values.get(name, 0)))
+
+
+@dataclass
+class OutputState:
+    """What a run found in its output before doing anything."""
+
+    parts: list[str] = field(default_factory=list)  # committed images parts (paths in the output's fs)
+    totals: Counts = field(default_factory=Counts)  # over those parts
+    quarantined: list[str] = field(default_factory=list)  # part names moved aside
+    orphans_removed: int = 0
+    runs: list[dict[str, Any]] = field(default_factory=list)  # records in _runs/
+
+
+def _table_folder(root: str, table: str) -> str:
+    return posixpath.join(root, table)
+
+
+def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[set[str], list[str]]:
+    """(part file names, temporary files) of one table folder."""
+    try:
+        paths = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return set(), []
+    names = [posixpath.basename(p.rstrip("/")) for p in paths]
+    parts = {n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
+    return parts, [posixpath.join(folder, n) for n in names if is_temporary(n)]
+
+
+def prepare_output(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], int]:
+    """Remove what interrupted runs left behind (temporary files; ``segments`` parts without their ``images``
+    part); returns (committed images part paths, orphans removed). Only under the lease."""
+    segments, temporary_segments = _part_names(fs, _table_folder(root, SEGMENTS_TABLE))
+    images, temporary_images = _part_names(fs, _table_folder(root, IMAGES_TABLE))
+    for path in temporary_segments + temporary_images:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+    orphans = sorted(segments - images)
+    for name in orphans:
+        log.warning("removing segments part %s: an interrupted run wrote it but never committed it", name)
+        fs.rm(posixpath.join(root, SEGMENTS_TABLE, name))
+    return sorted(posixpath.join(root, IMAGES_TABLE, n) for n in images), len(orphans)
+
+
+def quarantine(fs: fsspec.AbstractFileSystem, root: str, part: str, *, run_id: str, problem: str) -> None:
+    """Move an unreadable committed part (both tables) to ``_quarantine/<run_id>/``: its images are redone."""
+    name = posixpath.basename(part)
+    log.warning("moving unreadable part %s to %s/%s/ (%s); its images are done again", name, QUARANTINE_FOLDER,
+                run_id, problem)  # fmt: skip
+    for table in (IMAGES_TABLE, SEGMENTS_TABLE):  # images first: the commit record goes, then its segments
+        source = posixpath.join(root, table, name)
+        with contextlib.suppress(FileNotFoundError):
+            fs.mv(source, posixpath.join(root, QUARANTINE_FOLDER, run_id, table, name))
+
+
+def read_run_records(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
+    """The records in ``_runs/``, oldest first (run ids sort by time)."""
+    folder = posixpath.join(root, RUNS_FOLDER)
+    try:
+        paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(fs.cat_file(path)))
+        except (json.JSONDecodeError, FileNotFoundError) as exc:
+            log.warning("ignoring unreadable run record %s (%s)", path, exc)
+    return records
+
+
+def model_settings(config: JobConfig, weights_sha256: str) -> dict[str, Any]:
+    """The settings that change a row's content: two runs into one output must agree on them.
+    (``channels_last`` is left out: fp32 either way, equal at the float32 noise floor.)"""
+    inference = {k: v for k, v in asdict(config.inference).items() if k != "channels_last"}
+    return {
+        "variant": config.model.variant,
+        "weights_sha256": weights_sha256 or config.model.weights,
+        "max_pixels": config.input.max_pixels,
+        **inference,
+    }
+
+
+def check_settings(records: list[dict[str, Any]], settings: dict[str, Any], *, allow: bool) -> None:
+    """Raise `SettingsChanged` when a recorded run's settings differ from ``settings`` (unless ``allow``)."""
+    for record in records:
+        theirs = record.get("settings", {})
+        differ = {k: (theirs[k], v) for k, v in settings.items() if k in theirs and theirs[k] != v}
+        if differ and not allow:
+            what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in sorted(differ.items()))
+            raise SettingsChanged(
+                f"the output was made with {what} by run {record.get('run_id', '?')}; use another --output, "
+                "or --allow-mixed-settings to add rows made with these settings on purpose"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ray stage functions over committed parts (pure: no Ray import)
+# ------------------------------------------------------------------------------------------------------
+
+INSPECTION_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("images_ok", pa.int64()),
+        ("images_error", pa.int64()),
+        ("images_retryable", pa.int64()),
+        ("segments", pa.int64()),
+        ("problem", pa.string()),  # null when readable
+    ]
+)
+
+
+def inspect_parts(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
+    """{"path"} of committed ``images`` parts -> their counts from the Parquet footer (older parts without
+    them: from their columns), or the ``problem`` that makes a part unreadable."""
+    fs, _ = fsspec.core.url_to_fs(output)
+    rows = []
+    for path in (str(p) for p in batch["path"]):
+        row: dict[str, Any] = {"path": path, "problem": None}
+        try:
+            with fs.open(path, "rb") as f:
+                file = pq.ParquetFile(f)
+                metadata = file.schema_arrow.metadata or {}
+                if COUNTS_KEY in metadata:
+                    row |= json.loads(metadata[COUNTS_KEY])
+                else:
+                    columns = [c for c in ("status", "retryable", "num_segments") if c in file.schema_arrow.names]
+                    row |= part_counts(file.read(columns=columns))
+        except FileNotFoundError:
+            continue  # gone since the listing (moved aside by hand): nothing committed there any more
+        except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+            row["problem"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=INSPECTION_SCHEMA)
+
+
+COMMITTED_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("member", pa.string()),
+        ("retryable", pa.bool_()),
+        ("input_size", pa.int64()),
+        ("input_version", pa.string()),
+        ("part", pa.string()),
+    ]
+)
+
+
+def committed_rows(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
+    """{"path"} of committed ``images`` parts -> one `COMMITTED_SCHEMA` row per committed image. Parts written
+    before the ``member`` column existed get it from the old ids (``shard#member``)."""
+    fs, _ = fsspec.core.url_to_fs(output)
+    tables = [COMMITTED_SCHEMA.empty_table()]
+    for path in (str(p) for p in batch["path"]):
+        with fs.open(path, "rb") as f:
+            file = pq.ParquetFile(f)
+            names = set(file.schema_arrow.names)
+            table = file.read(columns=[c for c in ("image_id", *COMMITTED_SCHEMA.names) if c in names])
+        n = table.num_rows
+        columns = {}
+        for field_ in COMMITTED_SCHEMA:
+            if field_.name in names:
+                columns[field_.name] = table.column(field_.name).cast(field_.type)
+            elif field_.name == "member":
+                columns["member"] = _members_of_old_rows(table)
+            elif field_.name == "retryable":
+                columns["retryable"] = pa.array(np.zeros(n, dtype=bool))
+            elif field_.name == "part":
+                columns["part"] = pa.array([posixpath.basename(path)] * n, pa.string())
+            else:
+                columns[field_.name] = pa.nulls(n, field_.type)
+        tables.append(pa.table(columns, schema=COMMITTED_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def _members_of_old_rows(table: pa.Table) -> pa.Array:
+    ids, sources = table.column("image_id").to_pylist(), table.column("source").to_pylist()
+    return pa.array(
+        [None if i == s else (i[len(s) + 1 :] if i.startswith(s + "#") else i) for i, s in zip(ids, sources)],
+        pa.string(),
+    )
+
+
+# The resume plan: what happens to each input and each committed row. "do": read and segment it; "retract":
+# remove the committed row(s) and do it again; "skip": committed, kept; "unlisted": committed, not an input.
+DO, RETRACT, SKIP, UNLISTED = "do", "retract", "skip", "unlisted"
+
+_KEY_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("listed", pa.int8()),
+        ("version", pa.string()),  # the listing's
+        ("size", pa.int64()),
+        ("committed", pa.int64()),  # committed rows of this URI
+        ("retryable", pa.int8()),
+        ("c_version", pa.string()),
+        ("c_size", pa.int64()),
+        ("part", pa.string()),
+    ]
+)
+
+
+def file_ref_keys(batch: pa.Table) -> pa.Table:
+    """File refs -> rows of the resume aggregation by URI (`_KEY_SCHEMA`)."""
+    n = batch.num_rows
+    columns = {
+        "uri": batch.column("uri").cast(pa.string()),
+        "listed": pa.array(np.ones(n, dtype=np.int8)),
+        "version": batch.column("version") if "version" in batch.column_names else pa.nulls(n, pa.string()),
+        "size": batch.column("size") if "size" in batch.column_names else pa.nulls(n, pa.int64()),
+    }
+    return _keys(columns, n)
+
+
+def committed_file_keys(batch: pa.Table) -> pa.Table:
+    """Committed rows (`COMMITTED_SCHEMA`) of whole files -> rows of the resume aggregation by URI."""
+    files = batch.filter(pc.is_null(batch.column("member")))
+    n = files.num_rows
+    columns = {
+        "uri": files.column("source"),
+        "committed": pa.array(np.ones(n, dtype=np.int64)),
+        "retryable": pc.cast(pc.fill_null(files.column("retryable"), False), pa.int8()),
+        "c_version": files.column("input_version"),
+        "c_size": files.column("input_size"),
+        "part": files.column("part"),
+    }
+    return _keys(columns, n)
+
+
+def _keys(columns: dict[str, pa.Array], n: int) -> pa.Table:
+    """`_KEY_SCHEMA` rows from some of its columns: counters absent are 0, the rest null."""
+    full = {}
+    for f in _KEY_SCHEMA:
+        if f.name in columns:
+            full[f.name] = columns[f.name].cast(f.type)
+        elif f.name in ("listed", "committed", "retryable"):
+            full[f.name] = pa.array(np.zeros(n, dtype=np.int64)).cast(f.type)
+        else:
+            full[f.name] = pa.nulls(n, f.type)
+    return pa.table(full, schema=_KEY_SCHEMA)
+
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("action", pa.string()),
+        ("reason", pa.string()),  # of a retraction: "retryable", "changed", "repeated"
+        ("uri", pa.string()),  # the file or shard
+        ("kind", pa.string()),
+        ("member", pa.string()),  # shards: the member concerned; files: null
+        ("parts", pa.list_(pa.string())),  # retractions: the parts that hold the row(s)
+    ]
+)
+
+
+def decide_files(batch: pa.Table) -> pa.Table:
+    """One aggregated row per URI (`_KEY_SCHEMA` maxima/sums, ``parts`` the unique parts) -> `PLAN_SCHEMA`."""
+    listed = batch.column("listed").to_pylist()
+    committed = batch.column("committed").to_pylist()
+    retryable = batch.column("retryable").to_pylist()
+    version, c_version = batch.column("version").to_pylist(), batch.column("c_version").to_pylist()
+    size, c_size = batch.column("size").to_pylist(), batch.column("c_size").to_pylist()
+    actions, reasons = [], []
+    for i in range(batch.num_rows):
+        action, reason = SKIP, None
+        if not listed[i]:
+            action = UNLISTED
+        elif not committed[i]:
+            action = DO
+        elif committed[i] > 1:
+            action, reason = RETRACT, "repeated"
+        elif retryable[i]:
+            action, reason = RETRACT, "retryable"
+        elif _changed(version[i], size[i], c_version[i], c_size[i]):
+            action, reason = RETRACT, "changed"
+        actions.append(action)
+        reasons.append(reason)
+    n = batch.num_rows
+    return pa.table(
+        {
+            "action": pa.array(actions, pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+            "uri": batch.column("uri"),
+            "kind": pa.array(["file"] * n, pa.string()),
+            "member": pa.nulls(n, pa.string()),
+            "parts": batch.column("parts").cast(pa.list_(pa.string())),
+        },
+        schema=PLAN_SCHEMA,
+    )
+
+
+def _changed(version: str | None, size: int | None, c_version: str | None, c_size: int | None) -> bool:
+    """Whether the listed object differs from the one a row was made from (unknown on either side: no)."""
+    if version is not None and c_version is not None and version != c_version:
+        return True
+    return size is not None and c_size is not None and size != c_size
+
+
+def decide_members(batch: pa.Table, *, shards: dict[str, tuple[str | None, int | None]]) -> pa.Table:
+    """Committed rows (`COMMITTED_SCHEMA`) of shard members -> `PLAN_SCHEMA` rows. ``shards`` is this run's
+    shard listing, {uri: (version, size)}; a changed shard has all its rows retracted (it is done whole)."""
+    members = batch.filter(pc.is_valid(batch.column("member")))
+    columns = [members.column(c).to_pylist() for c in ("source", "member", "retryable", "input_size", "input_version")]
+    rows = []
+    for source, member, retryable, c_size, c_version, part in zip(*columns, members.column("part").to_pylist()):
+        reason = None
+        if source not in shards:
+            action = UNLISTED
+        elif retryable:
+            action, reason = RETRACT, "retryable"
+        elif _changed(*shards[source], c_version, c_size):
+            action, reason = RETRACT, "changed"
+        else:
+            action = SKIP
+        rows.append({"action": action, "reason": reason, "uri": source, "kind": "shard", "member": member,
+                     "parts": [part]})  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+
+
+RETRACTION_SCHEMA = pa.schema(
+    [("part", pa.string()), ("images_ok", pa.int64()), ("images_error", pa.int64()),
+     ("images_retryable", pa.int64()), ("segments", pa.int64())]
+)  # fmt: skip
+"""What a retraction removed from one part (`retract_rows`)."""
+
+
+def retraction_rows(batch: pa.Table) -> pa.Table:
+    """`PLAN_SCHEMA` rows with action "retract" -> one {"part", "source", "member"} row per part to edit."""
+    retract = batch.filter(pc.equal(batch.column("action"), RETRACT))
+    parts = retract.column("parts")
+    parents = pc.list_parent_indices(parts)
+    return pa.table(
+        {
+            "part": pc.list_flatten(parts),
+            "source": pc.take(retract.column("uri"), parents),
+            "member": pc.take(retract.column("member"), parents),
+        }
+    )
+
+
+def retract_rows(group: pa.Table, *, output: str) -> pa.Table:
+    """All retractions of one part ({"part", "source", "member"} rows) -> the part rewritten without those
+    images (``segments`` first, then ``images``; deleted when nothing is left, ``images`` first) and one
+    `RETRACTION_SCHEMA` row of what was removed."""
+    fs, root = fsspec.core.url_to_fs(output)
+    name = group.column("part")[0].as_py()
+    images_path = posixpath.join(root, IMAGES_TABLE, name)
+    segments_path = posixpath.join(root, SEGMENTS_TABLE, name)
+    gone = {(s, m) for s, m in zip(group.column("source").to_pylist(), group.column("member").to_pylist())}
+    with fs.open(images_path, "rb") as f:
+        images = pq.read_table(f)
+    members = (
+        images.column("member").to_pylist()
+        if "member" in images.column_names
+        else _members_of_old_rows(images).to_pylist()
+    )
+    drop = np.array([(s, m) in gone for s, m in zip(images.column("source").to_pylist(), members)], dtype=bool)
+    removed = images.filter(pa.array(drop))
+    kept = images.filter(pa.array(~drop))
+    removed_ids = removed.column("image_id")
+    if kept.num_rows == 0:
+        fs.rm(images_path)  # the commit record first
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(segments_path)
+    else:
+        with fs.open(segments_path, "rb") as f:
+            segments = pq.read_table(f, schema=SEGMENTS_SCHEMA)
+        segments = segments.filter(pc.invert(pc.is_in(segments.column("image_id"), value_set=removed_ids)))
+        publish(fs, segments_path, parquet_bytes(segments))
+        publish(fs, images_path, parquet_bytes(kept, counts=part_counts(kept)))
+    log.info("retracted %d rows from part %s", removed.num_rows, name)
+    return pa.Table.from_pylist([{"part": name, **part_counts(removed)}], schema=RETRACTION_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The plan, on Ray workers
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    refs: ray.data.Dataset  # `REF_SCHEMA`: what to read
+    known_total: int | None  # refs to do, when known without running the plan
+    skipped: int = 0  # committed rows kept
+    retracted: Counts = field(default_factory=Counts)
+    retracted_by_reason: dict[str, int] = field(default_factory=dict)
+    unlisted: int = 0
+
+
+def plan(inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: int) -> Plan:
+    """The refs to do, with the retractions applied, given the committed ``parts`` (see the module docstring).
+
+    A fresh run over listed inputs pays nothing here: its refs stream at once. Any other run pays one hash
+    aggregation of its file refs with the committed rows, a blocking shuffle (README "Resume"), and keeps the
+    resulting plan (~100 B per input) in the object store while it runs.
+    """
+    import ray.data
+    from ray.data.aggregate import Max, Sum, Unique
+
+    listed = {r["uri"]: r for r in inputs.refs}  # the driver's listing, without repeats
+    files = [r for r in listed.values() if r["kind"] == "file"]
+    shard_refs = [r for r in listed.values() if r["kind"] != "file"]
+    if not parts and not inputs.manifests:  # a fresh run over listed inputs
+        fresh = [ray.data.from_items(rows) for rows in (files, shard_refs) if rows]
+        dataset = _union(fresh).map_batches(as_refs, batch_format="pyarrow") if fresh else _empty_refs()
+        return Plan(dataset, known_total=len(files) if not shard_refs else None)
+
+    committed = None
+    if parts:
+        committed = ray.data.from_items(
+            [{"path": p} for p in parts], override_num_blocks=min(len(parts), 4 * partitions)
+        )
+        committed = committed.map_batches(
+            committed_rows, batch_format="numpy", batch_size=8, fn_kwargs={"output": output}
+        )
+    file_refs = [ray.data.from_items(files)] if files else []
+    file_refs += _manifest_refs(inputs.manifests)
+    decisions = []
+    if file_refs:
+        keys = _union(file_refs).map_batches(file_ref_keys, batch_format="pyarrow")
+        if committed is not None:
+            keys = keys.union(committed.map_batches(committed_file_keys, batch_format="pyarrow"))
+        aggregated = keys.groupby("uri", num_partitions=partitions).aggregate(
+            Max("listed", alias_name="listed", zero_factory=lambda: 0),
+            Max("version", alias_name="version", ignore_nulls=True),
+            Max("size", alias_name="size", ignore_nulls=True),
+            Sum("committed", alias_name="committed", ignore_nulls=True),
+            Max("retryable", alias_name="retryable", zero_factory=lambda: 0),
+            Max("c_version", alias_name="c_version", ignore_nulls=True),
+            Max("c_size", alias_name="c_size", ignore_nulls=True),
+            Unique("part", alias_name="parts", ignore_nulls=True),
+        )
+        decisions.append(aggregated.map_batches(decide_files, batch_format="pyarrow"))
+    if committed is not None:
+        shards = {r["uri"]: (r.get("version"), r.get("size")) for r in shard_refs}
+        decisions.append(committed.map_batches(decide_members, batch_format="pyarrow", fn_kwargs={"shards": shards}))
+    decided = _union(decisions).materialize()
+
+    tally: dict[tuple[str, str, str], int] = {}
+    for row in decided.map_batches(_tally, batch_format="pyarrow").iter_rows():
+        key = (row["action"], row["kind"], row["reason"] or "")
+        tally[key] = tally.get(key, 0) + int(row["n"])
+    result = Plan(refs=_empty_refs(), known_total=None)
+    result.skipped = sum(n for (action, _, _), n in tally.items() if action == SKIP)
+    result.unlisted = sum(n for (action, _, _), n in tally.items() if action == UNLISTED)
+    for (action, _, reason), n in tally.items():
+        if action == RETRACT:
+            result.retracted_by_reason[reason] = result.retracted_by_reason.get(reason, 0) + n
+    if result.retracted_by_reason:  # before anything is committed: a new part may reuse a retracted one's name
+        removed = (
+            decided.map_batches(retraction_rows, batch_format="pyarrow")
+            .groupby("part", num_partitions=partitions)
+            .map_groups(retract_rows, batch_format="pyarrow", fn_kwargs={"output": output})
+        )
+        for row in removed.iter_rows():
+            result.retracted.add(row)
+    if not shard_refs:
+        result.known_total = sum(
+            n for (action, kind, _), n in tally.items() if kind == "file" and action in (DO, RETRACT)
+        )
+
+    refs = [decided.map_batches(_files_to_do, batch_format="pyarrow")]
+    if shard_refs:
+        skips = decided.map_batches(_shard_skips, batch_format="pyarrow")
+        shard_rows = ray.data.from_items([{**r, "member": None} for r in shard_refs]).map_batches(
+            _typed_shard_rows, batch_format="pyarrow"
+        )
+        grouped = (
+            shard_rows.union(skips)
+            .groupby("uri", num_partitions=partitions)
+            .aggregate(
+                Max("kind", alias_name="kind", ignore_nulls=True),
+                Max("size", alias_name="size", ignore_nulls=True),
+                Max("version", alias_name="version", ignore_nulls=True),
+                Unique("member", alias_name="skip", ignore_nulls=True),
+            )
+        )
+        refs.append(grouped.map_batches(_listed_shards, batch_format="pyarrow"))
+    result.refs = _union(refs)
+    return result
+
+
+def _tally(batch: pa.Table) -> pa.Table:
+    """`PLAN_SCHEMA` rows -> {"action", "kind", "reason", "n"}: how many of each (summed on the driver)."""
+    keys = pa.table(
+        {
+            "action": batch.column("action"),
+            "kind": batch.column("kind"),
+            "reason": pc.fill_null(batch.column("reason"), ""),
+        }
+    )
+    counted = keys.group_by(["action", "kind", "reason"]).aggregate([("action", "count")])
+    return pa.table(
+        {
+            "action": counted.column("action"),
+            "kind": counted.column("kind"),
+            "reason": counted.column("reason"),
+            "n": counted.column("action_count").cast(pa.int64()),
+        }
+    )
+
+
+def _files_to_do(batch: pa.Table) -> pa.Table:
+    """`PLAN_SCHEMA` rows -> the `REF_SCHEMA` refs of files to do (done anew or again)."""
+    todo = batch.filter(
+        pc.and_(pc.equal(batch.column("kind"), "file"), pc.is_in(batch.column("action"), pa.array([DO, RETRACT])))
+    )
+    return as_refs(todo.select(["uri", "kind"]))
+
+
+_SHARD_ROW_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("kind", pa.string()), ("size", pa.int64()), ("version", pa.string()),
+     ("member", pa.string())]
+)  # fmt: skip
+
+
+def _typed_shard_rows(batch: pa.Table) -> pa.Table:
+    return pa.table({f.name: batch.column(f.name).cast(f.type) for f in _SHARD_ROW_SCHEMA}, schema=_SHARD_ROW_SCHEMA)
+
+
+def _shard_skips(batch: pa.Table) -> pa.Table:
+    """`PLAN_SCHEMA` rows -> {"uri", "member"} of the shard members kept (`_SHARD_ROW_SCHEMA`)."""
+    kept = batch.filter(pc.and_(pc.equal(batch.column("kind"), "shard"), pc.equal(batch.column("action"), SKIP)))
+    n = kept.num_rows
+    return pa.table(
+        {"uri": kept.column("uri"), "kind": pa.nulls(n, pa.string()), "size": pa.nulls(n, pa.int64()),
+         "version": pa.nulls(n, pa.string()), "member": kept.column("member")},
+        schema=_SHARD_ROW_SCHEMA,
+    )  # fmt: skip
+
+
+def _listed_shards(batch: pa.Table) -> pa.Table:
+    """Shards grouped with their kept members -> `REF_SCHEMA` refs of the listed shards (``skip`` = kept)."""
+    return as_refs(batch.filter(pc.is_valid(batch.column("kind"))))
+
+
+def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _empty_refs() -> ray.data.Dataset:
+    import ray.data
+
+    return ray.data.from_arrow(REF_SCHEMA.empty_table())
+
+
+def _manifest_refs(manifests: list[str]) -> list[ray.data.Dataset]:
+    """The file refs of each manifest, read and normalised by Ray workers."""
+    import ray.data
+
+    datasets = []
+    for manifest in manifests:
+        if manifest.lower().endswith(".parquet"):
+            listing = ray.data.read_parquet(manifest, columns=["uri"])
+        else:
+            listing = ray.data.read_text(manifest)
+        datasets.append(
+            listing.map_batches(manifest_rows, batch_format="numpy", fn_kwargs={"base": manifest_base(manifest)})
+        )
+    return datasets
+
+
+__all__ = ["REF_SCHEMA", "Counts", "OutputState", "Plan", "SettingsChanged", "file_id", "plan", "prepare_output"]

@@ -1,0 +1,147 @@
+"""Whole objects in storage: read one with its identity, publish one whole or not at all, retry what is
+transient.
+
+Any fsspec filesystem works; two kinds get special care. Local (and shared, mounted) filesystems publish by
+writing a hidden temporary file beside the target and renaming it over it. Object stores (``s3://`` via
+s3fs, ``gs://``, ...) publish the finished bytes in one call: one PUT, or a multipart upload completed only
+after its last part, so an interrupted upload never leaves a cut-short object under its final name (a
+file object opened for writing would upload what it has when it is closed, even after an exception).
+
+An error is *transient* when another attempt may not meet it: the store unreachable, a timeout, throttling,
+5xx, a connection cut mid-body, a short read, access denied (credentials may be fixed). Such reads are
+retried a few times here, and an image whose read still fails becomes a retryable error row. A missing
+object is not transient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Storage errors worth a retry. s3fs surfaces a body cut mid-stream (after its own retries) as aiohttp's
+    ClientPayloadError and some connection failures as botocore errors, neither of which is an OSError."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    try:
+        import botocore.exceptions
+
+        errors.append(botocore.exceptions.BotoCoreError)
+        errors.append(botocore.exceptions.ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+TRANSIENT_ERRORS = _transient_errors()
+READ_ATTEMPTS = 4  # bounded retries of transient storage errors: waits 0.5 s, 1 s, 2 s between attempts
+WRITE_ATTEMPTS = 3  # the same for a publish (on top of s3fs's own retries)
+_RETRY_BASE_S = 0.5
+
+
+class ObjectInfo(NamedTuple):
+    size: int | None  # bytes
+    version: str | None  # `object_version`
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local (or a mounted, shared) filesystem."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "s3" in protocols or "s3a" in protocols
+
+
+def object_version(info: dict[str, Any]) -> str | None:
+    """What identifies one version of an object in fsspec ``info``: ETag (S3), generation (GCS), else mtime."""
+    for key in ("ETag", "etag", "generation"):
+        if info.get(key) not in (None, ""):
+            return str(info[key]).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if mtime is None:
+        return None
+    return f"mtime={mtime.timestamp() if hasattr(mtime, 'timestamp') else float(mtime)!r}"
+
+
+def retrying(what: str, action: Callable[[], T], *, attempts: int = READ_ATTEMPTS) -> T:
+    """Run ``action`` with bounded retries of transient storage errors (never of a missing object)."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except FileNotFoundError:
+            raise  # gone is gone: no retry
+        except TRANSIENT_ERRORS as exc:
+            if attempt == attempts - 1:
+                raise
+            wait = _RETRY_BASE_S * 2**attempt
+            log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__, exc, attempt + 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def read_object(uri: str) -> tuple[bytes, ObjectInfo]:
+    """Whole object at ``uri`` and what identifies it (size, version); a short read (the size differs from
+    the object's) counts as a transient error."""
+
+    def attempt() -> tuple[bytes, ObjectInfo]:
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+        data = fs.cat_file(path)
+        size = info.get("size")
+        if size is not None and len(data) != size:
+            raise OSError(f"short read: got {len(data)} of {size} bytes")
+        return data, ObjectInfo(len(data), object_version(info))
+
+    return retrying(f"reading {uri}", attempt)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole object at ``uri`` (see `read_object`)."""
+    return read_object(uri)[0]
+
+
+def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> int:
+    """Put ``data`` at ``path`` whole, or not at all (see the module docstring); returns its size."""
+
+    def attempt() -> int:
+        if not is_local(fs):
+            fs.pipe_file(path, data)
+            return len(data)
+        folder = posixpath.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        temporary = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(data)
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+        return len(data)
+
+    return retrying(f"writing {path}", attempt, attempts=WRITE_ATTEMPTS)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of `publish`'s temporary files (left behind by a process that was killed)."""
+    return name.startswith(".") and name.endswith(".tmp")
