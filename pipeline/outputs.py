@@ -49,6 +49,29 @@ def output_filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/") or path
 
 
+class OutputNotFoundError(FileNotFoundError):
+    """``OUTPUT`` holds no panoptic-flow output (a mistyped folder, or not an output at all)."""
+
+
+def check_output(output: str) -> None:
+    """Raise :class:`OutputNotFoundError` unless ``output`` holds an output: ``images/``, ``segments/`` or
+    ``_run.json`` (a run writes ``_run.json`` before its first part, so a run in flight counts).
+
+    The readers below treat a missing table as empty; the commands call this first so that a mistyped
+    folder is one clear error rather than zero rows.
+    """
+    fs, root = output_filesystem(output)
+    markers = (f"{root}/{IMAGES_TABLE}", f"{root}/{SEGMENTS_TABLE}", f"{root}/{RUN_CONFIG_FILE}")
+    if any(fs.exists(marker) for marker in markers):
+        return
+    if not fs.exists(root):
+        raise OutputNotFoundError(f"no output at {output!r}: no such folder or prefix")
+    raise OutputNotFoundError(
+        f"no output at {output!r}: it has no {IMAGES_TABLE}/, {SEGMENTS_TABLE}/ or {RUN_CONFIG_FILE} "
+        "(is it the --output of a segment run?)"
+    )
+
+
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """A pyarrow filesystem over ``fs``: native for local paths, ``PyFileSystem(FSSpecHandler)`` otherwise."""
     if isinstance(fs, LocalFileSystem):
