@@ -43,7 +43,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.export_coco import rgb_to_id_map, to_coco_ids
-from pipeline.outputs import open_table, output_filesystem, packed_rows, panoptic_map, read_segments_by_image
+from pipeline.outputs import (
+    OutputNotFoundError,
+    check_output,
+    open_table,
+    output_filesystem,
+    packed_rows,
+    panoptic_map,
+    read_segments_by_image,
+)
 from pipeline.pq import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
 from pipeline.schema import IMAGES_TABLE, STATUS_OK
 
@@ -187,8 +195,10 @@ def evaluate(
     """PQ / SQ / RQ (All / Things / Stuff and per class) of ``output`` against the ground truth.
 
     Returns the report: ``metrics`` (``{"All"|"Things"|"Stuff": {pq, sq, rq, n}}``), ``per_class``
-    (list of :data:`PER_CLASS_SCHEMA` dicts), ``images`` (counts) and ``match``.
+    (list of :data:`PER_CLASS_SCHEMA` dicts), ``images`` (counts) and ``match``. Raises
+    :class:`~pipeline.outputs.OutputNotFoundError` when ``output`` holds no output.
     """
+    check_output(output)
     matched, missing = match_images(gt_json, _ok_image_ids(output), rule=rule)
     if missing and not allow_missing:
         names = ", ".join(repr(a["file_name"]) for a in missing[:5])
@@ -276,6 +286,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: print the summary, write the report / per-class table if asked."""
     args = _parser().parse_args(argv)
+    try:
+        check_output(args.output)  # before reading a large ground truth
+    except OutputNotFoundError as exc:
+        print(f"panoptic-flow evaluate: {exc}", file=sys.stderr)
+        return 2
     with fsspec.open(args.gt_json, "rb") as f:
         gt_json = json.loads(f.read())
     report = evaluate(args.output, gt_json, args.gt_folder, rule=args.match, allow_missing=args.allow_missing)

@@ -29,7 +29,15 @@ import pyarrow as pa
 from PIL import Image
 
 from model.categories import categories
-from pipeline.outputs import VOID_ID, output_filesystem, packed_rows, panoptic_map, read_segments_by_image
+from pipeline.outputs import (
+    VOID_ID,
+    OutputNotFoundError,
+    check_output,
+    output_filesystem,
+    packed_rows,
+    panoptic_map,
+    read_segments_by_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +158,10 @@ def coco_categories() -> list[dict[str, Any]]:
 def export_coco(output: str, dest: str) -> dict[str, Any]:
     """Write ``dest/panoptic/*.png`` and ``dest/panoptic.json`` for every ok image of ``output``.
 
-    Returns the JSON document that was written (entries sorted by ``image_id`` of the output).
+    Returns the JSON document that was written (entries sorted by ``image_id`` of the output). Raises
+    :class:`~pipeline.outputs.OutputNotFoundError` (nothing written) when ``output`` holds no output.
     """
+    check_output(output)
     fs, root = output_filesystem(dest)
     fs.makedirs(f"{root}/{PANOPTIC_FOLDER}", exist_ok=True)
     entries = read_segments_by_image(output).map_batches(
@@ -182,7 +192,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = _parser().parse_args(argv)
-    document = export_coco(args.output, args.dest)
+    try:
+        document = export_coco(args.output, args.dest)
+    except OutputNotFoundError as exc:
+        print(f"panoptic-flow export-coco: {exc}", file=sys.stderr)
+        return 2
     segments = sum(len(a["segments_info"]) for a in document["annotations"])
     print(f"wrote {len(document['images'])} images, {segments} segments to {args.dest}")
     return 0

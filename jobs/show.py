@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from jobs.query import connect
 from model.categories import category_by_id
-from pipeline.outputs import decode_mask, read_image_rows, read_run_config
+from pipeline.outputs import OutputNotFoundError, check_output, decode_mask, read_image_rows, read_run_config
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _JITTER = 48  # max per-channel offset of a thing instance's colour from its category colour
@@ -235,6 +235,7 @@ def load_image(data: bytes) -> np.ndarray:
 
 def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, labels: bool) -> np.ndarray:
     """Read one image of ``output`` and its segments, and draw them (``[H, W, 3]`` uint8)."""
+    check_output(output)
     image_row, rows = read_image_rows(output, image_id)
     if image_row is None and not rows:
         raise KeyError(f"image_id {image_id!r} is not in {output}")
@@ -326,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid is not None and args.grid < 1:
         parser.error(f"--grid must be >= 1, got {args.grid}")
     style: dict[str, Any] = {"alpha": args.alpha, "outlines": not args.no_outlines, "labels": not args.no_labels}
+    try:
+        check_output(args.output)
+    except OutputNotFoundError as exc:
+        print(f"panoptic-flow show: {exc}", file=sys.stderr)
+        return 2
     if args.grid is None:
         image_id = args.image_id
         if "://" not in image_id and os.path.exists(image_id.split("#", 1)[0]):

@@ -133,3 +133,12 @@ def test_an_export_evaluated_against_its_own_output_is_perfect(
     assert report["metrics"]["Stuff"]["n"] == 2
     with pytest.raises(ValueError, match="no ok prediction"):  # exported names do not share the stems
         evaluate(str(output), gt_json, str(tmp_path / "coco" / "panoptic"), rule="stem")
+
+
+def test_a_mistyped_output_is_one_line_and_exit_2(
+    setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    output, gt_json, gt_folder = setup
+    assert main([f"{output}x", "--gt-json", str(gt_json), "--gt-folder", str(gt_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no output at" in err

@@ -144,3 +144,14 @@ def test_errors(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, capsys
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(SystemExit):
         main([str(output)])  # neither IMAGE_ID nor --grid
+
+
+def test_a_mistyped_output_is_one_line_and_exit_2(
+    synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output, images = synthetic
+    for argv in ([images[0].image_id], ["--grid", "2"]):
+        assert main([f"{output}x", *argv, "-o", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no output at" in err and "no such folder" in err
+    assert not (tmp_path / "x.png").exists()
