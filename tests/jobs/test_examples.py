@@ -131,3 +131,13 @@ def test_extraction_sees_continued_lines_and_comments() -> None:
     assert (command, argv) == ("segment", ["--input", "a", "--output", "b", "--device", "cuda"])
     sql = 'panoptic-flow query out "SELECT 1\n  FROM t" --format csv  # comment'
     assert invocations(logical_lines(sql)[0]) == [("query", ["out", "SELECT 1\n  FROM t", "--format", "csv"])]
+
+
+def test_readme_job_files_parse(tmp_path: Path) -> None:
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    assert blocks
+    for k, block in enumerate(blocks):
+        job = tmp_path / f"job{k}.yaml"
+        job.write_text(block)
+        config, _ = parse_job(["--config", str(job)])
+        assert config.resources.device == "cuda"  # a cluster job: it requests GPUs
