@@ -47,6 +47,7 @@ from pipeline.outputs import OutputNotFoundError, check_output, decode_mask, rea
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _JITTER = 48  # max per-channel offset of a thing instance's colour from its category colour
+DEFAULT_ALPHA = 0.4  # fill opacity: the colours tell segments apart, the photo stays readable
 _LABEL_PADDING = 2  # pixels between a label's text and the edge of its box
 _LABEL_MARGIN = 2  # pixels kept free between two labels
 _MIN_OVER = 0.6  # second pass: at least this fraction of a label's box lies on its segment
@@ -120,7 +121,7 @@ def render_overlay(
     image: np.ndarray,
     segments: Sequence[OverlaySegment],
     *,
-    alpha: float = 0.5,
+    alpha: float = DEFAULT_ALPHA,
     outlines: bool = True,
     labels: bool = True,
 ) -> np.ndarray:
@@ -136,7 +137,7 @@ def draw_overlay(
     image: np.ndarray,
     segments: Sequence[OverlaySegment],
     *,
-    alpha: float = 0.5,
+    alpha: float = DEFAULT_ALPHA,
     outlines: bool = True,
     labels: bool = True,
 ) -> Overlay:
@@ -438,7 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output folder or URI")
     p.add_argument("image_id", nargs="?", help="image to draw (not with --grid)")
     p.add_argument("-o", "--out", default="show.png", help="PNG to write (default: show.png)")
-    p.add_argument("--alpha", type=float, default=0.5, help="fill opacity in [0, 1] (default: 0.5)")
+    p.add_argument(
+        "--alpha", type=float, default=DEFAULT_ALPHA, help=f"fill opacity in [0, 1] (default: {DEFAULT_ALPHA})"
+    )
     p.add_argument("--no-labels", action="store_true", help="do not write category/score labels")
     p.add_argument("--no-outlines", action="store_true", help="do not outline segments")
     p.add_argument("--grid", type=int, metavar="N", help="contact sheet of N images chosen by --where")
