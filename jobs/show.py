@@ -204,8 +204,8 @@ def layout_labels(
     such labels cover no other segment and no other label. Second pass, for the rest (by score): a box
     whose centre pixel and at least :data:`_MIN_OVER` of whose pixels lie on the segment. No box comes
     within :data:`_LABEL_MARGIN` pixels of another. Large images are searched on a grid of ``stride``-pixel
-    cells (a cell counts as segment only when all its pixels are, as taken when any is), so the guarantees
-    hold at full resolution.
+    cells, a cell counting as segment only when all its pixels are, and a box is a whole block of cells (a
+    little larger than its text), so these guarantees hold at full resolution.
     """
     if not segments:
         return []
@@ -225,8 +225,8 @@ def layout_labels(
             cy, cx = found
             margin = -(-_LABEL_MARGIN // stride)
             occupied[max(cy - margin, 0) : cy + cells[0] + margin, max(cx - margin, 0) : cx + cells[1] + margin] = True
-            x0, y0 = cx * stride, cy * stride
-            boxes[i] = (x0, y0, min(x0 + sizes[i][0], width), min(y0 + sizes[i][1], height))
+            x0, y0 = cx * stride, cy * stride  # the box is the whole block of cells
+            boxes[i] = (x0, y0, min(x0 + cells[1] * stride, width), min(y0 + cells[0] * stride, height))
     return boxes
 
 
