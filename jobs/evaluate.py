@@ -2,7 +2,11 @@
 
 The metric is :mod:`pipeline.pq` (panopticapi's ``pq_compute`` rules). Predictions are the output's id
 maps exactly as ``export-coco`` would write them (segment ``k`` -> COCO id ``k + 1``, uncovered pixels
-VOID, segments covering no pixel dropped).
+VOID, segments covering no pixel dropped, segments of a category that is not in the ground truth's
+``categories`` left out as VOID), so ``evaluate OUTPUT`` equals panopticapi's ``pq_compute`` (and hotcoco's)
+on the ground truth and ``export-coco OUTPUT``'s files (checked against hotcoco in the tests). Ground-truth
+segments of a category missing from ``categories`` are treated as panopticapi treats them: they are not
+VOID (a prediction over one is a false positive) and their class is in no average.
 
 Matching ground truth to predictions (``--match``): a GT image (``images[].file_name`` of the
 annotation's ``image_id``, else the annotation's own ``file_name``) matches the output image whose
@@ -43,7 +47,15 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.export_coco import rgb_to_id_map, to_coco_ids
-from pipeline.outputs import open_table, output_filesystem, packed_rows, panoptic_map, read_segments_by_image
+from pipeline.outputs import (
+    OutputNotFoundError,
+    check_output,
+    open_table,
+    output_filesystem,
+    packed_rows,
+    panoptic_map,
+    read_segments_by_image,
+)
 from pipeline.pq import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
 from pipeline.schema import IMAGES_TABLE, STATUS_OK
 
@@ -146,29 +158,26 @@ def evaluate_batch(
 ) -> pa.Table:
     """Ray stage: packed output images -> per-category sums of TP / FP / FN / IoU over the batch."""
     total: dict[int, ClassStats] = {}
+    known = set(categories)
     for image in packed_rows(batch):
         ann = gt[image["image_id"]]
         gt_ids = read_gt_ids(gt_folder, ann["file_name"])  # [H, W]
-        pred_ids = to_coco_ids(panoptic_map(image["segments"], height=image["height"], width=image["width"]))
+        # The prediction as export-coco writes it: segments of a category the evaluation does not know (DETR
+        # has 250 class slots) are left out, their pixels VOID; the official tools refuse unknown ids.
+        kept = [s for s in image["segments"] if s["category_id"] in known]
+        pred_ids = to_coco_ids(panoptic_map(kept, height=image["height"], width=image["width"]))  # [H, W]
         if gt_ids.shape != pred_ids.shape:
             raise ValueError(
                 f"{image['image_id']}: prediction is {list(pred_ids.shape)} (h, w) but ground truth "
                 f"{ann['file_name']} is {list(gt_ids.shape)}"
             )
-        # DETR has 250 class slots; a segment whose slot is none of the evaluated categories can match nothing
-        # (panopticapi would reject it): its pixels count as void, in the prediction and in the ground truth.
-        known = set(categories)
-        unknown_pred = [s["segment_id"] + 1 for s in image["segments"] if s["category_id"] not in known]
-        pred_ids[np.isin(pred_ids, unknown_pred)] = 0
+        # Ground-truth segments of a category outside `categories` stay what panopticapi makes of them: not
+        # VOID (a prediction over them is a false positive), false negatives of a class no average includes.
         gt_segments = segments_from_coco(ann["segments_info"])
-        unknown_gt = [g.id for g in gt_segments if g.category_id not in known]
-        if unknown_gt:
-            gt_ids[np.isin(gt_ids, unknown_gt)] = 0
-            gt_segments = [g for g in gt_segments if g.category_id in known]
         present = set(np.unique(pred_ids).tolist())
         pred_segments = [
             Segment(id=s["segment_id"] + 1, category_id=s["category_id"])
-            for s in image["segments"]
+            for s in kept
             if s["segment_id"] + 1 in present  # as export-coco: a segment covering no pixel is dropped
         ]
         stats = image_stats(gt_ids, gt_segments, pred_ids, pred_segments, categories=categories)
@@ -187,8 +196,10 @@ def evaluate(
     """PQ / SQ / RQ (All / Things / Stuff and per class) of ``output`` against the ground truth.
 
     Returns the report: ``metrics`` (``{"All"|"Things"|"Stuff": {pq, sq, rq, n}}``), ``per_class``
-    (list of :data:`PER_CLASS_SCHEMA` dicts), ``images`` (counts) and ``match``.
+    (list of :data:`PER_CLASS_SCHEMA` dicts), ``images`` (counts) and ``match``. Raises
+    :class:`~pipeline.outputs.OutputNotFoundError` when ``output`` holds no output.
     """
+    check_output(output)
     matched, missing = match_images(gt_json, _ok_image_ids(output), rule=rule)
     if missing and not allow_missing:
         names = ", ".join(repr(a["file_name"]) for a in missing[:5])
@@ -276,6 +287,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: print the summary, write the report / per-class table if asked."""
     args = _parser().parse_args(argv)
+    try:
+        check_output(args.output)  # before reading a large ground truth
+    except OutputNotFoundError as exc:
+        print(f"panoptic-flow evaluate: {exc}", file=sys.stderr)
+        return 2
     with fsspec.open(args.gt_json, "rb") as f:
         gt_json = json.loads(f.read())
     report = evaluate(args.output, gt_json, args.gt_folder, rule=args.match, allow_missing=args.allow_missing)

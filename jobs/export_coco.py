@@ -4,6 +4,11 @@ Writes ``DEST/panoptic/<name>.png`` (segment ids as ``id = R + 256·G + 256²·B
 with ``images``, ``annotations`` and ``categories`` (the 133 COCO panoptic categories). Segment ``k`` of
 the output is COCO id ``k + 1``; pixels of no segment are 0 (VOID). Only ``ok`` images are exported.
 
+Every ``category_id`` written is one of ``categories``: the model has 250 class slots, and a segment whose
+slot is none of the 133 categories (``class_68``, ``class_201``, ...) is left out, its pixels VOID, as the
+official tools (panopticapi's ``pq_compute``, hotcoco) reject unknown category ids. Their number is
+reported. `evaluate` scores an output exactly as these tools score its export.
+
 Names are deterministic and independent of which other images are exported: ``<name>`` is the input's
 sanitised file stem plus ``_`` and the first 8 hex digits of SHA-1(image_id), and the integer image id is
 the first 13 hex digits (52 bits) of the same hash. A collision of either raises an error.
@@ -22,14 +27,22 @@ import logging
 import posixpath
 import re
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
 from model.categories import categories
-from pipeline.outputs import VOID_ID, output_filesystem, packed_rows, panoptic_map, read_segments_by_image
+from pipeline.outputs import (
+    VOID_ID,
+    OutputNotFoundError,
+    check_output,
+    output_filesystem,
+    packed_rows,
+    panoptic_map,
+    read_segments_by_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +89,25 @@ def coco_names(image_id: str) -> tuple[int, str, str]:
     return int(digest[:13], 16), f"{stem}_{digest[:8]}", (f".{_UNSAFE.sub('_', ext)}" if ext else "")
 
 
+def known_segments(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The segments whose ``category_id`` is one of the 133 COCO panoptic categories (what an export keeps)."""
+    known = {c.id for c in categories()}
+    return [s for s in segments if int(s["category_id"]) in known]
+
+
 def coco_image(image: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
     """One packed image (see :func:`pipeline.outputs.packed_rows`) -> (PNG pixels, ``images`` entry, annotation).
 
-    Areas and boxes are counted on the id map that goes into the PNG; a segment that covers no pixel
-    (overlapped entirely by later segments) is dropped, as panopticapi rejects it.
+    Segments of a category outside the 133 are left out (their pixels VOID, see the module docstring). Areas
+    and boxes are counted on the id map that goes into the PNG; a segment that covers no pixel (overlapped
+    entirely by later segments) is dropped, as panopticapi rejects it.
     """
     coco_id, name, ext = coco_names(image["image_id"])
     height, width = int(image["height"]), int(image["width"])
-    ids = to_coco_ids(panoptic_map(image["segments"], height=height, width=width))  # [H, W]
+    kept = known_segments(image["segments"])
+    ids = to_coco_ids(panoptic_map(kept, height=height, width=width))  # [H, W]
     segments_info = []
-    for segment in image["segments"]:
+    for segment in kept:
         sid = int(segment["segment_id"]) + 1
         ys, xs = np.nonzero(ids == sid)  # [N], [N]
         if ys.size == 0:
@@ -117,10 +138,11 @@ def coco_image(image: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], dict[
 def write_coco_pngs(batch: pa.Table, *, dest: str) -> pa.Table:
     """Ray stage: packed image rows -> PNGs under ``dest/panoptic/``; returns their JSON entries.
 
-    Output columns: ``image_id``, ``image`` (JSON of the ``images`` entry), ``annotation`` (JSON).
+    Output columns: ``image_id``, ``image`` (JSON of the ``images`` entry), ``annotation`` (JSON) and
+    ``left_out`` (segments of a category outside the 133).
     """
     fs, root = output_filesystem(dest)
-    out: dict[str, list[str]] = {"image_id": [], "image": [], "annotation": []}
+    out: dict[str, list[Any]] = {"image_id": [], "image": [], "annotation": [], "left_out": []}
     for image in packed_rows(batch):
         rgb, entry, annotation = coco_image(image)
         buffer = io.BytesIO()
@@ -130,7 +152,9 @@ def write_coco_pngs(batch: pa.Table, *, dest: str) -> pa.Table:
         out["image_id"].append(image["image_id"])
         out["image"].append(json.dumps(entry))
         out["annotation"].append(json.dumps(annotation))
-    return pa.table(out, schema=pa.schema([(k, pa.string()) for k in out]))
+        out["left_out"].append(len(image["segments"]) - len(known_segments(image["segments"])))
+    schema = pa.schema([("image_id", pa.string()), ("image", pa.string()), ("annotation", pa.string())])
+    return pa.table(out, schema=schema.append(pa.field("left_out", pa.int64())))
 
 
 def coco_categories() -> list[dict[str, Any]]:
@@ -147,11 +171,18 @@ def coco_categories() -> list[dict[str, Any]]:
     ]
 
 
-def export_coco(output: str, dest: str) -> dict[str, Any]:
+class Export(NamedTuple):
+    document: dict[str, Any]  # the panoptic.json written
+    left_out: int  # segments of a category outside the 133 (VOID in the PNGs)
+
+
+def export_coco(output: str, dest: str) -> Export:
     """Write ``dest/panoptic/*.png`` and ``dest/panoptic.json`` for every ok image of ``output``.
 
-    Returns the JSON document that was written (entries sorted by ``image_id`` of the output).
+    Returns the JSON document that was written (entries sorted by ``image_id`` of the output). Raises
+    :class:`~pipeline.outputs.OutputNotFoundError` (nothing written) when ``output`` holds no output.
     """
+    check_output(output)
     fs, root = output_filesystem(dest)
     fs.makedirs(f"{root}/{PANOPTIC_FOLDER}", exist_ok=True)
     entries = read_segments_by_image(output).map_batches(
@@ -166,7 +197,7 @@ def export_coco(output: str, dest: str) -> dict[str, Any]:
     document = {"images": images, "annotations": annotations, "categories": coco_categories()}
     with fs.open(f"{root}/{PANOPTIC_JSON}", "w") as f:
         json.dump(document, f)
-    return document
+    return Export(document, sum(r["left_out"] for r in rows))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -182,9 +213,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = _parser().parse_args(argv)
-    document = export_coco(args.output, args.dest)
+    try:
+        document, left_out = export_coco(args.output, args.dest)
+    except OutputNotFoundError as exc:
+        print(f"panoptic-flow export-coco: {exc}", file=sys.stderr)
+        return 2
     segments = sum(len(a["segments_info"]) for a in document["annotations"])
     print(f"wrote {len(document['images'])} images, {segments} segments to {args.dest}")
+    if left_out:
+        print(f"left out {left_out} segments of class slots outside the 133 COCO panoptic categories (VOID pixels)")
     return 0
 
 

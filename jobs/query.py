@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import duckdb
 
-from pipeline.outputs import open_table
+from pipeline.outputs import OutputNotFoundError, check_output, open_table
 from pipeline.schema import IMAGES_TABLE, SEGMENTS_TABLE
 
 OutputFormat = Literal["table", "csv", "json"]
@@ -72,8 +72,9 @@ def connect(output: str, *, database: str = ":memory:") -> duckdb.DuckDBPyConnec
     """A DuckDB connection with the views ``segments``, ``images``, ``image_categories``, ``category_counts``.
 
     The connection keeps the Arrow datasets alive; listing the files happens here, reading happens per
-    query.
+    query. Raises :class:`~pipeline.outputs.OutputNotFoundError` when ``output`` holds no output.
     """
+    check_output(output)
     con = duckdb.connect(database)
     for table in (SEGMENTS_TABLE, IMAGES_TABLE):
         con.register(table, open_table(output, table))
@@ -145,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 0:
         parser.error(f"--limit must be >= 0, got {args.limit}")
-    con = connect(args.output)
+    try:
+        con = connect(args.output)
+    except OutputNotFoundError as e:  # a mistyped folder: say so, rather than print 0 rows
+        print(f"panoptic-flow query: {e}", file=sys.stderr)
+        return 2
     try:
         columns, rows = run_query(con, args.sql, limit=args.limit)
     except duckdb.Error as e:

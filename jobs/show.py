@@ -5,13 +5,18 @@ URI), a tar member (``image_id = <source>#<member>`` with ``source`` ending in `
 ``.tgz``, ``.tar.bz2`` or ``.tar.xz``) or a Parquet row (``image_id = <source>#row=<N>``, or the value of
 the run's ``id_column``, with ``source`` ending in ``.parquet``; the bytes column is the run's
 ``bytes_column``, default ``image``, holding binary or a ``{"bytes": ...}`` struct; both are read from
-``config.input`` in ``OUTPUT/_run.json``). EXIF orientation is applied and the image
-converted to RGB, as the pipeline's decoder is expected to do, so masks and pixels line up.
+``config.input`` in the latest ``OUTPUT/_runs/<run_id>.json``). The bytes are decoded by the pipeline's own decoder
+(:func:`pipeline.decode.decode_oriented`: same header checks, EXIF orientation and RGB conversion), so an
+image the pipeline segmented is drawn in the frame of its masks.
 
 Drawing (:func:`render_overlay`) is pure numpy + PIL: each segment is filled with its colour blended at
 ``alpha`` (the category's COCO colour; things get a per-instance jitter seeded by (category, segment id)
 so neighbouring instances differ and colours are stable between runs), then outlined, then labelled
-``"<category> <score>"`` (things at their box's top-left corner, stuff at their mask's centroid).
+``"<category> <score>"``. Labels (:func:`layout_labels`) sit inside their own segment, as deep inside it
+as they fit, so they never cover another segment and never overlap each other (segments are disjoint);
+a segment too small or thin for its label gets it, in a second pass, over the segment's centre with most
+of the label on the segment, if that covers no other label; otherwise the label is not drawn and ``show``
+lists it.
 
 ``--grid N --where "SQL predicate"`` draws the first N images (by ``image_id``) of the ``image_categories``
 view (see ``jobs/query.py``) matching the predicate, e.g. ``--where "categories['dog'] > 0"``.
@@ -28,19 +33,25 @@ import sys
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from jobs.query import connect
 from model.categories import category_by_id
-from pipeline.outputs import decode_mask, read_image_rows, read_run_config
+from pipeline.config import InputConfig
+from pipeline.outputs import OutputNotFoundError, check_output, decode_mask, read_image_rows, read_run_config
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _JITTER = 48  # max per-channel offset of a thing instance's colour from its category colour
+DEFAULT_ALPHA = 0.4  # fill opacity: the colours tell segments apart, the photo stays readable
+_LABEL_PADDING = 2  # pixels between a label's text and the edge of its box
+_LABEL_MARGIN = 2  # pixels kept free between two labels
+_MIN_OVER = 0.6  # second pass: at least this fraction of a label's box lies on its segment
+_SEARCH_SIDE = 1024  # labels are placed on a grid of at most about this many cells per side
 
 
 @dataclass(frozen=True)
@@ -90,11 +101,27 @@ def _font(height: int, width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFo
     return ImageFont.load_default(size=max(10, min(height, width) // 40))
 
 
+class Label(NamedTuple):
+    """One drawn label: its text and its box ``(x0, y0, x1, y1)`` in pixels (``x1``, ``y1`` exclusive)."""
+
+    segment_id: int
+    text: str
+    box: tuple[int, int, int, int]
+
+
+class Overlay(NamedTuple):
+    """A drawn result: ``pixels`` ``[H, W, 3]`` uint8, the labels drawn and the texts of those left out."""
+
+    pixels: np.ndarray
+    labels: list[Label]
+    unplaced: list[str]
+
+
 def render_overlay(
     image: np.ndarray,
     segments: Sequence[OverlaySegment],
     *,
-    alpha: float = 0.5,
+    alpha: float = DEFAULT_ALPHA,
     outlines: bool = True,
     labels: bool = True,
 ) -> np.ndarray:
@@ -103,6 +130,18 @@ def render_overlay(
     Inside a segment's mask, without outlines or labels, the pixel is exactly
     ``blend(image, segment_color(...), alpha)``; pixels outside every mask are unchanged.
     """
+    return draw_overlay(image, segments, alpha=alpha, outlines=outlines, labels=labels).pixels
+
+
+def draw_overlay(
+    image: np.ndarray,
+    segments: Sequence[OverlaySegment],
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    outlines: bool = True,
+    labels: bool = True,
+) -> Overlay:
+    """:func:`render_overlay`, also returning where the labels went and which did not fit."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
     if not 0.0 <= alpha <= 1.0:
@@ -119,35 +158,124 @@ def render_overlay(
     if outlines:
         for segment, color in zip(segments, colors):
             out[mask_outline(segment.mask)] = tuple(int(c * 0.6) for c in color)
-    if labels and segments:
-        canvas = Image.fromarray(out)
-        draw = ImageDraw.Draw(canvas)
-        font = _font(*image.shape[:2])
-        for segment, color in zip(segments, colors):
-            _draw_label(draw, segment, color, font, image.shape[1], image.shape[0])
-        out = np.asarray(canvas).copy()
-    return out
+    if not labels or not segments:
+        return Overlay(out, [], [])
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(*image.shape[:2])
+    texts = [s.label for s in segments]
+    sizes = []
+    for text in texts:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        sizes.append((right - left + 2 * _LABEL_PADDING, bottom - top + 2 * _LABEL_PADDING))
+    boxes = layout_labels(segments, sizes)
+    drawn, unplaced = [], []
+    for segment, color, text, box in zip(segments, colors, texts, boxes):
+        if box is None:
+            unplaced.append(text)
+            continue
+        _draw_label(draw, text, box, color, font)
+        drawn.append(Label(segment.segment_id, text, box))
+    return Overlay(np.asarray(canvas).copy(), drawn, unplaced)
 
 
 def _draw_label(
     draw: ImageDraw.ImageDraw,
-    segment: OverlaySegment,
+    text: str,
+    box: tuple[int, int, int, int],
     color: tuple[int, int, int],
     font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
-    width: int,
-    height: int,
 ) -> None:
-    left, top, right, bottom = draw.textbbox((0, 0), segment.label, font=font)
-    tw, th = right - left + 4, bottom - top + 4
-    if segment.isthing:
-        x, y = segment.bbox[0], segment.bbox[1]
-    else:
-        ys, xs = np.nonzero(segment.mask)
-        x, y = (int(xs.mean()) - tw // 2, int(ys.mean()) - th // 2) if xs.size else segment.bbox[:2]
-    x, y = min(max(x, 0), max(width - tw, 0)), min(max(y, 0), max(height - th, 0))
-    draw.rectangle((x, y, x + tw - 1, y + th - 1), fill=color)
+    x0, y0, x1, y1 = box
+    left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=color)
     luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-    draw.text((x + 2 - left, y + 2 - top), segment.label, fill="black" if luminance > 140 else "white", font=font)
+    fill = "black" if luminance > 140 else "white"
+    draw.text((x0 + _LABEL_PADDING - left, y0 + _LABEL_PADDING - top), text, fill=fill, font=font)
+
+
+def layout_labels(
+    segments: Sequence[OverlaySegment], sizes: Sequence[tuple[int, int]]
+) -> list[tuple[int, int, int, int] | None]:
+    """A box ``(x0, y0, x1, y1)`` for each segment's label of size ``(width, height)``, or None.
+
+    First pass: a box entirely inside its segment, as deep inside as it goes (the most segment pixels in a
+    box twice the label's size around it; ties: nearest the segment's centroid). Segments are disjoint, so
+    such labels cover no other segment and no other label. Second pass, for the rest (by score): a box
+    whose centre pixel and at least :data:`_MIN_OVER` of whose pixels lie on the segment. No box comes
+    within :data:`_LABEL_MARGIN` pixels of another. Large images are searched on a grid of ``stride``-pixel
+    cells, a cell counting as segment only when all its pixels are, and a box is a whole block of cells (a
+    little larger than its text), so these guarantees hold at full resolution.
+    """
+    if not segments:
+        return []
+    height, width = segments[0].mask.shape
+    stride = max(1, math.ceil(max(height, width) / _SEARCH_SIDE))
+    occupied = np.zeros((-(-height // stride), -(-width // stride)), dtype=bool)  # [h', w'] cells
+    boxes: list[tuple[int, int, int, int] | None] = [None] * len(segments)
+    order = sorted(range(len(segments)), key=lambda i: -segments[i].score)
+    for min_over in (1.0, _MIN_OVER):
+        for i in order:
+            if boxes[i] is not None:
+                continue
+            cells = (-(-sizes[i][1] // stride), -(-sizes[i][0] // stride))  # label (h, w) in whole cells
+            found = _find_box(_pool(segments[i].mask, stride, every=True), occupied, cells, min_over=min_over)
+            if found is None:
+                continue
+            cy, cx = found
+            margin = -(-_LABEL_MARGIN // stride)
+            occupied[max(cy - margin, 0) : cy + cells[0] + margin, max(cx - margin, 0) : cx + cells[1] + margin] = True
+            x0, y0 = cx * stride, cy * stride  # the box is the whole block of cells
+            boxes[i] = (x0, y0, min(x0 + cells[1] * stride, width), min(y0 + cells[0] * stride, height))
+    return boxes
+
+
+def _pool(mask: np.ndarray, stride: int, *, every: bool) -> np.ndarray:
+    """``[H, W]`` bool -> ``[ceil(H/s), ceil(W/s)]``: a cell is True when every (or any) pixel of it is."""
+    if stride == 1:
+        return mask
+    h, w = mask.shape
+    padded = np.pad(mask, ((0, -h % stride), (0, -w % stride)))  # cells past the border: False
+    cells = padded.reshape(padded.shape[0] // stride, stride, padded.shape[1] // stride, stride)
+    return cells.all(axis=(1, 3)) if every else cells.any(axis=(1, 3))
+
+
+def _box_sums(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``[H, W]`` -> ``[H-height+1, W-width+1]``: the sum of every ``height`` x ``width`` box (by top-left corner)."""
+    integral = np.pad(values.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # [H+1, W+1]
+    return (
+        integral[height:, width:]
+        - integral[:-height, width:]
+        - integral[height:, :-width]
+        + integral[:-height, :-width]
+    )
+
+
+def _find_box(
+    mask: np.ndarray, occupied: np.ndarray, size: tuple[int, int], *, min_over: float
+) -> tuple[int, int] | None:
+    """Top-left ``(y, x)`` of the best free ``size`` = (h, w) box over ``mask`` (see :func:`layout_labels`)."""
+    th, tw = size
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0 or th > mask.shape[0] or tw > mask.shape[1]:
+        return None
+    grow = 0 if min_over >= 1.0 else max(th, tw)  # the box may stick out of the segment's bounding box
+    y0, y1 = max(int(ys.min()) - grow, 0), min(int(ys.max()) + 1 + grow, mask.shape[0])
+    x0, x1 = max(int(xs.min()) - grow, 0), min(int(xs.max()) + 1 + grow, mask.shape[1])
+    if y1 - y0 < th or x1 - x0 < tw:
+        return None
+    window = mask[y0:y1, x0:x1]  # [h, w]
+    over = _box_sums(window, th, tw)  # [h-th+1, w-tw+1] segment pixels under each box
+    ok = (over >= math.ceil(min_over * th * tw)) & (_box_sums(occupied[y0:y1, x0:x1], th, tw) == 0)
+    ok &= window[th // 2 : th // 2 + ok.shape[0], tw // 2 : tw // 2 + ok.shape[1]]  # centre on the segment
+    if not ok.any():
+        return None
+    depth = _box_sums(np.pad(window, ((th // 2, th // 2), (tw // 2, tw // 2))), th + th // 2 * 2, tw + tw // 2 * 2)
+    score = np.where(ok, depth, -1)  # [h-th+1, w-tw+1]
+    by, bx = np.nonzero(score == score.max())
+    centroid_y, centroid_x = ys.mean() - y0 - th / 2, xs.mean() - x0 - tw / 2
+    k = int(np.argmin((by - centroid_y) ** 2 + (bx - centroid_x) ** 2))
+    return y0 + int(by[k]), x0 + int(bx[k])
 
 
 # --- IO -----------------------------------------------------------------------------------------------
@@ -227,14 +355,19 @@ def _read_parquet_row(source: str, row: int, column: str) -> bytes:
     return _image_bytes(value, f"{source} row {row} column {column!r}")
 
 
-def load_image(data: bytes) -> np.ndarray:
-    """Encoded image -> ``[H, W, 3]`` uint8 RGB after EXIF orientation."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()
+def load_image(data: bytes, *, max_pixels: int = InputConfig.max_pixels) -> np.ndarray:
+    """Encoded image -> ``[H, W, 3]`` uint8 RGB after EXIF orientation, decoded as the pipeline decodes it.
+
+    Raises ValueError (with the pipeline's reason) for bytes the pipeline would have made an error row.
+    """
+    from pipeline.decode import decode_oriented  # imports torch (via model.preprocess): not for --help
+
+    return decode_oriented(data, max_pixels=max_pixels)
 
 
-def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, labels: bool) -> np.ndarray:
-    """Read one image of ``output`` and its segments, and draw them (``[H, W, 3]`` uint8)."""
+def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, labels: bool) -> Overlay:
+    """Read one image of ``output`` and its segments, and draw them."""
+    check_output(output)
     image_row, rows = read_image_rows(output, image_id)
     if image_row is None and not rows:
         raise KeyError(f"image_id {image_id!r} is not in {output}")
@@ -242,14 +375,14 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
         raise ValueError(f"image {image_id!r} failed in the run: {image_row['error']}")
     source = image_row["source"] if image_row is not None else rows[0]["source"]
     run = read_run_config(output)
-    inputs = run.get("config", run).get("input", {})  # _run.json: {"config": {"input": {...}}, ...}
+    inputs = run.get("config", run).get("input", {})  # a run record: {"config": {"input": {...}}, ...}
     data = read_image_bytes(
         image_id,
         source,
         bytes_column=inputs.get("bytes_column") or "image",
         id_column=inputs.get("id_column"),
     )
-    image = load_image(data)
+    image = load_image(data, max_pixels=inputs.get("max_pixels") or InputConfig.max_pixels)
     segments = [
         OverlaySegment(
             segment_id=r["segment_id"],
@@ -262,7 +395,7 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
         )
         for r in rows
     ]
-    return render_overlay(image, segments, alpha=alpha, outlines=outlines, labels=labels)
+    return draw_overlay(image, segments, alpha=alpha, outlines=outlines, labels=labels)
 
 
 def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], *, tile: int = 256) -> np.ndarray:
@@ -306,7 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output folder or URI")
     p.add_argument("image_id", nargs="?", help="image to draw (not with --grid)")
     p.add_argument("-o", "--out", default="show.png", help="PNG to write (default: show.png)")
-    p.add_argument("--alpha", type=float, default=0.5, help="fill opacity in [0, 1] (default: 0.5)")
+    p.add_argument(
+        "--alpha", type=float, default=DEFAULT_ALPHA, help=f"fill opacity in [0, 1] (default: {DEFAULT_ALPHA})"
+    )
     p.add_argument("--no-labels", action="store_true", help="do not write category/score labels")
     p.add_argument("--no-outlines", action="store_true", help="do not outline segments")
     p.add_argument("--grid", type=int, metavar="N", help="contact sheet of N images chosen by --where")
@@ -326,21 +461,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid is not None and args.grid < 1:
         parser.error(f"--grid must be >= 1, got {args.grid}")
     style: dict[str, Any] = {"alpha": args.alpha, "outlines": not args.no_outlines, "labels": not args.no_labels}
+    try:
+        check_output(args.output)
+    except OutputNotFoundError as exc:
+        print(f"panoptic-flow show: {exc}", file=sys.stderr)
+        return 2
     if args.grid is None:
         image_id = args.image_id
         if "://" not in image_id and os.path.exists(image_id.split("#", 1)[0]):
             image_id = os.path.abspath(image_id)  # local inputs are recorded by absolute path
         try:
-            picture = render_image(args.output, image_id, **style)
-        except (KeyError, ValueError) as exc:  # unknown id, or an image that failed in the run
+            overlay = render_image(args.output, image_id, **style)
+        except (KeyError, ValueError) as exc:  # unknown id, an image that failed in the run, unreadable bytes
             print(f"panoptic-flow show: {exc.args[0]}", file=sys.stderr)
             return 2
+        picture = overlay.pixels
+        if overlay.unplaced:
+            shown = ", ".join(overlay.unplaced[:12]) + (", ..." if len(overlay.unplaced) > 12 else "")
+            print(f"{len(overlay.labels)} labels drawn; {len(overlay.unplaced)} without room on their segment: {shown}")
     else:
         image_ids = grid_image_ids(args.output, n=args.grid, where=args.where)
         if not image_ids:
             print("panoptic-flow show: no image matches --where", file=sys.stderr)
             return 1
-        tiles = [render_image(args.output, i, **style) for i in image_ids]
+        tiles = [render_image(args.output, i, **style).pixels for i in image_ids]
         picture = contact_sheet(tiles, [posixpath.basename(i) for i in image_ids], tile=args.tile)
     _write_png(picture, args.out)
     print(f"wrote {args.out} ({picture.shape[1]}x{picture.shape[0]})")

@@ -6,8 +6,9 @@ cocodataset/panopticapi's ``panoptic_coco_categories.json`` (same records: ``id`
 92..200 (53 of them).
 
 The DETR panoptic head has 250 class slots, and a class slot *is* the category id, so the model can emit
-labels that are not in the table (0, 12, 26, ..., 201..249). Such ids get the name ``"unknown"`` and no
-``Category``; :func:`is_thing` still answers for them (see there).
+labels that are not in the table (0, 12, 26, ..., 201..249). Such ids have no ``Category``; each gets a
+name of its own, ``class_<id>`` (``class_68``), so that tables grouped by name keep them apart, and
+:func:`is_thing` still answers for them (see there). No COCO panoptic name has that form.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-__all__ = ["UNKNOWN_NAME", "Category", "categories", "category_by_id", "category_name", "is_thing"]
+__all__ = ["UNKNOWN_PREFIX", "Category", "categories", "category_by_id", "category_name", "is_thing"]
 
-UNKNOWN_NAME = "unknown"
+UNKNOWN_PREFIX = "class_"  # name of an id outside the table: class_<id>
 _DATA_FILE = "data/coco_panoptic_categories.json"
 _LAST_THING_ID = 90  # reference DETR: is_thing_map = {i: i <= 90 for i in range(201)}
 
@@ -66,9 +67,10 @@ def category_by_id(category_id: int) -> Category | None:
 
 
 def category_name(category_id: int) -> str:
-    """The category's name (``"person"``, ``"wall-other-merged"``), or ``"unknown"`` for ids not in the table."""
+    """The category's name (``"person"``, ``"wall-other-merged"``), or ``"class_<id>"`` for an id not in the table
+    (``category_name(68) == "class_68"``): one distinct name per id."""
     category = category_by_id(category_id)
-    return UNKNOWN_NAME if category is None else category.name
+    return f"{UNKNOWN_PREFIX}{int(category_id)}" if category is None else category.name
 
 
 def is_thing(category_id: int) -> bool:

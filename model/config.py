@@ -1,16 +1,44 @@
-"""Model configuration: the three published DETR panoptic variants and their official weights.
+"""Model configuration: the three published DETR panoptic variants, their official weights, and how
+images are sized, batched and thresholded for inference (`InferenceConfig`).
 
 Values follow Carion et al. 2020 and `hubconf.py` of facebookresearch/detr: 250 class slots plus one
 "no object" slot, 100 object queries, d = 256, 8 heads, 6 encoder and 6 decoder layers, FFN 2048.
+
+Plain dataclasses, no torch: the job's command line is generated from these fields (see
+`jobs/options.py`; a field's ``metadata["help"]`` makes it an option), so ``--help`` needs no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 BackboneName = Literal["resnet50", "resnet101"]
 VariantName = Literal["detr-r50-panoptic", "detr-r50-dc5-panoptic", "detr-r101-panoptic"]
+BatchMode = Literal["exact", "bucketed"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def literal_choices(annotation: object) -> tuple[str, ...] | None:
+    """The values of a ``Literal[...]`` annotation (also inside ``Literal[...] | None``); None for other types."""
+    if typing.get_origin(annotation) is Literal:
+        return tuple(typing.get_args(annotation))
+    for member in typing.get_args(annotation):  # Optional / union
+        if typing.get_origin(member) is Literal:
+            return tuple(typing.get_args(member))
+    return None
+
+
+def check_literal_fields(instance: object) -> None:
+    """Raise ValueError naming the field and the allowed values when a ``Literal``-typed field of the dataclass
+    ``instance`` holds another value (the one check of every string option, wherever the value came from)."""
+    hints = typing.get_type_hints(type(instance))
+    for f in fields(instance):  # type: ignore[arg-type]
+        choices = literal_choices(hints[f.name])
+        value = getattr(instance, f.name)
+        if choices is not None and value not in choices and value is not None:
+            raise ValueError(f"unknown {f.name.replace('_', ' ')} {value!r}; choose one of: {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -86,3 +114,53 @@ def get_variant(name: str) -> Variant:
         return VARIANTS[name]
     except KeyError:
         raise ValueError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}") from None
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How images are sized, batched and thresholded. Defaults reproduce the reference."""
+
+    min_size: int = field(default=800, metadata={"help": "shorter side after resizing (the reference resize rule)"})
+    max_size: int = field(
+        default=1333, metadata={"help": "cap on the longer side after resizing (the reference resize rule)"}
+    )
+    threshold: float = field(
+        default=0.85, metadata={"help": "class-probability threshold of the panoptic merge, in [0, 1)"}
+    )
+    batch_mode: BatchMode = field(
+        default="exact",
+        metadata={
+            "help": "`exact`: only images of equal processed size share a batch (results equal the reference's "
+            "single-image run); `bucketed`: pad to 128-px buckets (bigger batches; still independent of batch "
+            "companions, slightly different near the bottom/right border)"
+        },
+    )
+    bucket: int = 128  # canvas multiple in "bucketed" mode
+    precision: Precision = field(
+        default="fp32",
+        metadata={
+            "help": "`fp32` reproduces the reference; `bf16` / `fp16` autocast (faster on GPUs and on CPUs with "
+            "AVX-512 BF16; check it on your data with `pytest -m weights`, see BENCHMARKS.md)"
+        },
+    )
+    channels_last: bool = field(default=False, metadata={"help": "channels-last memory format for the convolutions"})
+    # JPEG decode (nvJPEG on CUDA), EXIF orientation and resize on the model's device instead of CPU workers
+    device_preprocess: bool = field(
+        default=False,
+        metadata={
+            "help": "JPEGs are decoded (nvJPEG on CUDA), rotated and resized by the model actor on its device; the "
+            "CPU workers only check headers and the object store carries compressed bytes. Other formats, CMYK "
+            "JPEGs and anything the device decoder refuses go through Pillow as usual. Pixels differ from "
+            "Pillow's by about one grey level. Uses torchvision's `decode_jpeg` (deprecated in torchvision 0.29 "
+            "in favour of TorchCodec; it still works)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_literal_fields(self)
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if self.min_size <= 0 or self.max_size < self.min_size:
+            raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if self.bucket <= 0 or self.bucket % 32:
+            raise ValueError(f"bucket must be a positive multiple of 32, got {self.bucket}")

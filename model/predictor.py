@@ -4,22 +4,22 @@
 `PanopticPredictor.predict_prepared` groups images by canvas (see `model.preprocess`), pads, runs the
 model — mask head on kept queries only —, crops the padding at stride 4 before any upsampling, and
 merges each image on its own. An image's result therefore never depends on its batch companions.
+`InferenceConfig` lives in `model.config` (no torch there) and is re-exported here.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from model.config import InferenceConfig
 from model.detr import DetrPanoptic
 from model.panoptic import PanopticResult, merge_panoptic
 from model.preprocess import (
-    BatchMode,
     canvas_size,
     normalize,
     orient_tensor,
@@ -30,34 +30,7 @@ from model.preprocess import (
     to_rgb,
 )
 
-Precision = Literal["fp32", "bf16", "fp16"]
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """How images are sized, batched and thresholded. Defaults reproduce the reference."""
-
-    min_size: int = 800
-    max_size: int = 1333
-    threshold: float = 0.85
-    batch_mode: BatchMode = "exact"
-    bucket: int = 128  # canvas multiple in "bucketed" mode
-    precision: Precision = "fp32"
-    channels_last: bool = False
-    # JPEG decode (nvJPEG on CUDA), EXIF orientation and resize on the model's device instead of CPU workers
-    device_preprocess: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
-        if self.min_size <= 0 or self.max_size < self.min_size:
-            raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
-        if self.batch_mode not in ("exact", "bucketed"):
-            raise ValueError(f"batch_mode must be 'exact' or 'bucketed', got {self.batch_mode!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.bucket <= 0 or self.bucket % 32:
-            raise ValueError(f"bucket must be a positive multiple of 32, got {self.bucket}")
+__all__ = ["InferenceConfig", "PanopticPredictor", "PreparedImage", "prepare", "prepare_tensor"]
 
 
 class PreparedImage(NamedTuple):

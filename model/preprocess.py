@@ -16,17 +16,16 @@ convolutions, as in any padded batch).
 from __future__ import annotations
 
 import struct
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.config import BatchMode
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-BatchMode = Literal["exact", "bucketed"]
 
 
 def processed_size(height: int, width: int, *, min_size: int = 800, max_size: int | None = 1333) -> tuple[int, int]:

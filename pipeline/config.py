@@ -1,7 +1,14 @@
 """The job's configuration tree: one frozen, validated dataclass per layer, built by `jobs/`.
 
-It is written next to the outputs (`_run.json`) without secrets: credentials never appear in it, they come
+It is recorded with the outputs (`_runs/<run_id>.json`) without secrets: credentials never appear in it, they come
 from the standard AWS chain / environment.
+
+Every option of `panoptic-flow segment` is one field here (or in `model.config.InferenceConfig`): its
+type (a ``Literal`` gives the choices), its default, and its help text in ``metadata`` are the only
+declaration; `jobs/options.py` generates the command line, the job file (``--config``) and the README's
+option table from them, and `model.config.check_literal_fields` validates every ``Literal`` field. A field
+without ``metadata["help"]`` is configuration but no option. Metadata keys: ``help``; ``option`` (the flag
+without ``--`` when it is not the field name with ``-`` for ``_``); ``metavar``.
 """
 
 from __future__ import annotations
@@ -10,11 +17,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from model.config import VARIANTS
-from model.predictor import InferenceConfig
+from model.config import InferenceConfig, VariantName, check_literal_fields
 
 InputFormat = Literal["auto", "files", "tar", "parquet", "manifest"]
 Device = Literal["auto", "cpu", "cuda"]
+RleOn = Literal["workers", "actor"]
 
 ALLOWED_OUTPUT_SCHEMES = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -22,62 +29,106 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 @dataclass(frozen=True)
 class InputConfig:
-    uris: tuple[str, ...]
-    format: InputFormat = "auto"
-    bytes_column: str = "image"  # Parquet inputs: the column holding encoded image bytes
-    id_column: str | None = None  # Parquet inputs: optional column with a stable image id
-    max_pixels: int = 89_478_485  # Pillow's default decompression-bomb limit (≈ 9459²)
+    uris: tuple[str, ...] = field(
+        metadata={
+            "option": "input",
+            "metavar": "URI",
+            "help": "a folder/prefix/glob of images (jpg, png, webp, bmp, gif first frame, tiff), WebDataset `.tar` "
+            "shards, Parquet files with an image-bytes column, or a manifest (`.txt`, one URI per line; or "
+            "`--input-format manifest` for a Parquet file with a `uri` column); local, `s3://`, any fsspec URI",
+        }
+    )
+    format: InputFormat = field(
+        default="auto",
+        metadata={"option": "input-format", "help": "`auto` tells the kind from the URI; the others force one"},
+    )
+    bytes_column: str = field(
+        default="image", metadata={"help": "Parquet inputs: the column holding encoded image bytes"}
+    )
+    id_column: str | None = field(
+        default=None, metadata={"help": "Parquet inputs: an optional column with a stable image id"}
+    )
+    max_pixels: int = field(
+        default=89_478_485,  # Pillow's default decompression-bomb limit (≈ 9459²)
+        metadata={"help": "larger images (checked on the header, before decoding) are error rows"},
+    )
 
     def __post_init__(self) -> None:
+        check_literal_fields(self)
         if not self.uris:
             raise ValueError("at least one --input is required")
-        if self.format not in ("auto", "files", "tar", "parquet", "manifest"):
-            raise ValueError(f"unknown input format {self.format!r}")
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    variant: str = "detr-r50-panoptic"
-    weights: str = "auto"  # a URI, "auto" (the variant's official URL) or "synthetic" (meaningless demo weights)
+    variant: VariantName = field(default="detr-r50-panoptic", metadata={"help": "the published model to run"})
+    weights: str = field(
+        default="auto",
+        metadata={
+            "help": "checkpoint URI (local path, `s3://…`, `https://…` cached in `~/.cache/panoptic-flow`); `auto` = "
+            "the variant's official file; `synthetic` = deterministic demo weights (meaningless segments)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; known variants: {', '.join(VARIANTS)}")
+        check_literal_fields(self)
 
 
 @dataclass(frozen=True)
 class ResourceConfig:
-    batch_size: int = 8
-    num_gpus: float = 1.0  # per actor; fractional values share a GPU between actors
-    min_actors: int = 1
-    max_actors: int = 1
-    device: Device = "auto"
+    batch_size: int = field(default=8, metadata={"help": "images per model call"})
+    num_gpus: float = field(default=1.0, metadata={"help": "GPUs per actor (fractions share a GPU)"})
+    min_actors: int = field(
+        default=1, metadata={"help": "smallest model actor pool (it autoscales between --min-actors and --max-actors)"}
+    )
+    max_actors: int = field(default=1, metadata={"help": "largest model actor pool"})
+    device: Device = field(
+        default="auto",
+        metadata={
+            "help": "`auto` uses GPUs when the cluster has some at start, else CPU; `cuda` always requests GPUs "
+            "(use it on clusters whose GPU workers autoscale from zero: the request makes them appear); `cpu`"
+        },
+    )
     num_cpus_per_actor: float = 1.0
-    rows_per_file: int = 2048  # images per committed output part
-    # "workers": the actor returns id maps and CPU tasks encode RLE (keeps the GPU fed); "actor": RLE in the actor
-    rle_on: Literal["workers", "actor"] = "workers"
+    rows_per_file: int = field(
+        default=2048,
+        metadata={
+            "help": "images per committed Parquet part (write tasks gather the results into parts of this size; "
+            "a run's last part holds the rest)"
+        },
+    )
+    rle_on: RleOn = field(
+        default="workers",
+        metadata={
+            "help": "`workers`: the model actor hands id maps (uint8) to CPU tasks that RLE-encode them, so the GPU "
+            "goes on to its next batch; `actor`: encode inside the actor"
+        },
+    )
 
     def __post_init__(self) -> None:
+        check_literal_fields(self)
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if not 0 < self.num_gpus <= 8:
             raise ValueError(f"num_gpus per actor must be in (0, 8], got {self.num_gpus}")
         if self.min_actors < 1 or self.max_actors < self.min_actors:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.rows_per_file <= 0:
             raise ValueError(f"rows_per_file must be positive, got {self.rows_per_file}")
-        if self.rle_on not in ("workers", "actor"):
-            raise ValueError(f"rle_on must be 'workers' or 'actor', got {self.rle_on!r}")
 
 
 @dataclass(frozen=True)
 class JobConfig:
     input: InputConfig
-    output: str
+    output: str = field(
+        metadata={
+            "metavar": "URI",
+            "help": "local folder or `s3://`, `gs://`, … (no `..`, no credentials in the URI); re-running with the "
+            "same output resumes",
+        }
+    )
     model: ModelSpec = field(default_factory=ModelSpec)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
@@ -86,7 +137,7 @@ class JobConfig:
         check_output_uri(self.output)
 
     def to_dict(self) -> dict[str, object]:
-        """The configuration for `_run.json`, URIs stripped of query strings and user info (no secrets)."""
+        """The configuration for the run record, URIs stripped of query strings and user info (no secrets)."""
         record = asdict(self)
         record["input"]["uris"] = [redact_uri(u) for u in self.input.uris]
         record["output"] = redact_uri(self.output)

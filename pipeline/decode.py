@@ -9,15 +9,17 @@ ratio so extreme that the resize rule leaves a zero-pixel side. Animated images 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from model.predictor import InferenceConfig, prepare
-from model.preprocess import exif_orientation, processed_size
+from model.preprocess import exif_orientation, processed_size, to_rgb
 from pipeline.schema import INPUT_COLUMNS
 
 EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows without an image
@@ -74,8 +76,22 @@ def _check_aspect_ratio(image: Image.Image, inference: InferenceConfig) -> None:
         )
 
 
-def _decode_opened(image: Image.Image, inference: InferenceConfig) -> tuple[np.ndarray, int, int]:
-    _check_aspect_ratio(image, inference)
+def decode_oriented(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """bytes -> ``[H, W, 3]`` uint8 RGB at full size after EXIF orientation: the frame of the masks.
+
+    The same header checks, first-frame load, orientation rule and RGB conversion as `decode_image`, without
+    the resize (for drawing results over their image, `jobs/show.py`). Raises ValueError as `decode_image` does.
+    """
+    if not data:
+        raise ValueError("empty object (0 bytes)")
+    image = _open_header(data, max_pixels=max_pixels)
+    _load_first_frame(image)
+    with _conversion_errors(image):
+        rgb = to_rgb(image)
+    return np.asarray(rgb)
+
+
+def _load_first_frame(image: Image.Image) -> None:
     try:
         image.seek(0)  # animated formats: the first frame
         image.load()
@@ -85,12 +101,23 @@ def _decode_opened(image: Image.Image, inference: InferenceConfig) -> tuple[np.n
         raise ValueError(f"too many pixels (in a frame): {exc}") from exc
     except _MALFORMED as exc:
         raise ValueError(f"corrupt or truncated {image.format} image: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _conversion_errors(image: Image.Image) -> Iterator[None]:
     try:
-        prepared = prepare(image, inference)
+        yield
     except MemoryError as exc:
         raise ValueError(f"out of memory converting a {image.width}x{image.height} {image.mode} image") from exc
     except (ValueError, OSError) as exc:  # e.g. a pixel mode Pillow cannot convert to RGB
         raise ValueError(f"cannot convert {image.format} image of mode {image.mode} to RGB: {exc}") from exc
+
+
+def _decode_opened(image: Image.Image, inference: InferenceConfig) -> tuple[np.ndarray, int, int]:
+    _check_aspect_ratio(image, inference)
+    _load_first_frame(image)
+    with _conversion_errors(image):
+        prepared = prepare(image, inference)
     height, width = prepared.original_size
     return prepared.pixels, width, height
 

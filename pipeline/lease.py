@@ -101,8 +101,9 @@ class Lease:
             "renewed": time.time(),
             "ttl_s": ttl_s,
         }
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if is_local(fs):
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)  # object stores have no folders (and s3fs would
+            # create a missing bucket here)
             lease._acquire_local(path)
         else:
             if is_s3(fs):

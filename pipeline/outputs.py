@@ -2,7 +2,7 @@
 
 An output ``OUTPUT/`` (a local path or any fsspec URI such as ``s3://bucket/run``) holds
 ``segments/**.parquet`` and ``images/**.parquet`` (files may sit in nested sub-folders; names starting
-with ``_`` or ``.`` are ignored), ``_run.json`` (the run's config) and maybe ``_SUCCESS``. The column
+with ``_`` or ``.`` are ignored), ``_runs/<run_id>.json`` (each run's record) and maybe ``_SUCCESS``. The column
 contract is :mod:`pipeline.schema`.
 
 Everything here is plain pyarrow/numpy except :func:`read_segments_by_image`, which builds a Ray Data
@@ -26,14 +26,14 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.rle import decode_rle
-from pipeline.schema import IMAGES_SCHEMA, IMAGES_TABLE, SEGMENTS_SCHEMA, SEGMENTS_TABLE, STATUS_OK
+from pipeline.schema import IMAGES_SCHEMA, IMAGES_TABLE, RUNS_FOLDER, SEGMENTS_SCHEMA, SEGMENTS_TABLE, STATUS_OK
 
 if TYPE_CHECKING:
     import ray.data
 
 TableName = Literal["segments", "images"]
 
-RUN_CONFIG_FILE = "_run.json"
+LEASE_FILE = "_lease.json"  # `pipeline.lease`: a run holds it from its start
 VOID_ID = -1  # value of `panoptic_map` pixels covered by no segment
 
 _SCHEMAS: dict[str, pa.Schema] = {SEGMENTS_TABLE: SEGMENTS_SCHEMA, IMAGES_TABLE: IMAGES_SCHEMA}
@@ -47,6 +47,29 @@ def output_filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     fs, path = fsspec.core.url_to_fs(output)
     return fs, path.rstrip("/") or path
+
+
+class OutputNotFoundError(FileNotFoundError):
+    """``OUTPUT`` holds no panoptic-flow output (a mistyped folder, or not an output at all)."""
+
+
+def check_output(output: str) -> None:
+    """Raise :class:`OutputNotFoundError` unless ``output`` holds an output: ``images/``, ``segments/``,
+    ``_runs/`` or ``_lease.json`` (a run takes the lease before anything else, so a run in flight counts).
+
+    The readers below treat a missing table as empty; the commands call this first so that a mistyped
+    folder is one clear error rather than zero rows.
+    """
+    fs, root = output_filesystem(output)
+    markers = [f"{root}/{name}" for name in (IMAGES_TABLE, SEGMENTS_TABLE, RUNS_FOLDER, LEASE_FILE)]
+    if any(fs.exists(marker) for marker in markers):
+        return
+    if not fs.exists(root):
+        raise OutputNotFoundError(f"no output at {output!r}: no such folder or prefix")
+    raise OutputNotFoundError(
+        f"no output at {output!r}: it has no {IMAGES_TABLE}/, {SEGMENTS_TABLE}/, {RUNS_FOLDER}/ or {LEASE_FILE} "
+        "(is it the --output of a segment run?)"
+    )
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
@@ -87,12 +110,16 @@ def open_table(output: str, table: TableName) -> ds.Dataset:
 
 
 def read_run_config(output: str) -> dict[str, Any]:
-    """``OUTPUT/_run.json`` as a dict, or ``{}`` when the output has none."""
+    """The record of the output's latest run (``OUTPUT/_runs/<run_id>.json``, run ids sort by time) as a
+    dict (``config``, ``settings``, ``weights``, ``versions``, counts), or ``{}`` when the output has none."""
     fs, root = output_filesystem(output)
-    path = f"{root}/{RUN_CONFIG_FILE}"
-    if not fs.exists(path):
+    try:
+        records = sorted(p for p in fs.ls(f"{root}/{RUNS_FOLDER}", detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
         return {}
-    with fs.open(path, "rb") as f:
+    if not records:
+        return {}
+    with fs.open(records[-1], "rb") as f:
         return json.loads(f.read())
 
 

@@ -475,7 +475,7 @@ def retract_rows(group: pa.Table, *, output: str) -> pa.Table:
 
 @dataclass
 class Plan:
-    refs: ray.data.Dataset  # `REF_SCHEMA`: what to read
+    refs: ray.data.Dataset | pa.Table  # `REF_SCHEMA`: what to read (a table from `plan_locally`)
     known_total: int | None  # refs to do, when known without running the plan
     skipped: int = 0  # committed rows kept
     retracted: Counts = field(default_factory=Counts)
@@ -573,6 +573,56 @@ def plan(inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: i
         )
         refs.append(grouped.map_batches(_listed_shards, batch_format="pyarrow"))
     result.refs = _union(refs)
+    return result
+
+
+LOCAL_PLAN_MAX_PARTS = 16  # up to this many committed parts (and no manifest), the driver plans on its own
+
+
+def fits_locally(inputs: ResolvedInputs, parts: list[str]) -> bool:
+    """Whether `plan_locally` may plan this run: a small output, inputs all listed by the driver."""
+    return len(parts) <= LOCAL_PLAN_MAX_PARTS and not inputs.manifests
+
+
+def plan_locally(inputs: ResolvedInputs, *, output: str, parts: list[str]) -> Plan:
+    """`plan` for a small output, in the driver process without Ray: the same decisions (`decide_files`,
+    `decide_members`) and retractions, over pyarrow group-bys instead of Ray's hash aggregations. A re-run with
+    nothing to do then starts no cluster at all. ``Plan.refs`` is a `REF_SCHEMA` table."""
+    listed = {r["uri"]: r for r in inputs.refs}
+    files = [r for r in listed.values() if r["kind"] == "file"]
+    shard_refs = [r for r in listed.values() if r["kind"] != "file"]
+    committed = committed_rows({"path": np.array(parts, dtype=object)}, output=output)
+    keys = [committed_file_keys(committed)]
+    if files:
+        keys.append(file_ref_keys(pa.Table.from_pylist(files)))
+    aggregated = pa.concat_tables(keys).group_by("uri").aggregate(
+        [("listed", "max"), ("version", "max"), ("size", "max"), ("committed", "sum"), ("retryable", "max"),
+         ("c_version", "max"), ("c_size", "max"), ("part", "distinct")]
+    )  # fmt: skip
+    aggregated = aggregated.rename_columns([c.rsplit("_", 1)[0] if c != "uri" else c for c in aggregated.column_names])
+    aggregated = aggregated.rename_columns([c if c != "part" else "parts" for c in aggregated.column_names])
+    shards = {r["uri"]: (r.get("version"), r.get("size")) for r in shard_refs}
+    decided = pa.concat_tables([decide_files(aggregated), decide_members(committed, shards=shards)])
+
+    result = Plan(refs=_files_to_do(decided), known_total=None)
+    for action, _, reason, n in zip(*_tally(decided).to_pydict().values()):
+        result.skipped += n if action == SKIP else 0
+        result.unlisted += n if action == UNLISTED else 0
+        if action == RETRACT:
+            result.retracted_by_reason[reason] = result.retracted_by_reason.get(reason, 0) + n
+    retractions = retraction_rows(decided)
+    for part in sorted(set(retractions.column("part").to_pylist())):
+        group = retractions.filter(pc.equal(retractions.column("part"), part))
+        result.retracted.add(retract_rows(group, output=output).to_pylist()[0])
+    if shard_refs:
+        kept = _shard_skips(decided)
+        skips: dict[str, list[str]] = {}
+        for uri, member in zip(kept.column("uri").to_pylist(), kept.column("member").to_pylist()):
+            skips.setdefault(uri, []).append(member)
+        rows = [{**r, "skip": skips.get(r["uri"], [])} for r in shard_refs]
+        result.refs = pa.concat_tables([result.refs, as_refs(pa.Table.from_pylist(rows))])
+    else:
+        result.known_total = result.refs.num_rows
     return result
 
 

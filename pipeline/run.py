@@ -33,17 +33,18 @@ from pipeline.lease import Lease, new_run_id
 from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter, encode_results
 from pipeline.resume import Counts
 from pipeline.sources import read_refs, resolve_inputs
-from pipeline.storage import publish
+from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
 from pipeline.write import PART_ROW_SCHEMA, RUNS_FOLDER, SUCCESS_FILE, write_parts
 
 log = logging.getLogger(__name__)
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
-# Read, decode, RLE and write run as CPU tasks with a memory reservation for their blocks. Their resources
-# differ from the actor's, which also keeps Ray Data from fusing them into the model actors (decoding there
-# would idle the GPU and cap decode parallelism at the number of actors).
-CPU_TASK_ARGS = {"num_cpus": 1, "memory": 512 * 2**20}
+# Read, decode, RLE and write run as CPU tasks with a memory reservation: what Ray Data's memory monitor
+# measured them to use (~0.6 GiB with tiny images: the process with torch and Arrow loaded) plus their blocks.
+# Their resources differ from the actor's, which also keeps Ray Data from fusing them into the model actors
+# (decoding there would idle the GPU and cap decode parallelism at the number of actors).
+CPU_TASK_ARGS = {"num_cpus": 1, "memory": 2**30}
 REFS_PER_READ_TASK = 16
 
 
@@ -220,12 +221,43 @@ def cpu_actor_cpus(max_actors: int) -> float:
     return max(1.0, min(sum(node_cpus) // (2 * max_actors), max(node_cpus, default=0.0) // 2))
 
 
+class ClusterError(RuntimeError):
+    """The cluster can never run the job as asked (e.g. GPUs requested where no node can have one)."""
+
+
+def check_gpu_supply() -> None:
+    """With GPUs requested: fine when the cluster has some; a visible "waiting" line when an autoscaler may add
+    them; `ClusterError` when nothing can (no GPU, and no autoscaler, or one whose node types have none)."""
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    limits = state.get_max_resources_from_cluster_config()  # the node types of an autoscaler that reports them
+    if limits is not None and not limits.get("GPU"):
+        raise ClusterError(
+            "--device cuda: no node type of this cluster's autoscaler has GPUs (ray status); add a GPU node type "
+            "or use --device cpu"
+        )
+    autoscaler = limits is not None or _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+    if not autoscaler:
+        raise ClusterError(
+            "--device cuda: this cluster has no GPU and no autoscaler that could add one (ray status); run on a "
+            "cluster with GPU workers (cluster.yaml, jobs/k8s/) or use --device cpu"
+        )
+    log.warning(
+        "waiting for GPU workers: the cluster has none yet; the autoscaler is asked for them (`ray status` shows "
+        "it starting them)"
+    )
+
+
 def take_lease(output: str, run_id: str, *, take_over: bool) -> Lease:
     """The output's lease; an output that cannot be written raises `OutputError` (one line)."""
     try:
         return Lease.acquire(output, run_id, take_over=take_over)
-    except OSError as exc:  # read-only, a file where a folder should be, no credentials, no such bucket
-        raise OutputError(f"cannot write to the output {redact_uri(output)}: {type(exc).__name__}: {exc}") from exc
+    except TRANSIENT_ERRORS as exc:  # read-only, a file where a folder should be, no credentials, no such bucket
+        raise OutputError(describe_storage_error(f"the output {redact_uri(output)}", exc)) from exc
 
 
 def run_job(
@@ -235,11 +267,13 @@ def run_job(
     show_progress: bool = True,
     take_over_lease: bool = False,
     allow_mixed_settings: bool = False,
+    verbose: bool = False,
 ) -> RunSummary:
     """Run the whole job; re-running with the same output resumes it (`pipeline.resume` states the rules).
 
     Raises before any cluster work: `pipeline.sources.InputError`, `model.checkpoint.CheckpointError`,
-    `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.resume.SettingsChanged`.
+    `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.resume.SettingsChanged`, `ClusterError`. Ray Data's
+    own messages (execution plans, memory advice) are shown only with ``verbose``.
     """
     started = time.perf_counter()
     inputs = resolve_inputs(config.input, output=config.output)  # bad inputs fail here, before any cluster work
@@ -253,15 +287,20 @@ def run_job(
     try:
         resume.check_settings(resume.read_run_records(fs, root), settings, allow=allow_mixed_settings)
         parts, orphans = resume.prepare_output(fs, root)
-        init_ray()
-        _configure_ray_data()
-        state = _inspect(config.output, parts, run_id=run_id)
+        if resume.fits_locally(inputs, parts):  # a small output: planned here, Ray only if there is work
+            state = _inspect(config.output, parts, run_id=run_id, local=True)
+            plan = resume.plan_locally(inputs, output=config.output, parts=state.parts)
+        else:
+            _start_ray(config, verbose=verbose)
+            state = _inspect(config.output, parts, run_id=run_id, local=False)
+            plan = resume.plan(inputs, output=config.output, parts=state.parts, partitions=_shuffle_partitions())
         state.orphans_removed = orphans
-        plan = resume.plan(inputs, output=config.output, parts=state.parts, partitions=_shuffle_partitions())
         lease.raise_if_lost()
         this_run, parts_by_node = Counts(), {}
         if plan.known_total != 0:
-            dataset = build_dataset(config, plan.refs, weights=weights, run_id=run_id, run_record=json.dumps(record))
+            _start_ray(config, verbose=verbose)
+            refs = plan.refs if isinstance(plan.refs, ray.data.Dataset) else ray.data.from_arrow(plan.refs)
+            dataset = build_dataset(config, refs, weights=weights, run_id=run_id, run_record=json.dumps(record))
             bar = _progress_bar(plan.known_total, enabled=show_progress)
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.cast(PART_ROW_SCHEMA).to_pylist():  # one small row per committed part
@@ -294,23 +333,38 @@ def run_job(
         lease.release()
 
 
-def _configure_ray_data() -> None:
+def _start_ray(config: JobConfig, *, verbose: bool) -> None:
+    """Join or start Ray, set up Ray Data, and check that the GPUs asked for can exist (all idempotent)."""
+    init_ray()
+    _configure_ray_data(verbose=verbose)
+    if use_gpus(config.resources.device):
+        check_gpu_supply()
+
+
+def _configure_ray_data(*, verbose: bool) -> None:
     context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
     context.execution_options.verbose_progress = False
     context.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
     context.enable_progress_bars = False  # one bar of our own, counted in images
     block_stats.install(context)  # Ray Data's per-block stats would grow the driver with every image
 
 
-def _inspect(output: str, parts: list[str], *, run_id: str) -> resume.OutputState:
-    """The committed parts' counts, read from their footers by Ray workers; unreadable parts quarantined."""
+def _inspect(output: str, parts: list[str], *, run_id: str, local: bool) -> resume.OutputState:
+    """The committed parts' counts, read from their footers (here when ``local``, else by Ray workers);
+    unreadable parts quarantined."""
     state = resume.OutputState()
     if not parts:
         return state
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
-    paths = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=min(len(parts), 64))
-    for row in paths.map_batches(resume.inspect_parts, batch_format="numpy", fn_kwargs={"output": output}).iter_rows():
+    if local:
+        rows = resume.inspect_parts({"path": parts}, output=output).to_pylist()
+    else:
+        paths = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=min(len(parts), 64))
+        rows = paths.map_batches(resume.inspect_parts, batch_format="numpy", fn_kwargs={"output": output}).iter_rows()
+    for row in rows:
         if row["problem"]:
             resume.quarantine(fs, root, row["path"], run_id=run_id, problem=row["problem"])
             state.quarantined.append(posixpath.basename(row["path"]))

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 SEGMENTS_TABLE = "segments"
 IMAGES_TABLE = "images"
+RUNS_FOLDER = "_runs"  # OUTPUT/_runs/<run_id>.json: each run's settings and counts (`pipeline.write`)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

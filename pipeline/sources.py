@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
-from pipeline.storage import TRANSIENT_ERRORS, is_local, object_version, read_object
+from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, is_local, object_version, read_object
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,26 @@ def resolve_inputs(config: InputConfig, *, output: str | None = None) -> Resolve
         if skipped:
             log.warning("left out %d files under the output %s found in the input %s", skipped, output, uri)
         refs.extend(found)
+    _check_parquet_columns([r["uri"] for r in refs if r["kind"] == "parquet"], config)
     return ResolvedInputs(refs, manifests)
+
+
+PARQUET_FILES_CHECKED = 4  # Parquet inputs whose columns are checked up front (the others give error rows)
+
+
+def _check_parquet_columns(uris: list[str], config: InputConfig) -> None:
+    """Raise `InputError` when one of the first Parquet inputs has no usable image column (a wrong
+    ``--bytes-column`` or ``--id-column``): reading only their footers, before any cluster work."""
+    for uri in uris[:PARQUET_FILES_CHECKED]:
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            with fs.open(path, "rb") as f:
+                schema = pq.ParquetFile(f).schema_arrow
+        except (*TRANSIENT_ERRORS, pa.ArrowException) as exc:
+            raise InputError(f"{uri}: cannot read it as Parquet: {type(exc).__name__}: {exc}") from exc
+        problem = parquet_columns_problem(schema, config.bytes_column, config.id_column)
+        if problem:
+            raise InputError(f"{uri}: {problem}")
 
 
 def _require_exists(uri: str) -> None:
@@ -141,7 +160,7 @@ def _require_exists(uri: str) -> None:
         fs, path = fsspec.core.url_to_fs(uri)
         exists = fs.exists(path)
     except (*TRANSIENT_ERRORS, ValueError) as exc:
-        raise InputError(f"cannot access {uri}: {type(exc).__name__}: {exc}") from exc
+        raise InputError(describe_storage_error(uri, exc)) from exc
     if not exists:
         raise InputError(f"input not found: {uri}")
 
@@ -165,7 +184,7 @@ def _list_uri(
     except InputError:
         raise
     except (*TRANSIENT_ERRORS, ValueError) as exc:  # no such bucket, access denied, bad endpoint...
-        raise InputError(f"cannot access {uri}: {type(exc).__name__}: {exc}") from exc
+        raise InputError(describe_storage_error(uri, exc)) from exc
     refs, skipped = [], 0
     same_fs = excluded is not None and type(excluded[0]) is type(fs)
     for p in sorted(found):

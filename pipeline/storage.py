@@ -142,6 +142,26 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> int:
     return retrying(f"writing {path}", attempt, attempts=WRITE_ATTEMPTS)
 
 
+def describe_storage_error(uri: str, exc: BaseException) -> str:
+    """One line saying what failed on ``uri`` and what to do about it (credentials, endpoint, permissions)."""
+    name, text = type(exc).__name__, str(exc)
+    if name == "NoCredentialsError" or "Unable to locate credentials" in text:
+        return (
+            f"cannot access {uri}: no AWS credentials found; set AWS_PROFILE, or AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or run where an instance role provides them"
+        )
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError") or isinstance(
+        exc, ConnectionError
+    ):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS endpoint"
+        return f"cannot access {uri}: cannot reach {endpoint} ({name}); check the network and AWS_ENDPOINT_URL"
+    if isinstance(exc, PermissionError) or name in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return f"cannot access {uri}: access denied ({text}); check the credentials and their permissions"
+    if isinstance(exc, NotADirectoryError | FileExistsError):
+        return f"cannot use {uri}: a file is in the way ({text})"
+    return f"cannot access {uri}: {name}: {text}"
+
+
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of `publish`'s temporary files (left behind by a process that was killed)."""
     return name.startswith(".") and name.endswith(".tmp")

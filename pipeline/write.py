@@ -39,6 +39,7 @@ from pipeline.schema import (
     IMAGES_SCHEMA,
     IMAGES_TABLE,
     RESULT_SCHEMA,
+    RUNS_FOLDER,
     SEGMENTS_SCHEMA,
     SEGMENTS_TABLE,
     STATUS_ERROR,
@@ -50,7 +51,6 @@ from pipeline.storage import publish
 log = logging.getLogger(__name__)
 
 SUCCESS_FILE = "_SUCCESS"
-RUNS_FOLDER = "_runs"
 PART_PREFIX = "part-"
 COMPRESSION = "zstd"
 COUNTS_KEY = b"panoptic_flow.counts"  # images parts: their counts as JSON in the Parquet footer

@@ -3,6 +3,12 @@
 Ray workers inherit the environment of the process that starts Ray, so anything they need (the S3 test
 endpoint and dummy credentials) is set before `ray.init`. Ray gets its own short temp dir and is shut
 down by its own handle at the end; `ray stop` is never used.
+
+No test may reach for cloud credentials outside loopback: at import (before any test, any Ray worker and
+any subprocess starts) the AWS credential chain is cut down to what the tests set themselves. The EC2
+instance metadata service is disabled, the container / web-identity providers and any profile are
+unset, and the config and credentials files point to a path that does not exist (checked by
+tests/test_no_cloud_credentials.py). The product itself keeps the standard chain.
 """
 
 from __future__ import annotations
@@ -14,6 +20,33 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
+
+# Credential sources that would reach beyond loopback (IMDS at 169.254.169.254, the ECS/EKS container
+# endpoint, STS for web identity) or read a developer's own keys and profiles.
+AWS_VARIABLES_REMOVED = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+)
+NO_SUCH_FILE = "/nonexistent/panoptic-flow-tests/aws"
+AWS_VARIABLES_SET = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": f"{NO_SUCH_FILE}/config",
+    "AWS_SHARED_CREDENTIALS_FILE": f"{NO_SUCH_FILE}/credentials",
+}
+for _name in AWS_VARIABLES_REMOVED:
+    os.environ.pop(_name, None)
+os.environ.update(AWS_VARIABLES_SET)
 
 if TYPE_CHECKING:
     from tests.s3_server import FaultProxy

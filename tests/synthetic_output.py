@@ -189,5 +189,7 @@ def write_output(output: Path, images: list[SynthImage], *, run_config: dict[str
         (output / table / "_tmp-0.parquet").write_bytes(b"not parquet")
         (output / table / "shard=0" / ".part-1.parquet.crc").write_bytes(b"not parquet")
         (output / table / ".staging.parquet").write_bytes(b"not parquet")
-    (output / "_run.json").write_text(json.dumps(run_config or {"input": {"uri": "synthetic"}}))
+    (output / "_runs").mkdir(exist_ok=True)
+    record = {"run_id": "synthetic", "config": run_config or {"input": {"uris": ["synthetic"]}}}
+    (output / "_runs" / "synthetic.json").write_text(json.dumps(record))
     (output / "_SUCCESS").write_text("")

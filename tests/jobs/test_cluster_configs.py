@@ -28,7 +28,7 @@ import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from jobs.segment import build_parser, config_from_args
+from jobs.segment import parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -355,8 +355,7 @@ def test_rayjob_runs_segment_job(rayjob: dict[str, Any], raycluster: dict[str, A
     assert spec["shutdownAfterJobFinishes"] is True
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "jobs.segment"]
-    args = build_parser().parse_args(argv[3:])  # exits (SystemExit) on a misspelt flag
-    config = config_from_args(args)  # validates values
+    config, _ = parse_job(argv[3:])  # exits (SystemExit) on a misspelt flag or a bad value
     assert all(uri.startswith("s3://") for uri in config.input.uris)
     assert config.output.startswith("s3://")
     assert config.resources.device == "cuda", "GPU workers start at zero: only an explicit GPU request scales them up"

@@ -15,6 +15,7 @@ PQ 1/2; cat (2, 0, 0, 2) PQ 1; sky (1, 0, 1, 1) PQ 2/3; grass (1, 0, 0, 1) PQ 1;
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -24,9 +25,9 @@ import pytest
 from PIL import Image
 
 from jobs.evaluate import evaluate, main, match_key
-from jobs.export_coco import coco_categories, id_map_to_rgb
+from jobs.export_coco import coco_categories, id_map_to_rgb, rgb_to_id_map
 from jobs.export_coco import main as export_main
-from tests.synthetic_output import GRASS, PERSON, SKY, SynthImage, make_images, rect, write_output
+from tests.synthetic_output import DOG, GRASS, PERSON, SKY, SynthImage, SynthSegment, make_images, rect, write_output
 
 TREE = (184, "tree-merged")
 
@@ -133,3 +134,98 @@ def test_an_export_evaluated_against_its_own_output_is_perfect(
     assert report["metrics"]["Stuff"]["n"] == 2
     with pytest.raises(ValueError, match="no ok prediction"):  # exported names do not share the stems
         evaluate(str(output), gt_json, str(tmp_path / "coco" / "panoptic"), rule="stem")
+
+
+def test_a_mistyped_output_is_one_line_and_exit_2(
+    setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    output, gt_json, gt_folder = setup
+    assert main([f"{output}x", "--gt-json", str(gt_json), "--gt-folder", str(gt_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no output at" in err
+
+
+# --- evaluate against an independent implementation: hotcoco's pq_compute (panopticapi's rules) ----------
+
+HOTCOCO = pytest.importorskip("hotcoco.panoptic", reason="the test extra's hotcoco is the oracle")
+
+
+def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    return np.roll(mask, (dy, dx), axis=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def oracle_case(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> dict[str, Path]:
+    """A prediction output with segments of class slots outside the 133 categories (68, 201, as the model
+    emits them), and a ground truth made by exporting a perturbed copy of it (then one segment made crowd):
+
+    - dog.png: dog shifted by 2 px; the predicted class_68 segment is a person in the ground truth.
+    - small_dog.png: grass identical; the ground-truth dog is elsewhere; where the dog is predicted, the
+      ground truth has a segment of category 201, which is not in its `categories` (panopticapi does not
+      check ground-truth categories): not VOID, so the predicted dog is a false positive.
+    - cats.png: one cat identical, the other cat crowd; the predicted class_201 segment is a person.
+    - empty.png: sky over the whole frame, nothing predicted.
+    """
+    root = tmp_path_factory.mktemp("oracle")
+    predicted = make_images(root / "inputs")
+    truth = copy.deepcopy(predicted)
+    dog, _, cats = predicted[:3]
+    dog.segments[1] = SynthSegment(68, "class_68", 0.9, dog.segments[1].mask)
+    cats.segments[2] = SynthSegment(201, "class_201", 0.9, cats.segments[2].mask)
+    t_dog, t_small, _, t_empty = truth[:4]
+    t_dog.segments[0] = SynthSegment(*DOG, 1.0, _shift(t_dog.segments[0].mask, 2, 1))
+    t_small.segments[1] = SynthSegment(*DOG, 1.0, rect(40, 50, 15, 30, 25, 40))
+    t_small.segments.append(SynthSegment(*TREE, 1.0, rect(40, 50, 0, 0, 15, 20)))  # under the predicted dog
+    t_empty.segments = [SynthSegment(*SKY, 1.0, np.ones((20, 20), bool))]
+    write_output(root / "pred", predicted)
+    write_output(root / "truth", truth)
+    assert export_main([str(root / "pred"), str(root / "pred_coco")]) == 0
+    assert export_main([str(root / "truth"), str(root / "gt_coco")]) == 0
+    gt = json.loads((root / "gt_coco" / "panoptic.json").read_text())
+    cats_id = next(i["id"] for i in gt["images"] if i["image_uri"] == cats.image_id)
+    cats_gt = next(a for a in gt["annotations"] if a["image_id"] == cats_id)
+    cats_gt["segments_info"][1]["iscrowd"] = 1
+    for annotation in gt["annotations"]:
+        for segment in annotation["segments_info"]:
+            if segment["category_id"] == TREE[0]:
+                segment["category_id"] = 201  # a category the ground truth does not list
+    (root / "gt_coco" / "panoptic.json").write_text(json.dumps(gt))
+    return {"output": root / "pred", "pred": root / "pred_coco", "gt": root / "gt_coco"}
+
+
+def test_the_export_holds_only_its_own_categories(oracle_case: dict[str, Path]) -> None:
+    document = json.loads((oracle_case["pred"] / "panoptic.json").read_text())
+    known = {c["id"] for c in document["categories"]}
+    written = {s["category_id"] for a in document["annotations"] for s in a["segments_info"]}
+    assert written <= known and written == {17, 18, 187, 193}  # 68 and 201 left out (both persons were those)
+    for annotation in document["annotations"]:  # and their pixels are VOID: PNG ids == listed ids
+        with Image.open(oracle_case["pred"] / "panoptic" / annotation["file_name"]) as png:
+            ids = set(np.unique(rgb_to_id_map(np.asarray(png.convert("RGB")))).tolist()) - {0}
+        assert ids == {s["id"] for s in annotation["segments_info"]}
+
+
+def test_evaluate_equals_hotcoco_on_the_exported_files(oracle_case: dict[str, Path]) -> None:
+    gt_json = oracle_case["gt"] / "panoptic.json"
+    expected = HOTCOCO.pq_compute(
+        str(gt_json),
+        str(oracle_case["pred"] / "panoptic.json"),
+        gt_folder=str(oracle_case["gt"] / "panoptic"),
+        pred_folder=str(oracle_case["pred"] / "panoptic"),
+    )
+    report = evaluate(
+        str(oracle_case["output"]), json.loads(gt_json.read_text()), str(oracle_case["gt"] / "panoptic"), rule="uri"
+    )
+    for group in ("All", "Things", "Stuff"):
+        assert report["metrics"][group]["n"] == expected[group]["n"] > 0, group
+        for key in ("pq", "sq", "rq"):
+            assert report["metrics"][group][key] == pytest.approx(expected[group][key], abs=1e-9), (group, key)
+    ours = {r["category_id"]: r for r in report["per_class"]}
+    for category_id, theirs in expected["per_class"].items():
+        row = ours[int(category_id)]
+        assert (row["tp"], row["fp"], row["fn"]) == (theirs["tp"], theirs["fp"], theirs["fn"]), category_id
+        if theirs["tp"] + theirs["fp"] + theirs["fn"]:
+            assert row["pq"] == pytest.approx(theirs["pq"], abs=1e-9)
+    assert 0 < report["metrics"]["All"]["pq"] < 1
+    assert ours[1]["fn"] == 2 and ours[17]["tp"] == 1  # the persons under class_68 / class_201; the crowd cat
+    assert (ours[18]["tp"], ours[18]["fp"], ours[18]["fn"]) == (1, 1, 1)  # the dog over category 201: an FP
+    assert set(expected["per_class"]) == set(ours)  # the 133 categories

@@ -100,3 +100,10 @@ def test_png_pixels_decode_like_the_rle(tmp_path: Path) -> None:
     for segment in segments:
         assert np.array_equal(ids == segment["segment_id"] + 1, decode_mask(segment["rle"]))
     assert entry["id"] == annotation["image_id"]
+
+
+def test_a_mistyped_output_writes_nothing_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "no-such-run"), str(tmp_path / "coco")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no output at" in err
+    assert not (tmp_path / "coco").exists()  # no empty panoptic.json that looks like a valid export

@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from jobs.query import DOG_OVER_5_PERCENT, connect, format_rows, main, run_query
+from model.categories import category_name
 from tests.synthetic_output import SynthImage, make_images, write_output
 
 
@@ -142,3 +143,38 @@ def test_queries_over_s3_equal_local_ones(synthetic: tuple[Path, list[SynthImage
         assert run_query(connect(s3_output), sql) == run_query(connect(str(output)), sql)
     _, rows = run_query(connect(s3_output), "SELECT count(*) FROM image_categories")
     assert rows == [(4,)]
+
+
+def test_a_mistyped_output_is_an_error_not_zero_rows(
+    synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output, _ = synthetic
+    assert main([f"{output}x", "SELECT count(*) FROM images"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no output at '{output}x': no such folder" in err
+    # an existing folder that is no output (here: the inputs)
+    assert main([str(output.parent / "inputs"), "SELECT count(*) FROM images"]) == 2
+    assert "has no images/, segments/, _runs/ or _lease.json" in capsys.readouterr().err
+    # a run in flight (only its lease so far) is an output with no rows yet
+    (tmp_path / "_lease.json").write_text("{}")
+    assert main([str(tmp_path), "SELECT count(*) AS n FROM images", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "n\n0\n"
+
+
+def test_category_counts_keep_ids_outside_the_table_apart(tmp_path: Path) -> None:
+    """The segment rows name categories with `category_name`, as the pipeline writes them; ids 68 and 201
+    (class slots outside the 133 COCO panoptic categories) get a row each, with a name of their own."""
+    images = make_images(tmp_path / "inputs")
+    for image, category_id in zip(images, (68, 201, 68)):
+        image.segments[0].category_id = category_id
+        image.segments[0].category = category_name(category_id)
+    write_output(tmp_path / "out", images)
+    _, rows = run_query(
+        connect(str(tmp_path / "out")),
+        "SELECT category_id, category, segments FROM category_counts WHERE category_id IN (68, 201) ORDER BY 1",
+    )
+    assert rows == [(68, "class_68", 2), (201, "class_201", 1)]
+    _, names = run_query(
+        connect(str(tmp_path / "out")), "SELECT count(DISTINCT category), count(*) FROM category_counts"
+    )
+    assert names[0][0] == names[0][1]  # one name per category id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.show import OverlaySegment, load_image, main, mask_outline, render_image, render_overlay, segment_color
+from jobs.show import (
+    OverlaySegment,
+    draw_overlay,
+    load_image,
+    main,
+    mask_outline,
+    render_image,
+    render_overlay,
+    segment_color,
+)
 from model.categories import category_by_id
-from tests.synthetic_output import SynthImage, make_images, write_output
+from model.config import InferenceConfig
+from pipeline.decode import decode_image
+from tests.pipeline.odd_inputs import damaged_exif_jpeg, exif_jpeg
+from tests.synthetic_output import SynthImage, SynthSegment, make_images, rect, write_output
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +123,8 @@ def test_images_from_tar_members_and_parquet_rows(synthetic: tuple[Path, list[Sy
     write_output(output, [from_tar, from_parquet], run_config={"config": {"input": {"bytes_column": "jpeg"}}})
 
     style = {"alpha": 0.5, "outlines": False, "labels": False}
-    a = render_image(str(output), from_tar.image_id, **style)
-    b = render_image(str(output), from_parquet.image_id, **style)
+    a = render_image(str(output), from_tar.image_id, **style).pixels
+    b = render_image(str(output), from_parquet.image_id, **style).pixels
     assert a.shape == (cats.height, cats.width, 3)
     assert np.array_equal(a, b)
     outside = ~np.any([s.mask for s in cats.segments], axis=0)
@@ -144,3 +157,115 @@ def test_errors(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, capsys
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(SystemExit):
         main([str(output)])  # neither IMAGE_ID nor --grid
+
+
+def test_a_mistyped_output_is_one_line_and_exit_2(
+    synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output, images = synthetic
+    for argv in ([images[0].image_id], ["--grid", "2"]):
+        assert main([f"{output}x", *argv, "-o", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no output at" in err and "no such folder" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("build", "swapped"), [(damaged_exif_jpeg, True), (lambda: exif_jpeg(6), True), (lambda: exif_jpeg(3), False)]
+)
+def test_images_are_decoded_and_oriented_as_the_pipeline_does(build: Callable[[], bytes], swapped: bool) -> None:
+    """The EXIF block of `damaged_exif_jpeg` cannot be rewritten (ImageOps.exif_transpose raised struct.error);
+    the pipeline reads its orientation tag alone and segments it: `show` draws it in the same frame, with the
+    same pixels (a resize rule that keeps the size makes the pipeline's model input the full image)."""
+    data = build()
+    with Image.open(io.BytesIO(data)) as stored:
+        stored_w, stored_h = stored.size
+    keep = InferenceConfig(min_size=min(stored_w, stored_h), max_size=max(stored_w, stored_h))
+    pipeline_pixels, width, height = decode_image(data, max_pixels=10**8, inference=keep)
+    assert (width, height) == ((stored_h, stored_w) if swapped else (stored_w, stored_h))
+    assert np.array_equal(load_image(data), pipeline_pixels)
+
+
+def test_show_draws_an_image_with_a_damaged_exif_block(tmp_path: Path) -> None:
+    data = damaged_exif_jpeg()
+    _, width, height = decode_image(data, max_pixels=10**8, inference=InferenceConfig())
+    path = tmp_path / "damaged.jpg"
+    path.write_bytes(data)
+    sky = SynthSegment(187, "sky-other-merged", 0.9, rect(height, width, 0, 0, height // 2, width))
+    image = SynthImage(str(path), str(path), height, width, [sky])
+    write_output(tmp_path / "out", [image])
+    out = tmp_path / "damaged.png"
+    assert main([str(tmp_path / "out"), str(path), "-o", str(out)]) == 0
+    assert _read_png(out).shape == (height, width, 3)
+
+
+def _crowded_scene(height: int = 180, width: int = 320) -> list[OverlaySegment]:
+    """Segments as a trained model gives them on a busy photo: big stuff, things whose boxes share their
+    top-left corner (nested L shapes: the old layout stacked all their labels on one point), a thing
+    narrower than its label, thin strips and specks too small for any label."""
+    shapes = [rect(height, width, 0, 0, 50, width), rect(height, width, 140, 0, height, width)]  # sky, floor
+    shapes += [rect(height, width, 50, 0, 50 + 18 * (k + 1), 60 + 20 * (k + 1)) for k in range(5)]  # L shapes
+    shapes += [rect(height, width, 50, 200 + 15 * k, 140, 206 + 15 * k) for k in range(4)]  # thin strips
+    shapes.append(rect(height, width, 60, 270, 90, 310))  # 40 px wide: a label sticks out a little
+    shapes += [rect(height, width, 138, 170 + 2 * k, 140, 171 + 2 * k) for k in range(10)]  # specks
+    taken = np.zeros((height, width), bool)
+    segments = []
+    for k, shape in enumerate(shapes):
+        mask = shape & ~taken
+        taken |= mask
+        ys, xs = np.nonzero(mask)
+        bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+        category_id = (187, 200)[k] if k < 2 else (1, 17, 18, 44)[k % 4]
+        segments.append(OverlaySegment(k, category_id, f"class-{k}", k >= 2, 0.99 - 0.01 * k, bbox, mask))
+    return segments
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("scale", [1, 7])  # 7: 1260x2240, searched on a grid of 3-px cells
+def test_labels_never_overlap_and_lie_on_their_segments(scale: int) -> None:
+    block = np.ones((scale, scale), bool)
+    segments = [
+        dataclasses.replace(s, mask=np.kron(s.mask, block), bbox=tuple(v * scale for v in s.bbox))
+        for s in _crowded_scene()
+    ]
+    height, width = 180 * scale, 320 * scale
+    image = np.full((height, width, 3), 128, np.uint8)
+    overlay = draw_overlay(image, segments, alpha=0.5, outlines=False, labels=True)
+    assert len(overlay.labels) + len(overlay.unplaced) == len(segments)
+    masks = {s.segment_id: s.mask for s in segments}
+    on_segment = {
+        lab.segment_id: masks[lab.segment_id][lab.box[1] : lab.box[3], lab.box[0] : lab.box[2]]
+        for lab in overlay.labels
+    }
+    inside = {k for k, pixels in on_segment.items() if pixels.all()}
+    assert inside >= {0, 1, 2, 3, 4, 5, 6}  # sky, floor and the five L shapes, each inside its own segment
+    if scale == 1:  # the font does not grow as fast as the image: at scale 7 this label fits inside
+        assert 11 in set(on_segment) - inside  # the narrow thing: its label is centred over it, sticking out
+    assert len(overlay.unplaced) == 14  # strips and specks: no room
+    for i, label in enumerate(overlay.labels):
+        x0, y0, x1, y1 = label.box
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        pixels = on_segment[label.segment_id]
+        assert pixels.mean() >= 0.6 and pixels[(y1 - y0) // 2, (x1 - x0) // 2], label
+        for other in overlay.labels[i + 1 :]:
+            assert not _overlap(label.box, other.box), (label, other)
+    # the pixels: labels change the picture only inside their boxes, and each box was drawn
+    plain = render_overlay(image, segments, alpha=0.5, outlines=False, labels=False)
+    changed = np.any(overlay.pixels != plain, axis=-1)  # [H, W]
+    in_a_box = np.zeros_like(changed)
+    for label in overlay.labels:
+        x0, y0, x1, y1 = label.box
+        assert changed[y0:y1, x0:x1].mean() > 0.5  # a filled box with its text
+        in_a_box[y0:y1, x0:x1] = True
+    assert not (changed & ~in_a_box).any()
+
+
+def test_labels_that_do_not_fit_are_listed(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, capsys) -> None:
+    output, images = synthetic
+    # cats.png is 24x32: no label of a 10-px font fits on any of its segments
+    assert main([str(output), images[2].image_id, "-o", str(tmp_path / "cats.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "0 labels drawn; 3 without room on their segment: cat 0.95, cat 0.92, person 0.60" in printed

@@ -57,9 +57,15 @@ def test_known_categories(
 
 
 @pytest.mark.parametrize("category_id", [0, 12, 91, 201, 249, 250, -1])
-def test_ids_outside_the_table_are_unknown(category_id: int) -> None:
+def test_ids_outside_the_table_get_a_name_of_their_own(category_id: int) -> None:
     assert category_by_id(category_id) is None
-    assert category_name(category_id) == "unknown"
+    assert category_name(category_id) == f"class_{category_id}"
+
+
+def test_names_are_distinct_over_all_class_slots() -> None:
+    names = [category_name(i) for i in range(251)]
+    assert len(set(names)) == 251  # no two slots share a name (an "unknown" for all would collapse them)
+    assert not any(c.name.startswith("class_") for c in categories())
 
 
 def test_colors_are_rgb_bytes() -> None:

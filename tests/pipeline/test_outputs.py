@@ -63,7 +63,7 @@ def test_open_table_of_a_missing_table_is_empty(tmp_path: Path) -> None:
 
 def test_read_run_config(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path) -> None:
     output, _ = synthetic
-    assert read_run_config(str(output)) == {"input": {"bytes_column": "jpeg"}}
+    assert read_run_config(str(output))["config"] == {"input": {"bytes_column": "jpeg"}}
     assert read_run_config(str(tmp_path)) == {}
 
 
@@ -141,7 +141,7 @@ def test_open_table_over_s3(synthetic: tuple[Path, list[SynthImage]], s3_env: di
     assert segments.sort_by([("image_id", "ascending"), ("segment_id", "ascending")]).equals(
         local.sort_by([("image_id", "ascending"), ("segment_id", "ascending")])
     )
-    assert read_run_config(uri) == {"input": {"bytes_column": "jpeg"}}
+    assert read_run_config(uri)["config"] == {"input": {"bytes_column": "jpeg"}}
     assert len(table_files(uri, "images")[0]) == 2
 
 
