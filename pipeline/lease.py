@@ -40,11 +40,11 @@ from typing import Any
 
 import fsspec
 
+from pipeline.schema import LEASE_FILE
 from pipeline.storage import is_local, is_s3
 
 log = logging.getLogger(__name__)
 
-LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 120.0
 
 

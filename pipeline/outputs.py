@@ -26,14 +26,21 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.rle import decode_rle
-from pipeline.schema import IMAGES_SCHEMA, IMAGES_TABLE, RUNS_FOLDER, SEGMENTS_SCHEMA, SEGMENTS_TABLE, STATUS_OK
+from pipeline.schema import (
+    IMAGES_SCHEMA,
+    IMAGES_TABLE,
+    LEASE_FILE,
+    RUNS_FOLDER,
+    SEGMENTS_SCHEMA,
+    SEGMENTS_TABLE,
+    STATUS_OK,
+)
 
 if TYPE_CHECKING:
     import ray.data
 
 TableName = Literal["segments", "images"]
 
-LEASE_FILE = "_lease.json"  # `pipeline.lease`: a run holds it from its start
 VOID_ID = -1  # value of `panoptic_map` pixels covered by no segment
 
 _SCHEMAS: dict[str, pa.Schema] = {SEGMENTS_TABLE: SEGMENTS_SCHEMA, IMAGES_TABLE: IMAGES_SCHEMA}

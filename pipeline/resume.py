@@ -59,17 +59,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
-from pipeline.schema import IMAGES_TABLE, SEGMENTS_SCHEMA, SEGMENTS_TABLE
-from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, file_id, manifest_base, manifest_rows
+from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, RUNS_FOLDER, SEGMENTS_SCHEMA, SEGMENTS_TABLE
+from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, manifest_base, manifest_rows
 from pipeline.storage import is_temporary, publish
-from pipeline.write import COUNTS_KEY, PART_PREFIX, RUNS_FOLDER, parquet_bytes, part_counts
+from pipeline.write import COUNTS_KEY, PART_PREFIX, parquet_bytes, part_counts
 
 if TYPE_CHECKING:
     import ray.data
 
 log = logging.getLogger(__name__)
-
-QUARANTINE_FOLDER = "_quarantine"
 
 
 class SettingsChanged(ValueError):
@@ -106,7 +104,6 @@ class OutputState:
     totals: Counts = field(default_factory=Counts)  # over those parts
     quarantined: list[str] = field(default_factory=list)  # part names moved aside
     orphans_removed: int = 0
-    runs: list[dict[str, Any]] = field(default_factory=list)  # records in _runs/
 
 
 def _table_folder(root: str, table: str) -> str:
@@ -704,6 +701,3 @@ def _manifest_refs(manifests: list[str]) -> list[ray.data.Dataset]:
             listing.map_batches(manifest_rows, batch_format="numpy", fn_kwargs={"base": manifest_base(manifest)})
         )
     return datasets
-
-
-__all__ = ["REF_SCHEMA", "Counts", "OutputState", "Plan", "SettingsChanged", "file_id", "plan", "prepare_output"]

@@ -32,9 +32,10 @@ from pipeline.decode import decode_batch
 from pipeline.lease import Lease, new_run_id
 from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter, encode_results
 from pipeline.resume import Counts
+from pipeline.schema import RUNS_FOLDER, SUCCESS_FILE
 from pipeline.sources import read_refs, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
-from pipeline.write import PART_ROW_SCHEMA, RUNS_FOLDER, SUCCESS_FILE, write_parts
+from pipeline.write import PART_ROW_SCHEMA, write_parts
 
 log = logging.getLogger(__name__)
 

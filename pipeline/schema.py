@@ -17,7 +17,11 @@ import pyarrow as pa
 
 SEGMENTS_TABLE = "segments"
 IMAGES_TABLE = "images"
-RUNS_FOLDER = "_runs"  # OUTPUT/_runs/<run_id>.json: each run's settings and counts (`pipeline.write`)
+# The rest of an output's layout (README "Output"):
+RUNS_FOLDER = "_runs"  # <run_id>.json: each run's settings and counts (`pipeline.write`, `pipeline.run`)
+SUCCESS_FILE = "_SUCCESS"  # the last run finished: its counts and the output's totals
+LEASE_FILE = "_lease.json"  # the lease of the run writing the output (`pipeline.lease`)
+QUARANTINE_FOLDER = "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.resume`)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

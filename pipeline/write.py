@@ -44,13 +44,13 @@ from pipeline.schema import (
     SEGMENTS_TABLE,
     STATUS_ERROR,
     STATUS_OK,
+    SUCCESS_FILE,
 )
 from pipeline.sources import SHARD_ITSELF, member_id
 from pipeline.storage import publish
 
 log = logging.getLogger(__name__)
 
-SUCCESS_FILE = "_SUCCESS"
 PART_PREFIX = "part-"
 COMPRESSION = "zstd"
 COUNTS_KEY = b"panoptic_flow.counts"  # images parts: their counts as JSON in the Parquet footer

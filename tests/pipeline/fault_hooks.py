@@ -1,10 +1,15 @@
 """Fault points inside Ray workers, installed by a job's ``worker_process_setup_hook`` (nothing in the product).
 
-`install` wraps `pipeline.write.publish` in the worker process: with ``PF_FAULT=between`` the first write task
-to publish a ``segments`` file is SIGKILLed right after it (before its ``images`` file, the commit record);
-with ``PF_FAULT=after``, right after its ``images`` file (committed, but the task never returns). The fault
-fires once per ``PF_FAULT_MARKER`` file, which it creates holding the path it struck, so Ray's retry of the
-task runs undisturbed.
+`install` wraps functions in the worker process:
+
+- ``PF_FAULT=between``: the first write task to publish a ``segments`` file is SIGKILLed right after it (before
+  its ``images`` file, the commit record);
+- ``PF_FAULT=after``: the same right after its ``images`` file (committed, but the task never returns);
+- ``PF_FAULT=actor``: the model actor is SIGKILLed in the middle of its second batch (the first went through),
+  so Ray restarts it and retries the batch it was on.
+
+The fault fires once per ``PF_FAULT_MARKER`` file, which it creates holding what it struck, so Ray's retry runs
+undisturbed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import signal
 def install() -> None:
     point = os.environ.get("PF_FAULT")
     marker = os.environ.get("PF_FAULT_MARKER")
+    if point == "actor" and marker:
+        _kill_the_actor_on_its_second_batch(marker)
     if point not in ("between", "after") or not marker:
         return
     import pipeline.write as write
@@ -30,6 +37,21 @@ def install() -> None:
         return size
 
     write.publish = publish  # type: ignore[assignment]
+
+
+def _kill_the_actor_on_its_second_batch(marker: str) -> None:
+    from pipeline.predict import PanopticSegmenter
+
+    original = PanopticSegmenter.__call__
+    calls = [0]
+
+    def call(self, batch):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 2 and _claim(marker, f"actor pid {os.getpid()}, batch of {len(batch['image_id'])}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, batch)
+
+    PanopticSegmenter.__call__ = call  # type: ignore[method-assign]
 
 
 def _claim(marker: str, path: str) -> bool:

@@ -10,7 +10,8 @@ replaced by a function that fails: the job succeeds only if no part is written b
 
 Scenarios, one Ray job each (``worker_process_setup_hook`` installs `tests.pipeline.fault_hooks` in the
 job's workers): ``clean``; ``between`` (the first write task is killed after its segments file, before its
-images file); ``after`` (killed after both files, before it returns). Ray retries a task whose worker died.
+images file); ``after`` (killed after both files, before it returns); ``actor`` (the model actor is killed in
+the middle of its second batch). Ray retries a task whose worker died and restarts a dead actor.
 The last stdout line is a JSON report: per scenario the summary, the parts by node, the struck path.
 """
 
@@ -31,7 +32,7 @@ from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 
 WORKER_CPUS = 3
-SCENARIOS = ("clean", "between", "after")
+SCENARIOS = ("clean", "between", "after", "actor")
 
 
 def _driver_must_not_write(*args: object, **kwargs: object) -> None:

@@ -1,12 +1,12 @@
-"""Exactly once across faults: a model actor killed, the driver killed and re-run, a node lost mid-job.
+"""Exactly once across faults: the driver killed and re-run, a node lost mid-job (a model actor killed mid-batch
+and write tasks killed mid-commit: tests/pipeline/test_write_stage.py).
 
 Each test checks the output, not the logs: the ``images`` table holds every input id exactly once, the
 ``segments`` table has no duplicate (image_id, segment_id), every image's ``num_segments`` matches its
 segment rows, and every ``segments`` part has its ``images`` part (no orphans left behind).
 
-Write tasks commit parts of 2 images (``--rows-per-file 2``) as results stream in, so 64 inputs give a first
-commit long before the last: that is when each fault strikes (write tasks killed mid-commit are in
-tests/pipeline/test_write_stage.py). Processes are killed by PID, found as descendants of
+Write tasks commit parts of 2 images (``--rows-per-file 2``), so 64 inputs give 32 commits: the fault strikes
+at the first, with most of the work still to commit. Processes are killed by PID, found as descendants of
 processes these tests started (`tests.pipeline.fault_probes`), never by name.
 """
 
@@ -21,19 +21,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 
-from model.predictor import InferenceConfig
-from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from tests.pipeline.fault_probes import (
     assert_exactly_once,
     committed_ids,
     committed_parts,
     descendants,
-    segmenter_pids,
     wait_for,
 )
 from tests.pipeline.images import photo_bytes
@@ -60,54 +56,6 @@ def inputs(tmp_path: Path) -> tuple[Path, set[str]]:
     for i in range(NUM_IMAGES):
         (folder / f"img{i:03d}.jpg").write_bytes(photo_bytes(48, 64, seed=i))
     return folder, {str(p) for p in folder.glob("*.jpg")}
-
-
-def test_killed_model_actor_is_restarted_and_its_batches_redone(
-    ray_session: None, inputs: tuple[Path, set[str]], tmp_path: Path
-) -> None:
-    """SIGKILL the segmenter actor's process after the first commit: Ray Data restarts the actor and
-    retries its in-flight tasks (`max_restarts=-1`, `max_task_retries=-1` are its defaults for actor
-    pools). A task's block moves on only when the task ends, so a killed task delivers nothing and its retry
-    delivers the block once."""
-    from pipeline.run import run_job
-
-    folder, expected = inputs
-    output = tmp_path / "out"
-    config = JobConfig(
-        input=InputConfig((str(folder),)),
-        output=str(output),
-        model=ModelSpec(weights="synthetic"),
-        inference=InferenceConfig(min_size=64, max_size=107),
-        resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=2),
-    )
-    stale = segmenter_pids(os.getpid())  # actors of earlier jobs in this session that may still be exiting
-    outcome: dict[str, object] = {}
-
-    def job() -> None:
-        try:
-            outcome["summary"] = run_job(config, show_progress=False)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
-    wait_for(lambda: committed_parts(output) or not thread.is_alive(), timeout=JOB_TIMEOUT_S, what="a commit")
-    victims = segmenter_pids(os.getpid()) - stale
-    assert thread.is_alive() and victims, "the job ended (or has no actor) before the fault could strike"
-    before = len(committed_ids(output))
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    restarted = wait_for(
-        lambda: segmenter_pids(os.getpid()) - stale - victims or not thread.is_alive(),
-        timeout=JOB_TIMEOUT_S,
-        what="a restarted actor",
-    )
-    thread.join(JOB_TIMEOUT_S)
-    assert not thread.is_alive(), "the job hung after its actor was killed"
-    assert "error" not in outcome, outcome.get("error")
-    assert before < NUM_IMAGES and restarted is not True, "the fault struck after the work was done"
-    assert outcome["summary"].images_ok == NUM_IMAGES  # type: ignore[attr-defined]
-    assert_exactly_once(output, expected)
 
 
 def test_killed_driver_then_rerun_commits_each_image_once(
@@ -137,6 +85,8 @@ def test_killed_driver_then_rerun_commits_each_image_once(
 
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
+    noise = ("Failed to convert column", "Execution plan", "used up to", "Progress bars disabled", "issue detection")
+    assert [n for n in noise if n in second.stdout + second.stderr] == []  # Ray Data's messages: --verbose only
     done = re.search(
         r"done: (\d+) images ok, (\d+) errors \(0 retryable\), \d+ segments, (\d+) already committed.*now holds (\d+) "
         r"images",

@@ -103,7 +103,7 @@ def test_local_folder_end_to_end(ray_session: None, tmp_path: Path, predictor: P
     assert all(r["member"] is None and r["input_version"].startswith("mtime=") for r in images)  # whole files
 
 
-def test_rerun_resumes_without_duplicates(ray_session: None, tmp_path: Path) -> None:
+def test_rerun_resumes_without_duplicates(ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.run import run_job
 
     folder = tmp_path / "in"
@@ -121,6 +121,16 @@ def test_rerun_resumes_without_duplicates(ray_session: None, tmp_path: Path) -> 
     assert sorted(ids) == sorted(str(folder / f"a{i}.jpg") for i in range(5))
     seg_ids = _read(out, "segments").select(["image_id", "segment_id"]).to_pylist()
     assert len(seg_ids) == len({(r["image_id"], r["segment_id"]) for r in seg_ids})
+
+    # Nothing left to do: a small output is planned on the driver, and no Ray is joined or started at all.
+    import pipeline.run
+
+    def refuse() -> None:
+        raise AssertionError("a re-run with nothing to do started Ray")
+
+    monkeypatch.setattr(pipeline.run, "init_ray", refuse)
+    third = run_job(_config([str(folder)], out), show_progress=False)
+    assert (third.images_ok, third.skipped_committed, third.parts, third.totals.images) == (0, 5, 0, 5)
 
 
 def test_crash_between_part_files_is_cleaned_on_rerun(ray_session: None, tmp_path: Path) -> None:

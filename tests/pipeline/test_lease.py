@@ -19,7 +19,8 @@ import boto3
 import pytest
 import s3fs
 
-from pipeline.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, check_holder
+from pipeline.lease import Lease, LeaseHeld, LeaseLost, check_holder
+from pipeline.schema import LEASE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 HOLD = """

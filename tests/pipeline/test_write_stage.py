@@ -1,8 +1,9 @@
 """The write stage: workers commit parts named by their content; the driver receives one small row per part.
 
-Unit tests run `pipeline.write` directly on local folders and on S3 (moto on loopback); the Ray tests run the
+Unit tests run `pipeline.write` directly on local folders and on S3 (moto on loopback); the Ray test runs the
 whole job on a multi-node cluster (a head without CPUs, two worker nodes) with write tasks killed between
-their two files and after both (`tests.pipeline.fault_write_stage`, in its own process and cluster).
+their two files and after both, and the model actor killed mid-batch (`tests.pipeline.fault_write_stage`, in
+its own process and cluster).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def test_an_interrupted_s3_upload_leaves_no_object(s3_env: dict[str, str], monke
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray clusters in a subprocess")
-def test_parts_are_written_by_worker_nodes_and_killed_write_tasks_commit_once(tmp_path: Path) -> None:
+def test_parts_are_written_by_worker_nodes_and_killed_workers_commit_once(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(12):
@@ -184,7 +185,7 @@ def test_parts_are_written_by_worker_nodes_and_killed_write_tasks_commit_once(tm
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     workers = set(report["worker_nodes"])
-    for scenario in ("clean", "between", "after"):
+    for scenario in ("clean", "between", "after", "actor"):
         result = report[scenario]
         assert "error" not in result, (scenario, result)
         assert result["images_ok"] == len(expected) and result["totals_images"] == len(expected), result
@@ -195,6 +196,9 @@ def test_parts_are_written_by_worker_nodes_and_killed_write_tasks_commit_once(tm
         struck = result["struck"]
         if scenario == "clean":
             assert struck is None
+            continue
+        if scenario == "actor":  # killed mid-batch: restarted, the batch redone, every image once (above)
+            assert struck is not None and struck.startswith("actor pid") and struck.endswith("batch of 4"), struck
             continue
         table = "segments" if scenario == "between" else "images"
         assert struck is not None and f"/{table}/part-" in struck, struck
