@@ -20,7 +20,10 @@ is the noise floor that the precision and oracle tests rest on. Its segments are
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +49,6 @@ def calibration_image(height: int = 160, width: int = 224) -> torch.Tensor:
     return (torch.stack(channels) * 255).round().clamp(0, 255).to(torch.uint8)  # [3, H, W]
 
 
-@torch.no_grad()
 def synthetic_state_dict(
     config: DetrConfig,
     *,
@@ -56,7 +58,44 @@ def synthetic_state_dict(
     no_object_logit: float = SYNTHETIC_NO_OBJECT_LOGIT,
     mask_query_share: float = 4.0,
 ) -> dict[str, torch.Tensor]:
-    """Seeded, conditioned weights in the official key layout (see the module docstring)."""
+    """Seeded, conditioned weights in the official key layout (see the module docstring).
+
+    Computing them takes tens of seconds on a CPU (float64 calibration passes), so the result is kept in the
+    weights cache (`model.checkpoint.cache_dir`) under a key of everything it depends on: this module's source,
+    the arguments, the config and the torch version. Every model actor of a job would otherwise pay it."""
+    from safetensors.torch import load_file, save_file
+
+    from model.checkpoint import cache_dir
+
+    arguments = (seed, attention_sharpness, class_logit_std, no_object_logit, mask_query_share)
+    key = hashlib.sha256(
+        "\n".join([Path(__file__).read_text(), repr(arguments), repr(config), torch.__version__]).encode()
+    ).hexdigest()[:20]
+    path = cache_dir() / "synthetic" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    state = _compute(config, seed=seed, attention_sharpness=attention_sharpness, class_logit_std=class_logit_std,
+                     no_object_logit=no_object_logit, mask_query_share=mask_query_share)  # fmt: skip
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(partial))
+        os.replace(partial, path)  # atomic: concurrent actors never read half a file
+    except OSError:  # a read-only cache: compute every time
+        pass
+    return state
+
+
+@torch.no_grad()
+def _compute(
+    config: DetrConfig,
+    *,
+    seed: int,
+    attention_sharpness: float,
+    class_logit_std: float,
+    no_object_logit: float,
+    mask_query_share: float,
+) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DetrPanoptic(config).eval().double()  # calibrated in float64: same weights on any thread count

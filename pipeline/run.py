@@ -241,8 +241,7 @@ def check_gpu_supply() -> None:
             "--device cuda: no node type of this cluster's autoscaler has GPUs (ray status); add a GPU node type "
             "or use --device cpu"
         )
-    autoscaler = limits is not None or _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
-    if not autoscaler:
+    if limits is None and not _autoscaler_can_launch(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)):
         raise ClusterError(
             "--device cuda: this cluster has no GPU and no autoscaler that could add one (ray status); run on a "
             "cluster with GPU workers (cluster.yaml, jobs/k8s/) or use --device cpu"
@@ -251,6 +250,21 @@ def check_gpu_supply() -> None:
         "waiting for GPU workers: the cluster has none yet; the autoscaler is asked for them (`ray status` shows "
         "it starting them)"
     )
+
+
+def _autoscaler_can_launch(status: bytes | None) -> bool:
+    """Whether the (v1) autoscaler's status names node types it could launch: a cluster started without an
+    autoscaling config (``ray start``, an embedded local Ray) runs it read-only, its node types being the
+    running nodes themselves (``node_<id>``)."""
+    if not status:
+        return False
+    report = json.loads(status).get("autoscaler_report") or {}
+    types = {
+        *(report.get("active_nodes") or {}),
+        *(report.get("idle_nodes") or {}),
+        *(report.get("pending_launches") or {}),
+    }
+    return any(not name.startswith("node_") for name in types)
 
 
 def take_lease(output: str, run_id: str, *, take_over: bool) -> Lease:

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import pipeline.write
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 
+REPO = Path(__file__).resolve().parents[2]
 WORKER_CPUS = 3
 SCENARIOS = ("clean", "between", "after", "actor")
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             marker = os.path.join(tempfile.mkdtemp(prefix="pf-marker-"), "struck")
             runtime_env = {
                 "worker_process_setup_hook": "tests.pipeline.fault_hooks.install",
-                "env_vars": {"PF_FAULT": scenario, "PF_FAULT_MARKER": marker},
+                # the hook's module must import in the workers, whatever their working directory
+                "env_vars": {"PF_FAULT": scenario, "PF_FAULT_MARKER": marker, "PYTHONPATH": str(REPO)},
             }
             ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
             config = JobConfig(
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 ray.shutdown()
             report[scenario]["struck"] = Path(marker).read_text() if os.path.exists(marker) else None
+            print(json.dumps({scenario: report[scenario]}), file=sys.stderr, flush=True)  # progress
     finally:
         cluster.shutdown()
     print(json.dumps(report), flush=True)
