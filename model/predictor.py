@@ -8,6 +8,7 @@ merges each image on its own. An image's result therefore never depends on its b
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -43,7 +44,9 @@ class InferenceConfig:
     batch_mode: BatchMode = "exact"
     bucket: int = 128  # canvas multiple in "bucketed" mode
     precision: Precision = "fp32"
-    channels_last: bool = False
+    # channels-last memory format for the convolutions; None: the device's measured default
+    # (`channels_last_default`: on for CPU, off for CUDA until measured there)
+    channels_last: bool | None = None
     # JPEG decode (nvJPEG on CUDA), EXIF orientation and resize on the model's device instead of CPU workers
     device_preprocess: bool = False
 
@@ -58,6 +61,18 @@ class InferenceConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.bucket <= 0 or self.bucket % 32:
             raise ValueError(f"bucket must be a positive multiple of 32, got {self.bucket}")
+        if self.channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be True, False or None (device default), got {self.channels_last!r}")
+
+
+# Where channels-last measured at least as fast as the default layout (fp32, same output at the fp32 noise
+# floor): CPU, see BENCHMARKS.md. CUDA keeps the contiguous layout until `python -m bench.gpu` has measured it.
+CHANNELS_LAST_BY_DEVICE_TYPE = {"cpu": True}
+
+
+def channels_last_default(device: torch.device) -> bool:
+    """The layout used when `InferenceConfig.channels_last` is None: measured per device type."""
+    return CHANNELS_LAST_BY_DEVICE_TYPE.get(device.type, False)
 
 
 class PreparedImage(NamedTuple):
@@ -89,14 +104,24 @@ def prepare_tensor(pixels: torch.Tensor, orientation: int, config: InferenceConf
 
 
 class PanopticPredictor:
-    """Runs `DetrPanoptic` on batches of prepared images on one device."""
+    """Runs `DetrPanoptic` on batches of prepared images on one device.
+
+    The caller's ``model`` is put in eval mode and moved to ``device`` in place (as `nn.Module.to` does).
+    With channels-last (``config.channels_last``, or the device's default when None) the predictor converts
+    a *copy* and keeps that: the caller's model keeps its memory layout, so one model can serve predictors
+    with either layout; the copy costs one more set of weights (~170 MB for R50) while the caller keeps its
+    own.
+    """
 
     def __init__(self, model: DetrPanoptic, config: InferenceConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.device = torch.device(device)
+        self.channels_last = (
+            channels_last_default(self.device) if config.channels_last is None else config.channels_last
+        )
         self.model = model.eval().to(self.device)
-        if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.channels_last:
+            self.model = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
 
     def predict(self, images: list[Image.Image]) -> list[PanopticResult]:
         """Decoded PIL images in, one result per image (same order) out."""
@@ -117,7 +142,7 @@ class PanopticPredictor:
     def _predict_group(self, images: list[PreparedImage], canvas: tuple[int, int]) -> list[PanopticResult]:
         pixels = [self._on_device(im.pixels) for im in images]  # each [3, h, w] uint8
         batch, padding_mask = pad_batch([normalize(p) for p in pixels], canvas)  # [B, 3, H, W], [B, H, W]
-        if self.config.channels_last:
+        if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.precision]
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
