@@ -21,10 +21,10 @@ step that runs out mid-way stops between passes, and either is noted in the repo
 5. ``bytes``: bytes → maps images/s with Pillow decode + resize on the bench thread (one CPU core) vs
    ``device_preprocess`` (nvJPEG + resize on the GPU), GPU busy % sampled through NVML.
 6. ``job``: `pipeline.run.run_job` on the same kind of files (local Ray, one actor, synthetic or the named
-   weights, ``--device`` as given), timed from outside through its committed parts: start-up (job start →
-   first part: Ray, planning, actor start with its model and CUDA init, first batches) apart from the
-   steady rate between parts, set against the bare model's rate for the same configuration. Own
-   subprocess with its own local Ray.
+   weights, ``--device`` as given), timed from outside through its committed parts (their modification
+   times): start-up (job start → first part: planning, actor start with its model and CUDA init, first
+   batches; Ray's own start apart) and the steady rate between parts, set against the bare model's rate in
+   the same configuration. Own subprocess with its own local Ray.
 
 Writes ``<out-dir>/gpu-<date>.json`` (``gpu-<date>-cpu.json`` for a CPU run) and the Markdown rows for
 BENCHMARKS.md next to it (``.md``), and prints them. ``--device cpu --quick`` runs every step on tiny images
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -45,7 +46,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -77,6 +77,7 @@ class Settings:
     job_images: int
     job_rows_per_file: int  # parts are the job's clock: several are needed for a steady rate
     compile_backend: str
+    warm_up: bool = True  # an untimed pass per variant and batch size first (cudnn autotuning, first calls)
 
 
 FULL = Settings(
@@ -97,9 +98,10 @@ QUICK_CPU = Settings(
     mixed_images=6,
     batch_sizes=(2, 4),
     repeats=1,
-    job_images=32,
-    job_rows_per_file=8,
+    job_images=64,
+    job_rows_per_file=16,
     compile_backend="eager",
+    warm_up=False,
 )
 QUICK_CUDA = replace(FULL, images=16, mixed_images=12, repeats=1, job_images=256, job_rows_per_file=32)
 
@@ -119,7 +121,9 @@ def _set_tf32(enabled: bool | None) -> None:
     torch.backends.cudnn.allow_tf32 = cudnn
 
 
+@functools.lru_cache(maxsize=1)
 def _build_model(weights: str | None) -> torch.nn.Module:
+    """The R50 panoptic model, built once per process (predictors share it; channels-last ones copy it)."""
     from model.checkpoint import build_model, read_state_dict
     from model.config import VARIANTS
     from model.synthetic_weights import synthetic_state_dict
@@ -277,11 +281,9 @@ def model_step(deadline: float, *, settings: Settings, device: torch.device, wei
     outputs: dict[str, list[PanopticResult]] = {}
     note = ""
     work = [(name, b) for name in rows for b in settings.batch_sizes]
-    for name, b in work:  # warm-up: cudnn autotuning per shape (CUDA: every batch size), allocator, first calls
+    for name, b in work if settings.warm_up else []:  # cudnn autotuning per shape, allocator, first calls
         if Budget.left(deadline) <= 0:
             break
-        if device.type != "cuda" and b != settings.batch_sizes[0]:
-            continue
         cfg, tf32, which = rows[name]
         _set_tf32(tf32)
         predictors[name].predict_prepared(sets[which][:b])
@@ -354,7 +356,7 @@ def bytes_step(deadline: float, *, settings: Settings, device: torch.device, wei
         "CPU decode (Pillow, one core)": PanopticPredictor(model, base, device),
         "device_preprocess": PanopticPredictor(model, replace(base, device_preprocess=True), device),
     }
-    for predictor in predictors.values():  # warm-up
+    for predictor in predictors.values() if settings.warm_up else []:
         _one_pass(predictor, files[:b], b, device)
     rows: dict[str, dict] = {}
     outputs: dict[str, list[PanopticResult]] = {}
@@ -440,6 +442,7 @@ def compile_step(settings: Settings, device: torch.device, weights: str | None, 
             record["compiled_shapes"] = len(set(shapes))
             partial.write_text(json.dumps(record))
 
+    partial.write_text(json.dumps({**record, "note": "the first shape did not finish compiling"}))
     warm(uniform, compiled, record["uniform_shapes"])
     _passes(eager, uniform[:b], b)  # eager warm-up
     eager_s, compiled_s = [], []
@@ -485,7 +488,13 @@ def _dynamo_counters() -> dict:
 
 
 def job_step(settings: Settings, device: torch.device, weights: str | None, left_s: float, partial: Path) -> dict:
-    """Runs in its own process with its own local Ray (`bench.local_ray`), through `run_job`'s public interface."""
+    """Runs in its own process with its own local Ray (`bench.local_ray`), through `run_job`'s public interface.
+
+    The committed parts are the job's clock (README "Output"): each ``images/part-*.parquet`` appears whole
+    (written under a hidden name, then renamed), so its modification time is when its rows were committed.
+    Results reach the driver in blocks of 16 images and the last two blocks arrive together, so the steady
+    rate is taken from the first to the second-to-last part (needs >= 3 parts).
+    """
     import pyarrow.parquet as pq
 
     from bench.local_ray import local_ray
@@ -493,6 +502,7 @@ def job_step(settings: Settings, device: torch.device, weights: str | None, left
     from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
     from pipeline.run import run_job
 
+    partial.write_text(json.dumps({"images": settings.job_images, "note": "the job did not finish in its share"}))
     with tempfile.TemporaryDirectory(prefix="pfb-gpu-job-") as tmp:
         folder = Path(tmp) / "images"
         write_photo_set(folder, settings.job_images)
@@ -506,35 +516,18 @@ def job_step(settings: Settings, device: torch.device, weights: str | None, left
                 batch_size=settings.batch_sizes[0], device=device.type, rows_per_file=settings.job_rows_per_file
             ),
         )
-        parts: dict[str, tuple[float, int]] = {}  # images part -> (seconds since start, rows)
-        stop = threading.Event()
-        start = time.perf_counter()
-
-        def watch() -> None:  # the committed parts are the job's public clock (README "Output")
-            while not stop.wait(0.05):
-                for path in (output / "images").glob("part-*.parquet") if (output / "images").exists() else []:
-                    if path.name not in parts:
-                        seen = time.perf_counter() - start
-                        try:
-                            parts[path.name] = (seen, pq.read_metadata(path).num_rows)
-                        except OSError:  # not readable yet: next round
-                            continue
-                        partial.write_text(
-                            json.dumps({"images": settings.job_images, "arrivals": sorted(parts.values())})
-                        )
-
         with local_ray(num_cpus=max(4, os.cpu_count() or 4)) as ray_info:
-            watcher = threading.Thread(target=watch, daemon=True)
-            watcher.start()
-            start = time.perf_counter()
+            start_wall, start = time.time(), time.perf_counter()
             with GpuBusy(device) as busy:
                 summary = run_job(config, show_progress=False)
             total = time.perf_counter() - start
-            stop.set()
-            watcher.join()
-    arrivals = sorted(parts.values())
-    steady_rows = sum(rows for _, rows in arrivals[1:])
-    steady_s = arrivals[-1][0] - arrivals[0][0] if len(arrivals) >= 2 else 0.0
+        arrivals = sorted(
+            (path.stat().st_mtime - start_wall, pq.read_metadata(path).num_rows)
+            for path in (output / "images").glob("part-*.parquet")
+        )  # (seconds since the job's start, rows)
+    window = arrivals[:-1]  # the last part arrives with the one before it
+    steady_rows = sum(rows for _, rows in window[1:])
+    steady_s = window[-1][0] - window[0][0] if len(window) >= 2 else 0.0
     steady = steady_rows / steady_s if steady_s > 0 else None
     return {
         "images": settings.job_images,
