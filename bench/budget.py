@@ -5,15 +5,20 @@ happens, and say what it left out. Each step gets ``share × total`` seconds fro
 past the budget's end; a step that finds less than its ``min_s`` left is skipped. Steps receive their
 deadline (a `time.monotonic` value) and are expected to stop between units of work when it has passed
 (`Budget.left`), noting what they cut; a step that raises is recorded with its error and the next one runs.
+`run_killable` runs a command that must not outlast a deadline (interrupted, then killed, output kept).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +75,24 @@ class Budget:
                 record.result = {"traceback": traceback.format_exc(limit=8)}
         self.records.append(record)
         return record
+
+
+def run_killable(
+    cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path | None = None
+) -> tuple[int | None, str, bool]:
+    """(exit code, stdout + stderr, timed out). Past ``timeout``: SIGINT to the process group (Ray shuts down
+    cleanly on it), then SIGKILL 20 s later."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=max(1.0, timeout))
+        return proc.returncode, output, False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        return proc.returncode, output, True

@@ -1,13 +1,15 @@
 """`bench.budget`: each step's deadline is its share, capped by the budget's end; a step with too little time
-left is skipped with a note; a failing step is recorded and the next one still runs."""
+left is skipped with a note; a failing step is recorded and the next one still runs; a command past its
+deadline is interrupted and its output kept."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
 
-from bench.budget import Budget
+from bench.budget import Budget, run_killable
 
 
 def test_a_step_gets_its_share_as_deadline() -> None:
@@ -47,3 +49,19 @@ def test_shares_must_fit_the_budget() -> None:
         Budget(60.0, {"a": 0.7, "b": 0.4})
     with pytest.raises(ValueError, match="positive"):
         Budget(0.0, {"a": 0.5})
+
+
+def test_a_command_past_its_deadline_is_interrupted_and_its_output_kept() -> None:
+    script = "import time; print('started', flush=True); time.sleep(60)"
+    start = time.monotonic()
+    code, output, timed_out = run_killable([sys.executable, "-c", script], timeout=2.0)
+    assert timed_out and code != 0 and "started" in output
+    assert time.monotonic() - start < 20  # SIGINT ended it: no wait for the SIGKILL
+
+
+def test_a_command_inside_its_deadline_returns_its_exit_code() -> None:
+    assert run_killable([sys.executable, "-c", "print('done'); raise SystemExit(3)"], timeout=30.0) == (
+        3,
+        "done\n",
+        False,
+    )
