@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # This machine's torch pins; pyproject.toml declares ranges that also accept the GPU images' torch 2.11.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench gpu-check install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: install
 
 bench: install
 	$(PY) -m bench.run
+
+# The GPU hour, prepared: every GPU claim measured by one command inside a hard budget (default 7 min),
+# results in bench/results/gpu-<date>.json + .md (bench/gpu.py). CI runs its CPU variant
+# (`bench.gpu --device cpu --quick`, tests/bench/test_gpu.py). E.g. GPU_CHECK_ARGS="--weights ckpt.pth".
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(PY) -m bench.gpu $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,4 +1,4 @@
-"""Bench image sets written to a local folder: the bundled photos repeated, synthetic photos, tiny images.
+"""Bench image sets written to a local folder: the bundled photos repeated, synthetic photos, mixed sizes, tiny images.
 
 `write_photo_set` makes every file the same size (``BENCH_HEIGHT`` × ``BENCH_WIDTH``, 4:3), so that all
 images have one processed size and the model batches them whole in ``exact`` mode, in the bare loop and
@@ -92,5 +92,31 @@ def write_tiny_set(folder: Path, count: int, *, size: int = 32) -> list[Path]:
     for i in range(count):
         path = folder / f"tiny-{i:06d}.jpg"
         path.write_bytes(_jpeg(Image.fromarray(synthetic_photo(size, size, seed=i))))
+        paths.append(path)
+    return paths
+
+
+# (height, width) of the mixed set: landscape and portrait photo shapes whose processed sizes at 800 px
+# differ (800×1066, 800×1200, 800×1000, 1066×800, 800×1199), so ``exact`` batching splits a batch into
+# several groups while ``bucketed`` batching (128-px canvases) merges some of them.
+MIXED_SIZES = ((480, 640), (480, 720), (512, 640), (640, 480), (427, 640), (480, 600))
+
+
+def write_mixed_set(folder: Path, count: int) -> list[Path]:
+    """``count`` JPEG files cycling through `MIXED_SIZES` (bundled photos and synthetic ones, alternating)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for path in sorted(PHOTOS.iterdir()):
+        with Image.open(path) as im:
+            photos.append(im.convert("RGB"))
+    paths = []
+    for i in range(count):
+        height, width = MIXED_SIZES[i % len(MIXED_SIZES)]
+        if i % 2 == 0:
+            image = _crop_resize(photos[(i // 2) % len(photos)], height, width)
+        else:
+            image = Image.fromarray(synthetic_photo(height, width, seed=100 + i))
+        path = folder / f"mixed-{i:04d}-{height}x{width}.jpg"
+        path.write_bytes(_jpeg(image))
         paths.append(path)
     return paths

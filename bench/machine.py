@@ -47,11 +47,18 @@ def contention() -> dict[str, object]:
     return {"load_average": load_average(), "cpu_pressure_some_avg10": cpu_pressure()}
 
 
+def _version(module: str) -> str | None:
+    """``module.__version__``, or None where it is not installed (a GPU machine may lack Ray)."""
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
 def describe() -> dict[str, object]:
-    """Machine and software record for a bench result (imports torch, ray, numpy, pyarrow)."""
+    """Machine and software record for a bench result (imports torch, numpy, pyarrow and, if present, ray)."""
     import numpy as np
     import pyarrow as pa
-    import ray
     import torch
 
     return {
@@ -65,7 +72,7 @@ def describe() -> dict[str, object]:
         "cpu_pressure_at_start": cpu_pressure(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": _version("ray"),
         "numpy": np.__version__,
         "pyarrow": pa.__version__,
     }

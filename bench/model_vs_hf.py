@@ -4,9 +4,11 @@ Same synthetic R50 weights (through our key table), same 800×1066 image, one ru
 subprocess so that peak RSS is clean. The number of kept queries is forced to K by choosing the threshold
 between the K-th and (K+1)-th best object scores (both implementations get that threshold).
 
-    python -m bench.model_vs_hf [--kept 10 30 0] [--repeats 3] [--out bench/results/model_vs_hf.json]
+    python -m bench.model_vs_hf [--kept 10 30 0] [--repeats 3] [--also-contiguous] [--out PATH.json]
 
-(--kept 0 means the default threshold 0.85.)
+(--kept 0 means the default threshold 0.85.) "ours" runs `PanopticPredictor` with its defaults, i.e. the
+device's default memory layout (`model.predictor.channels_last_default`); ``--also-contiguous`` measures ours
+with ``channels_last=False`` too, in the same run (own subprocess, between ours and HF), for the layout's ratio.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +58,7 @@ def _threshold_for(kept: int) -> float:
 
 
 def _measure(which: str, threshold: float, repeats: int) -> dict:
+    """One implementation's median seconds per image and peak RSS: "ours", "ours_contiguous" or "hf"."""
     from PIL import Image
 
     from model.checkpoint import build_model, to_hf_layout
@@ -65,10 +69,13 @@ def _measure(which: str, threshold: float, repeats: int) -> dict:
     config = VARIANTS["detr-r50-panoptic"].config
     state = synthetic_state_dict(config)
     image = Image.fromarray(_image().permute(1, 2, 0).numpy())
-    if which == "ours":
+    if which in ("ours", "ours_contiguous"):
         from model.predictor import InferenceConfig, PanopticPredictor
 
-        predictor = PanopticPredictor(build_model(config, state), InferenceConfig(threshold=threshold))
+        layout = {"ours": None, "ours_contiguous": False}[which]  # None: the device's default layout
+        predictor = PanopticPredictor(
+            build_model(config, state), InferenceConfig(threshold=threshold, channels_last=layout)
+        )
 
         def run() -> int:
             return len(predictor.predict([image])[0].segments)
@@ -118,8 +125,10 @@ def _measure(which: str, threshold: float, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     return {
         "which": which,
+        "channels_last": predictor.channels_last if which != "hf" else None,
         "threshold": threshold,
-        "seconds_per_image": sorted(times)[len(times) // 2],
+        "seconds_per_image": statistics.median(times),
+        "best_seconds_per_image": min(times),  # the least disturbed run, for shared machines
         "all_seconds": times,
         "segments": segments,
         "kept_queries": kept(),
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kept", type=int, nargs="+", default=[0, 10, 30])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results/model_vs_hf.json")
-    parser.add_argument("--one", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--also-contiguous", action="store_true", help="also ours with channels_last=False")
+    parser.add_argument("--one", choices=["ours", "ours_contiguous", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--threshold", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for kept in args.kept:
         threshold = _threshold_for(kept)
         pair = {}
-        for which in ("ours", "hf"):
+        for which in ("ours", "ours_contiguous", "hf") if args.also_contiguous else ("ours", "hf"):
             cmd = [
                 sys.executable,
                 "-m",
@@ -157,22 +167,38 @@ def main(argv: list[str] | None = None) -> int:
             ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             pair[which] = json.loads(out)
-        rows.append(
-            {
-                "kept_requested": kept,
-                **pair,
-                "speedup": pair["hf"]["seconds_per_image"] / pair["ours"]["seconds_per_image"],
-            }
-        )
+        row = {
+            "kept_requested": kept,
+            **pair,
+            "speedup": pair["hf"]["seconds_per_image"] / pair["ours"]["seconds_per_image"],
+            "speedup_best": pair["hf"]["best_seconds_per_image"] / pair["ours"]["best_seconds_per_image"],
+        }
+        if "ours_contiguous" in pair:
+            row["speedup_contiguous"] = pair["hf"]["seconds_per_image"] / pair["ours_contiguous"]["seconds_per_image"]
+            row["channels_last_ratio"] = (
+                pair["ours_contiguous"]["seconds_per_image"] / pair["ours"]["seconds_per_image"]
+            )
+        rows.append(row)
         print(
             f"kept={pair['ours']['kept_queries']:>3}  ours {pair['ours']['seconds_per_image']:.2f} s "
-            f"({pair['ours']['peak_rss_gib']:.2f} GiB peak)  HF {pair['hf']['seconds_per_image']:.2f} s "
-            f"({pair['hf']['peak_rss_gib']:.2f} GiB peak)  speed-up {rows[-1]['speedup']:.1f}x",
+            f"({pair['ours']['peak_rss_gib']:.2f} GiB peak, channels_last={pair['ours']['channels_last']})  "
+            f"HF {pair['hf']['seconds_per_image']:.2f} s "
+            f"({pair['hf']['peak_rss_gib']:.2f} GiB peak)  speed-up {row['speedup']:.1f}x"
+            + (
+                f"  [ours contiguous {pair['ours_contiguous']['seconds_per_image']:.2f} s, "
+                f"{row['speedup_contiguous']:.1f}x]"
+                if "ours_contiguous" in pair
+                else ""
+            ),
             flush=True,
         )
+    from bench.machine import describe
+
     result = {
+        "command": "python -m bench.model_vs_hf " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.platform(),
+        "machine_record": describe(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "image": [HEIGHT, WIDTH],

@@ -136,6 +136,8 @@ def _one_image(
     h, w = pixels.shape[:2]
     image = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)  # [3, h, w] uint8
     batch, padding_mask = pad_batch([normalize(image)], (h, w))  # [1, 3, h, w], [1, h, w]
+    if predictor.channels_last:  # as `predict_prepared` does
+        batch = batch.contiguous(memory_format=torch.channels_last)
     lap("normalize+pad")
     timer.seconds.clear()
     out = predictor.model(batch, padding_mask, threshold=predictor.config.threshold)

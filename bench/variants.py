@@ -2,18 +2,19 @@
 
     python -m bench.variants [--device auto] [--images 16] [--min-size 512] [--batch-size 4] [--repeats 2]
 
-Variants (`model.predictor.InferenceConfig`): the fp32 reference path, then bf16 / fp16 autocast,
-channels-last, bucketed batching and ``device_preprocess`` (JPEG decode + EXIF rotation + resize on the
-model's device, `pipeline.device_decode`) alone and combined. Every variant runs on the same JPEG files
+Variants (`model.predictor.InferenceConfig`): the fp32 reference path (contiguous layout), then bf16 / fp16
+autocast, channels-last, bucketed batching and ``device_preprocess`` (JPEG decode + EXIF rotation + resize on
+the model's device, `pipeline.device_decode`) alone and combined. Every variant runs on the same JPEG files
 (`bench.inputs.write_photo_set`, all one size) from bytes to panoptic maps, so the CPU path's Pillow
 decode + resize (one core, as a decode worker does it) is counted against the device path's; model-only
 time is reported apart. Passes are interleaved across variants (shuffled each repeat), median kept; on
-CUDA each pass ends with a synchronize. Fidelity: share of pixels whose segment's category equals the fp32
-path's (the panoptic map compared as categories, so that segment numbering does not matter), and the share
-of images with the same category list. fp32 runs with TF32 off, as the reference.
+CUDA each pass ends with a synchronize. fp32 runs with TF32 off, as the reference.
 
-The row "fp32, input ±1 grey level" is no switch: the fp32 path on inputs with seeded ±1 noise, i.e. how far
-these weights' outputs move under input noise alone — the yardstick for the agreement figures.
+Agreement with the fp32 path (`bench.agreement`): share of pixels in matching segments (segments matched by
+overlap within a category) and share of images with equal segment lists. The row "fp32, input ±0.5 grey
+level" is no switch: the fp32 path with seeded ±0.5 grey-level noise on its input (`bench.agreement.input_noise`),
+how far these weights' outputs move under noise alone — the gate's yardstick; each switch's verdict
+(`bench.agreement.judge`) is printed under the table.
 
 Synthetic weights (`model.synthetic_weights`): timings are real; agreement figures measure how far each
 switch moves *these* weights' outputs, which amplify rounding far more than a trained model does (see
@@ -34,9 +35,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from bench.agreement import Agreement, agreement, input_noise, judge
 from bench.inputs import write_photo_set
 from model.checkpoint import build_model
 from model.config import VARIANTS
@@ -49,10 +50,12 @@ from pipeline.device_decode import prepare_encoded
 MAX_PIXELS = 89_478_485
 
 
-PERTURBED = "fp32, input ±1 grey level"  # not a switch: how much these weights move under input noise
+PERTURBED = "fp32, input ±0.5 grey level"  # not a switch: how much these weights move under input noise
 
 
 def variants(base: InferenceConfig, device: torch.device) -> dict[str, InferenceConfig]:
+    """Name -> configuration of every variant; ``base`` is the fp32 reference (its layout is forced contiguous)."""
+    base = replace(base, channels_last=False)
     out = {
         "fp32": base,
         PERTURBED: base,
@@ -69,7 +72,8 @@ def variants(base: InferenceConfig, device: torch.device) -> dict[str, Inference
     return out
 
 
-def _prepare(files: list[bytes], config: InferenceConfig, device: torch.device) -> list[PreparedImage]:
+def prepare_bytes(files: list[bytes], config: InferenceConfig, device: torch.device) -> list[PreparedImage]:
+    """JPEG bytes -> prepared images: Pillow on this thread, or (``device_preprocess``) decoded on ``device``."""
     if not config.device_preprocess:
         prepared = []
         for data in files:
@@ -83,7 +87,8 @@ def _prepare(files: list[bytes], config: InferenceConfig, device: torch.device) 
     return images  # type: ignore[return-value]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -119,17 +124,6 @@ class GpuBusy:
         return statistics.mean(self.samples) if self.samples else None
 
 
-def _perturbed(images: list[PreparedImage], seed: int) -> list[PreparedImage]:
-    rng = np.random.default_rng(seed)
-    return [
-        PreparedImage(
-            np.clip(im.pixels.astype(np.int16) + rng.integers(-1, 2, im.pixels.shape), 0, 255).astype(np.uint8),
-            im.original_size,
-        )
-        for im in images
-    ]
-
-
 def _one_pass(
     predictor: PanopticPredictor, files: list[bytes], batch_size: int, device: torch.device, *, perturb: bool = False
 ) -> tuple[float, float, list[PanopticResult]]:
@@ -138,44 +132,27 @@ def _one_pass(
     total = model = 0.0
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
-        prepared = _prepare(chunk, predictor.config, device)
-        if perturb:
-            prepared = _perturbed(prepared, seed=start)
-        _sync(device)
+        prepared = prepare_bytes(chunk, predictor.config, device)
+        sync(device)
         t1 = time.perf_counter()
-        results += predictor.predict_prepared(prepared)
-        _sync(device)
+        if perturb:
+            with input_noise(predictor.model, seed=start):
+                results += predictor.predict_prepared(prepared)
+        else:
+            results += predictor.predict_prepared(prepared)
+        sync(device)
         t2 = time.perf_counter()
         total += t2 - t0
         model += t2 - t1
     return total, model, results
 
 
-def _categories(result: PanopticResult) -> np.ndarray:
-    """[H, W] category id per pixel (-1 where no segment)."""
-    lookup = np.full(max((s.id for s in result.segments), default=0) + 2, -1, dtype=np.int64)
-    for s in result.segments:
-        lookup[s.id] = s.category_id
-    if not result.segments:
-        return np.full(result.id_map.shape, -1, dtype=np.int64)
-    return lookup[result.id_map.astype(np.int64)]
-
-
-def _agreement(reference: list[PanopticResult], results: list[PanopticResult]) -> dict:
-    pixels = [float((_categories(a) == _categories(b)).mean()) for a, b in zip(reference, results)]
-    same_lists = [
-        [s.category_id for s in a.segments] == [s.category_id for s in b.segments] for a, b in zip(reference, results)
-    ]
-    return {
-        "pixel_agreement_mean": statistics.mean(pixels),
-        "pixel_agreement_min": min(pixels),
-        "same_category_lists": sum(same_lists) / len(same_lists),
-    }
-
-
-def run(*, device: str, images: int, min_size: int, batch_size: int, repeats: int) -> dict:
+def run(
+    *, device: str, images: int, min_size: int, batch_size: int, repeats: int, only: list[str] | None = None
+) -> dict:
+    """Every variant (or those named in ``only``; fp32 and the yardstick always run) -> the result record."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -188,15 +165,17 @@ def run(*, device: str, images: int, min_size: int, batch_size: int, repeats: in
     model = build_model(config, synthetic_state_dict(config))
     with tempfile.TemporaryDirectory(prefix="pfb-variants-") as tmp:
         files = [p.read_bytes() for p in write_photo_set(Path(tmp), images)]
-    predictors = {name: PanopticPredictor(copy.deepcopy(model), cfg, dev) for name, cfg in variants(base, dev).items()}
+    chosen = {name: cfg for name, cfg in variants(base, dev).items() if not only or name in {*only, "fp32", PERTURBED}}
+    predictors = {name: PanopticPredictor(copy.deepcopy(model), cfg, dev) for name, cfg in chosen.items()}
     for predictor in predictors.values():  # warm-up: cudnn autotuning, allocator, first-call costs
         _one_pass(predictor, files[:batch_size], batch_size, dev)
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in predictors}
     busy: dict[str, list[float]] = {name: [] for name in predictors}
     outputs: dict[str, list[PanopticResult]] = {}
     order = list(predictors)
-    for _ in range(repeats):
+    for r in range(repeats):
         random.shuffle(order)
+        print(f"[bench.variants] repeat {r + 1} of {repeats}", file=sys.stderr, flush=True)
         for name in order:
             with GpuBusy(dev) as gpu:
                 total, model_s, results = _one_pass(predictors[name], files, batch_size, dev, perturb=name == PERTURBED)
@@ -206,40 +185,58 @@ def run(*, device: str, images: int, min_size: int, batch_size: int, repeats: in
             outputs[name] = results
     rows = {}
     base_total = statistics.median(t for t, _ in timings["fp32"])
+    yardstick = agreement(outputs["fp32"], outputs[PERTURBED])
     for name in predictors:
         total = statistics.median(t for t, _ in timings[name])
         model_s = statistics.median(m for _, m in timings[name])
+        agree = agreement(outputs["fp32"], outputs[name])
         rows[name] = {
             "images_per_s": images / total,
             "model_images_per_s": images / model_s,
             "speedup_vs_fp32": base_total / total,
-            **_agreement(outputs["fp32"], outputs[name]),
-            "kept_segments_per_image": statistics.mean(len(r.segments) for r in outputs[name]),
+            **agreement_record(agree),
+            "gate": None if name in ("fp32", PERTURBED) else judge(name, agree, yardstick)._asdict(),
+            "segments_per_image": statistics.mean(len(r.segments) for r in outputs[name]),
             "gpu_busy_percent": statistics.mean(busy[name]) if busy[name] else None,
         }
     return {
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch_threads": torch.get_num_threads(),
         "images": images,
-        "processed_size": list(_prepare(files[:1], base, dev)[0].processed_size),
+        "processed_size": list(prepare_bytes(files[:1], base, dev)[0].processed_size),
         "batch_size": batch_size,
         "repeats": repeats,
         "variants": rows,
     }
 
 
+def agreement_record(agree: Agreement) -> dict:
+    """The JSON fields of an `Agreement`."""
+    return {
+        "pixels_in_matching_segments": agree.pixels,
+        "pixels_in_matching_segments_min": agree.pixels_min,
+        "same_segment_lists": agree.same_segment_lists,
+    }
+
+
 def table(result: dict) -> str:
+    """Markdown table of `run`'s variants, then one gate verdict per switch."""
     lines = [
-        "| variant | images/s (bytes → maps) | × fp32 | model-only images/s | pixels as fp32 | images as fp32 |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | images/s (bytes → maps) | × fp32 | model-only images/s | pixels in matching segments "
+        "| equal segment lists | gate | GPU busy |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, row in result["variants"].items():
+        gate = "–" if row["gate"] is None else ("pass" if row["gate"]["passed"] else "fail")
+        busy = "–" if row["gpu_busy_percent"] is None else f"{row['gpu_busy_percent']:.0f} %"
         lines.append(
             f"| {name} | {row['images_per_s']:.2f} | {row['speedup_vs_fp32']:.2f} | {row['model_images_per_s']:.2f} "
-            f"| {100 * row['pixel_agreement_mean']:.1f} % (min {100 * row['pixel_agreement_min']:.1f} %) "
-            f"| {100 * row['same_category_lists']:.0f} % |"
-            + (f" GPU busy {row['gpu_busy_percent']:.0f} % |" if row["gpu_busy_percent"] is not None else "")
+            f"| {100 * row['pixels_in_matching_segments']:.1f} % "
+            f"(min {100 * row['pixels_in_matching_segments_min']:.1f} %) "
+            f"| {100 * row['same_segment_lists']:.0f} % | {gate} | {busy} |"
         )
+    lines.append("")
+    lines += [f"- {row['gate']['message']}" for row in result["variants"].values() if row["gate"] is not None]
     return "\n".join(lines)
 
 
@@ -250,12 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", nargs="+", help="these variants only (fp32 and the yardstick always run)")
     parser.add_argument("--out", default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
     from bench.machine import describe
 
     result = run(
-        device=args.device, images=args.images, min_size=args.min_size, batch_size=args.batch_size, repeats=args.repeats
+        device=args.device,
+        images=args.images,
+        min_size=args.min_size,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        only=args.only,
     )
     report = {
         "command": "python -m bench.variants " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -154,7 +154,7 @@ def _describe_default(option: Option) -> str:
     if option.required:
         return "required"
     if option.kind == "bool":
-        return "off"
+        return "unset" if option.default is None else "off"
     if option.default is None:
         return "none"
     return str(option.default)
@@ -169,7 +169,9 @@ def add_options(parser: argparse.ArgumentParser, found: Sequence[Option]) -> Non
         if not option.required and option.kind != "bool":
             extra = f"default: {extra}"
         kwargs: dict[str, Any] = {"dest": option.dest, "default": argparse.SUPPRESS, "help": f"{text} ({extra})"}
-        if option.kind == "bool":
+        if option.kind == "bool" and option.optional:  # unset (None) means a default chosen later: --x / --no-x
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif option.kind == "bool":
             kwargs["action"] = "store_false" if option.negated else "store_true"
         elif option.kind == "list":
             kwargs.update(action="append", metavar=option.metavar)

@@ -9,6 +9,7 @@ merges each image on its own. An image's result therefore never depends on its b
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -31,6 +32,16 @@ from model.preprocess import (
 )
 
 __all__ = ["InferenceConfig", "PanopticPredictor", "PreparedImage", "prepare", "prepare_tensor"]
+
+
+# Where channels-last measured at least as fast as the default layout (fp32, same output at the fp32 noise
+# floor): CPU, see BENCHMARKS.md. CUDA keeps the contiguous layout until `python -m bench.gpu` has measured it.
+CHANNELS_LAST_BY_DEVICE_TYPE = {"cpu": True}
+
+
+def channels_last_default(device: torch.device) -> bool:
+    """The layout used when `InferenceConfig.channels_last` is None: measured per device type."""
+    return CHANNELS_LAST_BY_DEVICE_TYPE.get(device.type, False)
 
 
 class PreparedImage(NamedTuple):
@@ -62,14 +73,24 @@ def prepare_tensor(pixels: torch.Tensor, orientation: int, config: InferenceConf
 
 
 class PanopticPredictor:
-    """Runs `DetrPanoptic` on batches of prepared images on one device."""
+    """Runs `DetrPanoptic` on batches of prepared images on one device.
+
+    The caller's ``model`` is put in eval mode and moved to ``device`` in place (as `nn.Module.to` does).
+    With channels-last (``config.channels_last``, or the device's default when None) the predictor converts
+    a *copy* and keeps that: the caller's model keeps its memory layout, so one model can serve predictors
+    with either layout; the copy costs one more set of weights (~170 MB for R50) while the caller keeps its
+    own.
+    """
 
     def __init__(self, model: DetrPanoptic, config: InferenceConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.device = torch.device(device)
+        self.channels_last = (
+            channels_last_default(self.device) if config.channels_last is None else config.channels_last
+        )
         self.model = model.eval().to(self.device)
-        if config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.channels_last:
+            self.model = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
 
     def predict(self, images: list[Image.Image]) -> list[PanopticResult]:
         """Decoded PIL images in, one result per image (same order) out."""
@@ -90,7 +111,7 @@ class PanopticPredictor:
     def _predict_group(self, images: list[PreparedImage], canvas: tuple[int, int]) -> list[PanopticResult]:
         pixels = [self._on_device(im.pixels) for im in images]  # each [3, h, w] uint8
         batch, padding_mask = pad_batch([normalize(p) for p in pixels], canvas)  # [B, 3, H, W], [B, H, W]
-        if self.config.channels_last:
+        if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.precision]
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -36,10 +39,12 @@ def test_kept_query_mask_head_equals_all_query_head(r50_model: DetrPanoptic) -> 
     assert (reference - kept.mask_logits).abs().max() <= 1e-4
 
 
-def test_result_does_not_depend_on_batch_companions(r50_model: DetrPanoptic) -> None:
+@pytest.mark.parametrize(("channels_last", "floor"), [(False, 0.9999), (True, 0.999)])
+def test_result_does_not_depend_on_batch_companions(r50_model: DetrPanoptic, channels_last: bool, floor: float) -> None:
     """Different companions, same group size: bit-identical. Batched vs alone: the same segments; the map
-    may differ only where float kernels for another batch shape round differently (the fp32 noise floor)."""
-    predictor = PanopticPredictor(r50_model, SMALL)
+    may differ only where float kernels for another batch shape round differently (the fp32 noise floor; the
+    channels-last kernels change more with the batch shape: 99.98 % measured, floor as fp64 vs fp32 below)."""
+    predictor = PanopticPredictor(r50_model, replace(SMALL, channels_last=channels_last))
     target = _photo(120, 150)
     alone = predictor.predict([target])[0]
     in_batch_a = predictor.predict([_photo(120, 150, flip=True, seed=1), target, _photo(150, 110, seed=2)])[1]
@@ -48,7 +53,7 @@ def test_result_does_not_depend_on_batch_companions(r50_model: DetrPanoptic) -> 
     assert np.array_equal(in_batch_a.id_map, in_batch_b.id_map)
     assert in_batch_a.segments == in_batch_b.segments
     assert [s.category_id for s in alone.segments] == [s.category_id for s in in_batch_a.segments]
-    assert (alone.id_map == in_batch_a.id_map).mean() >= 0.9999
+    assert (alone.id_map == in_batch_a.id_map).mean() >= floor
 
 
 def test_bucketed_mode_is_batch_independent_too(r50_model: DetrPanoptic) -> None:
