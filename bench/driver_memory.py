@@ -37,7 +37,6 @@ from bench.machine import contention
 from model.predictor import InferenceConfig
 from pipeline.block_stats import install
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.write import OutputWriter
 
 
 class _MallInfo2(ctypes.Structure):
@@ -90,14 +89,13 @@ def run(images: int, *, samples: int, cap_block_stats: bool = True) -> dict:
     marks = [images * k // samples for k in range(1, samples)] + [images - 20]
     rows: list[dict] = []
 
-    class SamplingWriter(OutputWriter):
-        seen = 0
+    seen = [0]
 
-        def add(self, results: pa.Table) -> None:
-            before, SamplingWriter.seen = SamplingWriter.seen, SamplingWriter.seen + results.num_rows
-            if any(before < mark <= SamplingWriter.seen for mark in marks):
-                rows.append(sample(SamplingWriter.seen))
-            super().add(results)
+    def on_part(part: dict) -> None:  # `run_job` calls it for each committed part's row
+        before = seen[0]
+        seen[0] += part["images_ok"] + part["images_error"]
+        if any(before < mark <= seen[0] for mark in marks):
+            rows.append(sample(seen[0]))
 
     with tempfile.TemporaryDirectory(prefix="pfb-in-") as tmp, tempfile.TemporaryDirectory(prefix="pfb-out-") as out:
         write_tiny_set(Path(tmp), images, size=32)
@@ -111,14 +109,12 @@ def run(images: int, *, samples: int, cap_block_stats: bool = True) -> dict:
         context = DataContext.get_current()
         context.custom_execution_callback_classes = []
         with local_ray():
-            pipeline.run.OutputWriter = SamplingWriter  # type: ignore[misc]
             if not cap_block_stats:
                 pipeline.block_stats.install = lambda context: None  # type: ignore[assignment]
             started = time.perf_counter()
             try:
-                pipeline.run.run_job(config, show_progress=False)
+                pipeline.run.run_job(config, show_progress=False, on_part=on_part)
             finally:
-                pipeline.run.OutputWriter = OutputWriter  # type: ignore[misc]
                 pipeline.block_stats.install = install  # type: ignore[assignment]
                 context.custom_execution_callback_classes = []
             seconds = time.perf_counter() - started

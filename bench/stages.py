@@ -1,12 +1,13 @@
 """Where an image's time goes: each pipeline stage's pure function timed in-process, one image at a time.
 
-Stages, in pipeline order: read (`pipeline.sources.read_bytes`), decode + resize
+Stages, in pipeline order: read (`pipeline.storage.read_bytes`), decode + resize
 (`pipeline.decode.decode_image`), normalise + pad (`model.preprocess`), the model forward split by forward
 hooks into backbone, transformer (incl. input projection, class and box heads: the rest of the forward),
 box attention + mask head, then merge (`model.panoptic.merge_panoptic`, after the predictor's stride-4
-crop), RLE (`pipeline.rle.encode_segments`), result rows (`pipeline.predict._result_row`, which encodes
-the RLE a second time, + `pyarrow.Table.from_pylist`) and write (`pipeline.write.split_results` + two zstd
-Parquet files, timed once for all images and divided). Medians per image over images × repeats.
+crop), RLE (`pipeline.rle.encode_segments`), result rows (`pipeline.predict.prediction_table` +
+`encode_results`, which encodes the RLE a second time, as the pipeline's tables do) and write
+(`pipeline.write.split_results` + two zstd Parquet files, timed once for all images and divided). Medians
+per image over images × repeats.
 
 The first image is also run through `PanopticPredictor.predict_prepared` and must give the same panoptic
 map: the stage split is the predictor's path, not a look-alike.
@@ -30,9 +31,9 @@ from model.predictor import PanopticPredictor
 from model.preprocess import normalize, pad_batch
 from pipeline.config import InputConfig
 from pipeline.decode import decode_image
-from pipeline.predict import RESULT_SCHEMA, _result_row
+from pipeline.predict import encode_results, prediction_table
 from pipeline.rle import encode_segments
-from pipeline.sources import read_bytes
+from pipeline.storage import read_bytes
 from pipeline.write import split_results
 
 STAGES = (
@@ -98,7 +99,7 @@ def run(predictor: PanopticPredictor, paths: list[Path], *, repeats: int = 1) ->
     with tempfile.TemporaryDirectory(prefix="pfb-write-") as tmp:
         for _ in range(max(3, repeats)):
             start = time.perf_counter()
-            images, segments = split_results(results)
+            images, segments = split_results(results, run_id="bench")
             pq.write_table(segments, f"{tmp}/segments.parquet", compression="zstd")
             pq.write_table(images, f"{tmp}/images.parquet", compression="zstd")
             write_s.append((time.perf_counter() - start) / results.num_rows)
@@ -163,10 +164,13 @@ def _one_image(
     columns = {
         "image_id": np.array([str(path)], dtype=object),
         "source": np.array([str(path)], dtype=object),
+        "member": np.array([None], dtype=object),
+        "input_size": np.array([len(data)], dtype=object),
+        "input_version": np.array([None], dtype=object),
         "width": np.array([width], dtype=np.int32),
         "height": np.array([height], dtype=np.int32),
     }
-    table = pa.Table.from_pylist([_result_row(columns, 0, result, "")], schema=RESULT_SCHEMA)
+    table = encode_results(prediction_table(columns, {0: result}, errors=[""], retryable=[False]))
     lap("rows (incl. rle again)")
     t["table"] = table
     kept.append(len(queries))

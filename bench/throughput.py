@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import pyarrow as pa
 import torch
 
 import pipeline.run
@@ -39,10 +38,9 @@ from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from pipeline.decode import decode_image
 from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter
-from pipeline.sources import read_bytes
-from pipeline.write import OutputWriter
+from pipeline.storage import read_bytes
 
-_ARRIVALS: list[tuple[float, int]] = []  # (perf_counter, rows) of each result batch reaching the driver
+_ARRIVALS: list[tuple[float, int]] = []  # (perf_counter, images) of each committed part reaching the driver
 
 
 class _ThreadReportingSegmenter(PanopticSegmenter):
@@ -67,12 +65,9 @@ def _actor_reports() -> list[dict]:
     return reports
 
 
-class _TimedWriter(OutputWriter):
-    """`OutputWriter` that timestamps every result batch it is given."""
-
-    def add(self, results: pa.Table) -> None:
-        _ARRIVALS.append((time.perf_counter(), results.num_rows))
-        super().add(results)
+def _timestamp(part: dict) -> None:
+    """`run_job`'s ``on_part``: when each committed part's row reached the driver, and its images."""
+    _ARRIVALS.append((time.perf_counter(), part["images_ok"] + part["images_error"]))
 
 
 def prepare_files(paths: list[Path], predictor: PanopticPredictor) -> list[PreparedImage]:
@@ -176,7 +171,8 @@ def _in_batches(predictor: PanopticPredictor, images: list[PreparedImage], b: in
 
 
 def job(folder: Path, *, min_size: int, batch_size: int, rows_per_file: int = 2048) -> dict:
-    """Run `pipeline.run.run_job` once on ``folder`` (Ray must be up) and time its result batches."""
+    """Run `pipeline.run.run_job` once on ``folder`` (Ray must be up) and time its committed parts (the driver
+    sees one row per part: give ``rows_per_file`` small enough for several parts)."""
     with tempfile.TemporaryDirectory(prefix="pfb-out-") as out:
         config = JobConfig(
             input=InputConfig((str(folder),)),
@@ -188,18 +184,15 @@ def job(folder: Path, *, min_size: int, batch_size: int, rows_per_file: int = 20
         _ARRIVALS.clear()
         _actor_reports()  # clear
         start = time.perf_counter()
-        with (
-            mock.patch.object(pipeline.run, "OutputWriter", _TimedWriter),
-            mock.patch.object(pipeline.run, "PanopticSegmenter", _ThreadReportingSegmenter),
-        ):
-            summary = pipeline.run.run_job(config, show_progress=False)
+        with mock.patch.object(pipeline.run, "PanopticSegmenter", _ThreadReportingSegmenter):
+            summary = pipeline.run.run_job(config, show_progress=False, on_part=_timestamp)
         end = time.perf_counter()
         actors = _actor_reports()
     arrivals = list(_ARRIVALS)
     images = sum(rows for _, rows in arrivals)
     t_first, t_last = arrivals[0][0], arrivals[-1][0]
-    # The driver's iter_batches prefetches one block, so the last two blocks arrive together: the window runs
-    # from the first to the second-to-last arrival and counts the blocks in between (equal-sized blocks).
+    # The last two parts tend to arrive together (the driver's iterator prefetches one): the window runs from
+    # the first to the second-to-last arrival and counts the parts in between (equal-sized parts).
     window = arrivals[:-1]
     steady_images = sum(rows for _, rows in window[1:])
     steady_s = window[-1][0] - window[0][0] if len(window) >= 2 else 0.0

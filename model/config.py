@@ -154,7 +154,7 @@ class InferenceConfig:
         metadata={
             "help": "channels-last memory format for the convolutions (fp32 either way); unset: the device's measured "
             "default (`model.predictor.CHANNELS_LAST_BY_DEVICE_TYPE`: on for CPU, 1.16-1.20x faster there; off for "
-            "CUDA until `make gpu-check` has measured it)"
+            "CUDA until `make gpu-check` has measured it; `--no-channels-last` forces it off)"
         },
     )
     # JPEG decode (nvJPEG on CUDA), EXIF orientation and resize on the model's device instead of CPU workers

@@ -17,7 +17,9 @@ import platform
 import posixpath
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -283,12 +285,14 @@ def run_job(
     take_over_lease: bool = False,
     allow_mixed_settings: bool = False,
     verbose: bool = False,
+    on_part: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunSummary:
     """Run the whole job; re-running with the same output resumes it (`pipeline.resume` states the rules).
 
     Raises before any cluster work: `pipeline.sources.InputError`, `model.checkpoint.CheckpointError`,
     `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.resume.SettingsChanged`, `ClusterError`. Ray Data's
-    own messages (execution plans, memory advice) are shown only with ``verbose``.
+    own messages (execution plans, memory advice) are shown only with ``verbose``. ``on_part`` is called with
+    each committed part's `PART_ROW_SCHEMA` row as it reaches the driver (progress, benchmarks).
     """
     started = time.perf_counter()
     inputs = resolve_inputs(config.input, output=config.output)  # bad inputs fail here, before any cluster work
@@ -321,6 +325,8 @@ def run_job(
                 for row in batch.cast(PART_ROW_SCHEMA).to_pylist():  # one small row per committed part
                     this_run.add(row)
                     parts_by_node[row["node_id"]] = parts_by_node.get(row["node_id"], 0) + 1
+                    if on_part is not None:
+                        on_part(row)
                     bar.update(row["images_ok"] + row["images_error"])
                 lease.raise_if_lost()
             bar.close()
