@@ -177,3 +177,5 @@ class InferenceConfig:
             raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
         if self.bucket <= 0 or self.bucket % 32:
             raise ValueError(f"bucket must be a positive multiple of 32, got {self.bucket}")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last must be true, false or unset (None), got {self.channels_last!r}")

@@ -103,7 +103,6 @@ class OutputState:
     parts: list[str] = field(default_factory=list)  # committed images parts (paths in the output's fs)
     totals: Counts = field(default_factory=Counts)  # over those parts
     quarantined: list[str] = field(default_factory=list)  # part names moved aside
-    orphans_removed: int = 0
 
 
 def _table_folder(root: str, table: str) -> str:
@@ -121,9 +120,9 @@ def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[set[str], l
     return parts, [posixpath.join(folder, n) for n in names if is_temporary(n)]
 
 
-def prepare_output(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], int]:
+def prepare_output(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """Remove what interrupted runs left behind (temporary files; ``segments`` parts without their ``images``
-    part); returns (committed images part paths, orphans removed). Only under the lease."""
+    part, each logged); returns the committed images part paths. Only under the lease."""
     segments, temporary_segments = _part_names(fs, _table_folder(root, SEGMENTS_TABLE))
     images, temporary_images = _part_names(fs, _table_folder(root, IMAGES_TABLE))
     for path in temporary_segments + temporary_images:
@@ -133,7 +132,7 @@ def prepare_output(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str],
     for name in orphans:
         log.warning("removing segments part %s: an interrupted run wrote it but never committed it", name)
         fs.rm(posixpath.join(root, SEGMENTS_TABLE, name))
-    return sorted(posixpath.join(root, IMAGES_TABLE, n) for n in images), len(orphans)
+    return sorted(posixpath.join(root, IMAGES_TABLE, n) for n in images)
 
 
 def quarantine(fs: fsspec.AbstractFileSystem, root: str, part: str, *, run_id: str, problem: str) -> None:

@@ -305,7 +305,7 @@ def run_job(
     record = _run_record(config, run_id, weights, sha256, settings)
     try:
         resume.check_settings(resume.read_run_records(fs, root), settings, allow=allow_mixed_settings)
-        parts, orphans = resume.prepare_output(fs, root)
+        parts = resume.prepare_output(fs, root)
         if resume.fits_locally(inputs, parts):  # a small output: planned here, Ray only if there is work
             state = _inspect(config.output, parts, run_id=run_id, local=True)
             plan = resume.plan_locally(inputs, output=config.output, parts=state.parts)
@@ -313,7 +313,6 @@ def run_job(
             _start_ray(config, verbose=verbose)
             state = _inspect(config.output, parts, run_id=run_id, local=False)
             plan = resume.plan(inputs, output=config.output, parts=state.parts, partitions=_shuffle_partitions())
-        state.orphans_removed = orphans
         lease.raise_if_lost()
         this_run, parts_by_node = Counts(), {}
         if plan.known_total != 0:

@@ -120,7 +120,7 @@ def test_images_from_tar_members_and_parquet_rows(synthetic: tuple[Path, list[Sy
     from_tar = dataclasses.replace(cats, image_id=f"{tar_path}#sub/cats.png", source=str(tar_path))
     from_parquet = dataclasses.replace(cats, image_id=f"{parquet_path}#row=1", source=str(parquet_path))
     output = tmp_path / "out"
-    write_output(output, [from_tar, from_parquet], run_config={"config": {"input": {"bytes_column": "jpeg"}}})
+    write_output(output, [from_tar, from_parquet], run_config={"input": {"bytes_column": "jpeg"}})
 
     style = {"alpha": 0.5, "outlines": False, "labels": False}
     a = render_image(str(output), from_tar.image_id, **style).pixels

@@ -81,7 +81,7 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path) -> dict:
     else:
         import fsspec
 
-        parts, _ = prepare_output(fsspec.filesystem("file"), str(root / "out"))
+        parts = prepare_output(fsspec.filesystem("file"), str(root / "out"))
         refs = plan(ResolvedInputs([], [str(manifest)]), output=str(root / "out"), parts=parts, partitions=4).refs
     first = None
     rows = 0
