@@ -77,13 +77,26 @@ class Budget:
         return record
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_killable(
     cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path | None = None
 ) -> tuple[int | None, str, bool]:
     """(exit code, stdout + stderr, timed out). Past ``timeout``: SIGINT to the process group (Ray shuts down
-    cleanly on it), then SIGKILL 20 s later."""
+    cleanly on it), then SIGKILL 20 s later. The child gets SIGINT's default action back: a shell starts
+    background commands (``make gpu-check &``, ``nohup``) with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt."""
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     try:
         output, _ = proc.communicate(timeout=max(1.0, timeout))

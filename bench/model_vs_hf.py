@@ -42,8 +42,8 @@ def _threshold_for(kept: int) -> float:
         return 0.85
     from model.checkpoint import build_model
     from model.config import VARIANTS
-    from model.preprocess import normalize
     from model.synthetic_weights import synthetic_state_dict
+    from model.tensor_preprocess import normalize
 
     config = VARIANTS["detr-r50-panoptic"].config
     model = build_model(config, synthetic_state_dict(config))
@@ -82,7 +82,7 @@ def _measure(which: str, threshold: float, repeats: int) -> dict:
 
         def kept() -> int:
             from model.predictor import prepare
-            from model.preprocess import normalize
+            from model.tensor_preprocess import normalize
 
             p = prepare(image, predictor.config)
             x = normalize(torch.from_numpy(p.pixels).permute(2, 0, 1))[None]

@@ -134,7 +134,7 @@ def _dataset(images: int, block_rows: int) -> ray.data.Dataset:
 def run_mode(mode: str, *, images: int, rows_per_file: int, block_rows: int, root: Path) -> dict:
     """One mode on the current Ray: wall seconds, driver CPU, bytes the driver received."""
     from pipeline.lease import Lease
-    from pipeline.run import write_stage
+    from pipeline.write import write_stage
 
     dataset = _dataset(images, block_rows)
     output = root / mode

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,16 +19,8 @@ from PIL import Image
 from model.config import InferenceConfig
 from model.detr import DetrPanoptic
 from model.panoptic import PanopticResult, merge_panoptic
-from model.preprocess import (
-    canvas_size,
-    normalize,
-    orient_tensor,
-    pad_batch,
-    processed_size,
-    resize_image,
-    resize_tensor,
-    to_rgb,
-)
+from model.preprocess import PreparedImage, canvas_size, prepare
+from model.tensor_preprocess import normalize, pad_batch, prepare_tensor
 
 __all__ = ["InferenceConfig", "PanopticPredictor", "PreparedImage", "prepare", "prepare_tensor"]
 
@@ -42,34 +33,6 @@ CHANNELS_LAST_BY_DEVICE_TYPE = {"cpu": True}
 def channels_last_default(device: torch.device) -> bool:
     """The layout used when `InferenceConfig.channels_last` is None: measured per device type."""
     return CHANNELS_LAST_BY_DEVICE_TYPE.get(device.type, False)
-
-
-class PreparedImage(NamedTuple):
-    # uint8 at the processed size: numpy [h, w, 3] when prepared on a CPU worker, or a tensor [3, h, w]
-    # already on the model's device (see `pipeline.device_decode`)
-    pixels: np.ndarray | torch.Tensor
-    original_size: tuple[int, int]  # (height, width) after EXIF orientation
-
-    @property
-    def processed_size(self) -> tuple[int, int]:
-        shape = self.pixels.shape
-        return (int(shape[-2]), int(shape[-1])) if isinstance(self.pixels, torch.Tensor) else (shape[0], shape[1])
-
-
-def prepare(image: Image.Image, config: InferenceConfig) -> PreparedImage:
-    """EXIF orientation, RGB and the reference resize (PIL bilinear) of one decoded image."""
-    rgb = to_rgb(image)
-    original = (rgb.height, rgb.width)
-    size = processed_size(*original, min_size=config.min_size, max_size=config.max_size)
-    return PreparedImage(resize_image(rgb, size), original)
-
-
-def prepare_tensor(pixels: torch.Tensor, orientation: int, config: InferenceConfig) -> PreparedImage:
-    """`prepare` for a decoded RGB tensor uint8 [3, H, W] on any device (resize with `resize_tensor`)."""
-    oriented = orient_tensor(pixels, orientation)  # [3, H', W']
-    original = (int(oriented.shape[-2]), int(oriented.shape[-1]))
-    size = processed_size(*original, min_size=config.min_size, max_size=config.max_size)
-    return PreparedImage(resize_tensor(oriented, size), original)
 
 
 class PanopticPredictor:

@@ -1,9 +1,10 @@
-"""Inference pre-processing as the reference does it (upstream `datasets/transforms.py`, eval transforms).
+"""Inference pre-processing as the reference does it (upstream `datasets/transforms.py`, eval transforms),
+the CPU half: PIL and numpy only, so the CPU workers that decode images never import torch.
 
 EXIF orientation applied, RGB; shorter side resized to ``min_size`` with the longer side capped at
-``max_size`` (the reference's size rule, truncation included) using PIL bilinear on the uint8 image;
-then [0, 1] floats and ImageNet normalisation. Batches are zero-padded bottom/right to a canvas with a
-padding mask (True on padding).
+``max_size`` (the reference's size rule, truncation included) using PIL bilinear on the uint8 image. The
+tensor half (the same steps on the model's device, [0, 1] floats and ImageNet normalisation, zero-padding
+bottom/right to a canvas with a padding mask) is `model.tensor_preprocess`.
 
 Canvas policy (batch independence): in ``exact`` mode the canvas is the image's own processed size, so
 only images of equal processed size share a batch and each result equals the reference's single-image
@@ -16,13 +17,15 @@ convolutions, as in any padded batch).
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from model.config import BatchMode
+from model.config import BatchMode, InferenceConfig
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,37 +99,6 @@ def resize_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def orient_tensor(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Apply an EXIF orientation tag (1..8) to an image tensor [C, H, W] as `to_rgb` does to PIL images."""
-    if orientation in (5, 6, 7, 8):
-        pixels = pixels.transpose(-2, -1)  # TRANSPOSE: (x, y) -> (y, x)
-        # after a transpose, tags 6 and 7 need a horizontal flip, 8 a vertical one (7 = transverse: both)
-        flips = {5: (), 6: (-1,), 7: (-1, -2), 8: (-2,)}[orientation]
-    else:
-        flips = {2: (-1,), 3: (-1, -2), 4: (-2,)}.get(orientation, ())
-    return pixels.flip(flips) if flips else pixels
-
-
-def resize_tensor(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Antialiased bilinear resize of uint8 [3, h, w] to (height, width) on the tensor's device -> uint8.
-
-    The float kernel of `F.interpolate` (the one CUDA has) with PIL's filter support: it differs from
-    `resize_image` (PIL) by at most 1 grey level, on about a fifth of the pixels (rounding of the
-    fixed-point weights PIL uses), i.e. well inside the noise of JPEG decoding.
-    """
-    if tuple(pixels.shape[-2:]) == tuple(size):
-        return pixels
-    resized = F.interpolate(pixels[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].round_().clamp_(0, 255).to(torch.uint8)  # [3, height, width]
-
-
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, h, w] -> float32 ImageNet-normalised [..., 3, h, w]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
-
-
 def canvas_size(size: tuple[int, int], *, mode: BatchMode, bucket: int = 128) -> tuple[int, int]:
     """The padded canvas an image of processed ``size`` is computed on; depends on its own size only."""
     if mode == "exact":
@@ -136,19 +108,21 @@ def canvas_size(size: tuple[int, int], *, mode: BatchMode, bucket: int = 128) ->
     raise ValueError(f"batch mode must be 'exact' or 'bucketed', got {mode!r}")
 
 
-def pad_batch(images: list[torch.Tensor], canvas: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad normalised images [3, h, w] bottom/right to ``canvas``.
+class PreparedImage(NamedTuple):
+    # uint8 at the processed size: numpy [h, w, 3] when prepared on a CPU worker, or a tensor [3, h, w]
+    # already on the model's device (see `pipeline.device_decode`)
+    pixels: np.ndarray | torch.Tensor
+    original_size: tuple[int, int]  # (height, width) after EXIF orientation
 
-    Returns (batch [B, 3, H, W], padding_mask [B, H, W] bool, True on padding).
-    """
-    height, width = canvas
-    first = images[0]
-    batch = first.new_zeros((len(images), 3, height, width))  # [B, 3, H, W]
-    mask = torch.ones((len(images), height, width), dtype=torch.bool, device=first.device)  # [B, H, W]
-    for i, img in enumerate(images):
-        h, w = img.shape[-2:]
-        if h > height or w > width:
-            raise ValueError(f"image {h}x{w} does not fit the canvas {height}x{width}")
-        batch[i, :, :h, :w] = img
-        mask[i, :h, :w] = False
-    return batch, mask
+    @property
+    def processed_size(self) -> tuple[int, int]:
+        shape = self.pixels.shape
+        return (shape[0], shape[1]) if isinstance(self.pixels, np.ndarray) else (int(shape[-2]), int(shape[-1]))
+
+
+def prepare(image: Image.Image, config: InferenceConfig) -> PreparedImage:
+    """EXIF orientation, RGB and the reference resize (PIL bilinear) of one decoded image."""
+    rgb = to_rgb(image)
+    original = (rgb.height, rgb.width)
+    size = processed_size(*original, min_size=config.min_size, max_size=config.max_size)
+    return PreparedImage(resize_image(rgb, size), original)

@@ -31,7 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from model.config import DetrConfig
 from model.detr import DetrPanoptic
-from model.preprocess import normalize
+from model.tensor_preprocess import normalize
 
 SYNTHETIC_CLASS_LOGIT_STD = 2.0
 SYNTHETIC_NO_OBJECT_LOGIT = 12.0

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.predictor import InferenceConfig, prepare
-from model.preprocess import exif_orientation, processed_size, to_rgb
+from model.config import InferenceConfig
+from model.preprocess import exif_orientation, prepare, processed_size, to_rgb
 from pipeline.schema import INPUT_COLUMNS
 
 EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows without an image

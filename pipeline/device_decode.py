@@ -9,7 +9,7 @@ the object store carries compressed bytes instead of decoded pixels.
 When the batched call fails (one bad stream fails it), each image is retried on its own; an image the
 device decoder refuses is decoded with Pillow as the CPU path does, and one Pillow refuses too becomes an
 error row. Differences from the CPU path: nvJPEG's IDCT and chroma upsampling and the float resize kernel
-each move some pixels by a grey level or so (see `model.preprocess.resize_tensor`).
+each move some pixels by a grey level or so (see `model.tensor_preprocess.resize_tensor`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
-import pyarrow as pa
 import ray
 import torch
 
@@ -32,12 +31,13 @@ from pipeline import block_stats, resume
 from pipeline.config import JobConfig, redact_uri
 from pipeline.decode import decode_batch
 from pipeline.lease import Lease, new_run_id
-from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter, encode_results
+from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter
+from pipeline.results import encode_results
 from pipeline.resume import Counts
 from pipeline.schema import RUNS_FOLDER, SUCCESS_FILE
 from pipeline.sources import read_refs, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
-from pipeline.write import PART_ROW_SCHEMA, write_parts
+from pipeline.write import PART_ROW_SCHEMA, write_stage
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,6 @@ def build_dataset(
         **CPU_TASK_ARGS,
         fn_kwargs={"output": config.output, "run_id": run_id, "run_record": run_record},
     )
-
-
-def write_stage(batch: pa.Table, *, output: str, run_id: str, run_record: str) -> pa.Table:
-    """`pipeline.write.write_parts` with the Ray node it runs on."""
-    node_id = ray.get_runtime_context().get_node_id()
-    return write_parts(batch, output=output, run_id=run_id, run_record=run_record, node_id=node_id)
 
 
 def _shuffle_partitions() -> int:

@@ -71,7 +71,7 @@ INPUT_COLUMNS = ("image_id", "source", "member", "input_size", "input_version")
 _IMAGE_KEY_COLUMNS = ("image_id", "source")
 
 SEGMENT_STRUCT = pa.struct([f for f in SEGMENTS_SCHEMA if f.name not in _IMAGE_KEY_COLUMNS])
-# What the model gives for a segment; RLE adds ``category`` and ``rle`` (`pipeline.predict.encode_results`).
+# What the model gives for a segment; RLE adds ``category`` and ``rle`` (`pipeline.results.encode_results`).
 PREDICTED_SEGMENT_STRUCT = pa.struct([f for f in SEGMENT_STRUCT if f.name not in ("category", "rle")])
 
 _STAGE_IMAGE_COLUMNS = (*INPUT_COLUMNS, "width", "height", "error", "retryable")

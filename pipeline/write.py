@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from pipeline.lease import check_holder
 from pipeline.schema import (
@@ -139,6 +140,13 @@ def write_parts(batch: pa.Table, *, output: str, run_id: str, run_record: str, n
     """Ray stage: one gathered block of `RESULT_SCHEMA` rows -> the `PART_ROW_SCHEMA` row of its part."""
     row = write_part(batch, output=output, run_id=run_id, run_record=run_record, node_id=node_id)
     return pa.Table.from_pylist([row] if row else [], schema=PART_ROW_SCHEMA)
+
+
+def write_stage(batch: pa.Table, *, output: str, run_id: str, run_record: str) -> pa.Table:
+    """`write_parts` with the Ray node it runs on (the function `pipeline.run` maps over the parts; it lives
+    here so that write workers import neither torch nor the driver's modules)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return write_parts(batch, output=output, run_id=run_id, run_record=run_record, node_id=node_id)
 
 
 _PREPARED_RUNS: set[str] = set()  # runs whose record this worker process has seen in place

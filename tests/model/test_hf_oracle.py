@@ -14,8 +14,8 @@ from PIL import Image
 from model.checkpoint import build_model, to_hf_layout, to_official_layout
 from model.config import VARIANTS
 from model.predictor import InferenceConfig, prepare
-from model.preprocess import normalize
 from model.synthetic_weights import calibration_image, synthetic_state_dict
+from model.tensor_preprocess import normalize
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 from model.detr import DetrPanoptic
 from model.predictor import InferenceConfig, PanopticPredictor, prepare
-from model.preprocess import normalize
 from model.synthetic_weights import calibration_image
+from model.tensor_preprocess import normalize
 
 SMALL = InferenceConfig(min_size=128, max_size=200)
 

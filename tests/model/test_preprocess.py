@@ -7,16 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.preprocess import (
-    canvas_size,
-    normalize,
-    orient_tensor,
-    pad_batch,
-    processed_size,
-    resize_image,
-    resize_tensor,
-    to_rgb,
-)
+from model.preprocess import canvas_size, processed_size, resize_image, to_rgb
+from model.tensor_preprocess import normalize, orient_tensor, pad_batch, resize_tensor
 
 
 @pytest.mark.parametrize(
