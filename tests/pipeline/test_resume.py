@@ -97,6 +97,8 @@ def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
     for name in ("read", "read_row_group", "read_row_groups", "iter_batches"):
         monkeypatch.setattr(pq.ParquetFile, name, refuse)
     monkeypatch.setattr(pads, "dataset", refuse)
+    # and with the aggregations over 3 partitions (a small plan gets 1: `shuffle_partitions`)
+    monkeypatch.setattr("pipeline.run.shuffle_partitions", lambda inputs, committed: 3)
     again = run_job(_config(inputs, output), show_progress=False)
     monkeypatch.undo()
     assert (again.images_ok, again.images_error, again.skipped_committed) == (0, 0, len(expected))
@@ -132,3 +134,19 @@ def test_an_unreadable_shard_whose_error_row_is_committed_gets_no_second_one(tmp
     assert fresh["error"][0].startswith("unreadable: not a tar archive") and not fresh["retryable"][0]
     again = read_refs({"uri": [str(broken)], "kind": ["tar"], "skip": [[""]]}, bytes_column="image", id_column=None)
     assert list(again["image_id"]) == []
+
+
+def test_shuffle_partitions_grow_with_the_rows_up_to_the_cluster_cpus(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.run import MANIFEST_BYTES_PER_LINE, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
+    from pipeline.sources import ResolvedInputs
+
+    one_ref = [{"uri": "a.jpg", "kind": "file", "size": 1, "version": "1"}]
+    assert shuffle_partitions(ResolvedInputs(one_ref, []), 0) == 1
+    assert shuffle_partitions(ResolvedInputs(one_ref, []), ROWS_PER_SHUFFLE_PARTITION) == 2  # 250,001 rows
+    manifest = tmp_path / "m.txt"
+    manifest.write_bytes(b"x" * (MANIFEST_BYTES_PER_LINE * ROWS_PER_SHUFFLE_PARTITION * 2))  # ~500 k lines
+    assert shuffle_partitions(ResolvedInputs([], [str(manifest)]), 0) == 2
+    assert shuffle_partitions(ResolvedInputs([], [str(manifest)]), 10**9) == 4  # the session's 4 CPUs
+    assert shuffle_partitions(ResolvedInputs([], [str(tmp_path / "gone.txt")]), 0) == 4  # unknown size: large
