@@ -65,8 +65,8 @@ QUICK_CPU = Settings(
     mixed_images=6,
     batch_sizes=(2, 4),
     repeats=1,
-    job_images=64,
-    job_rows_per_file=16,
+    job_images=32,
+    job_rows_per_file=8,
     compile_backend="eager",
     warm_up=False,
 )
@@ -456,9 +456,9 @@ def job_step(settings: Settings, device: torch.device, weights: str | None, left
     """Runs in its own process with its own local Ray (`bench.local_ray`), through `run_job`'s public interface.
 
     The committed parts are the job's clock (README "Output"): each ``images/part-*.parquet`` appears whole
-    (written under a hidden name, then renamed), so its modification time is when its rows were committed.
-    Results reach the driver in blocks of 16 images and the last two blocks arrive together, so the steady
-    rate is taken from the first to the second-to-last part (needs >= 3 parts).
+    (written by a write task under a hidden name, then renamed), so its modification time is when its rows
+    were committed. The last part holds the rest and often lands with the one before it, so the steady rate is
+    taken from the first to the second-to-last part (needs >= 3 parts).
     """
     import pyarrow.parquet as pq
 
