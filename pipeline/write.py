@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from pipeline.lease import check_holder
 from pipeline.schema import (
@@ -144,7 +143,10 @@ def write_parts(batch: pa.Table, *, output: str, run_id: str, run_record: str, n
 
 def write_stage(batch: pa.Table, *, output: str, run_id: str, run_record: str) -> pa.Table:
     """`write_parts` with the Ray node it runs on (the function `pipeline.run` maps over the parts; it lives
-    here so that write workers import neither torch nor the driver's modules)."""
+    here so that write workers import neither torch nor the driver's modules; Ray is imported here only, the
+    rest of this module works without it)."""
+    import ray
+
     node_id = ray.get_runtime_context().get_node_id()
     return write_parts(batch, output=output, run_id=run_id, run_record=run_record, node_id=node_id)
 
