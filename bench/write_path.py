@@ -11,9 +11,10 @@ images, with the same file code (`pipeline.write.split_results`, `parquet_bytes`
   receives one `PART_ROW_SCHEMA` row per part.
 
 Reported per mode: wall time, driver CPU seconds per 1,000 images (user + system of the driver process,
-`resource.getrusage`), result bytes the driver received. Then write-stage throughput with 1, 2 and 4 logical
-worker CPUs (a fresh local Ray each). Results are synthetic rows shaped like 800×1066 photos with 25 segments
-(real RLE strings of a real id map). One JSON line goes to stdout (and ``--out``)::
+`resource.getrusage`), result bytes the driver received. Then write-stage throughput with at most 1, 2 and 4
+write tasks at once (a fresh local Ray each, with 4 logical CPUs at least). Results are synthetic rows
+shaped like 800×1066 photos with 25 segments (real RLE strings of a real id map). One JSON line goes to
+stdout (and ``--out``)::
 
     python -m bench.write_path --images 8192 --rows-per-file 2048
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
@@ -128,11 +130,12 @@ def _dataset(images: int, block_rows: int) -> ray.data.Dataset:
 
     photos = [_segments_of_a_photo(seed) for seed in range(DISTINCT_PHOTOS)]
     blocks = [result_block(s, min(block_rows, images - s), photos) for s in range(0, images, block_rows)]
-    return ray.data.from_arrow([ray.put(b) for b in blocks]).materialize()  # in the object store, not the driver
+    return ray.data.from_arrow_refs([ray.put(b) for b in blocks]).materialize()  # in the object store, not the driver
 
 
-def run_mode(mode: str, *, images: int, rows_per_file: int, block_rows: int, root: Path) -> dict:
-    """One mode on the current Ray: wall seconds, driver CPU, bytes the driver received."""
+def run_mode(mode: str, *, images: int, rows_per_file: int, block_rows: int, root: Path, tasks: int | None) -> dict:
+    """One mode on the current Ray: wall seconds, driver CPU, bytes the driver received. ``tasks``: at most
+    that many write tasks at once (the worker CPUs given to the write stage)."""
     from pipeline.lease import Lease
     from pipeline.write import write_stage
 
@@ -140,6 +143,7 @@ def run_mode(mode: str, *, images: int, rows_per_file: int, block_rows: int, roo
     output = root / mode
     lease = Lease.acquire(str(output), "bench")
     received, cpu, start = 0, _cpu_seconds(), time.perf_counter()
+    task_seconds = 0.0  # workers: the write tasks' own seconds (split, compress, publish), from their part rows
     if mode == "driver":
         writer = DriverWriter(output, rows_per_file)
         for block in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -152,17 +156,20 @@ def run_mode(mode: str, *, images: int, rows_per_file: int, block_rows: int, roo
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=1,
+            concurrency=tasks,
             fn_kwargs={"output": str(output), "run_id": "bench", "run_record": "{}"},
         )
         for rows in parts.iter_batches(batch_format="pyarrow", batch_size=None):
             received += rows.nbytes
+            task_seconds += sum(rows.column("seconds").to_pylist())
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     lease.release()
     written = sum(p.stat().st_size for p in output.glob("*/part-*.parquet"))
     committed = sum(1 for _ in (output / "images").glob("part-*.parquet"))
     return {"mode": mode, "images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds),
             "driver_cpu_s_per_1000_images": round(1000 * cpu / images, 3), "driver_bytes_received": received,
-            "parts": committed, "bytes_written": written}  # fmt: skip
+            "parts": committed, "bytes_written": written,
+            "images_per_write_task_s": round(images / task_seconds) if task_seconds else None}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,29 +177,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--rows-per-file", type=int, default=2048)
     parser.add_argument("--block-rows", type=int, default=8, help="rows per result block (the RLE stage's output)")
-    parser.add_argument("--cpus", type=int, nargs="*", default=[1, 2, 4], help="worker CPUs for the scaling runs")
+    parser.add_argument("--cpus", type=int, nargs="*", default=[1, 2, 4], help="write tasks at once, scaling runs")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", choices=["driver", "workers"], help=argparse.SUPPRESS)  # a child run
-    parser.add_argument("--num-cpus", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="pfb-write-"))
     try:
         if args.one:  # one mode in this process, on its own Ray
-            with local_ray(num_cpus=args.num_cpus) as info:
+            # 4 logical CPUs at least (some Ray Data operators stall with fewer); --tasks caps the write stage
+            with local_ray(num_cpus=max(4, os.cpu_count() or 1)) as info:
                 report = run_mode(args.one, images=args.images, rows_per_file=args.rows_per_file,
-                                  block_rows=args.block_rows, root=root)  # fmt: skip
-            print(json.dumps({**report, "num_cpus": args.num_cpus, **info}), flush=True)
+                                  block_rows=args.block_rows, root=root, tasks=args.tasks)  # fmt: skip
+            print(json.dumps({**report, "write_tasks": args.tasks, **info}), flush=True)
             return 0
         import subprocess
 
-        def child(mode: str, cpus: int) -> dict:
-            command = [sys.executable, "-m", "bench.write_path", "--one", mode, "--num-cpus", str(cpus),
+        def child(mode: str, tasks: int | None) -> dict:
+            command = [sys.executable, "-m", "bench.write_path", "--one", mode,
+                       *(["--tasks", str(tasks)] if tasks else []),
                        "--images", str(args.images), "--rows-per-file", str(args.rows_per_file),
                        "--block-rows", str(args.block_rows)]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             return json.loads(done.stdout.strip().splitlines()[-1])
 
-        side_by_side = [child("driver", 4), child("workers", 4)]
+        side_by_side = [child("driver", None), child("workers", None)]
         scaling = [child("workers", cpus) for cpus in args.cpus]
         report = {"machine": describe(), "side_by_side": side_by_side, "scaling": scaling,
                   "rows_per_file": args.rows_per_file, "block_rows": args.block_rows}  # fmt: skip
