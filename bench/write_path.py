@@ -9,6 +9,8 @@ images, with the same file code (`pipeline.write.split_results`, `parquet_bytes`
   benchmark only).
 - ``workers``: `pipeline.run`'s write stage (`repartition(rows_per_file, strict)` + `write_stage`); the driver
   receives one `PART_ROW_SCHEMA` row per part.
+- ``executor``: the same plan with a stage that writes nothing: what Ray Data's executor alone costs the
+  driver for these blocks (the floor of the ``workers`` figure).
 
 Reported per mode: wall time, driver CPU seconds per 1,000 images (user + system of the driver process,
 `resource.getrusage`), result bytes the driver received. Then write-stage throughput with at most 1, 2 and 4
@@ -116,6 +118,15 @@ class DriverWriter:
         publish(fs, str(self.output / "images" / name), parquet_bytes(images, counts=part_counts(images)))
 
 
+def _no_write(batch: pa.Table, **kwargs: object) -> pa.Table:
+    """The ``executor`` mode's stage: the workers plan without its writes (one part row, no file)."""
+    from pipeline.write import PART_ROW_SCHEMA
+
+    row = {"part": "none", "images_ok": batch.num_rows, "images_error": 0, "images_retryable": 0, "segments": 0,
+           "bytes": 0, "node_id": "", "seconds": 0.0}  # fmt: skip
+    return pa.Table.from_pylist([row], schema=PART_ROW_SCHEMA)
+
+
 def _local_fs() -> fsspec.AbstractFileSystem:
     return fsspec.filesystem("file")
 
@@ -151,8 +162,9 @@ def run_mode(mode: str, *, images: int, rows_per_file: int, block_rows: int, roo
             writer.add(block)
         writer.flush()
     else:
+        stage = write_stage if mode == "workers" else _no_write
         parts = dataset.repartition(target_num_rows_per_block=rows_per_file, strict=True).map_batches(
-            write_stage,
+            stage,
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=1,
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-rows", type=int, default=8, help="rows per result block (the RLE stage's output)")
     parser.add_argument("--cpus", type=int, nargs="*", default=[1, 2, 4], help="write tasks at once, scaling runs")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--one", choices=["driver", "workers"], help=argparse.SUPPRESS)  # a child run
+    parser.add_argument("--one", choices=["driver", "workers", "executor"], help=argparse.SUPPRESS)  # a child run
     parser.add_argument("--tasks", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="pfb-write-"))
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             return json.loads(done.stdout.strip().splitlines()[-1])
 
-        side_by_side = [child("driver", None), child("workers", None)]
+        side_by_side = [child("driver", None), child("workers", None), child("executor", None)]
         scaling = [child("workers", cpus) for cpus in args.cpus]
         report = {"machine": describe(), "side_by_side": side_by_side, "scaling": scaling,
                   "rows_per_file": args.rows_per_file, "block_rows": args.block_rows}  # fmt: skip

@@ -9,9 +9,10 @@ nodes, so every task and actor runs on a worker node. The driver here has `pipel
 replaced by a function that fails: the job succeeds only if no part is written by the driver.
 
 Scenarios, one Ray job each (``worker_process_setup_hook`` installs `tests.pipeline.fault_hooks` in the
-job's workers): ``between`` (the first write task is killed after its segments file, before its
-images file); ``after`` (killed after both files, before it returns); ``actor`` (the model actor is killed in
-the middle of its second batch). Each checks where the parts were written as well. Ray retries a task whose worker died and restarts a dead actor.
+job's workers): ``between`` (the first write task is killed after its segments file, before its images file);
+``after`` (killed after both files, before it returns); ``actor`` (the model actor is killed in the middle of
+its second batch). Each checks where the parts were written as well. Ray retries a task whose worker died and
+restarts a dead actor.
 The last stdout line is a JSON report: per scenario the summary, the parts by node, the struck path.
 """
 

@@ -6,6 +6,8 @@ Two figures quoted in the README (section "Resume, exactly once, failures")::
     python -m tests.pipeline.measure_resume refs --n 1000000                 # fresh: the de-duplication
     python -m tests.pipeline.measure_resume refs --n 1000000 --committed 500000  # resume
     python -m tests.pipeline.measure_resume refs --n 1000000 --plain         # no aggregation (baseline)
+    # a small re-run's plan with 1 vs 4 aggregation partitions (`pipeline.run.shuffle_partitions`)
+    python -m tests.pipeline.measure_resume refs --n 8 --committed 8 --partitions 1
     # peak RSS of the driver process of a resume whose N inputs are all committed already
     python -m tests.pipeline.measure_resume rss --n 100000
 
@@ -61,7 +63,7 @@ def _commit(output: Path, ids: list[str]) -> None:
         pq.write_table(images, output / "images" / name)
 
 
-def measure_refs(n: int, committed: int, plain: bool, root: Path) -> dict:
+def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: int = 4) -> dict:
     import ray
 
     from pipeline.resume import plan, prepare_output
@@ -82,7 +84,8 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path) -> dict:
         import fsspec
 
         parts = prepare_output(fsspec.filesystem("file"), str(root / "out"))
-        refs = plan(ResolvedInputs([], [str(manifest)]), output=str(root / "out"), parts=parts, partitions=4).refs
+        inputs = ResolvedInputs([], [str(manifest)])
+        refs = plan(inputs, output=str(root / "out"), parts=parts, partitions=partitions).refs
     first = None
     rows = 0
     for batch in refs.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -90,8 +93,8 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path) -> dict:
         rows += batch.num_rows
     total = time.perf_counter() - started
     ray.shutdown()
-    return {"refs": n, "committed": committed, "plain": plain, "first_ref_s": round(first or total, 2),
-            "all_refs_s": round(total, 2), "refs_out": rows}  # fmt: skip
+    return {"refs": n, "committed": committed, "plain": plain, "partitions": partitions,
+            "first_ref_s": round(first or total, 2), "all_refs_s": round(total, 2), "refs_out": rows}  # fmt: skip
 
 
 def measure_rss(n: int, root: Path) -> dict:
@@ -123,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--committed", type=int, default=0)
     parser.add_argument("--plain", action="store_true")
+    parser.add_argument("--partitions", type=int, default=4, help="of the resume aggregations")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pf-measure-") as tmp:
         if args.what == "refs":
-            report = measure_refs(args.n, args.committed, args.plain, Path(tmp))
+            report = measure_refs(args.n, args.committed, args.plain, Path(tmp), args.partitions)
         else:
             report = measure_rss(args.n, Path(tmp))
     print(json.dumps(report), flush=True)
