@@ -150,3 +150,7 @@ def test_shuffle_partitions_grow_with_the_rows_up_to_the_cluster_cpus(
     assert shuffle_partitions(ResolvedInputs([], [str(manifest)]), 0) == 2
     assert shuffle_partitions(ResolvedInputs([], [str(manifest)]), 10**9) == 4  # the session's 4 CPUs
     assert shuffle_partitions(ResolvedInputs([], [str(tmp_path / "gone.txt")]), 0) == 4  # unknown size: large
+    listing = tmp_path / "m.parquet"  # a Parquet manifest counts its rows (it compresses far below 32 B a row)
+    pq.write_table(pa.table({"uri": [f"s3://b/{i:09d}.jpg" for i in range(ROWS_PER_SHUFFLE_PARTITION + 1)]}), listing)
+    assert listing.stat().st_size < ROWS_PER_SHUFFLE_PARTITION * MANIFEST_BYTES_PER_LINE
+    assert shuffle_partitions(ResolvedInputs([], [str(listing)]), 0) == 2
