@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from jobs.show import (
 from model.categories import category_by_id
 from model.config import InferenceConfig
 from pipeline.decode import decode_image
+from tests.pipeline.images import tar_bytes
 from tests.pipeline.odd_inputs import damaged_exif_jpeg, exif_jpeg
 from tests.synthetic_output import SynthImage, SynthSegment, make_images, rect, write_output
 
@@ -109,11 +109,7 @@ def test_images_from_tar_members_and_parquet_rows(synthetic: tuple[Path, list[Sy
     cats = images[2]
     encoded = Path(cats.image_id).read_bytes()
     tar_path = tmp_path / "shard-0001.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for name, data in (("other.png", Path(images[0].image_id).read_bytes()), ("sub/cats.png", encoded)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    tar_path.write_bytes(tar_bytes([("other.png", Path(images[0].image_id).read_bytes()), ("sub/cats.png", encoded)]))
     parquet_path = tmp_path / "images.parquet"
     pq.write_table(pa.table({"jpeg": [b"junk", encoded]}), parquet_path)
 

@@ -1,8 +1,10 @@
-"""Small deterministic test photos as encoded bytes (smooth structure + noise, like a photo)."""
+"""Small deterministic test photos as encoded bytes (smooth structure + noise, like a photo), and tar shards of
+them."""
 
 from __future__ import annotations
 
 import io
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -37,3 +39,14 @@ def input_columns(image_ids: list[str], *, source: str | None = None) -> dict[st
         "input_version": np.array([None] * n, dtype=object),
         "retryable": np.zeros(n, dtype=bool),
     }
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar archive holding ``(name, data)`` members, in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from model.config import VARIANTS
 from model.predictor import InferenceConfig, PanopticPredictor
 from model.synthetic_weights import synthetic_state_dict
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from tests.pipeline.images import photo_bytes
+from tests.pipeline.images import photo_bytes, tar_bytes
 
 INFERENCE = InferenceConfig(min_size=96, max_size=160)
 
@@ -152,7 +151,6 @@ def test_crash_between_part_files_is_cleaned_on_rerun(ray_session: None, tmp_pat
 
 
 def test_tar_shards_and_parquet_inputs(ray_session: None, tmp_path: Path) -> None:
-    import tarfile
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -160,16 +158,13 @@ def test_tar_shards_and_parquet_inputs(ray_session: None, tmp_path: Path) -> Non
     from pipeline.run import run_job
 
     shard = tmp_path / "shard-000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for name, data in [
-            ("s1.jpg", photo_bytes(60, 80, seed=1)),
-            ("s1.json", b"{}"),
-            ("s2.png", photo_bytes(80, 60, fmt="PNG", seed=2)),
-            ("s3.jpg", b"garbage"),
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    members = [
+        ("s1.jpg", photo_bytes(60, 80, seed=1)),
+        ("s1.json", b"{}"),
+        ("s2.png", photo_bytes(80, 60, fmt="PNG", seed=2)),
+        ("s3.jpg", b"garbage"),
+    ]
+    shard.write_bytes(tar_bytes(members))
     table = pa.table({"key": ["p1", "p2"], "image": [photo_bytes(50, 70, seed=5), photo_bytes(70, 50, seed=6)]})
     pq.write_table(table, tmp_path / "images.parquet")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import tarfile
 
 import boto3
 import pyarrow as pa
@@ -16,7 +15,7 @@ from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from pipeline.outputs import open_table
 from pipeline.sources import InputError
-from tests.pipeline.images import photo_bytes
+from tests.pipeline.images import photo_bytes, tar_bytes
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)
 
@@ -47,17 +46,14 @@ def test_s3_folder_tar_and_parquet_to_s3(ray_session: None, bucket: str) -> None
     for i in range(3):
         s3.put_object(Bucket=bucket, Key=f"imgs/p{i}.jpg", Body=photo_bytes(60, 80, seed=20 + i))
     s3.put_object(Bucket=bucket, Key="imgs/bad.png", Body=b"<html>not a png</html>")
-    shard = io.BytesIO()
-    with tarfile.open(fileobj=shard, mode="w") as tar:
-        for name, data in [
+    shard = tar_bytes(
+        [
             ("k1.jpg", photo_bytes(50, 70, seed=30)),
             ("k1.cls", b"3"),
             ("k2.png", photo_bytes(70, 50, fmt="PNG", seed=31)),
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    s3.put_object(Bucket=bucket, Key="shards/shard-000.tar", Body=shard.getvalue())
+        ]
+    )
+    s3.put_object(Bucket=bucket, Key="shards/shard-000.tar", Body=shard)
     table = pa.table({"image": [photo_bytes(64, 64, seed=40), b"\x00\x01"]})
     buffer = io.BytesIO()
     pq.write_table(table, buffer)

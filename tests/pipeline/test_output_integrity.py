@@ -8,13 +8,11 @@ S3 faults are injected by the session's fault proxy, which every S3 client goes 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import boto3
@@ -27,7 +25,7 @@ from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from pipeline.resume import SettingsChanged
 from tests.pipeline.fault_probes import assert_exactly_once, committed_parts, wait_for
-from tests.pipeline.images import photo_bytes
+from tests.pipeline.images import photo_bytes, tar_bytes
 from tests.s3_server import FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -66,14 +64,6 @@ def _photos(folder: Path, n: int, *, prefix: str = "img") -> set[str]:
     for i in range(n):
         (folder / f"{prefix}{i:02d}.jpg").write_bytes(photo_bytes(48, 64, seed=i))
     return {str(p) for p in folder.glob(f"{prefix}*.jpg")}
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def _segment_command(folder: Path | str, output: Path | str) -> list[str]:
@@ -226,7 +216,7 @@ def test_changed_deleted_and_added_inputs_and_a_changed_threshold_after_a_crash(
     folder = tmp_path / "in"
     _photos(folder, 6)
     shard = folder / "shard.tar"
-    _tar(shard, [(f"s{i}.jpg", photo_bytes(48, 64, seed=20 + i)) for i in range(3)])
+    shard.write_bytes(tar_bytes([(f"s{i}.jpg", photo_bytes(48, 64, seed=20 + i)) for i in range(3)]))
     output = tmp_path / "out"
     first = run_job(_config([str(folder)], str(output)), show_progress=False)
     assert first.totals.images == 9
@@ -240,7 +230,7 @@ def test_changed_deleted_and_added_inputs_and_a_changed_threshold_after_a_crash(
     (folder / "img00.jpg").write_bytes(photo_bytes(64, 48, seed=99))
     (folder / "img01.jpg").unlink()
     (folder / "img06.jpg").write_bytes(photo_bytes(48, 64, seed=6))
-    _tar(shard, [("s0.jpg", photo_bytes(64, 64, seed=30)), ("s3.jpg", photo_bytes(48, 64, seed=33))])
+    shard.write_bytes(tar_bytes([("s0.jpg", photo_bytes(64, 64, seed=30)), ("s3.jpg", photo_bytes(48, 64, seed=33))]))
     success, records = (output / "_SUCCESS").read_text(), sorted(os.listdir(output / "_runs"))
 
     with pytest.raises(SettingsChanged, match=r"threshold=0\.85 \(now 0\.7\)"):
@@ -276,7 +266,7 @@ def test_output_inside_the_input_and_a_file_named_like_a_shard_member(ray_sessio
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(photo_bytes(48, 64, seed=1))
-    _tar(folder / "big.tar", [("s0001.jpg", photo_bytes(48, 64, seed=2))])
+    (folder / "big.tar").write_bytes(tar_bytes([("s0001.jpg", photo_bytes(48, 64, seed=2))]))
     (folder / "big.tar#s0001.jpg").write_bytes(photo_bytes(64, 48, seed=3))  # not the member: another image
     output = folder / "out"
     expected = {str(folder / "a.jpg"), f"{folder}/big.tar#s0001.jpg", f"{folder}/big.tar%23s0001.jpg"}

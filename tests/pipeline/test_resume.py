@@ -3,8 +3,6 @@ repeated manifest lines are each done once, and the driver never reads the commi
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
 from pipeline.sources import read_refs
-from tests.pipeline.images import photo_bytes
+from tests.pipeline.images import photo_bytes, tar_bytes
 
 FAKE_WIDTH = 7  # marks the rows committed by hand below: a redone image would have its real width
 
@@ -47,14 +45,6 @@ def _commit_by_hand(output: Path, rows: list[tuple[str, str]]) -> None:
         pq.write_table(data, output / table / "part-earlier-000000.parquet")
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
     ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -67,7 +57,9 @@ def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
         path.write_bytes(photo_bytes(48, 64, seed=50 + i))
     shard = tmp_path / "shards" / "shard-000.tar"
     shard.parent.mkdir()
-    _tar(shard, [(f"s{i}.jpg", photo_bytes(64, 48, seed=60 + i)) for i in range(3)] + [("s1.cls", b"3")])
+    shard.write_bytes(
+        tar_bytes([(f"s{i}.jpg", photo_bytes(64, 48, seed=60 + i)) for i in range(3)] + [("s1.cls", b"3")])
+    )
     listed = tmp_path / "listed.jpg"
     listed.write_bytes(photo_bytes(50, 50, seed=70))
     manifest = tmp_path / "manifest.txt"  # repeats a line, and a file that the folder lists too
@@ -113,7 +105,7 @@ def test_read_refs_leaves_out_skipped_members_and_repeated_ids_of_a_shard(tmp_pa
     data = [photo_bytes(20, 20, seed=i) for i in range(4)]
     pq.write_table(pa.table({"key": ["p1", "p2", "p2", "p3"], "image": data}), shard)
     tar = tmp_path / "t.tar"
-    _tar(tar, [("a.jpg", data[0]), ("b.jpg", data[1])])
+    tar.write_bytes(tar_bytes([("a.jpg", data[0]), ("b.jpg", data[1])]))
     rows = read_refs(
         {"uri": [str(shard), str(tar)], "kind": ["parquet", "tar"], "skip": [["row=3"], ["a.jpg"]]},
         bytes_column="image",

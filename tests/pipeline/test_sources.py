@@ -4,9 +4,7 @@ one clear error up front (or an error row) instead of a failed job."""
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +14,7 @@ import pytest
 
 from pipeline.config import InputConfig
 from pipeline.sources import InputError, file_id, manifest_base, manifest_rows, member_id, read_refs, resolve_inputs
-from tests.pipeline.images import photo_bytes
-
-
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+from tests.pipeline.images import photo_bytes, tar_bytes
 
 
 def _read(uris: list[str], kind: str = "file", **options: object) -> dict[str, np.ndarray]:
@@ -36,7 +24,7 @@ def _read(uris: list[str], kind: str = "file", **options: object) -> dict[str, n
 
 def test_a_tar_cut_short_gives_its_whole_members_and_an_error_row_for_the_rest(tmp_path: Path) -> None:
     images = [(f"s{i}.jpg", photo_bytes(20, 20, seed=i)) for i in range(3)]
-    whole = _tar_bytes(images)
+    whole = tar_bytes(images)
     header_of_s2 = 2 * (512 + 1024)  # each member: a 512-byte header and its data padded to 512
     assert whole[header_of_s2 : header_of_s2 + 6] == b"s2.jpg"
     cases = {"at_a_header": whole[:header_of_s2], "inside_a_header": whole[: header_of_s2 + 100]}
