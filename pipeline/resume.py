@@ -59,6 +59,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
+from pipeline.ids import member_of_old_row
 from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, RUNS_FOLDER, SEGMENTS_SCHEMA, SEGMENTS_TABLE
 from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, manifest_base, manifest_rows
 from pipeline.storage import is_temporary, publish
@@ -268,10 +269,7 @@ def committed_rows(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
 
 def _members_of_old_rows(table: pa.Table) -> pa.Array:
     ids, sources = table.column("image_id").to_pylist(), table.column("source").to_pylist()
-    return pa.array(
-        [None if i == s else (i[len(s) + 1 :] if i.startswith(s + "#") else i) for i, s in zip(ids, sources)],
-        pa.string(),
-    )
+    return pa.array([member_of_old_row(i, s) for i, s in zip(ids, sources)], pa.string())
 
 
 # The resume plan: what happens to each input and each committed row. "do": read and segment it; "retract":

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
+from pipeline.ids import SHARD_ITSELF, file_id, member_id
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, is_local, object_version, read_object
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ REF_SCHEMA = pa.schema(
         ("version", pa.string()),  # ETag / generation / mtime from the listing
     ]
 )
-SHARD_ITSELF = ""  # the member of a shard-level row: the shard cannot be read, or the rest of a truncated tar
 
 
 class InputError(ValueError):
@@ -67,19 +67,6 @@ class InputError(ValueError):
 class ResolvedInputs:
     refs: list[dict[str, Any]]  # {"uri", "kind", "size", "version"} rows listed on the driver
     manifests: list[str]  # manifest URIs, expanded by Ray workers
-
-
-# -- ids ---------------------------------------------------------------------------------------------------
-
-
-def file_id(uri: str) -> str:
-    """The image id of a whole file: its URI with ``%`` and ``#`` percent-encoded (so it has no ``#``)."""
-    return uri.replace("%", "%25").replace("#", "%23") if ("%" in uri or "#" in uri) else uri
-
-
-def member_id(shard: str, member: str) -> str:
-    """The image id of a shard member (or, with ``member == ""``, of the shard itself)."""
-    return f"{file_id(shard)}#{member}"
 
 
 # -- listing on the driver -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.ids import SHARD_ITSELF, member_id
 from pipeline.lease import check_holder
 from pipeline.schema import (
     IMAGES_SCHEMA,
@@ -46,7 +47,6 @@ from pipeline.schema import (
     STATUS_OK,
     SUCCESS_FILE,
 )
-from pipeline.sources import SHARD_ITSELF, member_id
 from pipeline.storage import publish
 
 log = logging.getLogger(__name__)

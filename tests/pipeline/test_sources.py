@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import InputConfig
-from pipeline.sources import InputError, file_id, manifest_base, manifest_rows, member_id, read_refs, resolve_inputs
+from pipeline.ids import file_id, member_id
+from pipeline.sources import InputError, manifest_base, manifest_rows, read_refs, resolve_inputs
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 
