@@ -21,7 +21,6 @@ from model.config import InferenceConfig, VariantName, check_literal_fields
 
 InputFormat = Literal["auto", "files", "tar", "parquet", "manifest"]
 Device = Literal["auto", "cpu", "cuda"]
-RleOn = Literal["workers", "actor"]
 
 ALLOWED_OUTPUT_SCHEMES = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -91,19 +90,19 @@ class ResourceConfig:
             "(use it on clusters whose GPU workers autoscale from zero: the request makes them appear); `cpu`"
         },
     )
-    num_cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = field(
+        default=None,
+        metadata={
+            "help": "CPUs each model actor reserves for its reading, decoding, RLE and commit threads (and, on "
+            "CPU, its torch threads); unset: derived from the nodes (`pipeline.resources.actor_cpus`: a GPU "
+            "actor its share of its node's CPUs, one kept free; a CPU actor its share of half the cluster's)"
+        },
+    )
     rows_per_file: int = field(
         default=2048,
         metadata={
-            "help": "images per committed Parquet part (write tasks gather the results into parts of this size; "
-            "a run's last part holds the rest)"
-        },
-    )
-    rle_on: RleOn = field(
-        default="workers",
-        metadata={
-            "help": "`workers`: the model actor hands id maps (uint8) to CPU tasks that RLE-encode them, so the GPU "
-            "goes on to its next batch; `actor`: encode inside the actor"
+            "help": "images per committed Parquet part (each model actor call reads, segments and commits one "
+            "shard of up to this many images; a run's last parts hold the rest)"
         },
     )
 
@@ -115,6 +114,8 @@ class ResourceConfig:
             raise ValueError(f"num_gpus per actor must be in (0, 8], got {self.num_gpus}")
         if self.min_actors < 1 or self.max_actors < self.min_actors:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"cpus_per_actor must be positive, got {self.cpus_per_actor}")
         if self.rows_per_file <= 0:
             raise ValueError(f"rows_per_file must be positive, got {self.rows_per_file}")
 

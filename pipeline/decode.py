@@ -1,4 +1,4 @@
-"""Decode stage (CPU workers): raw bytes -> the model's input pixels, with per-image errors captured.
+"""Decoding inside the model actor's process: raw bytes -> the model's input pixels, per-image errors captured.
 
 Anything that is not a usable image becomes an error row with a short, specific reason and the job
 carries on: an empty object, bytes in no supported format (JPEG, PNG, GIF, BMP, TIFF, WebP, recognised
@@ -13,7 +13,8 @@ import contextlib
 import io
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -163,48 +164,70 @@ def _signature(data: bytes) -> str | None:
     return None
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, max_pixels: int, inference: InferenceConfig) -> dict[str, np.ndarray]:
-    """Image rows with ``data`` -> rows with ``pixels``, ``width``, ``height`` and ``error`` (the input columns
-    and ``retryable`` passed through).
+class DecodedImage(NamedTuple):
+    """The decoded-image record: one input image as the model actor receives it from `decode_input`.
 
-    With ``inference.device_preprocess``, JPEGs the device can decode keep their bytes in ``encoded`` (with
-    their EXIF ``orientation``) and get placeholder ``pixels``: the model actor decodes them.
+    ``pixels`` are uint8 ``[h, w, 3]`` at the processed size (`EMPTY_PIXELS` when the image is left to the
+    device or has an error); ``encoded`` holds the JPEG bytes left to the model's device (``device_preprocess``,
+    with their EXIF ``orientation``), else ``b""``; ``width`` and ``height`` are as displayed (0 when unknown);
+    ``error`` is ``""`` for a usable image, else a short reason.
     """
-    n = len(batch["image_id"])
-    pixels: list[np.ndarray] = []
-    encoded: list[bytes] = [b""] * n
-    orientations = np.ones(n, dtype=np.int8)
-    widths = np.zeros(n, dtype=np.int32)
-    heights = np.zeros(n, dtype=np.int32)
-    errors = [str(e) for e in batch["error"]]
-    for i in range(n):
-        if errors[i]:
-            pixels.append(EMPTY_PIXELS)
-            continue
-        data = bytes(batch["data"][i])
-        try:
-            passed = None
-            if inference.device_preprocess and data:
-                passed = check_for_device(data, max_pixels=max_pixels, inference=inference)
-            if passed is not None:
-                orientations[i], widths[i], heights[i] = passed
-                encoded[i] = data
-                pixels.append(EMPTY_PIXELS)
-                continue
-            px, widths[i], heights[i] = decode_image(data, max_pixels=max_pixels, inference=inference)
-            pixels.append(px)
-        except (ValueError, MemoryError) as exc:
-            errors[i] = str(exc) or f"undecodable: {type(exc).__name__}"  # never "": that would read as ok
-            pixels.append(EMPTY_PIXELS)
+
+    pixels: np.ndarray
+    encoded: bytes
+    orientation: int
+    width: int
+    height: int
+    error: str
+
+
+def decode_input(data: bytes, *, max_pixels: int, inference: InferenceConfig) -> DecodedImage:
+    """An input's bytes -> its `DecodedImage`; anything that is not a usable image gets ``error`` set.
+
+    With ``inference.device_preprocess``, a JPEG the device can decode keeps its bytes (after the header
+    checks) and gets no pixels here: the model actor decodes it on its device (`pipeline.device_decode`).
+    """
+    try:
+        passed = None
+        if inference.device_preprocess and data:
+            passed = check_for_device(data, max_pixels=max_pixels, inference=inference)
+        if passed is not None:
+            orientation, width, height = passed
+            return DecodedImage(EMPTY_PIXELS, data, orientation, width, height, "")
+        pixels, width, height = decode_image(data, max_pixels=max_pixels, inference=inference)
+        return DecodedImage(pixels, b"", 1, width, height, "")
+    except (ValueError, MemoryError) as exc:
+        error = str(exc) or f"undecodable: {type(exc).__name__}"  # never "": that would read as ok
+        return DecodedImage(EMPTY_PIXELS, b"", 1, 0, 0, error)
+
+
+UNREAD = DecodedImage(EMPTY_PIXELS, b"", 1, 0, 0, "")  # a row whose read failed: its error is the read's
+
+
+def decoded_batch(rows: dict[str, Sequence], decoded: Sequence[DecodedImage]) -> dict[str, np.ndarray]:
+    """Image rows ({`INPUT_COLUMNS`, "error", "retryable"}) and their `DecodedImage` -> the batch the model actor
+    takes: rows with ``pixels``, ``encoded``, ``orientation``, ``width``, ``height`` and ``error`` (a read error
+    kept, else the decode's), the input columns and ``retryable`` passed through."""
+    errors = [str(e) or d.error for e, d in zip(rows["error"], decoded)]
     return {
-        **{name: batch[name] for name in (*INPUT_COLUMNS, "retryable")},
-        "pixels": _object_array(pixels),
-        "encoded": _object_array(encoded),
-        "orientation": orientations,
-        "width": widths,
-        "height": heights,
+        **{name: rows[name] for name in (*INPUT_COLUMNS, "retryable")},
+        "pixels": _object_array([d.pixels for d in decoded]),
+        "encoded": _object_array([d.encoded for d in decoded]),
+        "orientation": np.array([d.orientation for d in decoded], dtype=np.int8),
+        "width": np.array([d.width for d in decoded], dtype=np.int32),
+        "height": np.array([d.height for d in decoded], dtype=np.int32),
         "error": np.array(errors, dtype=object),
     }
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, max_pixels: int, inference: InferenceConfig) -> dict[str, np.ndarray]:
+    """Image rows with ``data`` -> `decoded_batch` (each row through `decode_input`; rows that already have an
+    error are not decoded)."""
+    decoded = [
+        UNREAD if str(error) else decode_input(bytes(data), max_pixels=max_pixels, inference=inference)
+        for data, error in zip(batch["data"], batch["error"])
+    ]
+    return decoded_batch(batch, decoded)
 
 
 def _object_array(values: list) -> np.ndarray:

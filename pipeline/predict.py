@@ -1,13 +1,13 @@
-"""Segmentation stage: the GPU (or CPU) actor that hosts the model.
+"""Segmentation of one model batch: the model on its device, as the model actor hosts it.
 
-`PanopticSegmenter` is a callable class for ``map_batches(..., compute=ActorPoolStrategy(...))``: each
-actor loads the weights itself from the weights URI (cached on the node), once, in ``__init__`` — the
-model never travels through the object store. A batch of decoded images of any sizes goes through
+`PanopticSegmenter` loads the weights itself from the weights URI (cached on the node), once, in
+``__init__`` — the model never travels through the object store; the shard call (`pipeline.shard`) holds one
+per actor. A batch of decoded images of any sizes (`pipeline.decode.decoded_batch`) goes through
 `PanopticPredictor` (grouped by canvas, so results do not depend on batch composition) and comes back as
 one Arrow table in `pipeline.schema.PREDICTION_SCHEMA`: per image its id map (bytes) and its segments as
 columns (`pipeline.results`). `pipeline.results.encode_results` turns that into `RESULT_SCHEMA` (COCO RLE
-per segment): on CPU workers by default (``--rle-on workers``, the GPU goes on to its next batch meanwhile), or
-inside the actor.
+per segment): on the shard call's threads while the model runs the next batch (``encode_rle=False``), or
+here.
 
 A CUDA out-of-memory error on a batch retries the two halves separately, down to one image; an image
 that still does not fit becomes a retryable error row.
@@ -53,8 +53,8 @@ def load_weights(variant: str, weights: str) -> dict[str, torch.Tensor]:
 
 
 class PanopticSegmenter:
-    """Ray Data callable class: decoded image rows in, one `PREDICTION_SCHEMA` (or, with ``encode_rle``,
-    `RESULT_SCHEMA`) table out."""
+    """Decoded image rows in (`pipeline.decode.decoded_batch`), one `PREDICTION_SCHEMA` (or, with
+    ``encode_rle``, `RESULT_SCHEMA`) table out."""
 
     def __init__(
         self,
@@ -65,7 +65,7 @@ class PanopticSegmenter:
         device: Literal["auto", "cpu", "cuda"],
         encode_rle: bool = True,
     ) -> None:
-        self.encode_rle = encode_rle  # False: id maps go out unencoded, for `encode_results` on CPU workers
+        self.encode_rle = encode_rle  # False: id maps go out unencoded, for `encode_results` on another thread
         self.device = pick_device(device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -87,7 +87,7 @@ class PanopticSegmenter:
         return encode_results(predictions) if self.encode_rle else predictions
 
     def _prepare(self, batch: dict[str, np.ndarray], errors: list[str]) -> dict[int, PreparedImage]:
-        """Images of the rows without an error: pixels from the decode stage, or JPEG bytes it left to this
+        """Images of the rows without an error: pixels decoded on the CPU, or JPEG bytes left to this
         device (`pipeline.device_decode`); a JPEG that cannot be decoded here sets its row's error."""
         encoded = batch.get("encoded")
         pending = [i for i in range(len(errors)) if not errors[i]]

@@ -1,9 +1,9 @@
-"""The tables between the model actor and the write stage, without torch (CPU workers never import it).
+"""The tables between the model and the commit, without torch.
 
-The actor turns a batch into one Arrow table in `pipeline.schema.PREDICTION_SCHEMA` (`prediction_table`: per
-image its id map as bytes and its segments as columns); `encode_results` turns that into `RESULT_SCHEMA` (COCO
-RLE per segment, in one pass per image), on CPU workers by default (``--rle-on workers``) or inside the actor.
-Arrow end to end: nothing is pickled on its way through the object store.
+The model's call turns a batch into one Arrow table in `pipeline.schema.PREDICTION_SCHEMA` (`prediction_table`:
+per image its id map as bytes and its segments as columns); `encode_results` turns that into `RESULT_SCHEMA`
+(COCO RLE per segment, in one pass per image), on the shard call's threads while the model runs the next batch
+(`pipeline.shard`). Arrow end to end.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _predicted_segments(per_image: Sequence[Sequence[Segment]]) -> pa.ListArray:
 
 def encode_results(predictions: pa.Table) -> pa.Table:
     """`PREDICTION_SCHEMA` rows -> `RESULT_SCHEMA` rows: each segment's mask as COCO RLE, plus its category
-    name and ``status``. The CPU stage after an actor built with ``encode_rle=False``."""
+    name and ``status``. What the shard call runs on its threads after a model built with ``encode_rle=False``."""
     n = predictions.num_rows
     segments = predictions.column("segments")
     lengths = pc.fill_null(pc.list_value_length(segments), 0).to_numpy()  # merged blocks may hold null lists

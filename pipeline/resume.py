@@ -490,10 +490,9 @@ def plan(inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: i
     listed = {r["uri"]: r for r in inputs.refs}  # the driver's listing, without repeats
     files = [r for r in listed.values() if r["kind"] == "file"]
     shard_refs = [r for r in listed.values() if r["kind"] != "file"]
-    if not parts and not inputs.manifests:  # a fresh run over listed inputs
-        fresh = [ray.data.from_items(rows) for rows in (files, shard_refs) if rows]
-        dataset = _union(fresh).map_batches(as_refs, batch_format="pyarrow") if fresh else _empty_refs()
-        return Plan(dataset, known_total=len(files) if not shard_refs else None)
+    if not parts and not inputs.manifests:  # a fresh run over listed inputs: the listing is the plan
+        refs = as_refs(pa.Table.from_pylist(files + shard_refs)) if listed else REF_SCHEMA.empty_table()
+        return Plan(refs, known_total=len(files) if not shard_refs else None)
 
     committed = None
     if parts:

@@ -1,14 +1,17 @@
-"""The one place that wires the stages together and sets Ray resources.
+"""The one place that wires the job together and sets Ray resources.
 
-refs (input URIs; what a resume skips or redoes is decided on Ray workers, `pipeline.resume`) -> read (CPU
-tasks) -> decode + resize (CPU tasks) -> segment (actor pool, GPU or CPU) -> RLE (CPU tasks) -> gathered into
-parts of ``--rows-per-file`` images -> write (CPU tasks commit each part, `pipeline.write`). The driver checks
-inputs, weights and the output before any cluster work, holds the output's lease (`pipeline.lease`), and
-receives one small row per committed part: no result passes through it.
+refs (input URIs; what a resume skips or redoes is decided by `pipeline.resume`) -> shards (blocks of refs,
+`shard_dataset`) -> the shard call (`pipeline.shard.ShardSegmenter` on an actor pool, GPU or CPU: read, decode,
+segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one
+operator after the refs, so Ray Data's per-block cost is paid once per shard; refs and part rows are all that
+cross the object store. The driver checks inputs, weights and the output before any cluster work, holds the
+output's lease (`pipeline.lease`), writes the run's record, and receives one small row per committed part: no
+result passes through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +26,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -30,27 +34,25 @@ import torch
 from model.checkpoint import CheckpointError, check_state_dict, fetch, read_state_dict
 from model.config import get_variant
 from pipeline import block_stats, resume
-from pipeline.config import JobConfig, redact_uri
-from pipeline.decode import decode_batch
-from pipeline.lease import Lease, new_run_id
-from pipeline.predict import SYNTHETIC_WEIGHTS, PanopticSegmenter
-from pipeline.results import encode_results
+from pipeline.config import JobConfig, ResourceConfig, redact_uri
+from pipeline.lease import Lease, check_holder, new_run_id
+from pipeline.predict import SYNTHETIC_WEIGHTS
+from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
 from pipeline.resume import Counts
 from pipeline.schema import RUNS_FOLDER, SUCCESS_FILE
-from pipeline.sources import ResolvedInputs, read_refs, resolve_inputs
+from pipeline.shard import ShardSegmenter
+from pipeline.sources import ResolvedInputs, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
-from pipeline.write import PART_ROW_SCHEMA, write_stage
+from pipeline.write import PART_ROW_SCHEMA
 
 log = logging.getLogger(__name__)
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
-# Read, decode, RLE and write run as CPU tasks with a memory reservation: what Ray Data's memory monitor
-# measured them to use (~0.6 GiB with tiny images: the process with torch and Arrow loaded) plus their blocks.
-# Their resources differ from the actor's, which also keeps Ray Data from fusing them into the model actors
-# (decoding there would idle the GPU and cap decode parallelism at the number of actors).
-CPU_TASK_ARGS = {"num_cpus": 1, "memory": 2**30}
-REFS_PER_READ_TASK = 16
+# Ray restarts a dead model actor and retries its shard call; bounded, so that an input that kills every actor
+# that reads it (out of memory, a crashing codec) fails the job instead of running it forever.
+SHARD_CALL_RETRIES = 8
+SHARDS_PER_ACTOR = 4  # a small job is cut into at least this many shards per actor, so that every actor works
 
 
 class OutputError(ValueError):
@@ -143,55 +145,59 @@ def init_ray() -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
 
 
-def build_dataset(
-    config: JobConfig, refs: ray.data.Dataset, *, weights: str, run_id: str, run_record: str
-) -> ray.data.Dataset:
-    """The lazy pipeline from ``refs`` (`pipeline.sources.REF_SCHEMA`) to one `PART_ROW_SCHEMA` row per part."""
-    # Spread the (cheap) refs over many blocks so that reading and decoding run in parallel.
-    ds = refs.repartition(target_num_rows_per_block=REFS_PER_READ_TASK)
-    ds = ds.map_batches(
-        read_refs,
-        batch_format="numpy",
-        batch_size=REFS_PER_READ_TASK,
-        **CPU_TASK_ARGS,
-        fn_kwargs={"bytes_column": config.input.bytes_column, "id_column": config.input.id_column},
-    )
-    ds = ds.map_batches(
-        decode_batch,
-        batch_format="numpy",
-        batch_size=8,
-        **CPU_TASK_ARGS,
-        fn_kwargs={"max_pixels": config.input.max_pixels, "inference": config.inference},
-    )
+def shard_rows(resources: ResourceConfig, known_total: int | None) -> int:
+    """Refs per shard: ``--rows-per-file`` (one shard call commits about one part), fewer for a small job
+    (`SHARDS_PER_ACTOR` shards per actor), so that the part size never leaves actors idle."""
+    if known_total is None:
+        return resources.rows_per_file
+    return max(1, min(resources.rows_per_file, -(-known_total // (SHARDS_PER_ACTOR * resources.max_actors))))
+
+
+def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.Dataset:
+    """Refs (`pipeline.sources.REF_SCHEMA`) as a dataset of shards, one block each: up to ``rows`` file refs
+    in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is cut here; a
+    dataset (refs planned on the workers) is re-blocked by Ray in a streaming pass."""
+    if isinstance(refs, ray.data.Dataset):
+        return refs.repartition(target_num_rows_per_block=rows, strict=True)
+    files = refs.filter(pc.equal(refs.column("kind"), "file"))
+    shards = refs.filter(pc.not_equal(refs.column("kind"), "file"))
+    blocks = [files.slice(start, rows) for start in range(0, files.num_rows, rows)]
+    blocks += [shards.slice(i, 1) for i in range(shards.num_rows)]
+    return ray.data.from_arrow(blocks or [refs])
+
+
+def build_dataset(config: JobConfig, shards: ray.data.Dataset, *, weights: str, run_id: str) -> ray.data.Dataset:
+    """The lazy plan from ``shards`` (`shard_dataset`) to one `PART_ROW_SCHEMA` row per committed part."""
     res = config.resources
     use_gpu = use_gpus(res.device)
-    actor_cpus = res.num_cpus_per_actor if use_gpu else cpu_actor_cpus(res.max_actors)
-    ds = ds.map_batches(
-        PanopticSegmenter,
-        batch_format="numpy",
-        batch_size=res.batch_size,
+    cpus = actor_cpus(res, use_gpu=use_gpu)
+    return shards.map_batches(
+        ShardSegmenter,
+        batch_format="pyarrow",
+        batch_size=None,  # one call per shard block
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_gpus=res.num_gpus if use_gpu else 0,
-        num_cpus=actor_cpus,
+        num_cpus=cpus,
+        ray_remote_args_fn=_bounded_retries,  # each new actor's options (Ray Data's own default retries forever)
         fn_constructor_kwargs={
             "variant": config.model.variant,
             "weights": weights,
             "inference": config.inference,
             "device": "cuda" if use_gpu else "cpu",
-            "encode_rle": res.rle_on == "actor",
+            "output": config.output,
+            "run_id": run_id,
+            "rows_per_file": res.rows_per_file,
+            "batch_size": res.batch_size,
+            "max_pixels": config.input.max_pixels,
+            "bytes_column": config.input.bytes_column,
+            "id_column": config.input.id_column,
+            "threads": max(2, int(cpus)),
         },
     )
-    if res.rle_on == "workers":  # RLE on CPU tasks: the actor goes on to its next batch meanwhile
-        ds = ds.map_batches(encode_results, batch_format="pyarrow", batch_size=None, **CPU_TASK_ARGS)
-    # Whole parts of rows_per_file images (the last one smaller), each committed by one write task.
-    ds = ds.repartition(target_num_rows_per_block=res.rows_per_file, strict=True)
-    return ds.map_batches(
-        write_stage,
-        batch_format="pyarrow",
-        batch_size=None,
-        **CPU_TASK_ARGS,
-        fn_kwargs={"output": config.output, "run_id": run_id, "run_record": run_record},
-    )
+
+
+def _bounded_retries() -> dict[str, Any]:
+    return {"max_task_retries": SHARD_CALL_RETRIES}
 
 
 ROWS_PER_SHUFFLE_PARTITION = 250_000  # refs and committed rows (~100 B each) per resume-aggregation partition
@@ -219,72 +225,6 @@ def shuffle_partitions(inputs: ResolvedInputs, committed_images: int) -> int:
             rows += ROWS_PER_SHUFFLE_PARTITION * 128
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, min(128, cpus, -(-rows // ROWS_PER_SHUFFLE_PARTITION)))
-
-
-def use_gpus(device: str) -> bool:
-    """Whether the model actors request GPUs.
-
-    ``cuda`` always does, without looking at the cluster's current resources: on an autoscaling cluster whose
-    GPU workers start at zero, the request is what makes the autoscaler add them. ``auto`` uses GPUs when the
-    cluster has some now (use ``cuda`` on clusters that scale GPU workers from zero); ``cpu`` never does.
-    """
-    if device == "cuda":
-        return True
-    return device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-
-
-def cpu_actor_cpus(max_actors: int) -> float:
-    """CPUs for one CPU-only model actor (torch runs as many threads as its actor reserves: Ray sets
-    OMP_NUM_THREADS): half of the cluster's CPUs shared by the actors, leaving the rest to reading and
-    decoding, but at most half of the biggest live node's, so that an actor fits on one node beside a decode
-    task (also after a node is lost). A node-spanning request would never be scheduled: the job would hang."""
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-    return max(1.0, min(sum(node_cpus) // (2 * max_actors), max(node_cpus, default=0.0) // 2))
-
-
-class ClusterError(RuntimeError):
-    """The cluster can never run the job as asked (e.g. GPUs requested where no node can have one)."""
-
-
-def check_gpu_supply() -> None:
-    """With GPUs requested: fine when the cluster has some; a visible "waiting" line when an autoscaler may add
-    them; `ClusterError` when nothing can (no GPU, and no autoscaler, or one whose node types have none)."""
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return
-    from ray._private import ray_constants
-    from ray._private.state import state
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    limits = state.get_max_resources_from_cluster_config()  # the node types of an autoscaler that reports them
-    if limits is not None and not limits.get("GPU"):
-        raise ClusterError(
-            "--device cuda: no node type of this cluster's autoscaler has GPUs (ray status); add a GPU node type "
-            "or use --device cpu"
-        )
-    if limits is None and not _autoscaler_can_launch(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)):
-        raise ClusterError(
-            "--device cuda: this cluster has no GPU and no autoscaler that could add one (ray status); run on a "
-            "cluster with GPU workers (cluster.yaml, jobs/k8s/) or use --device cpu"
-        )
-    log.warning(
-        "waiting for GPU workers: the cluster has none yet; the autoscaler is asked for them (`ray status` shows "
-        "it starting them)"
-    )
-
-
-def _autoscaler_can_launch(status: bytes | None) -> bool:
-    """Whether the (v1) autoscaler's status names node types it could launch: a cluster started without an
-    autoscaling config (``ray start``, an embedded local Ray) runs it read-only, its node types being the
-    running nodes themselves (``node_<id>``)."""
-    if not status:
-        return False
-    report = json.loads(status).get("autoscaler_report") or {}
-    types = {
-        *(report.get("active_nodes") or {}),
-        *(report.get("idle_nodes") or {}),
-        *(report.get("pending_launches") or {}),
-    }
-    return any(not name.startswith("node_") for name in types)
 
 
 def take_lease(output: str, run_id: str, *, take_over: bool) -> Lease:
@@ -321,23 +261,37 @@ def run_job(
     settings = resume.model_settings(config, sha256)
     lease = take_lease(config.output, run_id, take_over=take_over_lease)
     record = _run_record(config, run_id, weights, sha256, settings)
+    recorded = False  # whether this run's record is in _runs/ (a run that commits nothing leaves none)
+
+    def confirm_lease() -> None:
+        """Before each change to the output: this run still holds its lease (a driver stalled past the
+        expiry, whose output another run took over, must touch nothing)."""
+        lease.raise_if_lost()
+        check_holder(config.output, run_id)
+
     try:
         resume.check_settings(resume.read_run_records(fs, root), settings, allow=allow_mixed_settings)
+        confirm_lease()
         parts = resume.prepare_output(fs, root)
         if resume.fits_locally(inputs, parts):  # a small output: planned here, Ray only if there is work
-            state = _inspect(config.output, parts, run_id=run_id, local=True)
+            state = _inspect(config.output, parts, run_id=run_id, local=True, confirm=confirm_lease)
+            confirm_lease()
             plan = resume.plan_locally(inputs, output=config.output, parts=state.parts)
         else:
             _start_ray(config, verbose=verbose)
-            state = _inspect(config.output, parts, run_id=run_id, local=False)
+            state = _inspect(config.output, parts, run_id=run_id, local=False, confirm=confirm_lease)
             partitions = shuffle_partitions(inputs, state.totals.images)
+            confirm_lease()
             plan = resume.plan(inputs, output=config.output, parts=state.parts, partitions=partitions)
         lease.raise_if_lost()
         this_run, parts_by_node = Counts(), {}
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
-            refs = plan.refs if isinstance(plan.refs, ray.data.Dataset) else ray.data.from_arrow(plan.refs)
-            dataset = build_dataset(config, refs, weights=weights, run_id=run_id, run_record=json.dumps(record))
+            shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
+            dataset = build_dataset(config, shards, weights=weights, run_id=run_id)
+            confirm_lease()
+            _begin_commits(fs, root, record)  # the record before any row of this run; no _SUCCESS older than them
+            recorded = True
             bar = _progress_bar(plan.known_total, enabled=show_progress)
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 for row in batch.cast(PART_ROW_SCHEMA).to_pylist():  # one small row per committed part
@@ -363,10 +317,12 @@ def run_job(
             time.perf_counter() - started,
             parts_by_node,
         )
-        _finish(fs, root, record, summary)
+        confirm_lease()
+        _finish(fs, root, record, summary, recorded=recorded)
         return summary
     except BaseException as exc:
-        _record_failure(fs, root, record, exc)
+        if recorded:
+            _record_failure(fs, root, record, exc)
         raise
     finally:
         lease.release()
@@ -390,7 +346,9 @@ def _configure_ray_data(*, verbose: bool) -> None:
     block_stats.install(context)  # Ray Data's per-block stats would grow the driver with every image
 
 
-def _inspect(output: str, parts: list[str], *, run_id: str, local: bool) -> resume.OutputState:
+def _inspect(
+    output: str, parts: list[str], *, run_id: str, local: bool, confirm: Callable[[], None]
+) -> resume.OutputState:
     """The committed parts' counts, read from their footers (here when ``local``, else by Ray workers);
     unreadable parts quarantined."""
     state = resume.OutputState()
@@ -405,6 +363,7 @@ def _inspect(output: str, parts: list[str], *, run_id: str, local: bool) -> resu
         rows = paths.map_batches(resume.inspect_parts, batch_format="numpy", fn_kwargs={"output": output}).iter_rows()
     for row in rows:
         if row["problem"]:
+            confirm()
             resume.quarantine(fs, root, row["path"], run_id=run_id, problem=row["problem"])
             state.quarantined.append(posixpath.basename(row["path"]))
         else:
@@ -427,9 +386,17 @@ def _run_record(config: JobConfig, run_id: str, weights: str, sha256: str, setti
     }
 
 
-def _finish(fs: fsspec.AbstractFileSystem, root: str, record: dict, summary: RunSummary) -> None:
-    """``_SUCCESS`` (this run's counts and the output's totals), and this run's record completed if it
-    committed anything."""
+def _begin_commits(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
+    """Before this run's first commit: its record in ``_runs/``, and ``_SUCCESS`` removed (an output never has
+    rows of a run without its record, nor a ``_SUCCESS`` older than its newest rows)."""
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(posixpath.join(root, SUCCESS_FILE))
+    publish(fs, posixpath.join(root, RUNS_FOLDER, f"{record['run_id']}.json"), json.dumps(record, indent=2).encode())
+
+
+def _finish(fs: fsspec.AbstractFileSystem, root: str, record: dict, summary: RunSummary, *, recorded: bool) -> None:
+    """``_SUCCESS`` (this run's counts and the output's totals), and this run's record completed if it has one.
+    Written from what this run knows, never from a listing (an object store's listing cache can be stale)."""
     report = {
         "run_id": summary.run_id,
         "this_run": {**asdict(summary.this_run), "parts": summary.parts, "skipped_committed": summary.skipped_committed,
@@ -437,22 +404,23 @@ def _finish(fs: fsspec.AbstractFileSystem, root: str, record: dict, summary: Run
                      "seconds": summary.seconds},
         "output": {**asdict(summary.totals), "images": summary.totals.images},
     }  # fmt: skip
-    path = posixpath.join(root, RUNS_FOLDER, f"{summary.run_id}.json")
-    if fs.exists(path):
+    if recorded:
         finished = {**record, "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
-        publish(fs, path, json.dumps(finished, indent=2, default=str).encode())
+        _publish_record(fs, root, finished)
     publish(fs, posixpath.join(root, SUCCESS_FILE), json.dumps(report, indent=2, default=str).encode())
 
 
 def _record_failure(fs: fsspec.AbstractFileSystem, root: str, record: dict, exc: BaseException) -> None:
-    """Mark this run's record failed, when it committed something (best effort: the run is failing)."""
-    path = posixpath.join(root, RUNS_FOLDER, f"{record['run_id']}.json")
+    """Mark this run's record failed (best effort: the run is failing)."""
     try:
-        if fs.exists(path):
-            failed = {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}
-            publish(fs, path, json.dumps(failed, indent=2, default=str).encode())
+        _publish_record(fs, root, {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]})
     except Exception as inner:  # never hide the run's own error behind this one
-        log.warning("could not mark run %s failed in %s: %s", record["run_id"], path, inner)
+        log.warning("could not mark run %s failed in %s: %s", record["run_id"], root, inner)
+
+
+def _publish_record(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
+    path = posixpath.join(root, RUNS_FOLDER, f"{record['run_id']}.json")
+    publish(fs, path, json.dumps(record, indent=2, default=str).encode())
 
 
 def _progress_bar(total: int | None, *, enabled: bool):

@@ -6,8 +6,9 @@ An output folder ``OUTPUT/`` holds two tables:
 - ``images/``: one row per input image, ``status`` ``ok`` or ``error`` (`IMAGES_SCHEMA`).
 
 Between the stages an image travels as one row whose segments are a list column of `SEGMENT_STRUCT`, the
-segment record without the image's key columns (`RESULT_SCHEMA`, what the write stage receives), and before
-RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``).
+segment record without the image's key columns (`RESULT_SCHEMA`, what a part's commit receives), and before
+RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``). The
+decoded-image record, between reading and the model, is `pipeline.decode.DecodedImage`.
 Every other shape is derived from these; README.md documents the tables column by column.
 """
 
@@ -92,4 +93,5 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("segments", pa.list_(PREDICTED_SEGMENT_STRUCT)),
     ]
 )
-"""One row per image as the model actor returns it when RLE runs on CPU workers (``--rle-on workers``)."""
+"""One row per image as the model returns it before RLE (`pipeline.results.encode_results`, on the shard call's
+threads)."""

@@ -20,9 +20,10 @@ percent-encoded, so it never contains ``#``; a shard member's id is that of its 
 (tar member name, or ``row=N`` / the ``--id-column`` value for Parquet). The member also has a column of its
 own; ``""`` names the shard itself (a shard that cannot be read, or the truncated rest of a tar).
 
-Inputs travel as *refs* (`REF_SCHEMA`) until `read_refs` reads their bytes; the resume filter and the
-de-duplication of repeated URIs work on refs (`pipeline.resume`), so bytes of committed or repeated inputs are
-never read. A ref's ``skip`` lists members of a shard that are already committed.
+Inputs travel as *refs* (`REF_SCHEMA`) until `read_ref` reads their bytes (in the model actor's shard call,
+`pipeline.shard`); the resume filter and the de-duplication of repeated URIs work on refs (`pipeline.resume`),
+so bytes of committed or repeated inputs are never read. A ref's ``skip`` lists members of a shard that are
+already committed.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def as_refs(batch: pa.Table) -> pa.Table:
 
 
 class ImageRow(NamedTuple):
-    """One image as `read_refs` emits it (``data`` empty and ``error`` set when it could not be read)."""
+    """One image as `read_ref` gives it (``data`` empty and ``error`` set when it could not be read)."""
 
     image_id: str
     source: str
@@ -307,29 +308,43 @@ class ImageRow(NamedTuple):
     retryable: bool
 
 
-def read_refs(batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str | None) -> dict[str, np.ndarray]:
-    """Refs -> image rows {`INPUT_COLUMNS`, "data", "error", "retryable"} (error "" when read).
-
-    Members in a ref's ``skip`` (optional column: committed members of a shard) are left out. An
+def read_ref(uri: str, kind: str, skip: Collection[str], *, bytes_column: str, id_column: str | None) -> list[ImageRow]:
+    """One ref -> its image rows (`ImageRow`, ``error`` "" when read): a file gives one, a shard one per member
+    not in ``skip`` (committed members), plus a shard-level error row when part of it could not be read. An
     ``--id-column`` value repeated inside one Parquet shard gets an error row under the row's own id
-    (``shard#row=N``) instead of a second row with the same id. Memory is bounded by one shard.
-    """
-    rows: list[ImageRow] = []
-    n = len(batch["uri"])
-    skips = batch["skip"] if "skip" in batch else [None] * n
-    for uri, kind, skip in zip(batch["uri"], batch["kind"], skips):
-        uri, kind = str(uri), str(kind)
-        done = set() if skip is None else {str(s) for s in skip}  # grows with the shard's images only
-        if kind == "file":
-            rows.append(_read_file(uri))
-        elif kind in ("tar", "parquet"):
-            rows.extend(_read_shard(uri, kind, done, bytes_column=bytes_column, id_column=id_column))
-        else:
-            raise ValueError(f"unknown input kind {kind!r}")  # a bug, not bad data
+    (``shard#row=N``) instead of a second row with the same id. Memory is bounded by one shard."""
+    if kind == "file":
+        return [_read_file(uri)]
+    if kind in ("tar", "parquet"):
+        return list(_read_shard(uri, kind, set(skip), bytes_column=bytes_column, id_column=id_column))
+    raise ValueError(f"unknown input kind {kind!r}")  # a bug, not bad data
+
+
+def ref_rows(refs: pa.Table) -> Iterator[tuple[str, str, list[str]]]:
+    """(uri, kind, skip) of each `REF_SCHEMA` row (``skip`` optional), in order."""
+    n = refs.num_rows
+    skips = refs.column("skip").to_pylist() if "skip" in refs.column_names else [None] * n
+    for uri, kind, skip in zip(refs.column("uri").to_pylist(), refs.column("kind").to_pylist(), skips):
+        yield str(uri), str(kind), [str(s) for s in skip or ()]
+
+
+def image_columns(rows: list[ImageRow]) -> dict[str, np.ndarray]:
+    """Image rows as columns {`INPUT_COLUMNS`, "data", "error", "retryable"}."""
     return {
         name: np.array([getattr(r, name) for r in rows], dtype=object if name != "retryable" else bool)
         for name in ImageRow._fields
     }
+
+
+def read_refs(batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str | None) -> dict[str, np.ndarray]:
+    """Refs as columns ({"uri", "kind"}, optional "skip") -> the `image_columns` of all their rows (`read_ref`)."""
+    n = len(batch["uri"])
+    skips = batch["skip"] if "skip" in batch else [None] * n
+    rows: list[ImageRow] = []
+    for uri, kind, skip in zip(batch["uri"], batch["kind"], skips):
+        done = () if skip is None else [str(s) for s in skip]
+        rows.extend(read_ref(str(uri), str(kind), done, bytes_column=bytes_column, id_column=id_column))
+    return image_columns(rows)
 
 
 def _read_file(uri: str) -> ImageRow:

@@ -1,4 +1,4 @@
-"""The write stage: Ray workers commit result rows as Parquet parts; nothing passes through the driver.
+"""Commits: the model actor's shard call commits its result rows as Parquet parts; nothing passes through the driver.
 
 Layout under OUTPUT/::
 
@@ -8,20 +8,20 @@ Layout under OUTPUT/::
     _SUCCESS                       the last run finished: its counts and the output's totals
     _lease.json                    the lease of the run writing the output (`pipeline.lease`)
 
-`write_part` commits one part of about ``--rows-per-file`` images (the write stage gathers result blocks
-into parts first: files sized for queries, not one per block): its ``segments`` file, then its ``images``
+`write_part` commits one part of at most ``--rows-per-file`` images (`PartGatherer` cuts a shard's results
+into parts: files sized for queries, not one per model batch): its ``segments`` file, then its ``images``
 file, each published whole (`pipeline.storage.publish`). The part is named after a hash of its sorted
-image ids, so Ray's retry of a write task whose worker died (before, between or after the two files)
-overwrites the same two objects instead of adding a second copy. Before a run's first commit its record is
-written to ``_runs/`` and ``_SUCCESS`` is removed; every commit checks first that the run still holds the
-output's lease. The task returns one small row (`PART_ROW_SCHEMA`): the driver sees those, never results.
+image ids, so Ray's retry of a shard call whose actor died (before, between or after the two files)
+overwrites the same two objects instead of adding a second copy. Every commit checks first that the run
+still holds the output's lease. The driver writes the run's record to ``_runs/`` and removes ``_SUCCESS``
+before any shard call starts. A shard call returns one small row per part (`PART_ROW_SCHEMA`): the driver
+sees those, never results.
 
 The protocol as a whole (what is committed, what a resume redoes) is stated in `pipeline.resume`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -40,12 +40,10 @@ from pipeline.schema import (
     IMAGES_SCHEMA,
     IMAGES_TABLE,
     RESULT_SCHEMA,
-    RUNS_FOLDER,
     SEGMENTS_SCHEMA,
     SEGMENTS_TABLE,
     STATUS_ERROR,
     STATUS_OK,
-    SUCCESS_FILE,
 )
 from pipeline.storage import publish
 
@@ -67,7 +65,7 @@ PART_ROW_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
     ]
 )
-"""What a write task returns for each part it committed: all the driver receives."""
+"""What a shard call returns for each part it committed: all the driver receives."""
 
 
 def part_name(image_ids: list[str]) -> str:
@@ -97,24 +95,46 @@ def split_results(results: pa.Table, *, run_id: str) -> tuple[pa.Table, pa.Table
     return images.cast(IMAGES_SCHEMA), pa.table(columns).cast(SEGMENTS_SCHEMA)
 
 
-def write_part(
-    results: pa.Table, *, output: str, run_id: str, run_record: str, node_id: str = ""
-) -> dict[str, object] | None:
-    """Commit ``results`` (`RESULT_SCHEMA` rows) as one part under ``output``: the write stage's work for one
-    gathered block. Returns its `PART_ROW_SCHEMA` row (None for no rows). Raises `pipeline.lease.LeaseLost`
-    when the run no longer holds the output."""
+def write_part(results: pa.Table, *, output: str, run_id: str, node_id: str = "") -> dict[str, object] | None:
+    """Commit ``results`` (`RESULT_SCHEMA` rows) as one part under ``output``. Returns its `PART_ROW_SCHEMA`
+    row (None for no rows). Raises `pipeline.lease.LeaseLost` when the run no longer holds the output."""
     if results.num_rows == 0:
         return None
     started = time.perf_counter()
     fs, root = fsspec.core.url_to_fs(output)
     images, segments = split_results(_unique_ids(results), run_id=run_id)
     name = part_name(images.column("image_id").to_pylist())
-    _before_first_commit(fs, root, run_id, run_record)
     check_holder(output, run_id)
     counts = part_counts(images)
     written = publish(fs, posixpath.join(root, SEGMENTS_TABLE, name), parquet_bytes(segments))
     written += publish(fs, posixpath.join(root, IMAGES_TABLE, name), parquet_bytes(images, counts=counts))  # commit
     return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": time.perf_counter() - started}
+
+
+class PartGatherer:
+    """Result tables in, whole parts out: `add` returns the parts of exactly ``rows_per_file`` rows that became
+    full (in order), `rest` what is left at the end of a shard. Holds less than one part."""
+
+    def __init__(self, rows_per_file: int) -> None:
+        self.rows_per_file = rows_per_file
+        self._held: list[pa.Table] = []
+        self._rows = 0
+
+    def add(self, results: pa.Table) -> list[pa.Table]:
+        self._held.append(results)
+        self._rows += results.num_rows
+        parts = []
+        while self._rows >= self.rows_per_file:
+            table = pa.concat_tables(self._held)
+            parts.append(table.slice(0, self.rows_per_file))
+            rest = table.slice(self.rows_per_file)
+            self._held, self._rows = [rest], rest.num_rows
+        return parts
+
+    def rest(self) -> pa.Table | None:
+        table = pa.concat_tables(self._held) if self._rows else None
+        self._held, self._rows = [], 0
+        return table
 
 
 def _unique_ids(results: pa.Table) -> pa.Table:
@@ -133,38 +153,6 @@ def _unique_ids(results: pa.Table) -> pa.Table:
         else:
             first[row["image_id"]] = row["source"]
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-
-
-def write_parts(batch: pa.Table, *, output: str, run_id: str, run_record: str, node_id: str = "") -> pa.Table:
-    """Ray stage: one gathered block of `RESULT_SCHEMA` rows -> the `PART_ROW_SCHEMA` row of its part."""
-    row = write_part(batch, output=output, run_id=run_id, run_record=run_record, node_id=node_id)
-    return pa.Table.from_pylist([row] if row else [], schema=PART_ROW_SCHEMA)
-
-
-def write_stage(batch: pa.Table, *, output: str, run_id: str, run_record: str) -> pa.Table:
-    """`write_parts` with the Ray node it runs on (the function `pipeline.run` maps over the parts; it lives
-    here so that write workers import neither torch nor the driver's modules; Ray is imported here only, the
-    rest of this module works without it)."""
-    import ray
-
-    node_id = ray.get_runtime_context().get_node_id()
-    return write_parts(batch, output=output, run_id=run_id, run_record=run_record, node_id=node_id)
-
-
-_PREPARED_RUNS: set[str] = set()  # runs whose record this worker process has seen in place
-
-
-def _before_first_commit(fs: fsspec.AbstractFileSystem, root: str, run_id: str, run_record: str) -> None:
-    """Write ``_runs/<run_id>.json`` and remove ``_SUCCESS`` unless this run did so already: an output
-    never has rows of a run without its record, nor a ``_SUCCESS`` older than its newest rows."""
-    if run_id in _PREPARED_RUNS:
-        return
-    record = posixpath.join(root, RUNS_FOLDER, f"{run_id}.json")
-    if not fs.exists(record):
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(posixpath.join(root, SUCCESS_FILE))
-        publish(fs, record, run_record.encode())
-    _PREPARED_RUNS.add(run_id)
 
 
 def parquet_bytes(table: pa.Table, *, counts: dict[str, int] | None = None) -> bytes:

@@ -53,19 +53,17 @@ def test_every_module_has_a_docstring(package: str) -> None:
 
 
 def test_cpu_stages_never_import_torch() -> None:
-    """Ray workers import a stage function's module: the read, decode, RLE, write and resume stages live in
-    modules without torch (each worker would otherwise pay ~4 s of CPU and ~300 MB for an import it never
-    uses); only the model actor loads it."""
+    """Ray workers import a stage function's module: the resume plan's stages (inspecting committed parts,
+    their rows, manifest lines, retractions) live in modules without torch (each worker would otherwise pay ~4 s
+    of CPU and ~300 MB for an import it never uses); only the model actor loads it."""
     import subprocess
     import sys
 
-    from pipeline import resume, run
-    from pipeline.results import encode_results
-    from pipeline.write import write_stage
+    from pipeline import resume, sources
 
-    stages = [run.read_refs, run.decode_batch, encode_results, write_stage, resume.inspect_parts]
+    stages = [resume.inspect_parts, resume.committed_rows, resume.retract_rows, sources.manifest_rows]
     modules = sorted({f.__module__ for f in stages})
-    assert modules == ["pipeline.decode", "pipeline.results", "pipeline.resume", "pipeline.sources", "pipeline.write"]
+    assert modules == ["pipeline.resume", "pipeline.sources"]
     probe = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -5,8 +5,10 @@
 - ``PF_FAULT=between``: the first write task to publish a ``segments`` file is SIGKILLed right after it (before
   its ``images`` file, the commit record);
 - ``PF_FAULT=after``: the same right after its ``images`` file (committed, but the task never returns);
-- ``PF_FAULT=actor``: the model actor is SIGKILLed in the middle of its second batch (the first went through),
-  so Ray restarts it and retries the batch it was on.
+- ``PF_FAULT=actor``: the model actor is SIGKILLed in the middle of its second model batch (the first went
+  through), so Ray restarts it and retries the shard call it was on;
+- ``PF_FAULT=pause``: the first commit of an ``images`` file holds, right after it, until the file
+  ``PF_FAULT_RELEASE`` exists (at most ``PAUSE_LIMIT_S``): a job held mid-run, deterministically.
 
 The fault fires once per ``PF_FAULT_MARKER`` file, which it creates holding what it struck, so Ray's retry runs
 undisturbed.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def install() -> None:
@@ -23,20 +26,33 @@ def install() -> None:
     marker = os.environ.get("PF_FAULT_MARKER")
     if point == "actor" and marker:
         _kill_the_actor_on_its_second_batch(marker)
-    if point not in ("between", "after") or not marker:
+    if point not in ("between", "after", "pause") or not marker:
         return
     import pipeline.write as write
 
     original = write.publish
     table = "/segments/" if point == "between" else "/images/"
+    release = os.environ.get("PF_FAULT_RELEASE", "")
 
     def publish(fs, path: str, data: bytes) -> int:  # type: ignore[no-untyped-def]
         size = original(fs, path, data)
         if table in path and _claim(marker, path):
-            os.kill(os.getpid(), signal.SIGKILL)
+            if point == "pause":
+                _wait_for(release)
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
         return size
 
     write.publish = publish  # type: ignore[assignment]
+
+
+PAUSE_LIMIT_S = 600.0
+
+
+def _wait_for(release: str) -> None:
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _kill_the_actor_on_its_second_batch(marker: str) -> None:

@@ -101,21 +101,29 @@ def test_two_jobs_started_together_on_one_output(ray_session: None, tmp_path: Pa
 def test_a_job_started_mid_run_exits_2_and_deletes_nothing(ray_session: None, tmp_path: Path) -> None:
     expected = _photos(tmp_path / "in", 24)
     output = tmp_path / "out"
-    command, env = _segment_command(tmp_path / "in", output), _cluster_env()
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: committed_parts(output) or first.poll() is not None, timeout=TIMEOUT_S, what="a commit")
-        assert first.poll() is None, "the first job ended before the second could start"
+    marker, release = tmp_path / "first-commit", tmp_path / "release"
+    env = {**_cluster_env(), "PF_FAULT_MARKER": str(marker), "PF_FAULT_RELEASE": str(release)}
+    held = [sys.executable, "-m", "tests.pipeline.paused_job", *_segment_command(tmp_path / "in", output)[3:]]
+    first = subprocess.Popen(held, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # the first job holds right after its first commit until `release` exists: no race with its speed
+        wait_for(lambda: marker.exists() or first.poll() is not None, timeout=TIMEOUT_S, what="the first commit")
+        assert first.poll() is None, first.communicate()[1][-3000:]
         before = {p.name for p in committed_parts(output)}
-        second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert before, "the first job is held after a commit"
+        command = _segment_command(tmp_path / "in", output)
+        second = subprocess.run(command, cwd=REPO, env=_cluster_env(), capture_output=True, text=True,
+                                timeout=TIMEOUT_S)  # fmt: skip
         assert second.returncode == 2, second.stderr[-3000:]
         line = _error_line(second.stderr)
         assert "is being written by run" in line and f"pid {first.pid}" in line
+        assert before <= {p.name for p in committed_parts(output)}  # nothing of the first job's removed
+        release.touch()
         _, err = first.communicate(timeout=TIMEOUT_S)
     finally:
+        release.touch()
         first.kill()
     assert first.returncode == 0, err[-3000:]
-    assert before <= {p.name for p in committed_parts(output)}  # nothing of the first job's removed
+    assert before <= {p.name for p in committed_parts(output)}
     assert_exactly_once(output, expected)
 
 

@@ -1,5 +1,5 @@
-"""RLE on CPU workers (``encode_rle=False`` + `encode_results`) gives exactly the rows of RLE in the actor, and
-the tables between the stages are Arrow all the way (nothing pickled)."""
+"""RLE on the shard call's threads (``encode_rle=False`` + `encode_results`) gives exactly the rows of RLE in the
+model's call, and the tables between the stages are Arrow all the way (nothing pickled)."""
 
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ def test_deferred_rle_rows_equal_the_actor_rows() -> None:
 
 
 @pytest.mark.parametrize("threshold", [0.85, 0.999999])  # some images without segments; none with any
-def test_jobs_with_rle_on_workers_and_in_the_actor_write_the_same_tables(
+def test_jobs_with_other_batch_and_part_sizes_write_the_same_tables(
     ray_session: None, tmp_path, threshold: float
 ) -> None:
-    """Through Ray Data and its object store, including blocks whose images all have no segment."""
+    """Through Ray: the shard call's pipelining (RLE on its threads, parts of another size, shards of
+    other sizes) changes no row, including batches whose images all have no segment."""
     import pyarrow.dataset as pads
 
     from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
@@ -61,28 +62,32 @@ def test_jobs_with_rle_on_workers_and_in_the_actor_write_the_same_tables(
     for i in range(2):
         (folder / f"photo{i}.png").write_bytes(photo_bytes(72, 96, fmt="PNG", seed=10 + i))
     tables = {}
-    for rle_on in ("workers", "actor"):
+    for shape, rows_per_file in {"small": 3, "large": 2048}.items():
         config = JobConfig(
             input=InputConfig((str(folder),)),
-            output=str(tmp_path / rle_on),
+            output=str(tmp_path / shape),
             model=ModelSpec(weights="synthetic"),
             inference=InferenceConfig(min_size=32, max_size=64, threshold=threshold),
-            resources=ResourceConfig(batch_size=2, device="cpu", rle_on=rle_on),  # type: ignore[arg-type]
+            resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=rows_per_file),
         )
         assert run_job(config, show_progress=False).images_ok == 8
         keys = {"images": ["image_id"], "segments": ["image_id", "segment_id"]}
-        tables[rle_on] = {
-            name: pads.dataset(str(tmp_path / rle_on / name)).to_table().sort_by([(k, "ascending") for k in key])
+        tables[shape] = {
+            name: pads.dataset(str(tmp_path / shape / name)).to_table().sort_by([(k, "ascending") for k in key])
             for name, key in keys.items()
         }
-        tables[rle_on]["images"] = tables[rle_on]["images"].drop_columns(["run_id"])  # two runs, two ids
-    segments_per_image = tables["actor"]["images"].column("num_segments").to_pylist()
+        tables[shape]["images"] = tables[shape]["images"].drop_columns(["run_id"])  # two runs, two ids
+    import pyarrow.parquet as pq
+
+    part_rows = [pq.ParquetFile(p).metadata.num_rows for p in (tmp_path / "small" / "images").iterdir()]
+    assert sum(part_rows) == 8 and max(part_rows) <= 3  # parts of at most --rows-per-file images
+    segments_per_image = tables["large"]["images"].column("num_segments").to_pylist()
     if threshold < 0.9:
         assert 0 in segments_per_image and max(segments_per_image) > 0  # both kinds of rows
     else:
         assert max(segments_per_image) == 0  # every block all-empty
     for name in ("images", "segments"):
-        assert tables["workers"][name].equals(tables["actor"][name]), name
+        assert tables["small"][name].equals(tables["large"][name]), name
 
 
 def _unencoded_block(with_segments: bool, offset: int) -> pa.Table:

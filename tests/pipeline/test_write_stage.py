@@ -1,9 +1,8 @@
-"""The write stage: workers commit parts named by their content; the driver receives one small row per part.
+"""Commits: model actors commit parts named by their content; the driver receives one small row per part.
 
 Unit tests run `pipeline.write` directly on local folders and on S3 (moto on loopback); the Ray test runs the
-whole job on a multi-node cluster (a head without CPUs, two worker nodes) with write tasks killed between
-their two files and after both, and the model actor killed mid-batch (`tests.pipeline.fault_write_stage`, in
-its own process and cluster).
+whole job on a multi-node cluster (a head without CPUs, two worker nodes) with actors killed between a part's
+two files and after both, and mid-batch (`tests.pipeline.fault_write_stage`, in its own process and cluster).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from pipeline.lease import Lease, LeaseLost
 from pipeline.rle import decode_rle
 from pipeline.schema import RESULT_SCHEMA
 from pipeline.storage import TRANSIENT_ERRORS
-from pipeline.write import COUNTS_KEY, PART_ROW_SCHEMA, part_name, split_results, write_part, write_parts
+from pipeline.write import COUNTS_KEY, PART_ROW_SCHEMA, PartGatherer, part_name, split_results, write_part
 from tests.pipeline.fault_probes import assert_exactly_once, committed_parts
 from tests.pipeline.images import photo_bytes
 
@@ -79,17 +78,14 @@ def test_write_part_commits_segments_then_images_with_counts_in_the_footer(tmp_p
     output = tmp_path / "out"
     results = _results(_result("a.jpg", segments=3), _result("b.jpg", error="unreadable", retryable=True))
     with Lease.acquire(str(output), "r1"):
-        (output / "_SUCCESS").write_text("{}")  # from an earlier run: the first commit removes it
-        row = write_part(results, output=str(output), run_id="r1", run_record=json.dumps({"run_id": "r1"}))
-        again = write_part(results, output=str(output), run_id="r1", run_record="{}")  # a retry: same name
+        row = write_part(results, output=str(output), run_id="r1")
+        again = write_part(results, output=str(output), run_id="r1")  # a retry: same name
     assert row is not None and again is not None and row["part"] == again["part"] == part_name(["a.jpg", "b.jpg"])
     assert (row["images_ok"], row["images_error"], row["images_retryable"], row["segments"]) == (1, 1, 1, 3)
     assert [p.name for p in committed_parts(output)] == [row["part"]]
     assert [p.name for p in (output / "segments").iterdir()] == [row["part"]]
     footer = pq.ParquetFile(output / "images" / row["part"]).schema_arrow.metadata
     assert json.loads(footer[COUNTS_KEY]) == {"images_ok": 1, "images_error": 1, "images_retryable": 1, "segments": 3}
-    assert json.loads((output / "_runs" / "r1.json").read_text()) == {"run_id": "r1"}
-    assert not (output / "_SUCCESS").exists()
     images = pads.dataset(str(output / "images")).to_table().to_pylist()
     assert [(r["image_id"], r["status"], r["retryable"], r["num_segments"]) for r in images] == [
         ("a.jpg", "ok", False, 3),
@@ -100,7 +96,7 @@ def test_write_part_commits_segments_then_images_with_counts_in_the_footer(tmp_p
 def test_write_part_refuses_to_commit_without_the_lease(tmp_path: Path) -> None:
     output = tmp_path / "out"
     with Lease.acquire(str(output), "someone-else"), pytest.raises(LeaseLost):
-        write_part(_results(_result("a.jpg")), output=str(output), run_id="r1", run_record="{}")
+        write_part(_results(_result("a.jpg")), output=str(output), run_id="r1")
     assert committed_parts(output) == [] and not (output / "segments").exists()
 
 
@@ -110,7 +106,7 @@ def test_an_id_repeated_across_shards_becomes_an_error_row_with_its_own_id(tmp_p
     first["image_id"] = second["image_id"] = "cat-17"
     output = tmp_path / "out"
     with Lease.acquire(str(output), "r1"):
-        write_part(_results(first, second), output=str(output), run_id="r1", run_record="{}")
+        write_part(_results(first, second), output=str(output), run_id="r1")
     rows = pads.dataset(str(output / "images")).to_table().to_pylist()
     assert [(r["image_id"], r["status"]) for r in rows] == [("cat-17", "ok"), ("s2.parquet#row=4", "error")]
     assert rows[1]["error"] == "repeated image id 'cat-17' (also read from s1.parquet)"
@@ -118,13 +114,25 @@ def test_an_id_repeated_across_shards_becomes_an_error_row_with_its_own_id(tmp_p
     assert segments.column("image_id").to_pylist() == ["cat-17"]
 
 
-def test_write_parts_returns_one_small_row_per_part(tmp_path: Path) -> None:
+def test_the_gatherer_cuts_results_into_whole_parts_in_order() -> None:
+    gatherer = PartGatherer(rows_per_file=3)
+    batches = [_results(*[_result(f"{b}-{i}.jpg") for i in range(n)]) for b, n in enumerate((2, 2, 5, 1))]
+    parts = [gatherer.add(batch) for batch in batches]
+    rest = gatherer.rest()
+    assert [[p.num_rows for p in full] for full in parts] == [[], [3], [3, 3], []]
+    assert rest is not None and rest.num_rows == 1 and gatherer.rest() is None
+    ids = [i for full in parts for p in full for i in p.column("image_id").to_pylist()]
+    assert ids + rest.column("image_id").to_pylist() == [f"{b}-{i}.jpg" for b, n in enumerate((2, 2, 5, 1))
+                                                         for i in range(n)]  # fmt: skip
+
+
+def test_write_part_returns_one_small_row_and_nothing_for_no_rows(tmp_path: Path) -> None:
     output = tmp_path / "out"
     with Lease.acquire(str(output), "r1"):
-        rows = write_parts(_results(_result("a.jpg", segments=1)), output=str(output), run_id="r1", run_record="{}")
-        empty = write_parts(RESULT_SCHEMA.empty_table(), output=str(output), run_id="r1", run_record="{}")
-    assert rows.schema == PART_ROW_SCHEMA and rows.num_rows == 1 and empty.num_rows == 0
-    assert rows.column("bytes")[0].as_py() == sum(p.stat().st_size for p in output.glob("*/part-*.parquet"))
+        row = write_part(_results(_result("a.jpg", segments=1)), output=str(output), run_id="r1")
+        empty = write_part(RESULT_SCHEMA.empty_table(), output=str(output), run_id="r1")
+    assert row is not None and set(row) == set(PART_ROW_SCHEMA.names) and empty is None
+    assert row["bytes"] == sum(p.stat().st_size for p in output.glob("*/part-*.parquet"))
 
 
 # -- S3: an upload that fails midway publishes nothing --------------------------------------------------------
@@ -147,7 +155,7 @@ def test_an_interrupted_s3_upload_leaves_no_object(s3_env: dict[str, str], monke
         with Lease.acquire(output, "r1"):
             proxy.set_fault("reset", count=1000, methods=["PUT"], paths=["/images/"])
             with pytest.raises(TRANSIENT_ERRORS):  # after the retries: botocore's EndpointConnectionError
-                write_part(results, output=output, run_id="r1", run_record="{}")
+                write_part(results, output=output, run_id="r1")
             proxy.heal()
             keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
             assert not [k for k in keys if "/images/" in k], keys  # nothing committed

@@ -1,0 +1,135 @@
+"""The shard call: one model actor reads, decodes, segments, encodes and commits a whole shard of images.
+
+`ShardSegmenter` is the callable class `pipeline.run` maps over the job's shards with an actor pool (GPU or
+CPU). A *shard* is one block of refs (`pipeline.sources.REF_SCHEMA`): up to ``--rows-per-file`` listed files,
+or tar / Parquet shards. Ray Data schedules one task per shard, so its per-block cost on the driver is paid per
+shard, never per model batch, and only refs (~100 B each) and part rows cross the object store: bytes and
+decoded pixels never leave the actor's process.
+
+Inside one call the stages are pipelined on the actor's thread pool (`pipeline.pipelining.ordered_map`):
+
+    refs --read bytes--> image rows --decode + resize--> decoded images --(batches)--> model (this thread)
+         --RLE--> result rows --gathered into parts of --rows-per-file--> commit (`pipeline.write.write_part`)
+
+so the next batch is decoded, and the previous one RLE-encoded and committed, while the model runs the current
+one. Memory per actor is bounded by the depths below: ``READ_AHEAD_REFS`` refs read ahead (one shard each at
+most), ``2 × batch_size`` decoded images (≈ 2.5 MB each at 800×1066), two batches awaiting RLE, one part being
+gathered and ``COMMITS_IN_FLIGHT`` parts being written.
+
+A call returns one `pipeline.write.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
+died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
+image is committed once. Reading, decoding and the model's errors are per image (error rows), as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
+from typing import Literal
+
+import pyarrow as pa
+
+from model.predictor import InferenceConfig
+from pipeline.decode import UNREAD, DecodedImage, decode_input, decoded_batch
+from pipeline.pipelining import ordered_map
+from pipeline.predict import PanopticSegmenter
+from pipeline.results import encode_results
+from pipeline.sources import ImageRow, read_ref, ref_rows
+from pipeline.write import PART_ROW_SCHEMA, PartGatherer, write_part
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_REFS = 4  # refs read ahead of the decoder (a shard ref: one whole tar / Parquet file in memory)
+RLE_IN_FLIGHT = 2  # model batches awaiting RLE
+COMMITS_IN_FLIGHT = 2  # parts being written
+
+
+class ShardSegmenter:
+    """Ray Data callable class: one shard of refs in, one `PART_ROW_SCHEMA` row per committed part out."""
+
+    def __init__(
+        self,
+        *,
+        variant: str,
+        weights: str,
+        inference: InferenceConfig,
+        device: Literal["auto", "cpu", "cuda"],
+        output: str,
+        run_id: str,
+        rows_per_file: int,
+        batch_size: int,
+        max_pixels: int,
+        bytes_column: str,
+        id_column: str | None,
+        threads: int,
+    ) -> None:
+        self.segmenter = PanopticSegmenter(
+            variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
+        )
+        self.inference = inference
+        self.output, self.run_id = output, run_id
+        self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
+        self.bytes_column, self.id_column = bytes_column, id_column
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard")
+        self.node_id = _node_id()
+
+    def __call__(self, refs: pa.Table) -> pa.Table:
+        gatherer = PartGatherer(self.rows_per_file)
+        commits: deque[Future[dict[str, object] | None]] = deque()
+        rows: list[dict[str, object]] = []
+
+        def commit(part: pa.Table) -> None:
+            commits.append(self.pool.submit(write_part, part, output=self.output, run_id=self.run_id,
+                                            node_id=self.node_id))  # fmt: skip
+            while len(commits) > COMMITS_IN_FLIGHT:
+                _collect(commits.popleft(), rows)
+
+        for results in ordered_map(encode_results, self._predictions(refs), pool=self.pool, depth=RLE_IN_FLIGHT):
+            for part in gatherer.add(results):
+                commit(part)
+        rest = gatherer.rest()
+        if rest is not None:
+            commit(rest)
+        while commits:
+            _collect(commits.popleft(), rows)
+        return pa.Table.from_pylist(rows, schema=PART_ROW_SCHEMA)
+
+    def _predictions(self, refs: pa.Table) -> Iterator[pa.Table]:
+        """`pipeline.schema.PREDICTION_SCHEMA` tables of one model batch each; the model runs on this thread."""
+        images = self._decoded(refs)
+        while batch := list(islice(images, self.batch_size)):
+            rows = {name: [getattr(row, name) for row, _ in batch] for name in ImageRow._fields}
+            yield self.segmenter(decoded_batch(rows, [decoded for _, decoded in batch]))
+
+    def _decoded(self, refs: pa.Table) -> Iterator[tuple[ImageRow, DecodedImage]]:
+        """Each image row of the shard with its `DecodedImage`, read and decoded ahead on the pool."""
+
+        def read(ref: tuple[str, str, list[str]]) -> list[ImageRow]:
+            uri, kind, skip = ref
+            return read_ref(uri, kind, skip, bytes_column=self.bytes_column, id_column=self.id_column)
+
+        def decode(row: ImageRow) -> tuple[ImageRow, DecodedImage]:
+            if row.error:
+                return row, UNREAD
+            decoded = decode_input(row.data, max_pixels=self.max_pixels, inference=self.inference)
+            return row._replace(data=b""), decoded  # the bytes are not needed past here
+
+        read_ahead = ordered_map(read, ref_rows(refs), pool=self.pool, depth=READ_AHEAD_REFS)
+        rows = (row for image_rows in read_ahead for row in image_rows)
+        return ordered_map(decode, rows, pool=self.pool, depth=2 * self.batch_size)
+
+
+def _collect(future: Future[dict[str, object] | None], rows: list[dict[str, object]]) -> None:
+    row = future.result()
+    if row is not None:
+        rows.append(row)
+
+
+def _node_id() -> str:
+    """The Ray node this actor runs on ("" outside Ray, as in unit tests)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
