@@ -14,7 +14,7 @@ of the window. Fixed overhead = whole job - N / steady rate: what a job pays onc
 ratio job/bare uses the bare loop at the job's batch size. Needs >= 3 result blocks (48 images).
 
 Ray gives an actor that reserves ``num_cpus = n`` ``OMP_NUM_THREADS = n``, and torch runs that many threads;
-on CPU the pipeline sizes the actor itself (`pipeline.run.cpu_actor_cpus`). The segmenter is subclassed here
+on CPU the pipeline sizes the actor itself (`pipeline.resources.cpu_actor_cpus`). The segmenter is subclassed here
 only to report the thread count it actually got, so the job is compared with the bare loop at the same
 batch size and thread count.
 """

@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     # torch and Ray load here, after the arguments are checked (and never for --help)
     from model.checkpoint import CheckpointError
     from pipeline.lease import LeaseHeld
+    from pipeline.resources import ClusterError
     from pipeline.resume import SettingsChanged
-    from pipeline.run import ClusterError, OutputError, run_job
+    from pipeline.run import OutputError, run_job
     from pipeline.sources import InputError
 
     try:

@@ -111,7 +111,8 @@ def _table_folder(root: str, table: str) -> str:
 
 
 def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[set[str], list[str]]:
-    """(part file names, temporary files) of one table folder."""
+    """(part file names, temporary files) of one table folder, listed afresh (never from a listing cache)."""
+    fs.invalidate_cache(folder)
     try:
         paths = fs.ls(folder, detail=False)
     except FileNotFoundError:
@@ -150,6 +151,7 @@ def quarantine(fs: fsspec.AbstractFileSystem, root: str, part: str, *, run_id: s
 def read_run_records(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
     """The records in ``_runs/``, oldest first (run ids sort by time)."""
     folder = posixpath.join(root, RUNS_FOLDER)
+    fs.invalidate_cache(folder)  # another run may have written here since this process last listed it
     try:
         paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
     except FileNotFoundError:
