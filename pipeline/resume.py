@@ -60,7 +60,16 @@ import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
 from pipeline.ids import member_of_old_row
-from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, RUNS_FOLDER, SEGMENTS_SCHEMA, SEGMENTS_TABLE
+from pipeline.schema import (
+    IMAGES_TABLE,
+    INSPECTION_SCHEMA,
+    QUARANTINE_FOLDER,
+    RETRACTION_SCHEMA,
+    RUNS_FOLDER,
+    SEGMENTS_SCHEMA,
+    SEGMENTS_TABLE,
+    Counts,
+)
 from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, manifest_base, manifest_rows
 from pipeline.storage import is_temporary, publish
 from pipeline.write import COUNTS_KEY, PART_PREFIX, parquet_bytes, part_counts
@@ -78,23 +87,6 @@ class SettingsChanged(ValueError):
 # ------------------------------------------------------------------------------------------------------
 # The driver: under the lease, before any work
 # ------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Counts:
-    images_ok: int = 0
-    images_error: int = 0
-    images_retryable: int = 0
-    segments: int = 0
-
-    @property
-    def images(self) -> int:
-        return self.images_ok + self.images_error
-
-    def add(self, other: Counts | dict[str, Any], sign: int = 1) -> None:
-        values = asdict(other) if isinstance(other, Counts) else other
-        for name in ("images_ok", "images_error", "images_retryable", "segments"):
-            setattr(self, name, getattr(self, name) + sign * int(values.get(name, 0)))
 
 
 @dataclass
@@ -193,17 +185,6 @@ def check_settings(records: list[dict[str, Any]], settings: dict[str, Any], *, a
 # ------------------------------------------------------------------------------------------------------
 # Ray stage functions over committed parts (pure: no Ray import)
 # ------------------------------------------------------------------------------------------------------
-
-INSPECTION_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("images_ok", pa.int64()),
-        ("images_error", pa.int64()),
-        ("images_retryable", pa.int64()),
-        ("segments", pa.int64()),
-        ("problem", pa.string()),  # null when readable
-    ]
-)
 
 
 def inspect_parts(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
@@ -407,13 +388,6 @@ def decide_members(batch: pa.Table, *, shards: dict[str, tuple[str | None, int |
         rows.append({"action": action, "reason": reason, "uri": source, "kind": "shard", "member": member,
                      "parts": [part]})  # fmt: skip
     return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
-
-
-RETRACTION_SCHEMA = pa.schema(
-    [("part", pa.string()), ("images_ok", pa.int64()), ("images_error", pa.int64()),
-     ("images_retryable", pa.int64()), ("segments", pa.int64())]
-)  # fmt: skip
-"""What a retraction removed from one part (`retract_rows`)."""
 
 
 def retraction_rows(batch: pa.Table) -> pa.Table:

@@ -38,12 +38,10 @@ from pipeline.config import JobConfig, ResourceConfig, redact_uri
 from pipeline.lease import Lease, check_holder, new_run_id
 from pipeline.predict import SYNTHETIC_WEIGHTS
 from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
-from pipeline.resume import Counts
-from pipeline.schema import RUNS_FOLDER, SUCCESS_FILE
+from pipeline.schema import PART_ROW_SCHEMA, RUNS_FOLDER, SUCCESS_FILE, Counts
 from pipeline.shard import ShardSegmenter
 from pipeline.sources import ResolvedInputs, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
-from pipeline.write import PART_ROW_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,9 @@ Every other shape is derived from these; README.md documents the tables column b
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
 import pyarrow as pa
 
 SEGMENTS_TABLE = "segments"
@@ -95,3 +98,49 @@ PREDICTION_SCHEMA = pa.schema(
 )
 """One row per image as the model returns it before RLE (`pipeline.results.encode_results`, on the shard call's
 threads)."""
+
+
+# -- counts: one record, every count column derived from it --------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """How many images and segments: a part's (in its footer and its `PART_ROW_SCHEMA` row), a run's, an
+    output's (``_SUCCESS``, the summary line). A new count is a field here plus its line in
+    `pipeline.write.part_counts`; every schema below follows."""
+
+    images_ok: int = 0
+    images_error: int = 0
+    images_retryable: int = 0  # of images_error: transient, retried by the next run
+    segments: int = 0
+
+    @property
+    def images(self) -> int:
+        return self.images_ok + self.images_error
+
+    def add(self, other: Counts | dict[str, Any], sign: int = 1) -> None:
+        values = asdict(other) if isinstance(other, Counts) else other
+        for name in COUNT_FIELDS:
+            setattr(self, name, getattr(self, name) + sign * int(values.get(name, 0)))
+
+
+COUNT_FIELDS = tuple(f.name for f in fields(Counts))
+_COUNT_COLUMNS = [pa.field(name, pa.int64()) for name in COUNT_FIELDS]
+
+PART_ROW_SCHEMA = pa.schema(
+    [
+        ("part", pa.string()),
+        *_COUNT_COLUMNS,
+        ("bytes", pa.int64()),  # of both files
+        ("node_id", pa.string()),
+        ("seconds", pa.float64()),
+    ]
+)
+"""What a shard call returns for each part it committed: all the driver receives."""
+
+INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem", pa.string())])
+"""A committed part's counts read from its footer, or the ``problem`` (null when readable) that makes it
+unreadable (`pipeline.resume.inspect_parts`)."""
+
+RETRACTION_SCHEMA = pa.schema([("part", pa.string()), *_COUNT_COLUMNS])
+"""What a retraction removed from one part (`pipeline.resume.retract_rows`)."""

@@ -16,7 +16,7 @@ one. Memory per actor is bounded by the depths below: ``READ_AHEAD_REFS`` refs r
 most), ``2 × batch_size`` decoded images (≈ 2.5 MB each at 800×1066), two batches awaiting RLE, one part being
 gathered and ``COMMITS_IN_FLIGHT`` parts being written.
 
-A call returns one `pipeline.write.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
+A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
 died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
 image is committed once. Reading, decoding and the model's errors are per image (error rows), as before.
 """
@@ -37,8 +37,9 @@ from pipeline.decode import UNREAD, DecodedImage, decode_input, decoded_batch
 from pipeline.pipelining import ordered_map
 from pipeline.predict import PanopticSegmenter
 from pipeline.results import encode_results
+from pipeline.schema import PART_ROW_SCHEMA
 from pipeline.sources import ImageRow, read_ref, ref_rows
-from pipeline.write import PART_ROW_SCHEMA, PartGatherer, write_part
+from pipeline.write import PartGatherer, write_part
 
 log = logging.getLogger(__name__)
 

@@ -53,20 +53,6 @@ PART_PREFIX = "part-"
 COMPRESSION = "zstd"
 COUNTS_KEY = b"panoptic_flow.counts"  # images parts: their counts as JSON in the Parquet footer
 
-PART_ROW_SCHEMA = pa.schema(
-    [
-        ("part", pa.string()),
-        ("images_ok", pa.int64()),
-        ("images_error", pa.int64()),
-        ("images_retryable", pa.int64()),  # of images_error: transient, retried by the next run
-        ("segments", pa.int64()),
-        ("bytes", pa.int64()),  # of both files
-        ("node_id", pa.string()),
-        ("seconds", pa.float64()),
-    ]
-)
-"""What a shard call returns for each part it committed: all the driver receives."""
-
 
 def part_name(image_ids: list[str]) -> str:
     """``part-<hash>.parquet``, the hash (96 bits) taken over the sorted image ids: the same images, the same
@@ -165,7 +151,7 @@ def parquet_bytes(table: pa.Table, *, counts: dict[str, int] | None = None) -> b
 
 
 def part_counts(images: pa.Table) -> dict[str, int]:
-    """{"images_ok", "images_error", "images_retryable", "segments"} of an ``images`` part's rows."""
+    """The `pipeline.schema.Counts` of an ``images`` part's rows, as a dict."""
     status = images.column("status")
     ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
     retryable = images.column("retryable") if "retryable" in images.column_names else pa.array([], pa.bool_())

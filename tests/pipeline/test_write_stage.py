@@ -24,9 +24,9 @@ import s3fs
 
 from pipeline.lease import Lease, LeaseLost
 from pipeline.rle import decode_rle
-from pipeline.schema import RESULT_SCHEMA
+from pipeline.schema import PART_ROW_SCHEMA, RESULT_SCHEMA
 from pipeline.storage import TRANSIENT_ERRORS
-from pipeline.write import COUNTS_KEY, PART_ROW_SCHEMA, PartGatherer, part_name, split_results, write_part
+from pipeline.write import COUNTS_KEY, PartGatherer, part_name, split_results, write_part
 from tests.pipeline.fault_probes import assert_exactly_once, committed_parts
 from tests.pipeline.images import photo_bytes
 
