@@ -12,9 +12,12 @@ Inside one call the stages are pipelined on the actor's thread pool (`pipeline.p
          --RLE--> result rows --gathered into parts of --rows-per-file--> commit (`pipeline.write.write_part`)
 
 so the next batch is decoded, and the previous one RLE-encoded and committed, while the model runs the current
-one. Memory per actor is bounded by the depths below: ``READ_AHEAD_REFS`` refs read ahead (one shard each at
-most), ``2 × batch_size`` decoded images (≈ 2.5 MB each at 800×1066), two batches awaiting RLE, one part being
-gathered and ``COMMITS_IN_FLIGHT`` parts being written.
+one. Reads and commits run on an I/O pool (`IO_THREADS`), decoding and RLE on a pool of ``threads`` (the CPUs
+the actor reserves). Memory per actor is bounded by the depths below: `READ_AHEAD_FILES` files (or
+`READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, ``2 × batch_size`` decoded images (≈ 2.5 MB each
+at 800×1066), `RLE_IN_FLIGHT` batches awaiting RLE, one part being gathered and `COMMITS_IN_FLIGHT` parts being
+written: about 64 × the input size + 2.5 MB × (3 × batch_size) + 2 parts' results, e.g. ~150 MB at batch 8 with
+150 KB JPEGs and 2048-image parts of ~18 KB of results per image (plus the model).
 
 A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
 died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
@@ -43,9 +46,11 @@ from pipeline.write import PartGatherer, write_part
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD_REFS = 4  # refs read ahead of the decoder (a shard ref: one whole tar / Parquet file in memory)
+READ_AHEAD_FILES = 64  # file refs read ahead of the decoder (object-store latency hidden by concurrency)
+READ_AHEAD_SHARDS = 2  # tar / Parquet refs read ahead (each one whole shard in memory)
 RLE_IN_FLIGHT = 2  # model batches awaiting RLE
 COMMITS_IN_FLIGHT = 2  # parts being written
+IO_THREADS = 16  # reads and commits wait on storage, not on a CPU
 
 
 class ShardSegmenter:
@@ -74,7 +79,8 @@ class ShardSegmenter:
         self.output, self.run_id = output, run_id
         self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
         self.bytes_column, self.id_column = bytes_column, id_column
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard")
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard-cpu")
+        self.io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="shard-io")
         self.node_id = _node_id()
 
     def __call__(self, refs: pa.Table) -> pa.Table:
@@ -83,7 +89,7 @@ class ShardSegmenter:
         rows: list[dict[str, object]] = []
 
         def commit(part: pa.Table) -> None:
-            commits.append(self.pool.submit(write_part, part, output=self.output, run_id=self.run_id,
+            commits.append(self.io_pool.submit(write_part, part, output=self.output, run_id=self.run_id,
                                             node_id=self.node_id))  # fmt: skip
             while len(commits) > COMMITS_IN_FLIGHT:
                 _collect(commits.popleft(), rows)
@@ -118,7 +124,9 @@ class ShardSegmenter:
             decoded = decode_input(row.data, max_pixels=self.max_pixels, inference=self.inference)
             return row._replace(data=b""), decoded  # the bytes are not needed past here
 
-        read_ahead = ordered_map(read, ref_rows(refs), pool=self.pool, depth=READ_AHEAD_REFS)
+        files_only = all(kind == "file" for kind in refs.column("kind").to_pylist())
+        depth = READ_AHEAD_FILES if files_only else READ_AHEAD_SHARDS
+        read_ahead = ordered_map(read, ref_rows(refs), pool=self.io_pool, depth=depth)
         rows = (row for image_rows in read_ahead for row in image_rows)
         return ordered_map(decode, rows, pool=self.pool, depth=2 * self.batch_size)
 

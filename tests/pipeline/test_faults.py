@@ -28,7 +28,6 @@ import pytest
 from tests.pipeline.fault_probes import (
     assert_exactly_once,
     committed_ids,
-    committed_parts,
     descendants,
     wait_for,
 )
@@ -71,13 +70,17 @@ def test_killed_driver_then_rerun_commits_each_image_once(
     # The driver joins this session's cluster, as under `ray job submit`: the cluster outlives the driver.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    marker, release = tmp_path / "first-commit", tmp_path / "release"
+    held = [sys.executable, "-m", "tests.pipeline.paused_job", *command[3:]]  # holds after its first commit
+    held_env = {**env, "PF_FAULT_MARKER": str(marker), "PF_FAULT_RELEASE": str(release)}
+    first = subprocess.Popen(held, cwd=REPO, env=held_env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: committed_parts(output) or first.poll() is not None, timeout=JOB_TIMEOUT_S, what="a commit")
-        assert first.poll() is None, "the first run ended before the fault could strike"
+        wait_for(lambda: marker.exists() or first.poll() is not None, timeout=JOB_TIMEOUT_S, what="a commit")
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         first.kill()  # SIGKILL; nothing when it has already exited
         first.wait()
+        release.touch()  # the held worker dies with the job's driver; nothing else waits for this
         log.close()
     assert first.returncode == -signal.SIGKILL
     committed = committed_ids(output)
