@@ -62,7 +62,7 @@ from pipeline.config import JobConfig
 from pipeline.ids import member_of_old_row
 from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, RUNS_FOLDER, SEGMENTS_SCHEMA, SEGMENTS_TABLE
 from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, manifest_base, manifest_rows
-from pipeline.storage import is_temporary, publish
+from pipeline.storage import is_local, is_temporary, publish
 from pipeline.write import COUNTS_KEY, PART_PREFIX, parquet_bytes, part_counts
 
 if TYPE_CHECKING:
@@ -137,14 +137,30 @@ def prepare_output(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 def quarantine(fs: fsspec.AbstractFileSystem, root: str, part: str, *, run_id: str, problem: str) -> None:
-    """Move an unreadable committed part (both tables) to ``_quarantine/<run_id>/``: its images are redone."""
+    """Move an unreadable committed part (both tables) to ``_quarantine/<run_id>/``: its images are redone.
+
+    The ``images`` file goes first (the commit record: once it is gone, its images are uncommitted), then the
+    ``segments`` file. A failure to move either raises: the run must not redo images whose bad part stays in
+    place (readers would fail on it and its rows would count twice). The only error tolerated is a source that
+    is gone: an ``images`` file moved aside by hand since the listing, or a ``segments`` file removed by hand
+    (every commit writes one; an interrupted quarantine leaves the ``segments`` file as an orphan, which the
+    next run's `prepare_output` removes). A destination folder that does not exist is created (local stores;
+    object stores have no folders)."""
     name = posixpath.basename(part)
     log.warning("moving unreadable part %s to %s/%s/ (%s); its images are done again", name, QUARANTINE_FOLDER,
                 run_id, problem)  # fmt: skip
     for table in (IMAGES_TABLE, SEGMENTS_TABLE):  # images first: the commit record goes, then its segments
         source = posixpath.join(root, table, name)
-        with contextlib.suppress(FileNotFoundError):
-            fs.mv(source, posixpath.join(root, QUARANTINE_FOLDER, run_id, table, name))
+        folder = posixpath.join(root, QUARANTINE_FOLDER, run_id, table)
+        if is_local(fs):
+            fs.makedirs(folder, exist_ok=True)
+        try:
+            fs.mv(source, posixpath.join(folder, name))
+        except FileNotFoundError:
+            if fs.exists(source):  # the source is there: the move itself failed
+                raise
+            log.warning("%s/%s was gone already: nothing to move", table, name)
+        fs.invalidate_cache(posixpath.join(root, table))
 
 
 def read_run_records(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
