@@ -40,7 +40,11 @@ Tested against: a killed model actor, a killed driver then a re-run, a lost node
 its two files and after both, two runs started together and one started mid-run, an exception and a signal
 during an S3 upload, a store that drops connections (retryable rows retried on the next run), inputs
 changed / deleted / added between a crash and the resume, a changed threshold, an unreadable committed part,
-the output inside the input folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py).
+the output inside the input folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py);
+two unreadable committed parts on a local and on an S3 output, re-run with another ``--rows-per-file`` (so that
+no redone part overwrites a bad one by name: test_quarantine.py); a FIFO and a link to ``/dev/zero`` among the
+inputs (test_input_files.py); leases written by hosts whose clocks run an hour fast or slow
+(test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume (tests/jobs/test_stop.py).
 """
 
 from __future__ import annotations
