@@ -27,6 +27,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import fsspec
 
+from pipeline.config import redact_uri
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -208,7 +210,12 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> int:
 
 
 def describe_storage_error(uri: str, exc: BaseException) -> str:
-    """One line saying what failed on ``uri`` and what to do about it (credentials, endpoint, permissions)."""
+    """One line saying what failed on ``uri`` and what to do about it (credentials, endpoint, permissions),
+    without the secrets ``uri`` or the error may carry (`pipeline.config.redact_uri`)."""
+    return redact_uri(_describe_storage_error(uri, exc))
+
+
+def _describe_storage_error(uri: str, exc: BaseException) -> str:
     name, text = type(exc).__name__, str(exc)
     if name == "NoCredentialsError" or "Unable to locate credentials" in text:
         return (
