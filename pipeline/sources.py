@@ -11,6 +11,12 @@ Inputs (any fsspec URI: ``s3://`` via s3fs honouring the AWS configuration incl.
   This is the scalable way: it is read by Ray workers, never listed on the driver. Lines are normalised
   (``file://``, ``./``, ``..``; relative lines resolve against the manifest's own folder).
 
+Only regular files are read: a local FIFO, socket or device (also behind a symbolic link) is found by ``stat``
+at listing time (counted, logged) and becomes an error row "not a regular file" when its ref is read, without
+ever being opened. No read goes past the object's size or ``--max-bytes`` (`pipeline.storage.read_object`).
+Listed files whose names end in no image, ``.tar`` or ``.parquet`` extension are left out, counted and named
+(`ResolvedInputs.left_out`); ``--input-format files`` reads them as images.
+
 Nothing under the job's output is ever listed as an input. Raw bytes are read here and decoded in
 `pipeline.decode`, so one bad object becomes one error row; an error that another attempt may not meet
 (unreachable store, timeout, throttling, 5xx) is marked ``retryable`` and redone by the next run.
