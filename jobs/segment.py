@@ -10,12 +10,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from jobs.options import Option, add_options, build, options, parse_values
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, redact_uri
+
+# Ray retries a task that its memory monitor killed without bound by default (``task_oom_retries`` -1,
+# "infinite oom retries"): one input that outgrows a worker's memory would make a job run forever. The owner
+# of Ray Data's tasks is this driver process, which reads the setting from its environment when Ray starts
+# (an embedded local Ray's processes inherit it too). Set here, before Ray is imported; a value set by the
+# user wins.
+OOM_RETRIES = 3
+# Ray's core worker installs abseil's failure-signal handler in every process, the driver included: on SIGTERM
+# it prints a stack trace and arms a 3-second alarm that aborts the process (SIGABRT, exit code 134) while the
+# run is still marking its record and releasing its lease. Off in this driver (and in an embedded local Ray's
+# processes, which inherit it): SIGTERM is then a Python exception, handled below.
+RAY_ENVIRONMENT = {"RAY_task_oom_retries": str(OOM_RETRIES), "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
 
 
 @dataclass(frozen=True)
@@ -68,9 +84,16 @@ _EPILOG = """job file: every option above can also come from a YAML file given w
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose error lines never repeat a secret (a value with credentials given to the wrong flag)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact_uri(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from the fields of `JobConfig` and `RunOptions` (see `jobs/options.py`)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="panoptic-flow segment",
         description="Run DETR panoptic segmentation over images and write Parquet tables (segments/, images/).",
         epilog=_EPILOG,
@@ -93,9 +116,80 @@ def parse_job(argv: Sequence[str] | None = None) -> tuple[JobConfig, RunOptions]
         parser.error(str(exc))
 
 
-def main(argv: list[str] | None = None) -> int:
-    config, run = parse_job(argv)
+class Stopped(BaseException):
+    """The job was stopped by a signal (SIGTERM: what ``ray job stop`` and schedulers send). A BaseException,
+    like KeyboardInterrupt, so that `pipeline.run.run_job` marks its run failed and releases the lease on the way
+    out, and nothing catches it as an ordinary error."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+STOP_EXIT_CODES = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}  # 143, 130
+
+
+def _stopped_line(signum: int) -> str:
+    return f"panoptic-flow segment: stopped by {signal.Signals(signum).name}; re-run the same command to resume"
+
+
+class RedactSecrets(logging.Filter):
+    """A handler filter: every record's message (and traceback) passes through `redact_uri` before it is shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = redact_uri(message), None
+        return True
+
+
+def _redact_handlers(*loggers: str) -> None:
+    """`RedactSecrets` on every handler of these loggers ("" the root; Ray's own loggers have handlers of their
+    own and do not propagate)."""
+    for name in loggers:
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+                handler.addFilter(RedactSecrets())
+
+
+def _set_up_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _redact_handlers("")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 a user's mistake (one line); 143 / 130 stopped by SIGTERM / SIGINT (one line; the
+    run record says failed, the lease is released, re-running resumes); 1 anything else (its traceback, redacted).
+    Nothing printed or logged here carries a secret (`pipeline.config.redact_uri`)."""
+    config, run = parse_job(argv)
+    _set_up_logging()
+    for name, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        return _run(config, run)
+    except Stopped as exc:
+        return _stop(exc.signum)
+    except KeyboardInterrupt:
+        return _stop(signal.SIGINT)
+    except SystemExit as exc:  # `ray.init` replaces the SIGTERM handler by one that calls sys.exit(SIGTERM)
+        if exc.code == signal.SIGTERM:
+            return _stop(signal.SIGTERM)
+        raise
+    except Exception:
+        print(redact_uri(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(config: JobConfig, run: RunOptions) -> int:
     # torch and Ray load here, after the arguments are checked (and never for --help)
     from model.checkpoint import CheckpointError
     from pipeline.lease import LeaseHeld
@@ -104,13 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.run import OutputError, run_job
     from pipeline.sources import InputError
 
+    _redact_handlers("ray", "ray.data")  # configured when Ray was imported, just now
     try:
         summary = run_job(config, **dataclasses.asdict(run))
     except (InputError, CheckpointError, OutputError, LeaseHeld, SettingsChanged, ClusterError) as exc:
-        print(f"panoptic-flow segment: error: {exc}", file=sys.stderr)
+        print(f"panoptic-flow segment: error: {redact_uri(str(exc))}", file=sys.stderr)
         return 2
-    print(summary.line(config.output))
+    print(redact_uri(summary.line(config.output)))
     return 0
+
+
+def _stop(signum: int) -> int:
+    """One line, then Ray shut down here (not at interpreter exit, where a signal-interrupted core worker could
+    abort the process); the exit code says which signal."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM while shutting down changes nothing
+    signal.alarm(0)  # no abort armed by a failure-signal handler (see RAY_ENVIRONMENT) may cut the shutdown short
+    print(_stopped_line(signum), file=sys.stderr, flush=True)
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    return STOP_EXIT_CODES[signum]
 
 
 if __name__ == "__main__":

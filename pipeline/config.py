@@ -51,6 +51,13 @@ class InputConfig:
         default=89_478_485,  # Pillow's default decompression-bomb limit (≈ 9459²)
         metadata={"help": "larger images (checked on the header, before decoding) are error rows"},
     )
+    max_bytes: int = field(
+        default=1 << 30,  # `pipeline.storage.DEFAULT_MAX_BYTES`
+        metadata={
+            "help": "the most bytes read of one input object (an image file, or a whole tar / Parquet shard): a "
+            "larger one is an error row, never read whole, so that no input can exhaust a worker's memory"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_literal_fields(self)
@@ -58,6 +65,8 @@ class InputConfig:
             raise ValueError("at least one --input is required")
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
 
 
 @dataclass(frozen=True)
@@ -138,29 +147,63 @@ class JobConfig:
         check_output_uri(self.output)
 
     def to_dict(self) -> dict[str, object]:
-        """The configuration for the run record, URIs stripped of query strings and user info (no secrets)."""
-        record = asdict(self)
-        record["input"]["uris"] = [redact_uri(u) for u in self.input.uris]
-        record["output"] = redact_uri(self.output)
-        record["model"]["weights"] = redact_uri(self.model.weights)
-        return record
+        """The configuration for the run record, every string redacted (`redact_uri`: no secrets)."""
+        return _redacted(asdict(self))
 
 
-def redact_uri(uri: str) -> str:
-    """``uri`` without ``user:password@`` and without a query string (e.g. a pre-signed URL's signature)."""
-    uri = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri)
-    return uri.split("?", 1)[0]
+def _redacted(value: object) -> object:
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    return value
+
+
+REDACTED = "***"
+_SCHEME = r"[a-zA-Z][a-zA-Z0-9+.-]*://"
+_TOKEN_CHAR = r"[^\s'\"<>]"  # a URI inside a text ends at white space or a quote
+# ``scheme://user:password@``, the password holding any of ``/ @ :`` (AWS secret keys hold ``/``): from the
+# first ``:`` of the first segment to the token's last ``@``; or ``scheme://token@`` without a ``/`` before it.
+_USERINFO = re.compile(rf"({_SCHEME})(?:[^\s/@:'\"<>]*:{_TOKEN_CHAR}*@|[^\s/@'\"<>]*@)")
+_QUERY = re.compile(rf"({_SCHEME}[^\s?'\"<>]*)\?{_TOKEN_CHAR}*")  # a URI's query string (pre-signed URLs)
+# key=value pairs of credentials anywhere (also outside a URI): X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token, X-Goog-Signature, sig (Azure SAS), Signature, token, password, secret, ...
+_SECRET_PARAMETER = re.compile(
+    r"(?i)(?<![A-Za-z0-9_])((?:x-amz-[\w-]+|x-goog-[\w-]+|sig|signature|[\w-]*token|password|passwd|secret"
+    r"|[\w-]*secret[\w-]*|credential|awsaccesskeyid|api[_-]?key)=)[^&\s'\"<>]+"
+)
+
+
+def redact_uri(text: str) -> str:
+    """``text`` (a URI, an argument such as ``--weights=URI``, a log line, an error message) with every secret
+    taken out: a URI's ``user:password@`` or ``token@`` (a password may hold ``/``, ``@`` and ``:``), a URI's
+    query string (a pre-signed URL's signature), and credential parameters anywhere (``X-Amz-*=``,
+    ``X-Goog-*=``, ``sig=``, ``Signature=``, ``token=``, ``password=``, ...: their values become ``***``).
+    The one redaction for everything printed, logged or recorded."""
+    text = _USERINFO.sub(r"\1", text)
+    text = _QUERY.sub(r"\1", text)
+    return _SECRET_PARAMETER.sub(rf"\1{REDACTED}", text)
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether ``uri`` carries credentials that `redact_uri` would take out."""
+    return redact_uri(uri) != uri
 
 
 def check_output_uri(uri: str) -> None:
-    """Output URIs: an allowed scheme, no credentials in the URI, no `..` segment escaping the prefix."""
+    """Output URIs: an allowed scheme, no credentials in the URI, no `..` segment escaping the prefix. Messages
+    never repeat a secret."""
     match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
     scheme = match.group(1).lower() if match else "file"
     if scheme not in ALLOWED_OUTPUT_SCHEMES:
         raise ValueError(f"output scheme {scheme!r} is not allowed (allowed: {', '.join(ALLOWED_OUTPUT_SCHEMES)})")
     rest = uri[match.end() :] if match else uri
-    if "@" in rest.split("/", 1)[0]:
-        raise ValueError("credentials must not be part of the output URI; use the AWS credential chain")
+    if "@" in rest.split("/", 1)[0] or has_credentials(uri):
+        raise ValueError(
+            "credentials must not be part of the output URI (nor a signed query string); use the AWS credential chain"
+        )
     if ".." in rest.replace("\\", "/").split("/"):
         raise ValueError(f"output URI must not contain '..' segments: {uri!r}")
     if not rest.strip("/"):

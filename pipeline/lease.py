@@ -12,9 +12,14 @@ What each store guarantees:
   ``If-None-Match: *`` (of two creators, exactly one succeeds), renewed every ``ttl/4`` with ``If-Match`` on
   its ETag (a renewal fails once another run has taken the lease) and deleted at the end. A lease not
   renewed for ``ttl`` seconds (default 120) has expired and is taken over with ``If-Match`` on the expired
-  lease's ETag, so of two takers exactly one wins. A lease whose holder ran on this host in a process that
-  is gone is taken over at once (the usual case: the driver died and the job is submitted again on the same
-  head node); ``take_over=True`` takes over a live-looking lease on purpose.
+  lease's ETag, so of two takers exactly one wins. Expiry is judged by the store's own clock, never by the
+  holder's: the age of the lease object is the ``Date`` of the store's response minus the object's
+  ``Last-Modified`` (both stamped by the store), so a holder whose clock runs fast or slow neither blocks the
+  output past its expiry nor is taken over while it renews. A lease whose recorded renewal time disagrees
+  with the store's time of that write by more than `CLOCK_TOLERANCE_S` is reported ("its host's clock looks
+  wrong"); it expires like any other, ``ttl`` after it stopped changing. A lease whose holder ran on this
+  host in a process that is gone is taken over at once (the usual case: the driver died and the job is
+  submitted again on the same head node); ``take_over=True`` takes over a live-looking lease on purpose.
 - **Other object stores** (``gs://``, ``az://``, ...): best effort, without conditional writes through
   fsspec: an existence check, a write, a read back. Two runs started within moments of each other can
   both proceed; do not start two runs on one output there.
@@ -26,6 +31,7 @@ it, so a run that lost its lease (it stalled past the expiry and was taken over)
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fcntl
 import json
 import logging
@@ -36,7 +42,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 
@@ -46,6 +52,7 @@ from pipeline.storage import is_local, is_s3
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 120.0
+CLOCK_TOLERANCE_S = 30.0  # a recorded renewal time further than this from the store's time of the write: reported
 
 
 class LeaseHeld(RuntimeError):
@@ -147,13 +154,16 @@ class Lease:
             except OSError as exc:  # s3fs maps 412 PreconditionFailed to an OSError subclass
                 if not _precondition_failed(exc):
                     raise
-            holder, etag = _read(fs, path)
+            seen = _read(fs, path)
+            holder = seen.record
             if holder is None:  # released in between: try to create it again
                 continue
-            if not (take_over or _is_dead(holder)):
-                raise LeaseHeld(_held_message(self.output, holder, local=False))
+            if not (take_over or _is_dead(holder, age_s=seen.age_s)):
+                raise LeaseHeld(_held_message(self.output, holder, local=False, seen=seen))
+            if seen.skew_s is not None and abs(seen.skew_s) > CLOCK_TOLERANCE_S:
+                log.warning("the lease of run %s: %s", holder.get("run_id"), _clock_note(seen.skew_s))
             try:
-                self._etag = _etag_of(fs.pipe_file(path, self._body(), IfMatch=etag))
+                self._etag = _etag_of(fs.pipe_file(path, self._body(), IfMatch=seen.etag))
                 log.warning("took over the lease of run %s on %s", holder.get("run_id"), self.output)
                 return
             except OSError as exc:
@@ -167,18 +177,19 @@ class Lease:
             self._etag = _etag_of(fs.pipe_file(path, self._body(), IfMatch=self._etag))
         except OSError as exc:
             if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
-                holder, _ = _read(fs, path)
+                holder = _read(fs, path).record
                 raise LeaseLost(f"run {self.run_id} lost its lease on {self.output} to {holder}") from exc
             raise
 
     # -- other stores: best effort --------------------------------------------------------------------
 
     def _acquire_best_effort(self, fs: fsspec.AbstractFileSystem, path: str, *, take_over: bool) -> None:
-        holder, _ = _read(fs, path)
-        if holder is not None and not (take_over or _is_dead(holder)):
-            raise LeaseHeld(_held_message(self.output, holder, local=False))
+        seen = _read(fs, path)
+        holder = seen.record
+        if holder is not None and not (take_over or _is_dead(holder, age_s=seen.age_s)):
+            raise LeaseHeld(_held_message(self.output, holder, local=False, seen=seen))
         fs.pipe_file(path, self._body())
-        holder, _ = _read(fs, path)
+        holder = _read(fs, path).record
         if holder is None or holder.get("run_id") != self.run_id:
             raise LeaseHeld(_held_message(self.output, holder or {}, local=False))
 
@@ -195,7 +206,7 @@ class Lease:
         if is_s3(fs):
             self._renew_conditional(fs, path)
             return
-        holder, _ = _read(fs, path)
+        holder = _read(fs, path).record
         if holder is None or holder.get("run_id") != self.run_id:
             raise LeaseLost(f"run {self.run_id} lost its lease on {self.output} to {holder}")
         self.record["renewed"] = time.time()
@@ -237,7 +248,7 @@ class Lease:
             self._file = None
             return
         if self._lost is None and not self._released:
-            holder, _ = _read(fs, path)
+            holder = _read(fs, path).record
             if holder is not None and holder.get("run_id") == self.run_id:
                 with contextlib.suppress(FileNotFoundError):
                     fs.rm(path)
@@ -261,20 +272,48 @@ def check_holder(output: str, run_id: str) -> None:
         except FileNotFoundError:
             holder = None
     else:
-        holder, _ = _read(fs, path)
+        holder = _read(fs, path).record
     if holder is None or holder.get("run_id") != run_id or "released" in holder:
         raise LeaseLost(f"run {run_id} does not hold the lease on {output} (holder: {holder}); not committing")
 
 
-def _read(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, Any] | None, str | None]:
-    """(record, ETag) of the lease object, (None, None) when there is none. The ETag is read first, so the
-    record is at least as new as it (a conditional write on a stale ETag fails, it never wins wrongly)."""
+class _Seen(NamedTuple):
+    """The lease object as a taker reads it."""
+
+    record: dict[str, Any] | None  # None: no lease
+    etag: str | None
+    age_s: float | None  # since the store last wrote it, by the store's clock (None: the store does not say)
+    skew_s: float | None  # the record's "renewed" minus the store's time of that write: the holder's clock error
+
+
+_NONE = _Seen(None, None, None, None)
+
+
+def _read(fs: fsspec.AbstractFileSystem, path: str) -> _Seen:
+    """The lease object (`_NONE` when there is none). On S3 its ETag and ages come from one HEAD read before the
+    body, so the record is at least as new as the ETag (a conditional write on a stale ETag fails, it never
+    wins wrongly)."""
     try:
-        etag = fs.info(path, refresh=True).get("ETag") if is_s3(fs) else None
+        etag, written, store_now = _head(fs, path) if is_s3(fs) else (None, None, None)
         body = fs.cat_file(path)
     except FileNotFoundError:
-        return None, None
-    return _parse(body.decode(errors="replace")), etag
+        return _NONE
+    record = _parse(body.decode(errors="replace"))
+    age = None if written is None or store_now is None else max(0.0, store_now - written)
+    renewed = (record or {}).get("renewed")
+    skew = renewed - written if written is not None and isinstance(renewed, int | float) else None
+    return _Seen(record, etag, age, skew)
+
+
+def _head(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str | None, float | None, float | None]:
+    """(ETag, Last-Modified, the response's Date) of an S3 object, both times as the store's own epoch seconds:
+    one direct request, no listing cache."""
+    bucket, key, _ = fs.split_path(path)
+    response = fs.call_s3("head_object", Bucket=bucket, Key=key)
+    modified = response.get("LastModified")
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    store_now = email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    return response.get("ETag"), (modified.timestamp() if modified is not None else None), store_now
 
 
 def _parse(text: str) -> dict[str, Any] | None:
@@ -295,20 +334,33 @@ def _precondition_failed(exc: OSError) -> bool:
     return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
 
 
-def _is_dead(holder: dict[str, Any]) -> bool:
-    """Whether the holder cannot be running any more: its lease expired, or it ran on this host in a process
-    that is gone."""
+def _is_dead(holder: dict[str, Any], *, age_s: float | None, now: float | None = None) -> bool:
+    """Whether the holder cannot be running any more: released; not renewed for its ``ttl_s`` (judged by
+    ``age_s``, the store's own time since the lease was written, when the store gives it; else by the record's
+    renewal time against this host's clock ``now``); or it ran on this host in a process that is gone."""
     if "released" in holder:
         return True
-    renewed, ttl = holder.get("renewed"), holder.get("ttl_s", DEFAULT_TTL_S)
-    if isinstance(renewed, (int, float)) and time.time() > renewed + float(ttl):
+    ttl = float(holder.get("ttl_s", DEFAULT_TTL_S))
+    renewed = holder.get("renewed")
+    if age_s is not None:
+        if age_s >= ttl:
+            return True
+    elif isinstance(renewed, int | float) and (time.time() if now is None else now) > renewed + ttl:
         return True
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         return _process_start(holder["pid"]) != holder.get("pid_start")
     return False
 
 
-def _held_message(output: str, holder: dict[str, Any] | None, *, local: bool) -> str:
+def _clock_note(skew_s: float) -> str:
+    way = "ahead of" if skew_s > 0 else "behind"
+    return (
+        f"its host's clock looks wrong: the renewal time it recorded is {abs(skew_s):.0f} s {way} the store's time "
+        "of that write (expiry is judged by the store's clock)"
+    )
+
+
+def _held_message(output: str, holder: dict[str, Any] | None, *, local: bool, seen: _Seen | None = None) -> str:
     holder = holder or {}
     who = (
         f"run {holder.get('run_id', '?')} (host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
@@ -321,9 +373,15 @@ def _held_message(output: str, holder: dict[str, Any] | None, *, local: bool) ->
         )
     renewed = holder.get("renewed")
     ttl = float(holder.get("ttl_s", DEFAULT_TTL_S))
-    if isinstance(renewed, (int, float)):
+    if seen is not None and seen.age_s is not None:
+        expiry = f"its lease expires in {ttl - seen.age_s:.0f} s unless renewed (by the store's clock)"
+        if seen.skew_s is not None and abs(seen.skew_s) > CLOCK_TOLERANCE_S:
+            expiry += f"; {_clock_note(seen.skew_s)}"
+    elif isinstance(renewed, int | float):
         left = renewed + ttl - time.time()
         expiry = f"its lease expires in {left:.0f} s unless renewed"
+        if left > ttl + CLOCK_TOLERANCE_S:
+            expiry += f" (its host's clock looks wrong: it claims a renewal {left - ttl:.0f} s in the future)"
     else:
         expiry = "its lease has no expiry time"
     return (

@@ -40,7 +40,11 @@ Tested against: a killed model actor, a killed driver then a re-run, a lost node
 its two files and after both, two runs started together and one started mid-run, an exception and a signal
 during an S3 upload, a store that drops connections (retryable rows retried on the next run), inputs
 changed / deleted / added between a crash and the resume, a changed threshold, an unreadable committed part,
-the output inside the input folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py).
+the output inside the input folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py);
+two unreadable committed parts on a local and on an S3 output, re-run with another ``--rows-per-file`` (so that
+no redone part overwrites a bad one by name: test_quarantine.py); a FIFO and a link to ``/dev/zero`` among the
+inputs (test_input_files.py); leases written by hosts whose clocks run an hour fast or slow
+(test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume (tests/jobs/test_stop.py).
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from pipeline.schema import (
     Counts,
 )
 from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, manifest_base, manifest_rows
-from pipeline.storage import is_temporary, publish
+from pipeline.storage import is_local, is_temporary, publish
 from pipeline.write import COUNTS_KEY, PART_PREFIX, parquet_bytes, part_counts
 
 if TYPE_CHECKING:
@@ -130,14 +134,30 @@ def prepare_output(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 def quarantine(fs: fsspec.AbstractFileSystem, root: str, part: str, *, run_id: str, problem: str) -> None:
-    """Move an unreadable committed part (both tables) to ``_quarantine/<run_id>/``: its images are redone."""
+    """Move an unreadable committed part (both tables) to ``_quarantine/<run_id>/``: its images are redone.
+
+    The ``images`` file goes first (the commit record: once it is gone, its images are uncommitted), then the
+    ``segments`` file. A failure to move either raises: the run must not redo images whose bad part stays in
+    place (readers would fail on it and its rows would count twice). The only error tolerated is a source that
+    is gone: an ``images`` file moved aside by hand since the listing, or a ``segments`` file removed by hand
+    (every commit writes one; an interrupted quarantine leaves the ``segments`` file as an orphan, which the
+    next run's `prepare_output` removes). A destination folder that does not exist is created (local stores;
+    object stores have no folders)."""
     name = posixpath.basename(part)
     log.warning("moving unreadable part %s to %s/%s/ (%s); its images are done again", name, QUARANTINE_FOLDER,
                 run_id, problem)  # fmt: skip
     for table in (IMAGES_TABLE, SEGMENTS_TABLE):  # images first: the commit record goes, then its segments
         source = posixpath.join(root, table, name)
-        with contextlib.suppress(FileNotFoundError):
-            fs.mv(source, posixpath.join(root, QUARANTINE_FOLDER, run_id, table, name))
+        folder = posixpath.join(root, QUARANTINE_FOLDER, run_id, table)
+        if is_local(fs):
+            fs.makedirs(folder, exist_ok=True)
+        try:
+            fs.mv(source, posixpath.join(folder, name))
+        except FileNotFoundError:
+            if fs.exists(source):  # the source is there: the move itself failed
+                raise
+            log.warning("%s/%s was gone already: nothing to move", table, name)
+        fs.invalidate_cache(posixpath.join(root, table))
 
 
 def read_run_records(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:

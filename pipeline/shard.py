@@ -68,6 +68,7 @@ class ShardSegmenter:
         rows_per_file: int,
         batch_size: int,
         max_pixels: int,
+        max_bytes: int,
         bytes_column: str,
         id_column: str | None,
         threads: int,
@@ -78,6 +79,7 @@ class ShardSegmenter:
         self.inference = inference
         self.output, self.run_id = output, run_id
         self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
+        self.max_bytes = max_bytes
         self.bytes_column, self.id_column = bytes_column, id_column
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard-cpu")
         self.io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="shard-io")
@@ -116,7 +118,9 @@ class ShardSegmenter:
 
         def read(ref: tuple[str, str, list[str]]) -> list[ImageRow]:
             uri, kind, skip = ref
-            return read_ref(uri, kind, skip, bytes_column=self.bytes_column, id_column=self.id_column)
+            return read_ref(
+                uri, kind, skip, bytes_column=self.bytes_column, id_column=self.id_column, max_bytes=self.max_bytes
+            )
 
         def decode(row: ImageRow) -> tuple[ImageRow, DecodedImage]:
             if row.error:

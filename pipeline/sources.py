@@ -11,6 +11,12 @@ Inputs (any fsspec URI: ``s3://`` via s3fs honouring the AWS configuration incl.
   This is the scalable way: it is read by Ray workers, never listed on the driver. Lines are normalised
   (``file://``, ``./``, ``..``; relative lines resolve against the manifest's own folder).
 
+Only regular files are read: a local FIFO, socket or device (also behind a symbolic link) is found by ``stat``
+at listing time (counted, logged) and becomes an error row "not a regular file" when its ref is read, without
+ever being opened. No read goes past the object's size or ``--max-bytes`` (`pipeline.storage.read_object`).
+Listed files whose names end in no image, ``.tar`` or ``.parquet`` extension are left out, counted and named
+(`ResolvedInputs.left_out`); ``--input-format files`` reads them as images.
+
 Nothing under the job's output is ever listed as an input. Raw bytes are read here and decoded in
 `pipeline.decode`, so one bad object becomes one error row; an error that another attempt may not meet
 (unreachable store, timeout, throttling, 5xx) is marked ``retryable`` and redone by the next run.
@@ -28,10 +34,12 @@ already committed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
 import posixpath
+import stat
 import tarfile
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -44,7 +52,16 @@ import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
 from pipeline.ids import SHARD_ITSELF, file_id, member_id
-from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, is_local, object_version, read_object
+from pipeline.storage import (
+    DEFAULT_MAX_BYTES,
+    TRANSIENT_ERRORS,
+    NotARegularFile,
+    TooLarge,
+    describe_storage_error,
+    is_local,
+    object_version,
+    read_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +85,9 @@ class InputError(ValueError):
 class ResolvedInputs:
     refs: list[dict[str, Any]]  # {"uri", "kind", "size", "version"} rows listed on the driver
     manifests: list[str]  # manifest URIs, expanded by Ray workers
+    left_out: int = 0  # listed files left out by their extension (no image, tar or Parquet name)
+    left_out_examples: list[str] = dataclasses.field(default_factory=list)  # the first few of them
+    not_regular: int = 0  # local inputs that are FIFOs, sockets or devices: error rows, never opened
 
 
 # -- listing on the driver -----------------------------------------------------------------------------------
@@ -104,6 +124,8 @@ def resolve_inputs(config: InputConfig, *, output: str | None = None) -> Resolve
     URI when it is unusable."""
     refs: list[dict[str, Any]] = []
     manifests: list[str] = []
+    left_out: list[str] = []
+    left_out_count = 0
     excluded = output_location(output)
     for uri in config.uris:
         if config.format == "manifest" or (
@@ -112,17 +134,44 @@ def resolve_inputs(config: InputConfig, *, output: str | None = None) -> Resolve
             _require_exists(uri)
             manifests.append(uri)
             continue
-        found, skipped = _list_uri(uri, config, excluded)
-        if not found:
-            inside = f" ({skipped} files under the output {output} left out)" if skipped else ""
+        listing = _list_uri(uri, config, excluded)
+        if not listing.refs:
+            under = listing.under_output
+            inside = f" ({under} files under the output {output} left out)" if under else ""
+            others = f" ({_left_out_text(listing.left_out_count, listing.left_out)})" if listing.left_out_count else ""
             raise InputError(
                 f"no images found under {uri} (looked for {', '.join(IMAGE_EXTENSIONS)}, .tar, .parquet){inside}"
+                f"{others}"
             )
-        if skipped:
-            log.warning("left out %d files under the output %s found in the input %s", skipped, output, uri)
-        refs.extend(found)
+        if listing.under_output:
+            log.warning(
+                "left out %d files under the output %s found in the input %s", listing.under_output, output, uri
+            )
+        refs.extend(listing.refs)
+        left_out_count += listing.left_out_count
+        left_out.extend(listing.left_out[: LEFT_OUT_EXAMPLES - len(left_out)])
+    if left_out_count:
+        log.warning("%s", _left_out_text(left_out_count, left_out))
+    not_regular = [r["uri"] for r in refs if r.pop("regular", True) is False]
+    if not_regular:
+        log.warning(
+            "%d inputs are not regular files (FIFOs, sockets, devices; e.g. %s): they become error rows and are "
+            "never opened",
+            len(not_regular),
+            ", ".join(not_regular[:LEFT_OUT_EXAMPLES]),
+        )
     _check_parquet_columns([r["uri"] for r in refs if r["kind"] == "parquet"], config)
-    return ResolvedInputs(refs, manifests)
+    return ResolvedInputs(refs, manifests, left_out_count, left_out, len(not_regular))
+
+
+LEFT_OUT_EXAMPLES = 5  # files named in the line about files left out by their extension
+
+
+def _left_out_text(count: int, examples: list[str]) -> str:
+    return (
+        f"left out {count} files whose names end in no image, .tar or .parquet extension (e.g. "
+        f"{', '.join(examples)}); `--input-format files` reads every listed file as an image"
+    )
 
 
 PARQUET_FILES_CHECKED = 4  # Parquet inputs whose columns are checked up front (the others give error rows)
@@ -153,10 +202,16 @@ def _require_exists(uri: str) -> None:
         raise InputError(f"input not found: {uri}")
 
 
-def _list_uri(
-    uri: str, config: InputConfig, excluded: tuple[fsspec.AbstractFileSystem, str] | None
-) -> tuple[list[dict[str, Any]], int]:
-    """(refs, number of files left out because they are under the output)."""
+class Listing(NamedTuple):
+    refs: list[dict[str, Any]]
+    under_output: int  # files left out because they are under the output
+    left_out_count: int  # files left out by their extension
+    left_out: list[str]  # the first `LEFT_OUT_EXAMPLES` of them
+
+
+def _list_uri(uri: str, config: InputConfig, excluded: tuple[fsspec.AbstractFileSystem, str] | None) -> Listing:
+    """The refs of one input URI and what was left out. A local ref that is no regular file has
+    ``"regular": False`` (popped by `resolve_inputs`); its read gives the error row without opening it."""
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         if is_local(fs):
@@ -173,26 +228,32 @@ def _list_uri(
         raise
     except (*TRANSIENT_ERRORS, ValueError) as exc:  # no such bucket, access denied, bad endpoint...
         raise InputError(describe_storage_error(uri, exc)) from exc
-    refs, skipped = [], 0
+    refs, skipped, left_out, left_out_count = [], 0, [], 0
     same_fs = excluded is not None and type(excluded[0]) is type(fs)
     for p in sorted(found):
+        under_output = same_fs and (p == excluded[1] or p.startswith(excluded[1] + "/"))  # type: ignore[index]
         kind = _forced_kind(config) or _kind_of(p)
         if kind is None:
+            if not under_output:
+                left_out_count += 1
+                if len(left_out) < LEFT_OUT_EXAMPLES:
+                    left_out.append(_with_protocol(fs, p, uri))
             continue
-        if same_fs and (p == excluded[1] or p.startswith(excluded[1] + "/")):  # type: ignore[index]
+        if under_output:
             skipped += 1
             continue
         info = found[p]
         size = info.get("size")
-        refs.append(
-            {
-                "uri": _with_protocol(fs, p, uri),
-                "kind": kind,
-                "size": None if size is None else int(size),
-                "version": object_version(info),
-            }
-        )
-    return refs, skipped
+        ref = {
+            "uri": _with_protocol(fs, p, uri),
+            "kind": kind,
+            "size": None if size is None else int(size),
+            "version": object_version(info),
+        }
+        if info.get("regular") is False:
+            ref["regular"] = False
+        refs.append(ref)
+    return Listing(refs, skipped, left_out_count, left_out)
 
 
 def _walk_local(path: str) -> dict[str, dict[str, Any]]:
@@ -228,11 +289,12 @@ def _walk_local(path: str) -> dict[str, dict[str, Any]]:
 
 
 def _local_info(path: str) -> dict[str, Any]:
+    """{"size", "mtime", "regular"} by ``os.stat`` (links followed; nothing is opened)."""
     try:
-        stat = os.stat(path)
+        status = os.stat(path)
     except OSError:  # a broken link: listed, its read gives the error row
         return {"size": None, "mtime": None}
-    return {"size": stat.st_size, "mtime": stat.st_mtime}
+    return {"size": status.st_size, "mtime": status.st_mtime, "regular": stat.S_ISREG(status.st_mode)}
 
 
 def _forced_kind(config: InputConfig) -> RefKind | None:
@@ -308,15 +370,30 @@ class ImageRow(NamedTuple):
     retryable: bool
 
 
-def read_ref(uri: str, kind: str, skip: Collection[str], *, bytes_column: str, id_column: str | None) -> list[ImageRow]:
+def read_ref(
+    uri: str,
+    kind: str,
+    skip: Collection[str],
+    *,
+    bytes_column: str,
+    id_column: str | None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> list[ImageRow]:
     """One ref -> its image rows (`ImageRow`, ``error`` "" when read): a file gives one, a shard one per member
-    not in ``skip`` (committed members), plus a shard-level error row when part of it could not be read. An
-    ``--id-column`` value repeated inside one Parquet shard gets an error row under the row's own id
-    (``shard#row=N``) instead of a second row with the same id. Memory is bounded by one shard."""
+    not in ``skip`` (committed members), plus a shard-level error row when part of it could not be read.
+
+    Each object is read whole but never past ``max_bytes`` (``--max-bytes``; a larger object, shard included,
+    is an error row "larger than --max-bytes"); a local input that is no regular file (a FIFO, socket or device,
+    also behind a link) is an error row "not a regular file", never opened. An ``--id-column`` value repeated
+    inside one Parquet shard gets an error row under the row's own id (``shard#row=N``) instead of a second row
+    with the same id. Memory is bounded by one shard.
+    """
     if kind == "file":
-        return [_read_file(uri)]
+        return [_read_file(uri, max_bytes=max_bytes)]
     if kind in ("tar", "parquet"):
-        return list(_read_shard(uri, kind, set(skip), bytes_column=bytes_column, id_column=id_column))
+        return list(
+            _read_shard(uri, kind, set(skip), bytes_column=bytes_column, id_column=id_column, max_bytes=max_bytes)
+        )
     raise ValueError(f"unknown input kind {kind!r}")  # a bug, not bad data
 
 
@@ -336,22 +413,28 @@ def image_columns(rows: list[ImageRow]) -> dict[str, np.ndarray]:
     }
 
 
-def read_refs(batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str | None) -> dict[str, np.ndarray]:
+def read_refs(
+    batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str | None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> dict[str, np.ndarray]:
     """Refs as columns ({"uri", "kind"}, optional "skip") -> the `image_columns` of all their rows (`read_ref`)."""
     n = len(batch["uri"])
     skips = batch["skip"] if "skip" in batch else [None] * n
     rows: list[ImageRow] = []
     for uri, kind, skip in zip(batch["uri"], batch["kind"], skips):
         done = () if skip is None else [str(s) for s in skip]
-        rows.extend(read_ref(str(uri), str(kind), done, bytes_column=bytes_column, id_column=id_column))
+        rows.extend(
+            read_ref(str(uri), str(kind), done, bytes_column=bytes_column, id_column=id_column, max_bytes=max_bytes)
+        )
     return image_columns(rows)
 
 
-def _read_file(uri: str) -> ImageRow:
+def _read_file(uri: str, *, max_bytes: int) -> ImageRow:
     try:
-        data, info = read_object(uri)
+        data, info = read_object(uri, max_bytes=max_bytes)
     except FileNotFoundError as exc:
         return ImageRow(file_id(uri), uri, None, None, None, b"", f"not found: {exc}", False)
+    except (NotARegularFile, TooLarge) as exc:
+        return ImageRow(file_id(uri), uri, None, None, None, b"", str(exc), False)
     except TRANSIENT_ERRORS as exc:
         return ImageRow(file_id(uri), uri, None, None, None, b"", _unreadable(exc), True)
     return ImageRow(file_id(uri), uri, None, info.size, info.version, data, "", False)
@@ -361,15 +444,21 @@ def _unreadable(exc: BaseException) -> str:
     return f"unreadable: {type(exc).__name__}: {exc}"
 
 
-def _read_shard(uri: str, kind: str, done: set[str], *, bytes_column: str, id_column: str | None) -> Iterator[ImageRow]:
+def _read_shard(
+    uri: str, kind: str, done: set[str], *, bytes_column: str, id_column: str | None, max_bytes: int
+) -> Iterator[ImageRow]:
     """The rows of one tar / Parquet shard: its members not in ``done``, then, when part of it could not be
     read, one shard-level error row (member `SHARD_ITSELF`)."""
     shard_row = ImageRow(member_id(uri, SHARD_ITSELF), uri, SHARD_ITSELF, None, None, b"", "", False)
     try:
-        data, info = read_object(uri)
+        data, info = read_object(uri, max_bytes=max_bytes)
     except FileNotFoundError as exc:
         if SHARD_ITSELF not in done:
             yield shard_row._replace(error=f"not found: {exc}")
+        return
+    except (NotARegularFile, TooLarge) as exc:
+        if SHARD_ITSELF not in done:
+            yield shard_row._replace(error=str(exc))
         return
     except TRANSIENT_ERRORS as exc:
         if SHARD_ITSELF not in done:

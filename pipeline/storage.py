@@ -19,12 +19,15 @@ import contextlib
 import logging
 import os
 import posixpath
+import stat
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import fsspec
+
+from pipeline.config import redact_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,14 +102,78 @@ def retrying(what: str, action: Callable[[], T], *, attempts: int = READ_ATTEMPT
     raise AssertionError("unreachable")
 
 
-def read_object(uri: str) -> tuple[bytes, ObjectInfo]:
+DEFAULT_MAX_BYTES = 1 << 30  # the hard cap on one read (`pipeline.config.InputConfig.max_bytes`'s default)
+
+
+class NotARegularFile(ValueError):
+    """A local input that is a FIFO, socket, device or folder (also behind a link): never opened, an error row."""
+
+
+class TooLarge(ValueError):
+    """An object larger than the read cap (``--max-bytes``): not read whole, an error row."""
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def check_regular(path: str) -> os.stat_result:
+    """``os.stat`` of a local path (links followed) when it is a regular file; raises `NotARegularFile` for a
+    FIFO, socket, device or folder without opening it (opening a FIFO blocks; a device never ends)."""
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise NotARegularFile(f"not a regular file ({_file_type(status.st_mode)}); not read")
+    return status
+
+
+def _too_large(size: int, max_bytes: int) -> TooLarge:
+    return TooLarge(f"larger than --max-bytes ({size} > {max_bytes} bytes); not read")
+
+
+def _read_local(path: str, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    """(bytes, {"size", "mtime"}) of a local regular file, at most ``max_bytes`` of it. The file is stat'ed
+    before it is opened (never a FIFO or device) and again through the open descriptor (opened without
+    blocking: a file swapped for a FIFO in between is refused, not waited on)."""
+    status = check_regular(path)
+    if status.st_size > max_bytes:
+        raise _too_large(status.st_size, max_bytes)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(f.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise NotARegularFile(f"not a regular file ({_file_type(status.st_mode)}); not read")
+        data = f.read(min(status.st_size, max_bytes) + 1)  # one byte more: a file that grew shows it
+    if len(data) > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    return data, {"size": status.st_size, "mtime": status.st_mtime}
+
+
+def read_object(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, ObjectInfo]:
     """Whole object at ``uri`` and what identifies it (size, version); a short read (the size differs from
-    the object's) counts as a transient error."""
+    the object's) counts as a transient error.
+
+    Bounded: at most the object's size as the store reports it when the read starts, plus one byte, and never
+    more than ``max_bytes`` + 1 bytes (`TooLarge` past ``max_bytes``: an object larger than the store says, or
+    of unknown size, cannot exhaust memory). Local paths must be regular files (`NotARegularFile`, checked
+    before opening)."""
 
     def attempt() -> tuple[bytes, ObjectInfo]:
         fs, path = fsspec.core.url_to_fs(uri)
-        info = fs.info(path)
-        data = fs.cat_file(path)
+        if is_local(fs):
+            data, info = _read_local(path, max_bytes)
+        else:
+            info = fs.info(path)
+            size = info.get("size")
+            if size is not None and size > max_bytes:
+                raise _too_large(size, max_bytes)
+            limit = max_bytes if size is None else size
+            data = b"" if limit == 0 else fs.cat_file(path, start=0, end=limit + 1)
+            if len(data) > max_bytes:
+                raise _too_large(len(data), max_bytes)
         size = info.get("size")
         if size is not None and len(data) != size:
             raise OSError(f"short read: got {len(data)} of {size} bytes")
@@ -115,9 +182,9 @@ def read_object(uri: str) -> tuple[bytes, ObjectInfo]:
     return retrying(f"reading {uri}", attempt)
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Whole object at ``uri`` (see `read_object`)."""
-    return read_object(uri)[0]
+    return read_object(uri, max_bytes=max_bytes)[0]
 
 
 def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> int:
@@ -143,7 +210,12 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> int:
 
 
 def describe_storage_error(uri: str, exc: BaseException) -> str:
-    """One line saying what failed on ``uri`` and what to do about it (credentials, endpoint, permissions)."""
+    """One line saying what failed on ``uri`` and what to do about it (credentials, endpoint, permissions),
+    without the secrets ``uri`` or the error may carry (`pipeline.config.redact_uri`)."""
+    return redact_uri(_describe_storage_error(uri, exc))
+
+
+def _describe_storage_error(uri: str, exc: BaseException) -> str:
     name, text = type(exc).__name__, str(exc)
     if name == "NoCredentialsError" or "Unable to locate credentials" in text:
         return (

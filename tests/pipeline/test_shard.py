@@ -77,7 +77,7 @@ def test_a_shard_call_commits_exactly_the_rows_of_the_unpipelined_path(
     call = ShardSegmenter.__new__(ShardSegmenter)  # the module's model (the job tests build it in the actor)
     call.segmenter, call.inference = model, INFERENCE
     call.output, call.run_id, call.rows_per_file, call.batch_size, call.max_pixels = str(output), "r1", 4, 3, 10**8
-    call.bytes_column, call.id_column, call.node_id = "image", None, "node-a"
+    call.bytes_column, call.id_column, call.node_id, call.max_bytes = "image", None, "node-a", 10**8
     call.pool, call.io_pool = ThreadPoolExecutor(max_workers=3), ThreadPoolExecutor(max_workers=2)
     with Lease.acquire(str(output), "r1"):
         parts = call(refs)
