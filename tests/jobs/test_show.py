@@ -140,8 +140,9 @@ def test_grid_contact_sheet(synthetic: tuple[Path, list[SynthImage]], tmp_path: 
     output, _ = synthetic
     out = tmp_path / "grid.png"
     assert main([str(output), "--grid", "4", "--where", "categories['dog'] > 0", "-o", str(out), "--tile", "64"]) == 0
-    assert _read_png(out).shape == (64 + 18, 2 * 64, 3)  # two dog images: 2 columns, 1 row
-    assert main([str(output), "--grid", "3", "--where", "num_segments > 100", "-o", str(out)]) == 1
+    # two dog images (30x40 and 40x50, smaller than a tile: not enlarged) side by side, the sheet sized to them
+    assert _read_png(out).shape == (max(30, 40) + 18, 40 + 50, 3)
+    assert main([str(output), "--grid", "3", "--where", "num_segments > 100", "-o", str(out)]) == 2
 
 
 def test_errors(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
