@@ -12,13 +12,14 @@ image the pipeline segmented is drawn in the frame of its masks.
 
 Drawing (:func:`render_overlay`) is pure numpy + PIL: each segment is filled with its colour blended at
 ``alpha`` (the category's COCO colour; things get a per-instance jitter seeded by (category, segment id)
-so neighbouring instances differ and colours are stable between runs), then outlined (not segments of
-fewer than :data:`MIN_OUTLINED_PIXELS` pixels: outlines would hide them and, with many such fragments, the
-photo), then labelled ``"<category> <score>"``. Labels (:func:`layout_labels`) sit inside their own
-segment, as deep inside it as they fit, so they never cover another segment and never overlap each other
-(segments are disjoint); a segment too small or thin for its label gets it, in a second pass, over the
-segment's centre with most of the label on the segment, if that covers no other label; otherwise the label
-is not drawn and ``show`` lists it.
+so neighbouring instances differ and colours are stable between runs), then outlined, unless the outline
+would be more than :data:`MAX_OUTLINE_SHARE` of the segment's pixels (a segment smaller than ~7×7 pixels,
+a thin sliver, or scattered fragments: outlines would hide them and, with many such segments, the photo),
+then labelled ``"<category> <score>"``. Labels (:func:`layout_labels`) sit inside their own segment,
+as deep inside it as they fit, so they never cover another segment and never overlap each other (segments
+are disjoint); a segment too small or thin for its label gets it, in a second pass, over the segment's centre
+with most of the label on the segment, if that covers no other label; otherwise the label is not drawn and
+``show`` lists it.
 
 ``--grid N --where "SQL predicate"`` draws the first N images (by ``image_id``) of the ``image_categories``
 view (see :mod:`pipeline.duckdb_views`) matching the predicate, e.g. ``--where "categories['dog'] > 0"``,
@@ -57,7 +58,7 @@ from pipeline.outputs import OutputNotFoundError, check_output, decode_mask, rea
 PROG = "panoptic-flow show"
 LIST_IDS_HINT = 'list some with: panoptic-flow query OUTPUT "select image_id from images limit 5"'
 DEMO_BANNER = "demo weights: segments are meaningless"
-MIN_OUTLINED_PIXELS = 16  # smaller segments are filled but not outlined
+MAX_OUTLINE_SHARE = 0.5  # segments that would be mostly outline are filled only
 _JITTER = 48  # max per-channel offset of a thing instance's colour from its category colour
 DEFAULT_ALPHA = 0.4  # fill opacity: the colours tell segments apart, the photo stays readable
 _LABEL_PADDING = 2  # pixels between a label's text and the edge of its box
@@ -169,8 +170,9 @@ def draw_overlay(
         out[segment.mask] = blend(image[segment.mask], color, alpha)  # [N, 3]
     if outlines:
         for segment, color in zip(segments, colors):
-            if np.count_nonzero(segment.mask) >= MIN_OUTLINED_PIXELS:
-                out[mask_outline(segment.mask)] = tuple(int(c * 0.6) for c in color)
+            outline = mask_outline(segment.mask)  # [H, W] bool
+            if np.count_nonzero(outline) <= MAX_OUTLINE_SHARE * np.count_nonzero(segment.mask):
+                out[outline] = tuple(int(c * 0.6) for c in color)
     if not labels or not segments:
         return Overlay(out, [], [])
     canvas = Image.fromarray(out)
@@ -430,7 +432,8 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
 
 
 def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], *, tile: int = 256) -> np.ndarray:
-    """Images scaled to fit ``tile``×``tile`` with a caption strip under each: ``[H, W, 3]`` uint8.
+    """Images scaled to ``tile`` pixels high (never enlarged, at most 4 tiles wide) side by side, with a caption
+    strip under each: ``[H, W, 3]`` uint8.
 
     Up to 3 images sit in one row, more in ⌈√N⌉ columns. The sheet is sized to its images: a row is as high
     as its tallest picture (plus the caption strip), the sheet as wide as its widest row.
@@ -443,7 +446,7 @@ def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], *, tile
     thumbs = []
     for array in images:
         thumb = Image.fromarray(array)
-        thumb.thumbnail((tile, tile))
+        thumb.thumbnail((4 * tile, tile))
         thumbs.append(thumb)
     rows = [thumbs[i : i + columns] for i in range(0, len(thumbs), columns)]
     heights = [max(t.height for t in row) for row in rows]
@@ -465,13 +468,16 @@ def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], *, tile
 
 
 def mark_demo(pixels: np.ndarray) -> np.ndarray:
-    """``pixels`` (``[H, W, 3]`` uint8) with :data:`DEMO_BANNER` written on a red strip across its top."""
-    canvas = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(12, min(canvas.width // 30, 28)))
-    left, top, _, bottom = draw.textbbox((0, 0), DEMO_BANNER, font=font)
-    draw.rectangle((0, 0, canvas.width - 1, bottom - top + 2 * _LABEL_PADDING + 1), fill=(170, 0, 0))
-    draw.text((_LABEL_PADDING - left + 2, _LABEL_PADDING - top), DEMO_BANNER, fill="white", font=font)
+    """``pixels`` (``[H, W, 3]`` uint8) under a red strip that reads :data:`DEMO_BANNER`: ``[H + h, W, 3]``
+    (the strip is added above the picture, hiding none of it)."""
+    font = ImageFont.load_default(size=max(12, min(pixels.shape[1] // 30, 28)))
+    left, top, _, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), DEMO_BANNER, font=font)
+    strip = bottom - top + 2 * _LABEL_PADDING + 2
+    canvas = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + strip), (170, 0, 0))
+    canvas.paste(Image.fromarray(pixels), (0, strip))
+    ImageDraw.Draw(canvas).text(
+        (_LABEL_PADDING - left + 2, _LABEL_PADDING - top + 1), DEMO_BANNER, fill="white", font=font
+    )
     return np.asarray(canvas).copy()
 
 
