@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.evaluate import evaluate, main, match_key
+import pipeline.outputs
+from jobs.evaluate import evaluate, format_report, main, match_key
 from jobs.export_coco import coco_categories, id_map_to_rgb, rgb_to_id_map
 from jobs.export_coco import main as export_main
 from tests.synthetic_output import DOG, GRASS, PERSON, SKY, SynthImage, SynthSegment, make_images, rect, write_output
@@ -80,10 +82,11 @@ def test_match_key() -> None:
     assert match_key("s3://b/x.tar#a.jpg", "uri") == "s3://b/x.tar#a.jpg"
 
 
-def test_missing_predictions_are_an_error(setup: tuple[Path, Path, Path]) -> None:
+def test_missing_predictions_are_an_error(setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     output, gt_json, gt_folder = setup
-    with pytest.raises(ValueError, match=r"1 ground-truth images have no ok prediction .*'missing.png'"):
-        main([str(output), "--gt-json", str(gt_json), "--gt-folder", str(gt_folder)])
+    assert main([str(output), "--gt-json", str(gt_json), "--gt-folder", str(gt_folder)]) == 2  # the user's mistake
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.search(r"error: 1 ground-truth images have no ok prediction .*'missing.png'.*--allow-missing", line)
 
 
 def test_evaluate_cli_end_to_end(
@@ -122,10 +125,15 @@ def test_evaluate_cli_end_to_end(
     assert all_line.split("|")[1].split()[:1] == [f"{100 * sum(pq_by_class.values()) / 6:.1f}"]
 
 
+@pytest.mark.parametrize("reader", ["in process", "ray"])
 def test_an_export_evaluated_against_its_own_output_is_perfect(
-    setup: tuple[Path, Path, Path], tmp_path: Path, ray_session: None
-) -> None:
+    setup: tuple[Path, Path, Path], tmp_path: Path, reader: str, request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
     output, _, _ = setup
+    if reader == "ray":  # as a large output is read: Ray Data's map_batches over read_segments_by_image
+        request.getfixturevalue("ray_session")
+        monkeypatch.setattr(pipeline.outputs, "LOCAL_MAX_BYTES", 0)
     assert export_main([str(output), str(tmp_path / "coco")]) == 0
     gt_json = json.loads((tmp_path / "coco" / "panoptic.json").read_text())
     report = evaluate(str(output), gt_json, str(tmp_path / "coco" / "panoptic"), rule="uri")
@@ -134,6 +142,52 @@ def test_an_export_evaluated_against_its_own_output_is_perfect(
     assert report["metrics"]["Stuff"]["n"] == 2
     with pytest.raises(ValueError, match="no ok prediction"):  # exported names do not share the stems
         evaluate(str(output), gt_json, str(tmp_path / "coco" / "panoptic"), rule="stem")
+
+
+def test_an_empty_group_prints_a_dash_and_the_report_lists_only_present_classes(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    output, _, _ = setup
+    assert export_main([str(output), str(tmp_path / "coco")]) == 0
+    gt_json = json.loads((tmp_path / "coco" / "panoptic.json").read_text())
+    things = {c["id"] for c in gt_json["categories"] if c["isthing"]}
+    gt_json["categories"] = [c for c in gt_json["categories"] if c["isthing"]]  # no Stuff class at all
+    for annotation in gt_json["annotations"]:
+        annotation["segments_info"] = [s for s in annotation["segments_info"] if s["category_id"] in things]
+    report = evaluate(str(output), gt_json, str(tmp_path / "coco" / "panoptic"), rule="uri")
+    assert report["metrics"]["Stuff"] == {"pq": None, "sq": None, "rq": None, "n": 0}
+    stuff_line = next(line for line in format_report(report).splitlines() if line.startswith("Stuff"))
+    assert stuff_line.split("|")[1].split() == ["–", "–", "–", "0"]
+    assert sorted(r["category"] for r in report["per_class"]) == ["cat", "dog", "person"]  # not all 80 things
+
+
+_NO_RAY_PROBE = """
+import json, sys
+from jobs.evaluate import main as evaluate
+from jobs.export_coco import main as export
+out, dest = sys.argv[1], sys.argv[2]
+assert export([out, dest]) == 0
+assert evaluate([out, "--gt-json", dest + "/panoptic.json", "--gt-folder", dest + "/panoptic", "--match", "uri"]) == 0
+print(json.dumps(sorted(m for m in ("ray", "ray.data") if m in sys.modules)))
+"""
+
+
+def test_small_outputs_are_exported_and_evaluated_without_ray(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    output, _, _ = setup
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_RAY_PROBE, str(output), str(tmp_path / "coco")],
+        capture_output=True, text=True, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == []  # Ray never imported, so never started
+    assert lines[0] == "wrote 4 images, 8 segments to " + str(tmp_path / "coco")
+    assert any(line.startswith("All") and "100.0" in line for line in lines)
+    assert "ray" not in done.stderr.lower()
 
 
 def test_a_mistyped_output_is_one_line_and_exit_2(

@@ -4,6 +4,7 @@ and exits 2. Run as a user runs them: a new process, stderr counted line by line
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -122,3 +123,37 @@ def test_every_command_reports_a_mistake_in_one_line(
     values = {"missing": str(tmp_path / "no-output"), "output": str(output), "tmp": str(tmp_path)}
     _one_error_line(_run(command, *(a.format(**values) for a in argv)), command)
     assert not (tmp_path / "coco").exists()
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if ": warning: " in line]
+
+
+def test_every_reading_command_warns_once_of_demo_weights(
+    tmp_path: Path, output: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jobs.evaluate import main as evaluate
+    from jobs.export_coco import main as export_coco
+    from jobs.query import main as query
+
+    demo = tmp_path / "demo"
+    write_output(demo, make_images(tmp_path / "inputs"), weights="synthetic")
+    warning = f"{demo} was made with demo weights (--weights synthetic): its segments are meaningless"
+    assert query([str(demo), "SELECT count(*) FROM segments"]) == 0
+    assert _warnings(capsys.readouterr().err) == [f"panoptic-flow query: warning: {warning}"]
+    assert export_coco([str(demo), str(tmp_path / "coco")]) == 0
+    assert _warnings(capsys.readouterr().err) == [f"panoptic-flow export-coco: warning: {warning}"]
+    gt = ["--gt-json", str(tmp_path / "coco" / "panoptic.json"), "--gt-folder", str(tmp_path / "coco" / "panoptic")]
+    assert evaluate([str(demo), *gt, "--match", "uri"]) == 0
+    assert _warnings(capsys.readouterr().err) == [f"panoptic-flow evaluate: warning: {warning}"]
+    # show: tests/jobs/test_show.py; an output of real weights: no warning
+    assert query([str(output), "SELECT 1"]) == 0
+    assert _warnings(capsys.readouterr().err) == []
+    # partly: one of two runs used the demo weights
+    record = {"run_id": "later", "weights": {"uri": "s3://b/w.pth", "sha256": "ab" * 32}}
+    (demo / "_runs" / "later.json").write_text(json.dumps(record))
+    assert query([str(demo), "SELECT 1"]) == 0
+    assert _warnings(capsys.readouterr().err) == [
+        f"panoptic-flow query: warning: {demo} was made with demo weights (--weights synthetic) "
+        "(partly: 1 of its 2 runs): its segments are meaningless"
+    ]
