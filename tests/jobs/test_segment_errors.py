@@ -120,6 +120,12 @@ def test_an_output_that_is_a_file(
     weights = f"{_dead_url()}/detr-r50-panoptic-00ce5173.pth"
     assert main(["--input", str(folder), "--output", str(a_file), "--weights", weights, *FLAGS]) == 2
     assert f"--output: the output {a_file} is a file" in _one_error_line(capsys)
+    # and missing inputs are reported before the weights too
+    assert (
+        main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--weights", weights, *FLAGS]) == 2
+    )
+    line = _one_error_line(capsys)
+    assert str(tmp_path / "nothing") in line and "--weights" not in line
 
 
 def test_unreachable_weights_name_the_uri_without_credentials_and_the_ways_out(
