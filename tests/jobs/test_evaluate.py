@@ -27,8 +27,8 @@ from PIL import Image
 
 import pipeline.outputs
 from jobs.evaluate import evaluate, format_report, main, match_key
-from jobs.export_coco import coco_categories, id_map_to_rgb, rgb_to_id_map
 from jobs.export_coco import main as export_main
+from pipeline.coco import coco_categories, id_map_to_rgb, rgb_to_id_map
 from tests.synthetic_output import DOG, GRASS, PERSON, SKY, SynthImage, SynthSegment, make_images, rect, write_output
 
 TREE = (184, "tree-merged")
