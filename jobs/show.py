@@ -528,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--where: needs --grid")
     if args.grid is not None and args.grid < 1:
         parser.error(f"--grid: must be >= 1, got {args.grid}")
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha: must lie in [0, 1], got {args.alpha}")
+    if args.tile < 1:
+        parser.error(f"--tile: must be >= 1, got {args.tile}")
     style: dict[str, Any] = {"alpha": args.alpha, "outlines": not args.no_outlines, "labels": not args.no_labels}
 
     def body() -> int:

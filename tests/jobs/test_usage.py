@@ -102,6 +102,8 @@ def test_show_mistakes_are_one_line(output: Path, tmp_path: Path) -> None:
     assert "--where: Binder Error" in line
     line = _one_error_line(_run("show", str(output), "-o", png), "show")
     assert "give either IMAGE_ID or --grid N" in line
+    line = _one_error_line(_run("show", str(output), "x.jpg", "--alpha", "2", "-o", png), "show")
+    assert "error: --alpha: must lie in [0, 1], got 2.0" in line
     assert not Path(png).exists()
 
 
