@@ -168,11 +168,15 @@ from jobs.export_coco import main as export
 out, dest = sys.argv[1], sys.argv[2]
 assert export([out, dest]) == 0
 assert evaluate([out, "--gt-json", dest + "/panoptic.json", "--gt-folder", dest + "/panoptic", "--match", "uri"]) == 0
+from jobs.show import main as show
+assert show([out, "--grid", "3", "-o", dest + "/grid.png"]) == 0
 print(json.dumps(sorted(m for m in ("ray", "ray.data") if m in sys.modules)))
 """
 
 
-def test_small_outputs_are_exported_and_evaluated_without_ray(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_small_outputs_are_exported_evaluated_and_shown_without_ray(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     import subprocess
     import sys
 
