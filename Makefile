@@ -36,5 +36,6 @@ GPU_CHECK_ARGS ?=
 gpu-check: install
 	$(PY) -m bench.gpu $(GPU_CHECK_ARGS)
 
+# The main job's output and the README walkthrough's files.
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out coco cat.png grid.png show.png .pytest_cache

@@ -1,13 +1,17 @@
 """`panoptic-flow` console command: one sub-command per job module.
 
 Each sub-command is a module in `jobs/` with a ``main(argv: list[str] | None) -> int``; this file only
-dispatches, so ``panoptic-flow segment ...`` and ``python -m jobs.segment ...`` are the same program.
+dispatches, so ``panoptic-flow segment ...`` and ``python -m jobs.segment ...`` are the same program. The
+exit codes are those of `jobs.usage`: a bare ``panoptic-flow`` prints the help on stderr and exits 2 (as
+argparse does for a missing command); ``panoptic-flow --help`` prints it on stdout and exits 0.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from jobs.usage import EXIT_DONE, EXIT_USAGE, report
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("jobs.segment", "run DETR panoptic segmentation over images and write Parquet"),
@@ -28,13 +32,15 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``argv[0]`` to its job module's ``main``."""
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        print(_usage(), file=sys.stderr)
+        return EXIT_USAGE
+    if args[0] in ("-h", "--help"):
         print(_usage())
-        return 0
+        return EXIT_DONE
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
-        print(f"panoptic-flow: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return report("panoptic-flow", f"unknown command {name!r}; commands: {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

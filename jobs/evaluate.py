@@ -22,8 +22,10 @@ Two GT images or two ``ok`` output images with the same key are an error. A GT i
 prediction is an error, as in panopticapi, unless ``--allow-missing`` (then all its non-crowd segments
 count as false negatives). Output images that match no GT image are ignored.
 
-Per-image statistics run in a Ray Data ``map_batches`` over :func:`pipeline.outputs.read_segments_by_image`
-(restricted to the matched images); the driver sums them per category.
+Per-image statistics run through :func:`pipeline.outputs.map_images` (restricted to the matched images: in
+this process for a small output, else a Ray Data ``map_batches``); the driver sums them per category.
+The report lists the classes present on either side (ground truth or prediction) and the overall figures;
+a group without classes (e.g. no Stuff) prints "–" and has null figures in the report.
 
 Unit: the report and the Parquet table hold fractions in [0, 1] (what panopticapi's ``pq_compute``
 returns); the printed table is ×100, like panopticapi's.
@@ -46,20 +48,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from jobs.export_coco import rgb_to_id_map, to_coco_ids
+from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
+from pipeline.coco import rgb_to_id_map, to_coco_ids
 from pipeline.outputs import (
     OutputNotFoundError,
     check_output,
+    map_images,
     open_table,
     output_filesystem,
     packed_rows,
     panoptic_map,
-    read_segments_by_image,
 )
 from pipeline.pq import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
 from pipeline.schema import IMAGES_TABLE, STATUS_OK
 
 MatchRule = Literal["stem", "basename", "uri"]
+
+PROG = "panoptic-flow evaluate"
 
 _STATS_SCHEMA = pa.schema(
     [("category_id", pa.int32()), ("iou", pa.float64()), ("tp", pa.int64()), ("fp", pa.int64()), ("fn", pa.int64())]
@@ -191,7 +196,13 @@ def _ok_image_ids(output: str) -> list[str]:
 
 
 def evaluate(
-    output: str, gt_json: Mapping[str, Any], gt_folder: str, *, rule: MatchRule = "stem", allow_missing: bool = False
+    output: str,
+    gt_json: Mapping[str, Any],
+    gt_folder: str,
+    *,
+    rule: MatchRule = "stem",
+    allow_missing: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """PQ / SQ / RQ (All / Things / Stuff and per class) of ``output`` against the ground truth.
 
@@ -216,23 +227,28 @@ def evaluate(
             if not s.iscrowd:
                 stats.setdefault(s.category_id, ClassStats()).fn += 1
     if matched:
-        per_batch = read_segments_by_image(output, image_ids=sorted(matched)).map_batches(
+        per_batch = map_images(
+            output,
             evaluate_batch,
-            batch_format="pyarrow",
+            image_ids=sorted(matched),
             batch_size=16,
             fn_kwargs={"gt": matched, "gt_folder": gt_folder, "categories": sorted(categories)},
+            verbose=verbose,
         )
-        for row in per_batch.take_all():
+        for row in per_batch:
             add_stats(stats, {row["category_id"]: ClassStats(row["iou"], row["tp"], row["fp"], row["fn"])})
 
     metrics: dict[str, dict[str, Any]] = {}
     per_class: list[dict[str, Any]] = []
     for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
         average, classes = pq_average(stats, categories, isthing=isthing)
-        metrics[name] = average._asdict()
+        # a group without any class present has no figures (panopticapi prints 0.0, hotcoco "–")
+        metrics[name] = average._asdict() if average.n else {"pq": None, "sq": None, "rq": None, "n": 0}
         if isthing is None:
             for category_id, q in classes.items():
                 s = stats.get(category_id, ClassStats())
+                if s.tp + s.fp + s.fn == 0:  # on neither side: not a class of this evaluation's figures
+                    continue
                 per_class.append(
                     {
                         "category_id": category_id,
@@ -257,16 +273,17 @@ def evaluate(
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    """panopticapi's summary table (×100)."""
+    """panopticapi's summary table (×100); a group without classes shows "–" (as hotcoco prints it)."""
     lines = [f"{'':10s}| {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s} {'N':>5s}", "-" * 38]
     for name, m in report["metrics"].items():
-        lines.append(f"{name:10s}| {100 * m['pq']:5.1f}  {100 * m['sq']:5.1f}  {100 * m['rq']:5.1f} {m['n']:5d}")
+        pq_, sq, rq = (f"{'–':>5s}" if m[k] is None else f"{100 * m[k]:5.1f}" for k in ("pq", "sq", "rq"))
+        lines.append(f"{name:10s}| {pq_}  {sq}  {rq} {m['n']:5d}")
     return "\n".join(lines) + "\n"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="panoptic-flow evaluate",
+    p = CommandParser(
+        prog=PROG,
         description="PQ / SQ / RQ of an output against COCO panoptic ground truth (panopticapi's rules).",
     )
     p.add_argument("output", help="output folder or URI")
@@ -281,29 +298,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="GT images without prediction count as FN")
     p.add_argument("--report", help="write the report (JSON) here")
     p.add_argument("--per-class", help="write the per-class table (Parquet) here")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own messages when a large output uses Ray")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: print the summary, write the report / per-class table if asked."""
+    """CLI entry point: print the summary, write the report / per-class table if asked. Exit code 0 done, 2 a
+    user's mistake (`jobs.usage`)."""
     args = _parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         check_output(args.output)  # before reading a large ground truth
-    except OutputNotFoundError as exc:
-        print(f"panoptic-flow evaluate: {exc}", file=sys.stderr)
-        return 2
-    with fsspec.open(args.gt_json, "rb") as f:
-        gt_json = json.loads(f.read())
-    report = evaluate(args.output, gt_json, args.gt_folder, rule=args.match, allow_missing=args.allow_missing)
-    sys.stdout.write(format_report(report))
-    if args.report:
-        with fsspec.open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.per_class:
-        fs, path = output_filesystem(args.per_class)
-        with fs.open(path, "wb") as f:
-            pq.write_table(pa.Table.from_pylist(report["per_class"], schema=PER_CLASS_SCHEMA), f)
-    return 0
+        warn_if_demo_weights(PROG, args.output)
+        try:
+            with fsspec.open(args.gt_json, "rb") as f:
+                gt_json = json.loads(f.read())
+        except FileNotFoundError:
+            raise UsageError(f"no such file: {args.gt_json}", flag="--gt-json") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{args.gt_json} is not JSON ({exc})", flag="--gt-json") from None
+        try:
+            report = evaluate(
+                args.output, gt_json, args.gt_folder, rule=args.match, allow_missing=args.allow_missing,
+                verbose=args.verbose,
+            )  # fmt: skip
+        except ValueError as exc:  # no prediction for a GT image, two images on one key, sizes that disagree
+            raise UsageError(str(exc)) from exc
+        sys.stdout.write(format_report(report))
+        if args.report:
+            with fsspec.open(args.report, "w") as f:
+                json.dump(report, f, indent=2)
+        if args.per_class:
+            fs, path = output_filesystem(args.per_class)
+            with fs.open(path, "wb") as f:
+                pq.write_table(pa.Table.from_pylist(report["per_class"], schema=PER_CLASS_SCHEMA), f)
+        return 0
+
+    return run_command(PROG, body, user_errors=(OutputNotFoundError,))
 
 
 if __name__ == "__main__":

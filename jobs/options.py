@@ -1,7 +1,7 @@
 """Command-line options and job files, generated from config dataclasses: each option is declared once.
 
 An option is a field of a frozen config dataclass with ``metadata["help"]`` (see `pipeline/config.py`,
-`model/config.py`'s `InferenceConfig`, `jobs/segment.py`'s `RunOptions`). In a tree of dataclasses (a
+`model/config.py`'s `InferenceConfig`, `jobs/segment_options.py`'s `RunOptions`). In a tree of dataclasses (a
 field whose type is a dataclass is a branch) each such field gives:
 
 - an argparse option (:func:`add_options`): ``--`` + ``metadata["option"]`` or the field name with ``-``
@@ -14,8 +14,8 @@ field whose type is a dataclass is a branch) each such field gives:
   option, ``true`` for a switch), checked like the flags; an unknown key is an error that names it;
 - its value in the built dataclasses (:func:`build`): the field's default, overridden by the job file,
   overridden by the flags given on the command line;
-- a row of the README's option table (:func:`markdown_table`; ``python -m jobs.options`` prints the
-  segment job's table).
+- a row of the README's option table (:func:`markdown_table`; ``python -m jobs.segment_options`` prints
+  the segment job's table).
 
 Adding an option is adding the field (type, default, ``metadata={"help": ...}``) to the dataclass whose
 code reads it; values are then validated in that dataclass's ``__post_init__`` (``Literal`` fields by
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -209,6 +210,27 @@ def parse_values(
     return values
 
 
+def flag_message(message: str, found: Sequence[Option]) -> str:
+    """A configuration error as the user knows the options: the first option it mentions goes first, Python
+    field names become flags (``"batch_size must be positive, got 0"`` -> ``"--batch-size: must be positive,
+    got 0"``). A message that mentions no option is returned as it is."""
+    first: tuple[int, Option, re.Match[str]] | None = None
+    for option in found:
+        field = option.path[-1]
+        for spelling in dict.fromkeys((option.flag, field, field.replace("_", " "))):
+            match = re.search(rf"(?<![\w-]){re.escape(spelling)}(?![\w-])", message)
+            if match and (first is None or match.start() < first[0]):
+                first = (match.start(), option, match)
+    if first is None:
+        return message
+    _, option, match = first
+    reason = message[match.end() :].lstrip(" :") if match.start() == 0 else message
+    for other in found:
+        if "_" in other.path[-1]:
+            reason = re.sub(rf"(?<![\w-]){re.escape(other.path[-1])}(?![\w-])", other.flag, reason)
+    return f"{option.flag}: {reason}"
+
+
 # --- job files --------------------------------------------------------------------------------------------
 
 
@@ -316,9 +338,3 @@ def markdown_table(found: Sequence[Option]) -> str:
         lines.append(f"| {flag} | {default} | {meaning} |")
     lines.append(f"| `{CONFIG_FLAG} FILE` | none | {CONFIG_HELP} |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    from jobs.segment import OPTIONS
-
-    print(markdown_table(OPTIONS), end="")

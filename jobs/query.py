@@ -1,18 +1,7 @@
 """`panoptic-flow query OUTPUT "SQL"`: DuckDB SQL over an output's tables.
 
-Views (all read lazily from the Parquet files, filters and projections pushed down):
-
-- ``segments``, ``images``: the two tables (columns in ``pipeline/schema.py``).
-- ``image_categories``: one row per ``ok`` image: ``image_id, source, width, height, num_segments,
-  categories`` (MAP category name -> number of segments) and ``category_list`` (sorted distinct names).
-- ``category_counts``: one row per category: ``category_id, category, isthing, segments, images,
-  total_area, mean_score``.
-
-How the files are reached: each table is a ``pyarrow.dataset`` built by :func:`pipeline.outputs.open_table`
-(fsspec -> ``pyarrow.fs.PyFileSystem(FSSpecHandler)``, so ``s3://`` goes through s3fs and the usual AWS
-configuration) and registered with DuckDB as an Arrow scan. DuckDB never opens a URL itself, so its
-``httpfs`` extension (downloaded on first use) is never needed, and the file-selection rules (recursive,
-``_``/``.`` files skipped, no hive columns) are the same as in every other command.
+The views (``segments``, ``images``, ``image_categories``, ``category_counts``) are those of
+:mod:`pipeline.duckdb_views`.
 
 Example: images with a dog covering more than 5 % of the frame::
 
@@ -34,8 +23,14 @@ from typing import Any, Literal
 
 import duckdb
 
-from pipeline.outputs import OutputNotFoundError, check_output, open_table
-from pipeline.schema import IMAGES_TABLE, SEGMENTS_TABLE
+from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
+from pipeline.duckdb_views import VIEWS, connect
+from pipeline.outputs import OutputNotFoundError
+
+PROG = "panoptic-flow query"
+# errors of the SQL itself (syntax, unknown table or column, a cast or type that fails): the user's mistake;
+# I/O and internal errors stay failures of the job (exit 1)
+SQL_ERRORS = (duckdb.ProgrammingError, duckdb.DataError, duckdb.NotSupportedError)
 
 OutputFormat = Literal["table", "csv", "json"]
 
@@ -45,42 +40,6 @@ FROM segments s JOIN images i USING (image_id)
 WHERE s.category = 'dog' AND s.area > 0.05 * i.width * i.height
 ORDER BY s.image_id
 """
-
-_VIEWS = {
-    "image_categories": """
-        SELECT i.image_id, any_value(i.source) AS source, any_value(i.width) AS width,
-               any_value(i.height) AS height, count(s.segment_id) AS num_segments,
-               coalesce(histogram(s.category) FILTER (WHERE s.category IS NOT NULL),
-                        MAP {}::MAP(VARCHAR, UBIGINT)) AS categories,
-               coalesce(list(DISTINCT s.category ORDER BY s.category)
-                        FILTER (WHERE s.category IS NOT NULL), []::VARCHAR[]) AS category_list
-        FROM images i LEFT JOIN segments s ON s.image_id = i.image_id
-        WHERE i.status = 'ok'
-        GROUP BY i.image_id
-    """,
-    "category_counts": """
-        SELECT category_id, any_value(category) AS category, any_value(isthing) AS isthing,
-               count(*) AS segments, count(DISTINCT image_id) AS images,
-               sum(area) AS total_area, avg(score) AS mean_score
-        FROM segments
-        GROUP BY category_id
-    """,
-}
-
-
-def connect(output: str, *, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views ``segments``, ``images``, ``image_categories``, ``category_counts``.
-
-    The connection keeps the Arrow datasets alive; listing the files happens here, reading happens per
-    query. Raises :class:`~pipeline.outputs.OutputNotFoundError` when ``output`` holds no output.
-    """
-    check_output(output)
-    con = duckdb.connect(database)
-    for table in (SEGMENTS_TABLE, IMAGES_TABLE):
-        con.register(table, open_table(output, table))
-    for name, sql in _VIEWS.items():
-        con.execute(f"CREATE TEMP VIEW {name} AS {sql}")
-    return con
 
 
 def run_query(
@@ -127,8 +86,8 @@ def format_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: Outp
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="panoptic-flow query",
+    p = CommandParser(
+        prog=PROG,
         description="Run DuckDB SQL over an output's views: segments, images, image_categories, category_counts.",
         epilog=f"example (images with a dog larger than 5% of the frame):\n{DOG_OVER_5_PERCENT}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -141,26 +100,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: print the query's result to stdout."""
+    """CLI entry point: print the query's result to stdout. Exit code 0 done, 2 a user's mistake including an
+    SQL error (`jobs.usage`)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 0:
-        parser.error(f"--limit must be >= 0, got {args.limit}")
-    try:
-        con = connect(args.output)
-    except OutputNotFoundError as e:  # a mistyped folder: say so, rather than print 0 rows
-        print(f"panoptic-flow query: {e}", file=sys.stderr)
-        return 2
-    try:
-        columns, rows = run_query(con, args.sql, limit=args.limit)
-    except duckdb.Error as e:
-        print(f"panoptic-flow query: {e}", file=sys.stderr)
-        return 1
-    finally:
-        con.close()
-    if columns:
-        sys.stdout.write(format_rows(columns, rows, args.format))
-    return 0
+        parser.error(f"--limit: must be >= 0, got {args.limit}")
+
+    def body() -> int:
+        con = connect(args.output)  # a mistyped folder: say so, rather than print 0 rows
+        try:
+            warn_if_demo_weights(PROG, args.output)
+            try:
+                columns, rows = run_query(con, args.sql, limit=args.limit)
+            except SQL_ERRORS as exc:
+                reason = str(exc).split("\n\n", 1)[0]  # DuckDB's first paragraph; the rest points at the column
+                raise UsageError(reason, flag="SQL", hint=f"views: {', '.join(VIEWS)}") from None
+        finally:
+            con.close()
+        if columns:
+            sys.stdout.write(format_rows(columns, rows, args.format))
+        return 0
+
+    return run_command(PROG, body, user_errors=(OutputNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import NoReturn
 
-from jobs.options import Option, add_options, build, options, parse_values
+from jobs.options import add_options, build, flag_message, parse_values
+from jobs.segment_options import OPTIONS, RunOptions
+from jobs.usage import CommandParser, UsageError, report, run_command
 from pipeline.config import JobConfig, redact_uri
 
 # Ray retries a task that its memory monitor killed without bound by default (``task_oom_retries`` -1,
@@ -33,44 +33,9 @@ OOM_RETRIES = 3
 # processes, which inherit it): SIGTERM is then a Python exception, handled below.
 RAY_ENVIRONMENT = {"RAY_task_oom_retries": str(OOM_RETRIES), "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
 
+PROG = "panoptic-flow segment"
+WEIGHTS_HINT = "use --weights PATH for a checkpoint on disk, or --weights synthetic for demo weights"
 
-@dataclass(frozen=True)
-class RunOptions:
-    """How this invocation runs the job: `pipeline.run.run_job`'s keyword arguments, by the same names.
-
-    Not part of the job's configuration (`JobConfig`, recorded in ``_runs/<run_id>.json``). A new keyword argument of
-    ``run_job`` that users set is a new field here, with ``metadata["help"]``.
-    """
-
-    allow_synthetic: bool = field(
-        default=False,
-        metadata={
-            "option": "allow-synthetic-weights",
-            "help": "with `--weights auto`: fall back to demo weights when the official file is unreachable "
-            "(used by `make run`)",
-        },
-    )
-    show_progress: bool = field(default=True, metadata={"option": "no-progress", "help": "no progress bar"})
-    take_over_lease: bool = field(
-        default=False,
-        metadata={
-            "help": "take the output's lease although another run seems to hold it (only when that run is dead: "
-            "a lease on an object store expires 2 min after its holder stops renewing it)"
-        },
-    )
-    verbose: bool = field(
-        default=False, metadata={"help": "also show Ray Data's own messages (execution plans, memory advice)"}
-    )
-    allow_mixed_settings: bool = field(
-        default=False,
-        metadata={
-            "help": "resume into an output made with other model settings (variant, weights, sizes, threshold, "
-            "precision, batch mode, device preprocessing) on purpose: its rows then mix both"
-        },
-    )
-
-
-OPTIONS: list[Option] = options(JobConfig) + options(RunOptions)
 
 _EPILOG = """job file: every option above can also come from a YAML file given with --config; flags override it:
 
@@ -84,17 +49,10 @@ _EPILOG = """job file: every option above can also come from a YAML file given w
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose error lines never repeat a secret (a value with credentials given to the wrong flag)."""
-
-    def error(self, message: str) -> NoReturn:
-        super().error(redact_uri(message))
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from the fields of `JobConfig` and `RunOptions` (see `jobs/options.py`)."""
-    parser = _Parser(
-        prog="panoptic-flow segment",
+    parser = CommandParser(
+        prog=PROG,
         description="Run DETR panoptic segmentation over images and write Parquet tables (segments/, images/).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -106,14 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_job(argv: Sequence[str] | None = None) -> tuple[JobConfig, RunOptions]:
     """The job's configuration and run options from ``argv`` (and the ``--config`` job file it names).
 
-    A bad flag, job file or value exits with a one-line error and code 2 (argparse's ``SystemExit``).
+    A bad flag, job file or value exits with a one-line error naming the flag, and code 2 (``SystemExit``).
     """
     parser = build_parser()
     values = parse_values(parser, OPTIONS, argv)
     try:
         return build(JobConfig, values), build(RunOptions, values)
     except ValueError as exc:
-        parser.error(str(exc))
+        raise SystemExit(report(PROG, flag_message(str(exc), OPTIONS))) from None
+
+
+def check_output_is_a_folder(output: str) -> None:
+    """Raise `UsageError` when the local ``output`` exists as a file: checked before the weights are fetched.
+    (An object store is first reached by the run, whose error says how it could not be.)"""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(output)
+    if isinstance(fs, LocalFileSystem) and fs.isfile(path):
+        raise UsageError(f"the output {redact_uri(output)} is a file; give a folder or prefix", flag="--output")
 
 
 class Stopped(BaseException):
@@ -164,9 +133,10 @@ def _set_up_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done; 2 a user's mistake (one line); 143 / 130 stopped by SIGTERM / SIGINT (one line; the
-    run record says failed, the lease is released, re-running resumes); 1 anything else (its traceback, redacted).
-    Nothing printed or logged here carries a secret (`pipeline.config.redact_uri`)."""
+    """CLI entry point. Exit codes (`jobs.usage`): 0 done; 1 the job failed (its traceback, redacted); 2 a user's
+    mistake (one line); 143 / 130 stopped by SIGTERM / SIGINT (one line; the run record says failed, the lease
+    is released, re-running resumes). Nothing printed or logged here carries a secret
+    (`pipeline.config.redact_uri`)."""
     config, run = parse_job(argv)
     _set_up_logging()
     for name, value in RAY_ENVIRONMENT.items():
@@ -191,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(config: JobConfig, run: RunOptions) -> int:
     # torch and Ray load here, after the arguments are checked (and never for --help)
-    from model.checkpoint import CheckpointError
+    from model.checkpoint import CheckpointError, CheckpointNotFound
     from pipeline.lease import LeaseHeld
     from pipeline.resources import ClusterError
     from pipeline.resume import SettingsChanged
@@ -199,13 +169,21 @@ def _run(config: JobConfig, run: RunOptions) -> int:
     from pipeline.sources import InputError
 
     _redact_handlers("ray", "ray.data")  # configured when Ray was imported, just now
-    try:
-        summary = run_job(config, **dataclasses.asdict(run))
-    except (InputError, CheckpointError, OutputError, LeaseHeld, SettingsChanged, ClusterError) as exc:
-        print(f"panoptic-flow segment: error: {redact_uri(str(exc))}", file=sys.stderr)
-        return 2
-    print(redact_uri(summary.line(config.output)))
-    return 0
+
+    def body() -> int:
+        check_output_is_a_folder(config.output)
+        try:
+            summary = run_job(config, **dataclasses.asdict(run))
+        except CheckpointNotFound as exc:
+            raise UsageError(redact_uri(str(exc)), flag="--weights", hint=WEIGHTS_HINT) from exc
+        except CheckpointError as exc:
+            raise UsageError(redact_uri(str(exc)), flag="--weights") from exc
+        except (InputError, OutputError, LeaseHeld, SettingsChanged, ClusterError) as exc:
+            raise UsageError(redact_uri(str(exc))) from exc
+        print(redact_uri(summary.line(config.output)))
+        return 0
+
+    return run_command(PROG, body)
 
 
 def _stop(signum: int) -> int:

@@ -1,25 +1,32 @@
 """`panoptic-flow show OUTPUT IMAGE_ID`: draw one result (or a contact sheet of several) as a PNG.
 
-The original image is read again from its input: a plain file / object (``image_id`` itself, any fsspec
-URI), a tar member (``image_id = <source>#<member>`` with ``source`` ending in ``.tar``, ``.tar.gz``,
-``.tgz``, ``.tar.bz2`` or ``.tar.xz``) or a Parquet row (``image_id = <source>#row=<N>``, or the value of
-the run's ``id_column``, with ``source`` ending in ``.parquet``; the bytes column is the run's
-``bytes_column``, default ``image``, holding binary or a ``{"bytes": ...}`` struct; both are read from
-``config.input`` in the latest ``OUTPUT/_runs/<run_id>.json``). The bytes are decoded by the pipeline's own decoder
+IMAGE_ID is taken exactly as stored (``query OUT "select image_id from images limit 5"`` lists some); a
+local path that is not stored as given is also tried as its absolute path. The original image is read
+again from the images row's ``source`` and ``member`` (never by parsing the id as a path): a plain file /
+object (``source`` itself, any fsspec URI), a member of a ``.tar`` shard, or a Parquet row (``row=<N>``,
+or the row whose ``id_column`` holds the id; the bytes column is the run's ``bytes_column``, default
+``image``, holding binary or a ``{"bytes": ...}`` struct; both are read from ``config.input`` in the
+latest ``OUTPUT/_runs/<run_id>.json``). The bytes are decoded by the pipeline's own decoder
 (:func:`pipeline.decode.decode_oriented`: same header checks, EXIF orientation and RGB conversion), so an
 image the pipeline segmented is drawn in the frame of its masks.
 
 Drawing (:func:`render_overlay`) is pure numpy + PIL: each segment is filled with its colour blended at
 ``alpha`` (the category's COCO colour; things get a per-instance jitter seeded by (category, segment id)
-so neighbouring instances differ and colours are stable between runs), then outlined, then labelled
-``"<category> <score>"``. Labels (:func:`layout_labels`) sit inside their own segment, as deep inside it
-as they fit, so they never cover another segment and never overlap each other (segments are disjoint);
-a segment too small or thin for its label gets it, in a second pass, over the segment's centre with most
-of the label on the segment, if that covers no other label; otherwise the label is not drawn and ``show``
-lists it.
+so neighbouring instances differ and colours are stable between runs), then outlined, unless the outline
+would be more than :data:`MAX_OUTLINE_SHARE` of the segment's pixels (a segment smaller than ~7×7 pixels,
+a thin sliver, or scattered fragments: outlines would hide them and, with many such segments, the photo),
+then labelled ``"<category> <score>"``. Labels (:func:`layout_labels`) sit inside their own segment,
+as deep inside it as they fit, so they never cover another segment and never overlap each other (segments
+are disjoint); a segment too small or thin for its label gets it, in a second pass, over the segment's centre
+with most of the label on the segment, if that covers no other label; otherwise the label is not drawn and
+``show`` lists it.
 
 ``--grid N --where "SQL predicate"`` draws the first N images (by ``image_id``) of the ``image_categories``
-view (see ``jobs/query.py``) matching the predicate, e.g. ``--where "categories['dog'] > 0"``.
+view (see :mod:`pipeline.duckdb_views`) matching the predicate, e.g. ``--where "categories['dog'] > 0"``,
+on a sheet sized to its images.
+
+A picture of an output made (wholly or partly) with the demo weights carries the banner
+:data:`DEMO_BANNER`, and ``show`` prints one warning line.
 """
 
 from __future__ import annotations
@@ -35,17 +42,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import duckdb
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs.query import connect
+from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from model.categories import category_by_id
 from pipeline.config import InputConfig
+from pipeline.duckdb_views import connect
+from pipeline.ids import file_id, member_id, member_of_old_row
 from pipeline.outputs import OutputNotFoundError, check_output, decode_mask, read_image_rows, read_run_config
 
-_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+PROG = "panoptic-flow show"
+LIST_IDS_HINT = 'list some with: panoptic-flow query OUTPUT "select image_id from images limit 5"'
+DEMO_BANNER = "demo weights: segments are meaningless"
+MAX_OUTLINE_SHARE = 0.5  # segments that would be mostly outline are filled only
 _JITTER = 48  # max per-channel offset of a thing instance's colour from its category colour
 DEFAULT_ALPHA = 0.4  # fill opacity: the colours tell segments apart, the photo stays readable
 _LABEL_PADDING = 2  # pixels between a label's text and the edge of its box
@@ -157,7 +170,9 @@ def draw_overlay(
         out[segment.mask] = blend(image[segment.mask], color, alpha)  # [N, 3]
     if outlines:
         for segment, color in zip(segments, colors):
-            out[mask_outline(segment.mask)] = tuple(int(c * 0.6) for c in color)
+            outline = mask_outline(segment.mask)  # [H, W] bool
+            if np.count_nonzero(outline) <= MAX_OUTLINE_SHARE * np.count_nonzero(segment.mask):
+                out[outline] = tuple(int(c * 0.6) for c in color)
     if not labels or not segments:
         return Overlay(out, [], [])
     canvas = Image.fromarray(out)
@@ -281,30 +296,37 @@ def _find_box(
 # --- IO -----------------------------------------------------------------------------------------------
 
 
-def read_image_bytes(image_id: str, source: str, *, bytes_column: str = "image", id_column: str | None = None) -> bytes:
-    """The encoded bytes of an input image: the object itself, a tar member or a Parquet row's bytes.
+def read_image_bytes(
+    image_id: str,
+    source: str,
+    *,
+    member: str | None = None,
+    bytes_column: str = "image",
+    id_column: str | None = None,
+) -> bytes:
+    """The encoded bytes of an input image: the object itself, a ``.tar`` member or a Parquet row's bytes.
 
-    ``source`` is the object the image was read from (the ``source`` column); a Parquet source whose
-    image ids came from an id column (``id_column``) is searched for the row with that id.
+    ``source`` and ``member`` are the images row's columns (``member`` None for a whole file); a row written
+    before the ``member`` column existed has its member taken from the id (`pipeline.ids.member_of_old_row`).
+    A Parquet member that is not ``row=N`` is the value of the run's ``id_column``.
     """
-    is_parquet = source.lower().endswith(".parquet")
-    if image_id.startswith(source + "#"):
-        member = image_id[len(source) + 1 :]
-        if source.lower().endswith(_TAR_SUFFIXES):
-            return _read_tar_member(source, member)
-        if is_parquet and member.startswith("row=") and member[len("row=") :].isdigit():
+    if member is None and image_id not in (source, file_id(source)):
+        member = member_of_old_row(image_id, source)
+    if member is None:
+        with fsspec.open(source, "rb") as f:
+            return f.read()
+    lower = source.lower()
+    if lower.endswith(".tar"):
+        return _read_tar_member(source, member)
+    if lower.endswith(".parquet"):
+        if member.startswith("row=") and member[len("row=") :].isdigit():
             return _read_parquet_row(source, int(member[len("row=") :]), bytes_column)
-    if is_parquet and image_id != source:
         if id_column is None:
-            raise ValueError(f"cannot find {image_id!r} in {source}: not '#row=N' and the run has no id_column")
+            raise ValueError(f"cannot find {image_id!r} in {source}: not 'row=N' and the run has no id_column")
         return _read_parquet_id(source, image_id, id_column, bytes_column)
-    if image_id != source and "#" in image_id:
-        raise ValueError(
-            f"cannot read {image_id!r} from {source!r}: only files, tar members (<x.tar>#member) and "
-            "Parquet rows (<x.parquet>#row=N or an id column) are supported"
-        )
-    with fsspec.open(image_id, "rb") as f:
-        return f.read()
+    raise ValueError(
+        f"cannot read {image_id!r} from {source!r}: only files, .tar members and Parquet rows are supported"
+    )
 
 
 def _image_bytes(value: Any, where: str) -> bytes:
@@ -323,17 +345,10 @@ def _read_parquet_id(source: str, image_id: str, id_column: str, bytes_column: s
     return _image_bytes(table.column(bytes_column)[0].as_py(), f"{source} column {bytes_column!r}")
 
 
-def _strip_dot_slash(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name
-
-
 def _read_tar_member(source: str, member: str) -> bytes:
-    wanted = _strip_dot_slash(member)
-    with fsspec.open(source, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+    with fsspec.open(source, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:  # stops at the member instead of indexing the whole archive
-            if info.isfile() and _strip_dot_slash(info.name) == wanted:
+            if info.isfile() and info.name == member:  # the name exactly as stored (never normalised as a path)
                 data = tar.extractfile(info)
                 assert data is not None
                 return data.read()
@@ -365,12 +380,29 @@ def load_image(data: bytes, *, max_pixels: int = InputConfig.max_pixels) -> np.n
     return decode_oriented(data, max_pixels=max_pixels)
 
 
+def stored_id_candidates(given: str) -> list[str]:
+    """The ids ``given`` may be stored as: itself first (exactly), then, for a local path, the id of its absolute
+    path (a whole file: `pipeline.ids.file_id`; ``shard.tar#member``: only the shard part made absolute)."""
+    candidates = [given]
+    if "://" not in given:
+        path, separator, member = given.partition("#")
+        if separator and os.path.exists(path):
+            candidates.append(member_id(os.path.abspath(path), member))
+        if os.path.exists(given):
+            candidates.append(file_id(os.path.abspath(given)))
+    return list(dict.fromkeys(candidates))
+
+
 def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, labels: bool) -> Overlay:
     """Read one image of ``output`` and its segments, and draw them."""
     check_output(output)
-    image_row, rows = read_image_rows(output, image_id)
-    if image_row is None and not rows:
-        raise KeyError(f"image_id {image_id!r} is not in {output}")
+    for candidate in stored_id_candidates(image_id):
+        image_row, rows = read_image_rows(output, candidate)
+        if image_row is not None or rows:
+            image_id = candidate
+            break
+    else:
+        raise UsageError(f"image_id {image_id!r} is not in {output}", hint=LIST_IDS_HINT.replace("OUTPUT", output))
     if image_row is not None and image_row["status"] != "ok":
         raise ValueError(f"image {image_id!r} failed in the run: {image_row['error']}")
     source = image_row["source"] if image_row is not None else rows[0]["source"]
@@ -379,6 +411,7 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
     data = read_image_bytes(
         image_id,
         source,
+        member=image_row.get("member") if image_row is not None else None,
         bytes_column=inputs.get("bytes_column") or "image",
         id_column=inputs.get("id_column"),
     )
@@ -399,22 +432,53 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
 
 
 def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], *, tile: int = 256) -> np.ndarray:
-    """Images scaled into ``tile``×``tile`` cells with a caption strip, ⌈√N⌉ per row: ``[H, W, 3]`` uint8."""
+    """Images scaled to ``tile`` pixels high (never enlarged, at most 4 tiles wide) side by side, with a caption
+    strip under each: ``[H, W, 3]`` uint8.
+
+    Up to 3 images sit in one row, more in ⌈√N⌉ columns. The sheet is sized to its images: a row is as high
+    as its tallest picture (plus the caption strip), the sheet as wide as its widest row.
+    """
     if not images:
         raise ValueError("a contact sheet needs at least one image")
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
+    columns = len(images) if len(images) <= 3 else math.ceil(math.sqrt(len(images)))
     font = ImageFont.load_default(size=12)
     strip = 18
-    sheet = Image.new("RGB", (columns * tile, rows * (tile + strip)), (24, 24, 24))
-    draw = ImageDraw.Draw(sheet)
-    for i, (array, caption) in enumerate(zip(images, captions)):
+    thumbs = []
+    for array in images:
         thumb = Image.fromarray(array)
-        thumb.thumbnail((tile, tile))
-        x0, y0 = (i % columns) * tile, (i // columns) * (tile + strip)
-        sheet.paste(thumb, (x0 + (tile - thumb.width) // 2, y0 + (tile - thumb.height) // 2))
-        draw.text((x0 + 4, y0 + tile + 2), caption[-40:], fill=(230, 230, 230), font=font)
+        thumb.thumbnail((4 * tile, tile))
+        thumbs.append(thumb)
+    rows = [thumbs[i : i + columns] for i in range(0, len(thumbs), columns)]
+    heights = [max(t.height for t in row) for row in rows]
+    width = max(sum(t.width for t in row) for row in rows)
+    sheet = Image.new("RGB", (width, sum(heights) + strip * len(rows)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    y0 = 0
+    for r, row in enumerate(rows):
+        x0 = 0
+        for c, thumb in enumerate(row):
+            sheet.paste(thumb, (x0, y0 + heights[r] - thumb.height))  # bottom-aligned: no gap above the caption
+            caption = captions[r * columns + c]
+            draw.text(
+                (x0 + 4, y0 + heights[r] + 2), caption[-max(thumb.width // 7, 8) :], fill=(230, 230, 230), font=font
+            )
+            x0 += thumb.width
+        y0 += heights[r] + strip
     return np.asarray(sheet).copy()
+
+
+def mark_demo(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` (``[H, W, 3]`` uint8) under a red strip that reads :data:`DEMO_BANNER`: ``[H + h, W, 3]``
+    (the strip is added above the picture, hiding none of it)."""
+    font = ImageFont.load_default(size=max(12, min(pixels.shape[1] // 30, 28)))
+    left, top, _, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), DEMO_BANNER, font=font)
+    strip = bottom - top + 2 * _LABEL_PADDING + 2
+    canvas = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + strip), (170, 0, 0))
+    canvas.paste(Image.fromarray(pixels), (0, strip))
+    ImageDraw.Draw(canvas).text(
+        (_LABEL_PADDING - left + 2, _LABEL_PADDING - top + 1), DEMO_BANNER, fill="white", font=font
+    )
+    return np.asarray(canvas).copy()
 
 
 def grid_image_ids(output: str, *, n: int, where: str | None) -> list[str]:
@@ -422,7 +486,11 @@ def grid_image_ids(output: str, *, n: int, where: str | None) -> list[str]:
     con = connect(output)
     try:
         sql = f"SELECT image_id FROM image_categories WHERE ({where or 'TRUE'}) ORDER BY image_id LIMIT {int(n)}"
-        return [row[0] for row in con.execute(sql).fetchall()]
+        try:
+            return [row[0] for row in con.execute(sql).fetchall()]
+        except (duckdb.ProgrammingError, duckdb.DataError) as exc:  # the predicate's own mistake
+            reason = str(exc).split("\n\n", 1)[0]
+            raise UsageError(reason, flag="--where", hint="a predicate over the image_categories view") from None
     finally:
         con.close()
 
@@ -435,7 +503,7 @@ def _write_png(array: np.ndarray, path: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="panoptic-flow show", description="Draw segments over their image as a PNG.")
+    p = CommandParser(prog=PROG, description="Draw segments over their image as a PNG.")
     p.add_argument("output", help="output folder or URI")
     p.add_argument("image_id", nargs="?", help="image to draw (not with --grid)")
     p.add_argument("-o", "--out", default="show.png", help="PNG to write (default: show.png)")
@@ -451,44 +519,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point."""
+    """CLI entry point: exit code 0 done, 2 a user's mistake (`jobs.usage`)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if (args.grid is None) == (args.image_id is None):
         parser.error("give either IMAGE_ID or --grid N")
     if args.where is not None and args.grid is None:
-        parser.error("--where needs --grid")
+        parser.error("--where: needs --grid")
     if args.grid is not None and args.grid < 1:
-        parser.error(f"--grid must be >= 1, got {args.grid}")
+        parser.error(f"--grid: must be >= 1, got {args.grid}")
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha: must lie in [0, 1], got {args.alpha}")
+    if args.tile < 1:
+        parser.error(f"--tile: must be >= 1, got {args.tile}")
     style: dict[str, Any] = {"alpha": args.alpha, "outlines": not args.no_outlines, "labels": not args.no_labels}
-    try:
+
+    def body() -> int:
         check_output(args.output)
-    except OutputNotFoundError as exc:
-        print(f"panoptic-flow show: {exc}", file=sys.stderr)
-        return 2
-    if args.grid is None:
-        image_id = args.image_id
-        if "://" not in image_id and os.path.exists(image_id.split("#", 1)[0]):
-            image_id = os.path.abspath(image_id)  # local inputs are recorded by absolute path
-        try:
-            overlay = render_image(args.output, image_id, **style)
-        except (KeyError, ValueError) as exc:  # unknown id, an image that failed in the run, unreadable bytes
-            print(f"panoptic-flow show: {exc.args[0]}", file=sys.stderr)
-            return 2
-        picture = overlay.pixels
-        if overlay.unplaced:
-            shown = ", ".join(overlay.unplaced[:12]) + (", ..." if len(overlay.unplaced) > 12 else "")
-            print(f"{len(overlay.labels)} labels drawn; {len(overlay.unplaced)} without room on their segment: {shown}")
-    else:
-        image_ids = grid_image_ids(args.output, n=args.grid, where=args.where)
-        if not image_ids:
-            print("panoptic-flow show: no image matches --where", file=sys.stderr)
-            return 1
-        tiles = [render_image(args.output, i, **style).pixels for i in image_ids]
-        picture = contact_sheet(tiles, [posixpath.basename(i) for i in image_ids], tile=args.tile)
-    _write_png(picture, args.out)
-    print(f"wrote {args.out} ({picture.shape[1]}x{picture.shape[0]})")
-    return 0
+        demo = warn_if_demo_weights(PROG, args.output)
+        if args.grid is None:
+            try:
+                overlay = render_image(args.output, args.image_id, **style)
+            except (KeyError, ValueError) as exc:  # an image that failed in the run, unreadable bytes
+                raise UsageError(str(exc.args[0])) from exc
+            picture = overlay.pixels
+            if overlay.unplaced:
+                shown = ", ".join(overlay.unplaced[:12]) + (", ..." if len(overlay.unplaced) > 12 else "")
+                drawn = len(overlay.labels)
+                print(f"{drawn} labels drawn; {len(overlay.unplaced)} without room on their segment: {shown}")
+        else:
+            image_ids = grid_image_ids(args.output, n=args.grid, where=args.where)
+            if not image_ids:
+                raise UsageError("no image matches", flag="--where", hint=LIST_IDS_HINT.replace("OUTPUT", args.output))
+            tiles = [render_image(args.output, i, **style).pixels for i in image_ids]
+            picture = contact_sheet(tiles, [posixpath.basename(i) for i in image_ids], tile=args.tile)
+        if demo:
+            picture = mark_demo(picture)
+        _write_png(picture, args.out)
+        print(f"wrote {args.out} ({picture.shape[1]}x{picture.shape[0]})")
+        return 0
+
+    return run_command(PROG, body, user_errors=(OutputNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -30,10 +30,22 @@ StateDict = dict[str, torch.Tensor]
 
 _SHA_IN_NAME = re.compile(r"-([0-9a-f]{8})\.(?:pth|pt|bin|safetensors)$")
 _SAFETENSORS_PREFIX_LEN = 8
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since torch 1.6
+_PICKLE_PROTOCOL_2_PLUS = b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a pickle
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+class CheckpointNotFound(CheckpointError):
+    """The checkpoint's file or URI does not exist, or could not be reached (offline, DNS, refused)."""
+
+
+ACCEPTED_FORMATS = (
+    "torch.save state dicts read with weights_only (official DETR release files, upstream training checkpoints, "
+    "Hugging Face pytorch_model.bin) and safetensors files"
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -52,7 +64,7 @@ def fetch(uri: str) -> Path:
     if protocol in (None, "file", "local"):
         path = Path(fsspec.core.strip_protocol(uri) if protocol else uri)
         if not path.is_file():
-            raise CheckpointError(f"weights file not found: {uri}")
+            raise CheckpointNotFound(f"weights file not found: {uri}")
         return path
     name = Path(uri.split("?")[0]).name or "weights"
     target = cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:16] / name
@@ -64,11 +76,37 @@ def fetch(uri: str) -> Path:
         with fsspec.open(uri, "rb") as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
-    except (OSError, ValueError) as exc:  # fsspec raises FileNotFoundError, PermissionError, ClientError...
+    except (OSError, ValueError) as exc:  # fsspec raises FileNotFoundError, ClientConnectorError, PermissionError...
         partial.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot read weights from {uri}: {type(exc).__name__}: {exc}") from exc
+        # the exception's own text may repeat the URI with its credentials: only its type is named
+        if _unreachable(exc):
+            raise CheckpointNotFound(f"{uri} could not be reached ({_root_cause(exc)}; offline?)") from exc
+        if isinstance(exc, FileNotFoundError):
+            raise CheckpointNotFound(f"weights not found at {uri}") from exc
+        raise CheckpointError(f"cannot read weights from {uri}: {type(exc).__name__}") from exc
     os.replace(partial, target)  # atomic: concurrent actors never see a half-written file
     return target
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return chain
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The store could not be reached (refused, DNS, timeout): fsspec's HTTP reports even that as a
+    FileNotFoundError, caused by the connection error."""
+    return any(
+        isinstance(e, (ConnectionError, TimeoutError)) or (isinstance(e, OSError) and "Connect" in type(e).__name__)
+        for e in _causes(exc)
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    return type(_causes(exc)[-1]).__name__
 
 
 def check_sha256_prefix(path: Path, name: str) -> None:
@@ -110,6 +148,8 @@ def _read_tensors(path: Path) -> Mapping[str, object]:
 
         return load_file(str(path), device="cpu")
     data = path.read_bytes()
+    if not data.startswith((_ZIP_MAGIC, _PICKLE_PROTOCOL_2_PLUS)):  # neither torch.save format (zip, legacy pickle)
+        raise CheckpointError(f"{path.name}: not a PyTorch/safetensors checkpoint; accepted: {ACCEPTED_FORMATS}")
     try:
         # weights_only=True explicitly: it also overrides TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
         with torch.serialization.safe_globals([argparse.Namespace]):

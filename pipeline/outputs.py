@@ -7,13 +7,14 @@ contract is :mod:`pipeline.schema`.
 
 Everything here is plain pyarrow/numpy except :func:`read_segments_by_image`, which builds a Ray Data
 pipeline (one row per image with all its segments) for the commands that must scale with the output;
-Ray is imported only there.
+Ray is imported only there. :func:`map_images` uses it only above :data:`LOCAL_MAX_BYTES` of Parquet, and
+reads a smaller output in this process (:func:`read_packed_images`), without starting Ray.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
@@ -128,6 +129,26 @@ def read_run_config(output: str) -> dict[str, Any]:
         return {}
     with fs.open(records[-1], "rb") as f:
         return json.loads(f.read())
+
+
+SYNTHETIC_WEIGHTS_URI = "synthetic"  # `weights.uri` of a run record made with the demo weights
+
+
+def run_weights(output: str) -> dict[str, str]:
+    """``{run_id: weights URI}`` of ``output``'s run records (``_runs/*.json``); ``"synthetic"`` marks a run
+    made with the deterministic demo weights, whose segments are meaningless."""
+    fs, root = output_filesystem(output)
+    try:
+        records = sorted(p for p in fs.ls(f"{root}/{RUNS_FOLDER}", detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        return {}
+    weights = {}
+    for path in records:
+        with fs.open(path, "rb") as f:
+            record = json.loads(f.read())
+        run_id = str(record.get("run_id") or path.rsplit("/", 1)[-1].removesuffix(".json"))
+        weights[run_id] = str((record.get("weights") or {}).get("uri", ""))
+    return weights
 
 
 def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
@@ -305,6 +326,94 @@ def read_segments_by_image(
     )
     partitions = num_partitions or min(len(items), 200)
     return flat.groupby("image_id", num_partitions=partitions).map_groups(_pack_image, batch_format="pyarrow")
+
+
+LOCAL_MAX_BYTES = 16 << 20
+"""Outputs with at most this many bytes of Parquet are read in one process by :func:`map_images` (no Ray):
+~16 MiB is ~50 k segments, seconds of work, while starting Ray costs ~10-20 s."""
+
+
+def table_bytes(output: str) -> int:
+    """Bytes of the Parquet files of both tables of ``output``."""
+    total = 0
+    for table in (IMAGES_TABLE, SEGMENTS_TABLE):
+        files, fs = table_files(output, table)
+        total += sum(int(fs.size(p)) for p in files)
+    return total
+
+
+def read_packed_images(output: str, *, image_ids: Sequence[str] | None = None) -> pa.Table:
+    """The rows of :func:`read_segments_by_image`, read in this process (pyarrow only), sorted by image_id."""
+    images = open_table(output, IMAGES_TABLE).to_table(
+        columns=["image_id", "source", "height", "width", "status"], filter=pc.field("status") == STATUS_OK
+    )
+    segments = open_table(output, SEGMENTS_TABLE).to_table(
+        columns=["image_id", "segment_id", "category_id", "score", "rle"]
+    )
+    images = _keep_image_ids(images, image_ids=image_ids).sort_by("image_id")
+    segments = _keep_image_ids(segments, image_ids=image_ids).sort_by(
+        [("image_id", "ascending"), ("segment_id", "ascending")]
+    )
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for row in segments.to_pylist():
+        by_image.setdefault(row["image_id"], []).append(row)
+    packed: dict[str, list[Any]] = {name: [] for name in PACKED_SCHEMA.names}
+    for image in images.to_pylist():
+        rows = by_image.get(image["image_id"], [])
+        sizes = {(image["height"], image["width"]), *((r["rle"]["size"][0], r["rle"]["size"][1]) for r in rows)}
+        if len(sizes) != 1:
+            raise ValueError(f"image {image['image_id']!r}: image and mask sizes disagree: {sorted(sizes)}")
+        for name in ("image_id", "source", "height", "width"):
+            packed[name].append(image[name])
+        for name in ("segment_id", "category_id", "score"):
+            packed[name].append([r[name] for r in rows])
+        packed["counts"].append([r["rle"]["counts"] for r in rows])
+    return pa.table(packed, schema=PACKED_SCHEMA)
+
+
+def map_images(
+    output: str,
+    fn: Callable[..., pa.Table],
+    *,
+    image_ids: Sequence[str] | None = None,
+    fn_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 16,
+    verbose: bool = False,
+) -> list[dict[str, Any]]:
+    """The rows of ``fn`` (a ``pa.Table -> pa.Table`` stage) over batches of :data:`PACKED_SCHEMA` rows of
+    ``output``'s ok images (only ``image_ids`` when given).
+
+    An output of at most :data:`LOCAL_MAX_BYTES` is read and mapped in this process, without Ray; a larger
+    one runs as a Ray Data ``map_batches`` over :func:`read_segments_by_image`, with Ray's and Ray Data's
+    own messages hidden unless ``verbose``.
+    """
+    kwargs = dict(fn_kwargs or {})
+    if table_bytes(output) <= LOCAL_MAX_BYTES:
+        packed = read_packed_images(output, image_ids=image_ids)
+        rows: list[dict[str, Any]] = []
+        for start in range(0, packed.num_rows, batch_size):
+            rows += fn(packed.slice(start, batch_size), **kwargs).to_pylist()
+        return rows
+    _init_ray_quietly(verbose=verbose)
+    dataset = read_segments_by_image(output, image_ids=image_ids)
+    return dataset.map_batches(fn, batch_format="pyarrow", batch_size=batch_size, fn_kwargs=kwargs).take_all()
+
+
+def _init_ray_quietly(*, verbose: bool) -> None:
+    """Join RAY_ADDRESS's cluster or start a local Ray, saying nothing of it unless ``verbose``."""
+    import logging
+
+    import ray
+    import ray.data
+
+    level = logging.INFO if verbose else logging.ERROR
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=level, log_to_driver=verbose, configure_logging=True)
+    context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = verbose
+    context.enable_progress_bars = verbose
+    logging.getLogger("ray.data").setLevel(level)
+    logging.getLogger("ray").setLevel(level)
 
 
 def packed_rows(batch: pa.Table) -> list[dict[str, Any]]:

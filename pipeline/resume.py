@@ -64,6 +64,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
 from pipeline.ids import member_of_old_row
+from pipeline.outputs import SYNTHETIC_WEIGHTS_URI
 from pipeline.schema import (
     IMAGES_TABLE,
     INSPECTION_SCHEMA,
@@ -179,11 +180,12 @@ def read_run_records(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str,
 
 def model_settings(config: JobConfig, weights_sha256: str) -> dict[str, Any]:
     """The settings that change a row's content: two runs into one output must agree on them.
-    (``channels_last`` is left out: fp32 either way, equal at the float32 noise floor.)"""
+    (``channels_last`` is left out: fp32 either way, equal at the float32 noise floor.) ``weights_sha256`` is
+    ``""`` for the demo weights, recorded as ``"synthetic"``."""
     inference = {k: v for k, v in asdict(config.inference).items() if k != "channels_last"}
     return {
         "variant": config.model.variant,
-        "weights_sha256": weights_sha256 or config.model.weights,
+        "weights_sha256": weights_sha256 or SYNTHETIC_WEIGHTS_URI,
         "max_pixels": config.input.max_pixels,
         **inference,
     }
@@ -192,7 +194,9 @@ def model_settings(config: JobConfig, weights_sha256: str) -> dict[str, Any]:
 def check_settings(records: list[dict[str, Any]], settings: dict[str, Any], *, allow: bool) -> None:
     """Raise `SettingsChanged` when a recorded run's settings differ from ``settings`` (unless ``allow``)."""
     for record in records:
-        theirs = record.get("settings", {})
+        theirs = dict(record.get("settings", {}))
+        if theirs.get("weights_sha256") == "auto":  # recorded so before, by `auto` falling back to the demo weights
+            theirs["weights_sha256"] = SYNTHETIC_WEIGHTS_URI
         differ = {k: (theirs[k], v) for k, v in settings.items() if k in theirs and theirs[k] != v}
         if differ and not allow:
             what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in sorted(differ.items()))

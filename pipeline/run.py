@@ -425,4 +425,18 @@ def _publish_record(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> N
 def _progress_bar(total: int | None, *, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="img", desc="segmenting", disable=not enabled, smoothing=0.1)
+    class Bar(tqdm):
+        """tqdm whose close() does not draw the final count again when the last update drew it (in a log, where
+        a drawing does not overwrite the previous one, the final line appeared twice)."""
+
+        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+            if self._closing and msg is None and self.last_print_n == self.n:
+                return True  # drawn already: close() only ends the line
+            return super().display(msg, pos)
+
+        def close(self) -> None:
+            self._closing = True
+            super().close()
+
+    Bar._closing = False
+    return Bar(total=total, unit="img", desc="segmenting", disable=not enabled, smoothing=0.1)

@@ -174,8 +174,15 @@ def image_rows(images: list[SynthImage]) -> list[dict[str, object]]:
     ]
 
 
-def write_output(output: Path, images: list[SynthImage], *, run_config: dict[str, object] | None = None) -> None:
-    """Write ``output/{segments,images}`` in two nested shards each, plus files readers must ignore."""
+def write_output(
+    output: Path,
+    images: list[SynthImage],
+    *,
+    run_config: dict[str, object] | None = None,
+    weights: str | None = None,
+) -> None:
+    """Write ``output/{segments,images}`` in two nested shards each, plus files readers must ignore; the run
+    record names ``weights`` (``weights.uri``) when given, e.g. ``"synthetic"`` for the demo weights."""
     for table, rows, schema in (
         ("segments", segment_rows(images), SEGMENTS_SCHEMA),
         ("images", image_rows(images), IMAGES_SCHEMA),
@@ -190,6 +197,8 @@ def write_output(output: Path, images: list[SynthImage], *, run_config: dict[str
         (output / table / "shard=0" / ".part-1.parquet.crc").write_bytes(b"not parquet")
         (output / table / ".staging.parquet").write_bytes(b"not parquet")
     (output / "_runs").mkdir(exist_ok=True)
-    record = {"run_id": "synthetic", "config": run_config or {"input": {"uris": ["synthetic"]}}}
+    record: dict[str, object] = {"run_id": "synthetic", "config": run_config or {"input": {"uris": ["synthetic"]}}}
+    if weights is not None:
+        record["weights"] = {"uri": weights, "sha256": ""}
     (output / "_runs" / "synthetic.json").write_text(json.dumps(record))
     (output / "_SUCCESS").write_text("")

@@ -67,3 +67,38 @@ def test_cpu_stages_never_import_torch() -> None:
     probe = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# jobs/: the command modules (one per `panoptic-flow` command, `jobs.cli.COMMANDS`) and the shared helpers of
+# the command line (`cli` dispatches, `options` generates options, `segment_options` declares segment's,
+# `usage` is the exit-code convention). Anything two commands share lives in a helper or in pipeline/.
+JOBS_HELPERS = {"jobs.cli", "jobs.options", "jobs.segment_options", "jobs.usage"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from jobs import query`
+    return names
+
+
+def test_no_command_imports_another_command() -> None:
+    from jobs.cli import COMMANDS
+
+    commands = {module for module, _ in COMMANDS.values()}
+    jobs_modules = {f"jobs.{p.stem}" for p in _modules("jobs") if p.name != "__init__.py"}
+    assert jobs_modules == commands | JOBS_HELPERS  # a new module in jobs/ is declared one or the other
+    offending = {
+        f"jobs/{p.name}": sorted(_imported_modules(p) & (commands - {f"jobs.{p.stem}"}))
+        for p in _modules("jobs")
+        if _imported_modules(p) & (commands - {f"jobs.{p.stem}"}) and f"jobs.{p.stem}" != "jobs.cli"
+    }
+    assert offending == {}  # jobs.cli imports commands by name (importlib), never statically either
+    helper_imports = {
+        f"jobs/{p.name}": sorted(_imported_modules(p) & commands) for p in _modules("jobs") if p.stem == "cli"
+    }
+    assert helper_imports == {"jobs/cli.py": []}

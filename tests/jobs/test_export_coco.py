@@ -107,3 +107,36 @@ def test_a_mistyped_output_writes_nothing_and_exits_2(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no output at" in err
     assert not (tmp_path / "coco").exists()  # no empty panoptic.json that looks like a valid export
+
+
+_LARGE_OUTPUT_PROBE = """
+import sys
+import pipeline.outputs
+pipeline.outputs.LOCAL_MAX_BYTES = 0  # read as a large output is: on Ray
+from jobs.export_coco import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_large_output_uses_ray_and_says_nothing_of_it_unless_verbose(tmp_path: Path, verbose: bool) -> None:
+    """A new process, as a user runs it: the local Ray it starts prints nothing (no INFO lines, no dashboard, no
+    token warning) unless --verbose."""
+    import os
+    import subprocess
+    import sys
+
+    write_output(tmp_path / "out", make_images(tmp_path / "inputs"))
+    root = Path(__file__).resolve().parents[2]
+    argv = [str(tmp_path / "out"), str(tmp_path / "coco"), *(["--verbose"] if verbose else [])]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", _LARGE_OUTPUT_PROBE, *argv], capture_output=True, text=True, cwd=root, timeout=300,
+        env={**env, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == f"wrote 4 images, 8 segments to {tmp_path / 'coco'}\n"
+    if verbose:
+        assert "ray" in done.stderr.lower()
+    else:
+        assert done.stderr == ""

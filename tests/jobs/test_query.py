@@ -106,7 +106,7 @@ def test_cli_formats(synthetic: tuple[Path, list[SynthImage]], capsys: pytest.Ca
     table = capsys.readouterr().out.splitlines()
     assert table[0].strip() == "categories" and table[2].strip() == "{}" and table[-1] == "(1 row)"
 
-    assert main([str(output), "SELECT * FROM no_such_view"]) == 1
+    assert main([str(output), "SELECT * FROM no_such_view"]) == 2  # an SQL error is the user's mistake
     assert "no_such_view" in capsys.readouterr().err
 
 

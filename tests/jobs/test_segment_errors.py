@@ -64,7 +64,7 @@ def test_weights_that_are_no_checkpoint_of_the_variant(
     tmp_path: Path, folder: Path, no_cluster_work: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     expected = {
-        "text": "not a loadable weights file",
+        "text": "notes.pth: not a PyTorch/safetensors checkpoint; accepted: torch.save state dicts",
         "truncated": "not a loadable weights file",
         "wrong_keys": "does not fit the model: ",
     }
@@ -72,7 +72,7 @@ def test_weights_that_are_no_checkpoint_of_the_variant(
         output = tmp_path / f"out-{case}"
         assert main(["--input", str(folder), "--output", str(output), "--weights", str(path), *FLAGS]) == 2
         line = _one_error_line(capsys)
-        assert expected[case] in line, (case, line)
+        assert expected[case] in line and "IndexError" not in line, (case, line)
         assert not output.exists()  # nothing written, not even a run record
     assert "missing" in line and "unexpected" in line
 
@@ -103,13 +103,45 @@ def test_s3_without_credentials_or_endpoint(
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+def _dead_url() -> str:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def test_an_output_that_is_a_file(
     tmp_path: Path, folder: Path, no_cluster_work: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     a_file = tmp_path / "taken"
     a_file.write_text("x")
     assert main(["--input", str(folder), "--output", str(a_file), "--weights", "synthetic", *FLAGS]) == 2
-    assert f"the output {a_file}" in _one_error_line(capsys)
+    assert f"--output: the output {a_file} is a file" in _one_error_line(capsys)
+    # checked before the weights: unreachable weights do not hide it
+    weights = f"{_dead_url()}/detr-r50-panoptic-00ce5173.pth"
+    assert main(["--input", str(folder), "--output", str(a_file), "--weights", weights, *FLAGS]) == 2
+    assert f"--output: the output {a_file} is a file" in _one_error_line(capsys)
+    # and missing inputs are reported before the weights too
+    assert (
+        main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--weights", weights, *FLAGS]) == 2
+    )
+    line = _one_error_line(capsys)
+    assert str(tmp_path / "nothing") in line and "--weights" not in line
+
+
+def test_unreachable_weights_name_the_uri_without_credentials_and_the_ways_out(
+    tmp_path: Path, folder: Path, no_cluster_work: None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:  # fmt: skip
+    monkeypatch.setenv("PANOPTIC_FLOW_CACHE", str(tmp_path / "cache"))
+    dead = _dead_url()
+    weights = f"{dead.replace('://', '://user:SECRET@')}/detr-r50-panoptic-00ce5173.pth?X-Amz-Signature=abc123"
+    output = tmp_path / "out"
+    assert main(["--input", str(folder), "--output", str(output), "--weights", weights, *FLAGS]) == 2
+    line = _one_error_line(capsys)
+    assert f"--weights: {dead}/detr-r50-panoptic-00ce5173.pth could not be reached" in line and "offline?" in line
+    assert "--weights PATH" in line and "--weights synthetic" in line
+    assert "SECRET" not in line and "abc123" not in line and "user" not in line
+    assert not output.exists()
 
 
 def test_gpus_asked_of_a_cluster_that_can_never_have_one(

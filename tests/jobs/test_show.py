@@ -14,7 +14,10 @@ import pytest
 from PIL import Image
 
 from jobs.show import (
+    DEMO_BANNER,
     OverlaySegment,
+    blend,
+    contact_sheet,
     draw_overlay,
     load_image,
     main,
@@ -90,18 +93,35 @@ def test_labels_and_outlines_produce_a_png_of_the_image_size(
 
 
 def test_render_overlay_outline_pixels() -> None:
-    image = np.zeros((6, 6, 3), np.uint8)
-    mask = np.zeros((6, 6), bool)
-    mask[1:5, 1:5] = True
+    image = np.zeros((10, 10, 3), np.uint8)
+    mask = np.zeros((10, 10), bool)
+    mask[1:9, 1:9] = True
     outline = mask_outline(mask)
-    assert outline.sum() == 12 and not outline[2:4, 2:4].any()
-    segment = OverlaySegment(0, 187, "sky-other-merged", False, 0.9, (1, 1, 4, 4), mask)
+    assert outline.sum() == 28 and not outline[2:8, 2:8].any()
+    segment = OverlaySegment(0, 187, "sky-other-merged", False, 0.9, (1, 1, 8, 8), mask)
     drawn = render_overlay(image, [segment], alpha=1.0, outlines=True, labels=False)
     assert tuple(drawn[2, 2]) == category_by_id(187).color  # interior: the colour itself at alpha 1
     assert tuple(drawn[1, 1]) == tuple(int(c * 0.6) for c in category_by_id(187).color)
     assert not drawn[0].any()
     with pytest.raises(ValueError, match="mask is"):
         render_overlay(np.zeros((5, 6, 3), np.uint8), [segment])
+
+
+def test_segments_that_would_be_mostly_outline_are_only_filled() -> None:
+    """A 4x4 segment (12 of its 16 pixels on the outline) and scattered pixels (the demo weights' fragments)
+    keep the photo visible: filled, not outlined."""
+    image = np.full((20, 20, 3), 100, np.uint8)
+    small = np.zeros((20, 20), bool)
+    small[2:6, 2:6] = True
+    scattered = np.zeros((20, 20), bool)
+    scattered[10::2, 10::2] = True
+    segments = [
+        OverlaySegment(0, 187, "sky-other-merged", False, 0.9, (2, 2, 4, 4), small),
+        OverlaySegment(1, 193, "grass-merged", False, 0.9, (10, 10, 9, 9), scattered),
+    ]
+    outlined = render_overlay(image, segments, alpha=0.4, outlines=True, labels=False)
+    assert np.array_equal(outlined, render_overlay(image, segments, alpha=0.4, outlines=False, labels=False))
+    assert tuple(outlined[2, 2]) == tuple(blend(image[2, 2], category_by_id(187).color, 0.4))
 
 
 def test_images_from_tar_members_and_parquet_rows(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path) -> None:
@@ -140,8 +160,9 @@ def test_grid_contact_sheet(synthetic: tuple[Path, list[SynthImage]], tmp_path: 
     output, _ = synthetic
     out = tmp_path / "grid.png"
     assert main([str(output), "--grid", "4", "--where", "categories['dog'] > 0", "-o", str(out), "--tile", "64"]) == 0
-    assert _read_png(out).shape == (64 + 18, 2 * 64, 3)  # two dog images: 2 columns, 1 row
-    assert main([str(output), "--grid", "3", "--where", "num_segments > 100", "-o", str(out)]) == 1
+    # two dog images (30x40 and 40x50, smaller than a tile: not enlarged) side by side, the sheet sized to them
+    assert _read_png(out).shape == (max(30, 40) + 18, 40 + 50, 3)
+    assert main([str(output), "--grid", "3", "--where", "num_segments > 100", "-o", str(out)]) == 2
 
 
 def test_errors(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -265,3 +286,54 @@ def test_labels_that_do_not_fit_are_listed(synthetic: tuple[Path, list[SynthImag
     assert main([str(output), images[2].image_id, "-o", str(tmp_path / "cats.png")]) == 0
     printed = capsys.readouterr().out
     assert "0 labels drawn; 3 without room on their segment: cat 0.95, cat 0.92, person 0.60" in printed
+
+
+def test_an_output_of_demo_weights_is_marked_and_warned_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = make_images(tmp_path / "inputs")
+    write_output(tmp_path / "out", images, weights="synthetic")
+    out = tmp_path / "x.png"
+    assert main([str(tmp_path / "out"), images[0].image_id, "-o", str(out), "--no-labels"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"panoptic-flow show: warning: {tmp_path / 'out'} was made with demo weights (--weights synthetic): "
+        "its segments are meaningless"
+    ]
+    marked = _read_png(out)
+    assert marked.shape[0] > images[0].height and marked.shape[1] == images[0].width  # a strip above the picture
+    assert tuple(marked[0, -1]) == (170, 0, 0)
+    unmarked = tmp_path / "plain.png"
+    assert main([str(tmp_path / "out"), images[0].image_id, "-o", str(unmarked), "--no-labels"]) == 0
+    strip = marked.shape[0] - images[0].height
+    assert np.array_equal(marked[strip:], render_image(str(tmp_path / "out"), images[0].image_id,
+                                                       alpha=0.4, outlines=True, labels=False).pixels)  # fmt: skip
+    assert DEMO_BANNER == "demo weights: segments are meaningless"
+
+
+def test_a_contact_sheet_is_sized_to_its_images() -> None:
+    wide, square = np.full((200, 300, 3), 255, np.uint8), np.full((300, 300, 3), 255, np.uint8)
+    sheet = contact_sheet([square, square, wide], ["a", "b", "c"], tile=100)
+    # three in one row, each 100 px high: 100 + 100 + 150 wide, no empty cell
+    assert sheet.shape == (100 + 18, 350, 3)
+    assert (sheet[:100] == 255).all()  # the pictures fill the row: no gap above a caption, no empty cell
+
+
+def test_ids_are_taken_exactly_as_stored(tmp_path: Path) -> None:
+    """A tar member named ``../../x.png`` and a file whose name holds ``#`` and ``%`` (stored escaped, read from
+    its source)."""
+    synth = make_images(tmp_path / "inputs")
+    cats = synth[2]
+    encoded = Path(cats.image_id).read_bytes()
+    tar_path = tmp_path / "shard.tar"
+    tar_path.write_bytes(tar_bytes([("../../x.png", encoded)]))
+    odd = tmp_path / "inputs" / "a#b%c.png"
+    odd.write_bytes(encoded)
+    from_tar = dataclasses.replace(cats, image_id=f"{tar_path}#../../x.png", source=str(tar_path))
+    from_odd = dataclasses.replace(cats, image_id=str(odd).replace("%", "%25").replace("#", "%23"), source=str(odd))
+    write_output(tmp_path / "out", [from_tar, from_odd])
+    style = {"alpha": 0.5, "outlines": False, "labels": False}
+    a = render_image(str(tmp_path / "out"), from_tar.image_id, **style).pixels
+    b = render_image(str(tmp_path / "out"), from_odd.image_id, **style).pixels
+    assert np.array_equal(a, b) and a.shape == (cats.height, cats.width, 3)
+    assert main([str(tmp_path / "out"), str(odd), "-o", str(tmp_path / "odd.png")]) == 0  # the path as given

@@ -146,3 +146,19 @@ def test_shuffle_partitions_grow_with_the_rows_up_to_the_cluster_cpus(
     pq.write_table(pa.table({"uri": [f"s3://b/{i:09d}.jpg" for i in range(ROWS_PER_SHUFFLE_PARTITION + 1)]}), listing)
     assert listing.stat().st_size < ROWS_PER_SHUFFLE_PARTITION * MANIFEST_BYTES_PER_LINE
     assert shuffle_partitions(ResolvedInputs([], [str(listing)]), 0) == 2
+
+
+def test_demo_weights_are_recorded_as_synthetic_and_old_auto_records_still_match() -> None:
+    """`settings.weights_sha256` names the demo weights truthfully ("synthetic", also when `--weights auto`
+    fell back to them); an output whose record says "auto" (written so before) resumes with the demo weights,
+    and not with a real checkpoint."""
+    from pipeline.resume import SettingsChanged, check_settings, model_settings
+
+    auto = JobConfig(InputConfig(("in/",)), "out/")
+    explicit = JobConfig(InputConfig(("in/",)), "out/", model=ModelSpec(weights="synthetic"))
+    settings = model_settings(auto, "")
+    assert settings["weights_sha256"] == "synthetic" == model_settings(explicit, "")["weights_sha256"]
+    old = [{"run_id": "old", "settings": {**settings, "weights_sha256": "auto"}}]
+    check_settings(old, settings, allow=False)  # no SettingsChanged
+    with pytest.raises(SettingsChanged, match="weights_sha256='synthetic'"):
+        check_settings(old, model_settings(auto, "ab" * 32), allow=False)
