@@ -40,7 +40,7 @@ from pipeline.predict import SYNTHETIC_WEIGHTS
 from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
 from pipeline.schema import PART_ROW_SCHEMA, RUNS_FOLDER, SUCCESS_FILE, Counts
 from pipeline.shard import ShardSegmenter
-from pipeline.sources import ResolvedInputs, resolve_inputs
+from pipeline.sources import ResolvedInputs, left_out_text, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class RunSummary:
     totals: Counts  # the whole output after this run
     seconds: float
     parts_by_node: dict[str, int]  # parts committed by this run, by the Ray node that wrote them
+    left_out: str = ""  # listed files left out by their extension, and how to include them ("" for none)
 
     @property
     def images_ok(self) -> int:
@@ -98,7 +99,7 @@ class RunSummary:
             f"{self.images_per_second:.2f} images/s ({self.seconds:.1f} s) -> {output} now holds "
             f"{self.totals.images} images ({self.totals.images_ok} ok, {self.totals.images_error} errors, "
             f"{self.totals.images_retryable} retryable), {self.totals.segments} segments"
-        )
+        ) + (f"; {self.left_out}" if self.left_out else "")
 
 
 def resolve_weights(variant: str, weights: str, *, allow_synthetic: bool) -> tuple[str, str]:
@@ -315,6 +316,7 @@ def run_job(
             totals,
             time.perf_counter() - started,
             parts_by_node,
+            left_out_text(inputs.left_out, inputs.left_out_examples) if inputs.left_out else "",
         )
         confirm_lease()
         _finish(fs, root, record, summary, recorded=recorded)

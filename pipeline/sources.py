@@ -138,7 +138,7 @@ def resolve_inputs(config: InputConfig, *, output: str | None = None) -> Resolve
         if not listing.refs:
             under = listing.under_output
             inside = f" ({under} files under the output {output} left out)" if under else ""
-            others = f" ({_left_out_text(listing.left_out_count, listing.left_out)})" if listing.left_out_count else ""
+            others = f" ({left_out_text(listing.left_out_count, listing.left_out)})" if listing.left_out_count else ""
             raise InputError(
                 f"no images found under {uri} (looked for {', '.join(IMAGE_EXTENSIONS)}, .tar, .parquet){inside}"
                 f"{others}"
@@ -151,7 +151,7 @@ def resolve_inputs(config: InputConfig, *, output: str | None = None) -> Resolve
         left_out_count += listing.left_out_count
         left_out.extend(listing.left_out[: LEFT_OUT_EXAMPLES - len(left_out)])
     if left_out_count:
-        log.warning("%s", _left_out_text(left_out_count, left_out))
+        log.warning("%s", left_out_text(left_out_count, left_out))
     not_regular = [r["uri"] for r in refs if r.pop("regular", True) is False]
     if not_regular:
         log.warning(
@@ -167,7 +167,7 @@ def resolve_inputs(config: InputConfig, *, output: str | None = None) -> Resolve
 LEFT_OUT_EXAMPLES = 5  # files named in the line about files left out by their extension
 
 
-def _left_out_text(count: int, examples: list[str]) -> str:
+def left_out_text(count: int, examples: list[str]) -> str:
     return (
         f"left out {count} files whose names end in no image, .tar or .parquet extension (e.g. "
         f"{', '.join(examples)}); `--input-format files` reads every listed file as an image"

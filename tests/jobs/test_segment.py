@@ -33,7 +33,7 @@ def _sample_value(option: Option) -> Any:
     if option.kind == "int":
         return option.default + 1  # min_actors 2 <= max_actors 2, min_size 801 <= max_size 1334
     if option.kind == "float":
-        return option.default / 2
+        return option.default / 2 if option.default is not None else 3.0  # e.g. --cpus-per-actor (unset)
     return f"{option.name}-value"
 
 
