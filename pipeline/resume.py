@@ -3,11 +3,13 @@
 The protocol
 ------------
 1. **One writer.** A run takes the output's lease (`pipeline.lease`) before it touches anything; a second run
-   on a held output stops (exit code 2). Clean-up, retractions and commits happen only under the lease, and
-   every commit checks that its run still holds it.
-2. **Commit.** A part is committed by a write task on a Ray worker (`pipeline.write`): its ``segments`` file,
-   then its ``images`` file, each published whole. The ``images`` file is the commit record of every image in
-   it (ok or error). Part names hash the part's image ids, so a retried task overwrites its own files.
+   on a held output stops (exit code 2). Clean-up, quarantine, retractions, the run's record, ``_SUCCESS`` and
+   commits happen only under the lease: the driver checks that it still holds it (in the store, not only in
+   memory) right before each of them, and every commit checks it again.
+2. **Commit.** A part is committed by the model actor's shard call on a Ray worker (`pipeline.shard`,
+   `pipeline.write`): its ``segments`` file, then its ``images`` file, each published whole. The ``images``
+   file is the commit record of every image in it (ok or error). Part names hash the part's image ids, so a
+   retried shard call overwrites its own files.
 3. **A run starts** (`prepare_output`) by removing temporary files and ``segments`` parts without an
    ``images`` part (a crash between the two writes), then reads every ``images`` part's footer on the workers
    (`inspect_parts`); a part that cannot be read (cut short, not Parquet) is moved to ``_quarantine/<run>/``
@@ -32,9 +34,11 @@ The protocol
    rows' decision unchanged, so the next run retracts the rest.
    Lines of text manifests are not re-checked for changes (a HEAD request per committed object would cost more
    than the resume itself); listed files and shards are.
-6. **Records.** Each images row names its run (``run_id``); each run that committed something has
+6. **Records.** Each images row names its run (``run_id``); each run that had something to do has
    ``_runs/<run_id>.json`` (settings, weights, versions, counts, status). ``_SUCCESS`` is written when a run
-   finishes, with this run's counts and the output's totals, and is removed by the first commit of a run.
+   finishes, with this run's counts and the output's totals. Before a run's first shard call its driver writes
+   its record and removes ``_SUCCESS``; the driver completes the record from what it knows, never from a
+   listing (an object store's listing cache can be stale), and lists parts and records afresh.
 
 Tested against: a killed model actor, a killed driver then a re-run, a lost node, a write task killed between
 its two files and after both, two runs started together and one started mid-run, an exception and a signal
@@ -44,7 +48,10 @@ the output inside the input folder (tests/pipeline/test_faults.py, test_write_st
 two unreadable committed parts on a local and on an S3 output, re-run with another ``--rows-per-file`` (so that
 no redone part overwrites a bad one by name: test_quarantine.py); a FIFO and a link to ``/dev/zero`` among the
 inputs (test_input_files.py); leases written by hosts whose clocks run an hour fast or slow
-(test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume (tests/jobs/test_stop.py).
+(test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume (tests/jobs/test_stop.py); a driver stalled past
+its lease's expiry while another run takes the output over and finishes (it changes nothing), and a second run
+on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py). The runs started mid-run and the
+killed driver are held right after their first commit by a fault hook (no race with the job's speed).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ result passes through it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import ray
 import torch
 
 from model.checkpoint import CheckpointError, check_state_dict, fetch, read_state_dict
+from model.checkpoint_source import file_sha256
 from model.config import get_variant
 from pipeline import block_stats, resume
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
@@ -126,11 +126,7 @@ def resolve_weights(variant: str, weights: str, *, allow_synthetic: bool) -> tup
             return SYNTHETIC_WEIGHTS, ""
         raise
     check_state_dict(get_variant(variant).config, read_state_dict(uri), what=redact_uri(uri))
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return uri, digest.hexdigest()
+    return uri, file_sha256(path)
 
 
 def init_ray() -> None:

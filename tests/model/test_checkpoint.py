@@ -149,3 +149,31 @@ def test_variants_and_official_urls() -> None:
     assert get_variant("detr-r50-panoptic").url.endswith("detr-r50-panoptic-00ce5173.pth")
     with pytest.raises(ValueError, match="known variants"):
         get_variant("detr-r18")
+
+
+def test_one_backbone_name_table_serves_both_directions() -> None:
+    """`model.checkpoint_keys.RESNET_NAMES`: hand-written pairs, and every torchvision backbone key of the model
+    through Hugging Face's names and back."""
+    from model.checkpoint_keys import _hf_resnet_to_torchvision, _torchvision_to_hf_resnet
+
+    pairs = {
+        "conv1.weight": "embedder.embedder.convolution.weight",
+        "bn1.running_mean": "embedder.embedder.normalization.running_mean",
+        "layer1.0.downsample.0.weight": "encoder.stages.0.layers.0.shortcut.convolution.weight",
+        "layer4.2.downsample.1.bias": "encoder.stages.3.layers.2.shortcut.normalization.bias",
+        "layer2.3.conv1.weight": "encoder.stages.1.layers.3.layer.0.convolution.weight",
+        "layer3.22.bn3.weight": "encoder.stages.2.layers.22.layer.2.normalization.weight",
+    }
+    for torchvision, hf in pairs.items():
+        assert _torchvision_to_hf_resnet(torchvision) == hf
+        assert _hf_resnet_to_torchvision(hf) == torchvision
+    with torch.device("meta"):
+        from model.config import get_variant
+        from model.detr import DetrPanoptic
+
+        keys = DetrPanoptic(get_variant("detr-r101-panoptic").config).state_dict()
+    prefix = "detr.backbone.0.body."
+    backbone = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+    assert len(backbone) > 300
+    assert [_hf_resnet_to_torchvision(_torchvision_to_hf_resnet(k)) for k in backbone] == backbone
+    assert _hf_resnet_to_torchvision("layer1.0.conv1.weight") == "layer1.0.conv1.weight"  # timm names pass
