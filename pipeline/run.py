@@ -19,6 +19,7 @@ import platform
 import posixpath
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -166,30 +167,34 @@ def build_dataset(config: JobConfig, shards: ray.data.Dataset, *, weights: str, 
     res = config.resources
     use_gpu = use_gpus(res.device)
     cpus = actor_cpus(res, use_gpu=use_gpu)
-    return shards.map_batches(
-        ShardSegmenter,
-        batch_format="pyarrow",
-        batch_size=None,  # one call per shard block
-        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-        num_gpus=res.num_gpus if use_gpu else 0,
-        num_cpus=cpus,
-        ray_remote_args_fn=_bounded_retries,  # each new actor's options (Ray Data's own default retries forever)
-        fn_constructor_kwargs={
-            "variant": config.model.variant,
-            "weights": weights,
-            "inference": config.inference,
-            "device": "cuda" if use_gpu else "cpu",
-            "output": config.output,
-            "run_id": run_id,
-            "rows_per_file": res.rows_per_file,
-            "batch_size": res.batch_size,
-            "max_pixels": config.input.max_pixels,
-            "max_bytes": config.input.max_bytes,
-            "bytes_column": config.input.bytes_column,
-            "id_column": config.input.id_column,
-            "threads": max(2, int(cpus)),
-        },
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates `ray_remote_args_fn` for 2.64 without a named replacement for an actor's task
+        # retries; pyproject pins ray < 2.61, and users need not see it.
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+        return shards.map_batches(
+            ShardSegmenter,
+            batch_format="pyarrow",
+            batch_size=None,  # one call per shard block
+            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+            num_gpus=res.num_gpus if use_gpu else 0,
+            num_cpus=cpus,
+            ray_remote_args_fn=_bounded_retries,  # each new actor's options (Ray Data's own default retries forever)
+            fn_constructor_kwargs={
+                "variant": config.model.variant,
+                "weights": weights,
+                "inference": config.inference,
+                "device": "cuda" if use_gpu else "cpu",
+                "output": config.output,
+                "run_id": run_id,
+                "rows_per_file": res.rows_per_file,
+                "batch_size": res.batch_size,
+                "max_pixels": config.input.max_pixels,
+                "max_bytes": config.input.max_bytes,
+                "bytes_column": config.input.bytes_column,
+                "id_column": config.input.id_column,
+                "threads": max(2, int(cpus)),
+            },
+        )
 
 
 def _bounded_retries() -> dict[str, Any]:
@@ -289,7 +294,8 @@ def run_job(
             _begin_commits(fs, root, record)  # the record before any row of this run; no _SUCCESS older than them
             recorded = True
             bar = _progress_bar(plan.known_total, enabled=show_progress)
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            # no prefetch: each part's row reaches the bar, `on_part` and the lease check as soon as it exists
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                 for row in batch.cast(PART_ROW_SCHEMA).to_pylist():  # one small row per committed part
                     this_run.add(row)
                     parts_by_node[row["node_id"]] = parts_by_node.get(row["node_id"], 0) + 1

@@ -1,0 +1,80 @@
+"""A stand-in for the model: `pipeline.predict.PanopticSegmenter` patched to return precomputed results at a
+fixed rate, so that a job's plan (driver, object store, stages) is measured and not the CPU model.
+
+Installed in every Ray worker by ``runtime_env={"worker_process_setup_hook": "stand_in_model.install"}`` with
+this folder (``bench/``) on the workers' ``PYTHONPATH`` *after* the tree under test: the module imports only
+``pipeline`` and ``model``, so the same file patches the previous commit's tree (``/work/wt-before``) and the
+current one. Both plans construct and call that class: the previous plan maps it as the actor, the current
+one's `pipeline.shard.ShardSegmenter` builds one with ``encode_rle=False`` and calls it per model batch.
+
+``__init__`` builds no model. ``__call__(batch)`` returns what the real one returns,
+`pipeline.results.prediction_table` (through `encode_results` when ``encode_rle``), with one fixed
+`model.panoptic.PanopticResult` per ok row sized to that row's (height, width): `SEGMENTS` segments (vertical
+bands), and it sleeps so that a batch takes ``PFB_STAND_IN_MS`` (default 2) ms per image in all.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+MS_PER_IMAGE_ENV = "PFB_STAND_IN_MS"
+SEGMENTS = 4
+_RESULTS: dict[tuple[int, int], object] = {}
+
+
+def fixed_result(height: int, width: int):
+    """The precomputed `PanopticResult` of an image of (height, width): `SEGMENTS` vertical bands."""
+    from model.panoptic import PanopticResult, Segment
+
+    key = (height, width)
+    if key not in _RESULTS:
+        bands = np.minimum(np.arange(width) * SEGMENTS // max(width, 1), SEGMENTS - 1).astype(np.uint8)
+        id_map = np.ascontiguousarray(np.broadcast_to(bands[None, :], (height, width)))
+        segments = []
+        for i in range(SEGMENTS):
+            cols = np.flatnonzero(bands == i)
+            x0, w = (int(cols[0]), len(cols)) if len(cols) else (0, 0)
+            segments.append(Segment(i, 1 + i, i < 2, 0.9, int(w * height), (x0, 0, w, height)))
+        _RESULTS[key] = PanopticResult(id_map, segments)
+    return _RESULTS[key]
+
+
+def _init(self, *, variant, weights, inference, device, encode_rle: bool = True) -> None:
+    import torch
+
+    self.encode_rle = encode_rle
+    self.device = torch.device("cpu")
+    self.predictor = None  # no model: never built
+    self.stand_in_ms = float(os.environ.get(MS_PER_IMAGE_ENV, "2"))
+
+
+def _call(self, batch):
+    from pipeline.results import encode_results, prediction_table
+
+    started = time.perf_counter()
+    errors = [str(e) for e in batch["error"]]
+    retryable = [bool(r) for r in batch["retryable"]]
+    heights, widths = batch["height"], batch["width"]
+    results = {
+        i: fixed_result(int(heights[i]), int(widths[i]))
+        for i in range(len(errors))
+        if not errors[i] and int(heights[i]) > 0 and int(widths[i]) > 0
+    }
+    predictions = prediction_table(batch, results, errors=errors, retryable=retryable)
+    table = encode_results(predictions) if self.encode_rle else predictions
+    rest = self.stand_in_ms * len(errors) / 1000 - (time.perf_counter() - started)
+    if rest > 0:
+        time.sleep(rest)
+    return table
+
+
+def install() -> None:
+    """Patch `PanopticSegmenter` in this process (a Ray ``worker_process_setup_hook``)."""
+    from pipeline.predict import PanopticSegmenter
+
+    PanopticSegmenter.__init__ = _init
+    PanopticSegmenter.__call__ = _call
+    PanopticSegmenter.stand_in = True
