@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import fsspec
 
-from pipeline.schema import LEASE_FILE
+from pipeline.output_paths import Output
 from pipeline.storage import is_local, is_s3
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ class LeaseLost(RuntimeError):
 
 
 def lease_path(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(output)
-    return fs, posixpath.join(root.rstrip("/"), LEASE_FILE)
+    out = Output.of(output)
+    return out.fs, out.lease
 
 
 def _process_start(pid: int) -> str | None:

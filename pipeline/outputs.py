@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.output_paths import Output
 from pipeline.rle import decode_rle
 from pipeline.schema import (
     IMAGES_SCHEMA,
@@ -53,8 +54,8 @@ def output_filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
     ``s3://`` goes through s3fs, which honours the usual AWS configuration (``AWS_ENDPOINT_URL``,
     ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws/config``, ...).
     """
-    fs, path = fsspec.core.url_to_fs(output)
-    return fs, path.rstrip("/") or path
+    out = Output.of(output)
+    return out.fs, out.root
 
 
 class OutputNotFoundError(FileNotFoundError):

@@ -71,13 +71,13 @@ import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig
 from pipeline.ids import member_of_old_row
+from pipeline.output_paths import Output
 from pipeline.outputs import SYNTHETIC_WEIGHTS_URI
 from pipeline.schema import (
     IMAGES_TABLE,
     INSPECTION_SCHEMA,
     QUARANTINE_FOLDER,
     RETRACTION_SCHEMA,
-    RUNS_FOLDER,
     SEGMENTS_SCHEMA,
     SEGMENTS_TABLE,
     Counts,
@@ -110,10 +110,6 @@ class OutputState:
     quarantined: list[str] = field(default_factory=list)  # part names moved aside
 
 
-def _table_folder(root: str, table: str) -> str:
-    return posixpath.join(root, table)
-
-
 def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[set[str], list[str]]:
     """(part file names, temporary files) of one table folder, listed afresh (never from a listing cache)."""
     fs.invalidate_cache(folder)
@@ -126,22 +122,23 @@ def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[set[str], l
     return parts, [posixpath.join(folder, n) for n in names if is_temporary(n)]
 
 
-def prepare_output(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+def prepare_output(out: Output) -> list[str]:
     """Remove what interrupted runs left behind (temporary files; ``segments`` parts without their ``images``
     part, each logged); returns the committed images part paths. Only under the lease."""
-    segments, temporary_segments = _part_names(fs, _table_folder(root, SEGMENTS_TABLE))
-    images, temporary_images = _part_names(fs, _table_folder(root, IMAGES_TABLE))
+    fs = out.fs
+    segments, temporary_segments = _part_names(fs, out.table(SEGMENTS_TABLE))
+    images, temporary_images = _part_names(fs, out.table(IMAGES_TABLE))
     for path in temporary_segments + temporary_images:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
     orphans = sorted(segments - images)
     for name in orphans:
         log.warning("removing segments part %s: an interrupted run wrote it but never committed it", name)
-        fs.rm(posixpath.join(root, SEGMENTS_TABLE, name))
-    return sorted(posixpath.join(root, IMAGES_TABLE, n) for n in images)
+        fs.rm(out.part(SEGMENTS_TABLE, name))
+    return sorted(out.part(IMAGES_TABLE, n) for n in images)
 
 
-def quarantine(fs: fsspec.AbstractFileSystem, root: str, part: str, *, run_id: str, problem: str) -> None:
+def quarantine(out: Output, part: str, *, run_id: str, problem: str) -> None:
     """Move an unreadable committed part (both tables) to ``_quarantine/<run_id>/``: its images are redone.
 
     The ``images`` file goes first (the commit record: once it is gone, its images are uncommitted), then the
@@ -151,12 +148,11 @@ def quarantine(fs: fsspec.AbstractFileSystem, root: str, part: str, *, run_id: s
     (every commit writes one; an interrupted quarantine leaves the ``segments`` file as an orphan, which the
     next run's `prepare_output` removes). A destination folder that does not exist is created (local stores;
     object stores have no folders)."""
-    name = posixpath.basename(part)
+    fs, name = out.fs, posixpath.basename(part)
     log.warning("moving unreadable part %s to %s/%s/ (%s); its images are done again", name, QUARANTINE_FOLDER,
                 run_id, problem)  # fmt: skip
     for table in (IMAGES_TABLE, SEGMENTS_TABLE):  # images first: the commit record goes, then its segments
-        source = posixpath.join(root, table, name)
-        folder = posixpath.join(root, QUARANTINE_FOLDER, run_id, table)
+        source, folder = out.part(table, name), out.quarantine(run_id, table)
         if is_local(fs):
             fs.makedirs(folder, exist_ok=True)
         try:
@@ -165,12 +161,12 @@ def quarantine(fs: fsspec.AbstractFileSystem, root: str, part: str, *, run_id: s
             if fs.exists(source):  # the source is there: the move itself failed
                 raise
             log.warning("%s/%s was gone already: nothing to move", table, name)
-        fs.invalidate_cache(posixpath.join(root, table))
+        fs.invalidate_cache(out.table(table))
 
 
-def read_run_records(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
+def read_run_records(out: Output) -> list[dict[str, Any]]:
     """The records in ``_runs/``, oldest first (run ids sort by time)."""
-    folder = posixpath.join(root, RUNS_FOLDER)
+    fs, folder = out.fs, out.runs
     fs.invalidate_cache(folder)  # another run may have written here since this process last listed it
     try:
         paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
@@ -439,10 +435,9 @@ def retract_rows(group: pa.Table, *, output: str) -> pa.Table:
     """All retractions of one part ({"part", "source", "member"} rows) -> the part rewritten without those
     images (``segments`` first, then ``images``; deleted when nothing is left, ``images`` first) and one
     `RETRACTION_SCHEMA` row of what was removed."""
-    fs, root = fsspec.core.url_to_fs(output)
-    name = group.column("part")[0].as_py()
-    images_path = posixpath.join(root, IMAGES_TABLE, name)
-    segments_path = posixpath.join(root, SEGMENTS_TABLE, name)
+    out = Output.of(output)
+    fs, name = out.fs, group.column("part")[0].as_py()
+    images_path, segments_path = out.part(IMAGES_TABLE, name), out.part(SEGMENTS_TABLE, name)
     gone = {(s, m) for s, m in zip(group.column("source").to_pylist(), group.column("member").to_pylist())}
     with fs.open(images_path, "rb") as f:
         images = pq.read_table(f)

@@ -37,9 +37,10 @@ from model.config import get_variant
 from pipeline import block_stats, resume
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
 from pipeline.lease import Lease, check_holder, new_run_id
+from pipeline.output_paths import Output
 from pipeline.predict import SYNTHETIC_WEIGHTS
 from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
-from pipeline.schema import PART_ROW_SCHEMA, RUNS_FOLDER, SUCCESS_FILE, Counts
+from pipeline.schema import PART_ROW_SCHEMA, Counts
 from pipeline.shard import ShardSegmenter
 from pipeline.sources import ResolvedInputs, left_out_text, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
@@ -257,8 +258,7 @@ def run_job(
     inputs = resolve_inputs(config.input, output=config.output)  # bad inputs fail here, before any cluster work
     weights, sha256 = resolve_weights(config.model.variant, config.model.weights, allow_synthetic=allow_synthetic)
     run_id = new_run_id()
-    fs, root = fsspec.core.url_to_fs(config.output)
-    root = root.rstrip("/")
+    out = Output.of(config.output)
     settings = resume.model_settings(config, sha256)
     lease = take_lease(config.output, run_id, take_over=take_over_lease)
     record = _run_record(config, run_id, weights, sha256, settings)
@@ -271,16 +271,16 @@ def run_job(
         check_holder(config.output, run_id)
 
     try:
-        resume.check_settings(resume.read_run_records(fs, root), settings, allow=allow_mixed_settings)
+        resume.check_settings(resume.read_run_records(out), settings, allow=allow_mixed_settings)
         confirm_lease()
-        parts = resume.prepare_output(fs, root)
+        parts = resume.prepare_output(out)
         if resume.fits_locally(inputs, parts):  # a small output: planned here, Ray only if there is work
-            state = _inspect(config.output, parts, run_id=run_id, local=True, confirm=confirm_lease)
+            state = _inspect(out, parts, run_id=run_id, local=True, confirm=confirm_lease)
             confirm_lease()
             plan = resume.plan_locally(inputs, output=config.output, parts=state.parts)
         else:
             _start_ray(config, verbose=verbose)
-            state = _inspect(config.output, parts, run_id=run_id, local=False, confirm=confirm_lease)
+            state = _inspect(out, parts, run_id=run_id, local=False, confirm=confirm_lease)
             partitions = shuffle_partitions(inputs, state.totals.images)
             confirm_lease()
             plan = resume.plan(inputs, output=config.output, parts=state.parts, partitions=partitions)
@@ -291,7 +291,7 @@ def run_job(
             shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
             dataset = build_dataset(config, shards, weights=weights, run_id=run_id)
             confirm_lease()
-            _begin_commits(fs, root, record)  # the record before any row of this run; no _SUCCESS older than them
+            _begin_commits(out, record)  # the record before any row of this run; no _SUCCESS older than them
             recorded = True
             bar = _progress_bar(plan.known_total, enabled=show_progress)
             # no prefetch: each part's row reaches the bar, `on_part` and the lease check as soon as it exists
@@ -321,11 +321,11 @@ def run_job(
             left_out_text(inputs.left_out, inputs.left_out_examples) if inputs.left_out else "",
         )
         confirm_lease()
-        _finish(fs, root, record, summary, recorded=recorded)
+        _finish(out, record, summary, recorded=recorded)
         return summary
     except BaseException as exc:
         if recorded:
-            _record_failure(fs, root, record, exc)
+            _record_failure(out, record, exc)
         raise
     finally:
         lease.release()
@@ -350,24 +350,22 @@ def _configure_ray_data(*, verbose: bool) -> None:
 
 
 def _inspect(
-    output: str, parts: list[str], *, run_id: str, local: bool, confirm: Callable[[], None]
+    out: Output, parts: list[str], *, run_id: str, local: bool, confirm: Callable[[], None]
 ) -> resume.OutputState:
     """The committed parts' counts, read from their footers (here when ``local``, else by Ray workers);
     unreadable parts quarantined."""
     state = resume.OutputState()
     if not parts:
         return state
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
     if local:
-        rows = resume.inspect_parts({"path": parts}, output=output).to_pylist()
+        rows = resume.inspect_parts({"path": parts}, output=out.uri).to_pylist()
     else:
         paths = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=min(len(parts), 64))
-        rows = paths.map_batches(resume.inspect_parts, batch_format="numpy", fn_kwargs={"output": output}).iter_rows()
+        rows = paths.map_batches(resume.inspect_parts, batch_format="numpy", fn_kwargs={"output": out.uri}).iter_rows()
     for row in rows:
         if row["problem"]:
             confirm()
-            resume.quarantine(fs, root, row["path"], run_id=run_id, problem=row["problem"])
+            resume.quarantine(out, row["path"], run_id=run_id, problem=row["problem"])
             state.quarantined.append(posixpath.basename(row["path"]))
         else:
             state.parts.append(row["path"])
@@ -389,15 +387,15 @@ def _run_record(config: JobConfig, run_id: str, weights: str, sha256: str, setti
     }
 
 
-def _begin_commits(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
+def _begin_commits(out: Output, record: dict) -> None:
     """Before this run's first commit: its record in ``_runs/``, and ``_SUCCESS`` removed (an output never has
     rows of a run without its record, nor a ``_SUCCESS`` older than its newest rows)."""
     with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(posixpath.join(root, SUCCESS_FILE))
-    publish(fs, posixpath.join(root, RUNS_FOLDER, f"{record['run_id']}.json"), json.dumps(record, indent=2).encode())
+        out.fs.rm_file(out.success)
+    _publish_record(out, record)
 
 
-def _finish(fs: fsspec.AbstractFileSystem, root: str, record: dict, summary: RunSummary, *, recorded: bool) -> None:
+def _finish(out: Output, record: dict, summary: RunSummary, *, recorded: bool) -> None:
     """``_SUCCESS`` (this run's counts and the output's totals), and this run's record completed if it has one.
     Written from what this run knows, never from a listing (an object store's listing cache can be stale)."""
     report = {
@@ -409,21 +407,20 @@ def _finish(fs: fsspec.AbstractFileSystem, root: str, record: dict, summary: Run
     }  # fmt: skip
     if recorded:
         finished = {**record, "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
-        _publish_record(fs, root, finished)
-    publish(fs, posixpath.join(root, SUCCESS_FILE), json.dumps(report, indent=2, default=str).encode())
+        _publish_record(out, finished)
+    publish(out.fs, out.success, json.dumps(report, indent=2, default=str).encode())
 
 
-def _record_failure(fs: fsspec.AbstractFileSystem, root: str, record: dict, exc: BaseException) -> None:
+def _record_failure(out: Output, record: dict, exc: BaseException) -> None:
     """Mark this run's record failed (best effort: the run is failing)."""
     try:
-        _publish_record(fs, root, {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        _publish_record(out, {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]})
     except Exception as inner:  # never hide the run's own error behind this one
-        log.warning("could not mark run %s failed in %s: %s", record["run_id"], root, inner)
+        log.warning("could not mark run %s failed in %s: %s", record["run_id"], redact_uri(out.uri), inner)
 
 
-def _publish_record(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
-    path = posixpath.join(root, RUNS_FOLDER, f"{record['run_id']}.json")
-    publish(fs, path, json.dumps(record, indent=2, default=str).encode())
+def _publish_record(out: Output, record: dict) -> None:
+    publish(out.fs, out.run_record(record["run_id"]), json.dumps(record, indent=2, default=str).encode())
 
 
 def _progress_bar(total: int | None, *, enabled: bool):

@@ -25,10 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import posixpath
 import time
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ids import SHARD_ITSELF, member_id
 from pipeline.lease import check_holder
+from pipeline.output_paths import Output
 from pipeline.schema import (
     IMAGES_SCHEMA,
     IMAGES_TABLE,
@@ -87,13 +86,13 @@ def write_part(results: pa.Table, *, output: str, run_id: str, node_id: str = ""
     if results.num_rows == 0:
         return None
     started = time.perf_counter()
-    fs, root = fsspec.core.url_to_fs(output)
+    out = Output.of(output)
     images, segments = split_results(_unique_ids(results), run_id=run_id)
     name = part_name(images.column("image_id").to_pylist())
     check_holder(output, run_id)
     counts = part_counts(images)
-    written = publish(fs, posixpath.join(root, SEGMENTS_TABLE, name), parquet_bytes(segments))
-    written += publish(fs, posixpath.join(root, IMAGES_TABLE, name), parquet_bytes(images, counts=counts))  # commit
+    written = publish(out.fs, out.part(SEGMENTS_TABLE, name), parquet_bytes(segments))
+    written += publish(out.fs, out.part(IMAGES_TABLE, name), parquet_bytes(images, counts=counts))  # commit
     return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": time.perf_counter() - started}
 
 

@@ -66,6 +66,7 @@ def _commit(output: Path, ids: list[str]) -> None:
 def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: int = 4) -> dict:
     import ray
 
+    from pipeline.output_paths import Output
     from pipeline.resume import plan, prepare_output
     from pipeline.sources import ResolvedInputs, manifest_rows
 
@@ -81,9 +82,7 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: in
             manifest_rows, batch_format="numpy", fn_kwargs={"base": str(root)}
         )
     else:
-        import fsspec
-
-        parts = prepare_output(fsspec.filesystem("file"), str(root / "out"))
+        parts = prepare_output(Output.of(str(root / "out")))
         inputs = ResolvedInputs([], [str(manifest)])
         refs = plan(inputs, output=str(root / "out"), parts=parts, partitions=partitions).refs
     first = None
