@@ -215,7 +215,7 @@ def check_settings(records: list[dict[str, Any]], settings: dict[str, Any], *, a
 
 
 def inspect_parts(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
-    """{"path"} of committed ``images`` parts -> their counts from the Parquet footer (older parts without
+    """{"path"} of committed ``images`` parts -> their counts from the Parquet footer (format 1 parts without
     them: from their columns), or the ``problem`` that makes a part unreadable."""
     fs, _ = fsspec.core.url_to_fs(output)
     rows = []
@@ -252,7 +252,8 @@ COMMITTED_SCHEMA = pa.schema(
 
 def committed_rows(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
     """{"path"} of committed ``images`` parts -> one `COMMITTED_SCHEMA` row per committed image. Parts written
-    before the ``member`` column existed get it from the old ids (``shard#member``)."""
+    before the ``member`` column existed (format 1, `pipeline.schema.OUTPUT_FORMAT_VERSION`) get it from the old
+    ids (``shard#member``)."""
     fs, _ = fsspec.core.url_to_fs(output)
     tables = [COMMITTED_SCHEMA.empty_table()]
     for path in (str(p) for p in batch["path"]):

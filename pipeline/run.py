@@ -40,7 +40,7 @@ from pipeline.lease import Lease, check_holder, new_run_id
 from pipeline.output_paths import Output
 from pipeline.predict import SYNTHETIC_WEIGHTS
 from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
-from pipeline.schema import PART_ROW_SCHEMA, Counts
+from pipeline.schema import OUTPUT_FORMAT_VERSION, PART_ROW_SCHEMA, Counts
 from pipeline.shard import ShardSegmenter
 from pipeline.sources import ResolvedInputs, left_out_text, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
@@ -131,15 +131,28 @@ def resolve_weights(variant: str, weights: str, *, allow_synthetic: bool) -> tup
     return uri, file_sha256(path)
 
 
-def init_ray() -> None:
+# Ray's own start-up lines ("Started a local Ray instance", the note that token authentication is on by default):
+# shown with --verbose only. Their errors still show.
+_RAY_START_LOGGERS = ("ray._private.worker", "ray._private.authentication.authentication_token_setup")
+
+
+def init_ray(*, verbose: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start an embedded local Ray."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        # Some Ray Data operators stall with fewer than 4 logical CPUs; small machines get 4.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    quiet = [] if verbose else [logging.getLogger(name) for name in _RAY_START_LOGGERS]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            # Some Ray Data operators stall with fewer than 4 logical CPUs; small machines get 4.
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 def shard_rows(resources: ResourceConfig, known_total: int | None) -> int:
@@ -333,7 +346,7 @@ def run_job(
 
 def _start_ray(config: JobConfig, *, verbose: bool) -> None:
     """Join or start Ray, set up Ray Data, and check that the GPUs asked for can exist (all idempotent)."""
-    init_ray()
+    init_ray(verbose=verbose)
     _configure_ray_data(verbose=verbose)
     if use_gpus(config.resources.device):
         check_gpu_supply()
@@ -377,6 +390,7 @@ def _inspect(
 def _run_record(config: JobConfig, run_id: str, weights: str, sha256: str, settings: dict) -> dict:
     return {
         "run_id": run_id,
+        "format_version": OUTPUT_FORMAT_VERSION,
         "status": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [redact_uri(a) for a in sys.argv],

@@ -27,6 +27,15 @@ SUCCESS_FILE = "_SUCCESS"  # the last run finished: its counts and the output's 
 LEASE_FILE = "_lease.json"  # the lease of the run writing the output (`pipeline.lease`)
 QUARANTINE_FOLDER = "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.resume`)
 
+# The output format a run writes, recorded in its ``_runs/<run_id>.json`` (``format_version``):
+# - 1: before versions were recorded; an images part may lack the ``member`` column (read from its id,
+#   ``source#member``: `pipeline.ids.member_of_old_row`), the ``retryable`` column (read as false) and its counts
+#   in the Parquet footer (counted from its columns). `pipeline.resume` reads such parts (its branches say
+#   "format 1").
+# - 2: every images part has all of `IMAGES_SCHEMA` and its `Counts` in the footer (`COUNTS_KEY` of
+#   `pipeline.write`).
+OUTPUT_FORMAT_VERSION = 2
+
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 

@@ -159,3 +159,32 @@ def test_every_reading_command_warns_once_of_demo_weights(
         f"panoptic-flow query: warning: {demo} was made with demo weights (--weights synthetic) "
         "(partly: 1 of its 2 runs): its segments are meaningless"
     ]
+
+
+@pytest.mark.slow
+def test_a_job_on_an_embedded_ray_prints_no_ray_start_up_lines(tmp_path: Path) -> None:
+    """Ray's "Started a local Ray instance" and its note that token authentication is on by default are shown
+    with --verbose only (its errors are not hidden)."""
+    import shutil
+    import tempfile
+
+    from tests.pipeline.images import photo_bytes
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"img{i}.jpg").write_bytes(photo_bytes(48, 64, seed=i))
+    ray_tmp = tempfile.mkdtemp(prefix="pf-q-", dir="/tmp")  # its own Ray: short socket paths, nothing shared
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT)}
+    flags = ["--weights", "synthetic", "--device", "cpu", "--min-size", "64", "--max-size", "107", "--no-progress"]
+    command = [sys.executable, "-m", "jobs.cli", "segment", "--input", str(folder), "--output", str(tmp_path / "out")]
+    command += flags
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line for line in done.stdout.splitlines() if line.startswith("done: 2 images ok")], done.stdout
+    noise = ("Started a local Ray instance", "Token authentication is enabled")
+    assert [line for line in done.stderr.splitlines() if any(n in line for n in noise)] == [], done.stderr

@@ -94,6 +94,7 @@ def test_local_folder_end_to_end(ray_session: None, tmp_path: Path, predictor: P
 
     run = json.loads((tmp_path / "out" / "_runs" / f"{summary.run_id}.json").read_text())
     assert run["config"]["model"]["variant"] == "detr-r50-panoptic" and run["status"] == "finished"
+    assert run["format_version"] == 2  # pipeline.schema.OUTPUT_FORMAT_VERSION: what its parts hold
     assert run["settings"]["threshold"] == INFERENCE.threshold and run["this_run"]["images_ok"] == 4
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["run_id"] == summary.run_id and success["this_run"]["images_ok"] == 4
