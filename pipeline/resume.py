@@ -397,6 +397,22 @@ def _changed(version: str | None, size: int | None, c_version: str | None, c_siz
     return size is not None and c_size is not None and size != c_size
 
 
+def decide_file_keys(keys: pa.Table) -> pa.Table:
+    """The decision for file inputs, once: `_KEY_SCHEMA` rows (this run's refs and the committed rows, every row
+    of a URI present) -> one `PLAN_SCHEMA` row per URI (`decide_files` on their maxima, sums and unique parts).
+
+    A pure pyarrow function: `plan_locally` runs it on the whole table, `plan` on each partition of a hash
+    shuffle by URI (Ray keeps each key's rows in one block there)."""
+    aggregated = keys.group_by("uri").aggregate(
+        [("listed", "max"), ("version", "max"), ("size", "max"), ("committed", "sum"), ("retryable", "max"),
+         ("c_version", "max"), ("c_size", "max"), ("part", "distinct")]
+    )  # fmt: skip
+    names = {f"{c}_{how}": c for c, how in (("listed", "max"), ("version", "max"), ("size", "max"),
+             ("committed", "sum"), ("retryable", "max"), ("c_version", "max"), ("c_size", "max"))}  # fmt: skip
+    names["part_distinct"] = "parts"
+    return decide_files(aggregated.rename_columns([names.get(c, c) for c in aggregated.column_names]))
+
+
 def decide_members(batch: pa.Table, *, shards: dict[str, tuple[str | None, int | None]]) -> pa.Table:
     """Committed rows (`COMMITTED_SCHEMA`) of shard members -> `PLAN_SCHEMA` rows. ``shards`` is this run's
     shard listing, {uri: (version, size)}; a changed shard has all its rows retracted (it is done whole)."""
@@ -488,7 +504,7 @@ def plan(inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: i
     resulting plan (~100 B per input) in the object store while it runs.
     """
     import ray.data
-    from ray.data.aggregate import Max, Sum, Unique
+    from ray.data.aggregate import Max, Unique
 
     listed = {r["uri"]: r for r in inputs.refs}  # the driver's listing, without repeats
     files = [r for r in listed.values() if r["kind"] == "file"]
@@ -512,17 +528,8 @@ def plan(inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: i
         keys = _union(file_refs).map_batches(file_ref_keys, batch_format="pyarrow")
         if committed is not None:
             keys = keys.union(committed.map_batches(committed_file_keys, batch_format="pyarrow"))
-        aggregated = keys.groupby("uri", num_partitions=partitions).aggregate(
-            Max("listed", alias_name="listed", zero_factory=lambda: 0),
-            Max("version", alias_name="version", ignore_nulls=True),
-            Max("size", alias_name="size", ignore_nulls=True),
-            Sum("committed", alias_name="committed", ignore_nulls=True),
-            Max("retryable", alias_name="retryable", zero_factory=lambda: 0),
-            Max("c_version", alias_name="c_version", ignore_nulls=True),
-            Max("c_size", alias_name="c_size", ignore_nulls=True),
-            Unique("part", alias_name="parts", ignore_nulls=True),
-        )
-        decisions.append(aggregated.map_batches(decide_files, batch_format="pyarrow"))
+        shuffled = keys.repartition(partitions, keys=["uri"])  # every row of a URI in one block
+        decisions.append(shuffled.map_batches(decide_file_keys, batch_format="pyarrow", batch_size=None))
     if committed is not None:
         shards = {r["uri"]: (r.get("version"), r.get("size")) for r in shard_refs}
         decisions.append(committed.map_batches(decide_members, batch_format="pyarrow", fn_kwargs={"shards": shards}))
@@ -581,8 +588,8 @@ def fits_locally(inputs: ResolvedInputs, parts: list[str]) -> bool:
 
 
 def plan_locally(inputs: ResolvedInputs, *, output: str, parts: list[str]) -> Plan:
-    """`plan` for a small output, in the driver process without Ray: the same decisions (`decide_files`,
-    `decide_members`) and retractions, over pyarrow group-bys instead of Ray's hash aggregations. A re-run with
+    """`plan` for a small output, in the driver process without Ray: the same functions (`decide_file_keys` on
+    the whole table instead of per shuffle partition, `decide_members`) and the same retractions. A re-run with
     nothing to do then starts no cluster at all. ``Plan.refs`` is a `REF_SCHEMA` table."""
     listed = {r["uri"]: r for r in inputs.refs}
     files = [r for r in listed.values() if r["kind"] == "file"]
@@ -591,14 +598,8 @@ def plan_locally(inputs: ResolvedInputs, *, output: str, parts: list[str]) -> Pl
     keys = [committed_file_keys(committed)]
     if files:
         keys.append(file_ref_keys(pa.Table.from_pylist(files)))
-    aggregated = pa.concat_tables(keys).group_by("uri").aggregate(
-        [("listed", "max"), ("version", "max"), ("size", "max"), ("committed", "sum"), ("retryable", "max"),
-         ("c_version", "max"), ("c_size", "max"), ("part", "distinct")]
-    )  # fmt: skip
-    aggregated = aggregated.rename_columns([c.rsplit("_", 1)[0] if c != "uri" else c for c in aggregated.column_names])
-    aggregated = aggregated.rename_columns([c if c != "part" else "parts" for c in aggregated.column_names])
     shards = {r["uri"]: (r.get("version"), r.get("size")) for r in shard_refs}
-    decided = pa.concat_tables([decide_files(aggregated), decide_members(committed, shards=shards)])
+    decided = pa.concat_tables([decide_file_keys(pa.concat_tables(keys)), decide_members(committed, shards=shards)])
 
     result = Plan(refs=_files_to_do(decided), known_total=None)
     for action, _, reason, n in zip(*_tally(decided).to_pydict().values()):
