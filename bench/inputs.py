@@ -4,9 +4,9 @@
 images have one processed size and the model batches them whole in ``exact`` mode, in the bare loop and
 in the job alike. Within each run of ``PERIOD`` files, even positions are the six bundled photos
 (`samples/images`, centre-cropped to 4:3 and resized; greyscale ones stay greyscale), odd positions
-synthetic photo-like images (smooth colour fields plus noise); the content repeats every ``PERIOD`` files
-(the job's read partition), so every 16-image block of the job costs the same and a steady-state window of
-whole blocks is representative. Every file has its own name. JPEG quality 90, as the samples.
+synthetic photo-like images (smooth colour fields plus noise); the content repeats every ``PERIOD`` files,
+so every run of 16 images costs the same and a steady-state window of whole runs is representative (the job's
+shards are whole multiples of it at the usual sizes). Every file has its own name. JPEG quality 90, as the samples.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 PHOTOS = Path(__file__).resolve().parents[1] / "samples" / "images"
 BENCH_HEIGHT, BENCH_WIDTH = 480, 640
 JPEG_QUALITY = 90
-PERIOD = 16  # = the pipeline's rows per read block (pipeline.run.build_dataset)
+PERIOD = 16  # images after which the set's content repeats
 
 
 def _crop_resize(image: Image.Image, height: int, width: int) -> Image.Image:
