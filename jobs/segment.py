@@ -77,11 +77,11 @@ def parse_job(argv: Sequence[str] | None = None) -> tuple[JobConfig, RunOptions]
 def check_output_is_a_folder(output: str) -> None:
     """Raise `UsageError` when the local ``output`` exists as a file: checked before the weights are fetched.
     (An object store is first reached by the run, whose error says how it could not be.)"""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
+    from pipeline.output_paths import Output
+    from pipeline.storage import is_local
 
-    fs, path = fsspec.core.url_to_fs(output)
-    if isinstance(fs, LocalFileSystem) and fs.isfile(path):
+    out = Output.of(output)
+    if is_local(out.fs) and out.fs.isfile(out.root):
         raise UsageError(f"the output {redact_uri(output)} is a file; give a folder or prefix", flag="--output")
 
 

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
+from tqdm.auto import tqdm
 
 from model.checkpoint import CheckpointError, check_state_dict, fetch, read_state_dict
 from model.checkpoint_source import file_sha256
@@ -275,7 +276,7 @@ def run_job(
     settings = resume.model_settings(config, sha256)
     lease = take_lease(config.output, run_id, take_over=take_over_lease)
     record = _run_record(config, run_id, weights, sha256, settings)
-    recorded = False  # whether this run's record is in _runs/ (a run that commits nothing leaves none)
+    recorded = False  # whether this run's record is in _runs/ (a run with nothing to do leaves none)
 
     def confirm_lease() -> None:
         """Before each change to the output: this run still holds its lease (a driver stalled past the
@@ -437,21 +438,21 @@ def _publish_record(out: Output, record: dict) -> None:
     publish(out.fs, out.run_record(record["run_id"]), json.dumps(record, indent=2, default=str).encode())
 
 
-def _progress_bar(total: int | None, *, enabled: bool):
-    from tqdm.auto import tqdm
+class _ProgressBar(tqdm):
+    """tqdm whose close() does not draw the final count again when the last update drew it (in a log, where a
+    drawing does not overwrite the previous one, the final line appeared twice)."""
 
-    class Bar(tqdm):
-        """tqdm whose close() does not draw the final count again when the last update drew it (in a log, where
-        a drawing does not overwrite the previous one, the final line appeared twice)."""
+    _closing = False
 
-        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-            if self._closing and msg is None and self.last_print_n == self.n:
-                return True  # drawn already: close() only ends the line
-            return super().display(msg, pos)
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if self._closing and msg is None and self.last_print_n == self.n:
+            return True  # drawn already: close() only ends the line
+        return super().display(msg, pos)
 
-        def close(self) -> None:
-            self._closing = True
-            super().close()
+    def close(self) -> None:
+        self._closing = True
+        super().close()
 
-    Bar._closing = False
-    return Bar(total=total, unit="img", desc="segmenting", disable=not enabled, smoothing=0.1)
+
+def _progress_bar(total: int | None, *, enabled: bool) -> _ProgressBar:
+    return _ProgressBar(total=total, unit="img", desc="segmenting", disable=not enabled, smoothing=0.1)
