@@ -183,8 +183,8 @@ def child_stages(args: argparse.Namespace) -> dict:
     from pipeline.decode import decode_input, decoded_batch
     from pipeline.lease import Lease
     from pipeline.predict import PanopticSegmenter
+    from pipeline.readers import ImageRow, read_ref
     from pipeline.results import encode_results, prediction_table
-    from pipeline.sources import ImageRow, read_ref
     from pipeline.write import write_part
 
     height, width, n = 800, 1066, args.stage_images

@@ -39,9 +39,9 @@ from model.predictor import InferenceConfig
 from pipeline.decode import UNREAD, DecodedImage, decode_input, decoded_batch
 from pipeline.pipelining import ordered_map
 from pipeline.predict import PanopticSegmenter
+from pipeline.readers import ImageRow, read_ref, ref_rows
 from pipeline.results import encode_results
 from pipeline.schema import PART_ROW_SCHEMA
-from pipeline.sources import ImageRow, read_ref, ref_rows
 from pipeline.write import PartGatherer, write_part
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Input sources: turn the user's input URIs into image rows of raw bytes, one row per image.
+"""Input sources: turn the user's input URIs into *refs*, one per image file or shard (`REF_SCHEMA`).
 
 Inputs (any fsspec URI: ``s3://`` via s3fs honouring the AWS configuration incl. ``AWS_ENDPOINT_URL``,
 ``gs://``, ``az://`` when their package is installed, local paths):
@@ -11,22 +11,13 @@ Inputs (any fsspec URI: ``s3://`` via s3fs honouring the AWS configuration incl.
   This is the scalable way: it is read by Ray workers, never listed on the driver. Lines are normalised
   (``file://``, ``./``, ``..``; relative lines resolve against the manifest's own folder).
 
-Only regular files are read: a local FIFO, socket or device (also behind a symbolic link) is found by ``stat``
-at listing time (counted, logged) and becomes an error row "not a regular file" when its ref is read, without
-ever being opened. No read goes past the object's size or ``--max-bytes`` (`pipeline.storage.read_object`).
-Listed files whose names end in no image, ``.tar`` or ``.parquet`` extension are left out, counted and named
-(`ResolvedInputs.left_out`); ``--input-format files`` reads them as images.
+A local FIFO, socket or device (also behind a symbolic link) is found by ``stat`` at listing time (counted,
+logged) and becomes an error row "not a regular file" when its ref is read, without ever being opened. Listed
+files whose names end in no image, ``.tar`` or ``.parquet`` extension are left out, counted and named
+(`ResolvedInputs.left_out`); ``--input-format files`` reads them as images. Nothing under the job's output is
+ever listed as an input.
 
-Nothing under the job's output is ever listed as an input. Raw bytes are read here and decoded in
-`pipeline.decode`, so one bad object becomes one error row; an error that another attempt may not meet
-(unreachable store, timeout, throttling, 5xx) is marked ``retryable`` and redone by the next run.
-
-Ids (``image_id``) are unambiguous: a file's id is its URI (local: absolute path) with ``%`` and ``#``
-percent-encoded, so it never contains ``#``; a shard member's id is that of its shard, ``#``, and the member
-(tar member name, or ``row=N`` / the ``--id-column`` value for Parquet). The member also has a column of its
-own; ``""`` names the shard itself (a shard that cannot be read, or the truncated rest of a tar).
-
-Inputs travel as *refs* (`REF_SCHEMA`) until `read_ref` reads their bytes (in the model actor's shard call,
+Refs travel until `pipeline.readers.read_ref` reads their bytes (in the model actor's shard call,
 `pipeline.shard`); the resume filter and the de-duplication of repeated URIs work on refs (`pipeline.resume`),
 so bytes of committed or repeated inputs are never read. A ref's ``skip`` lists members of a shard that are
 already committed.
@@ -35,15 +26,12 @@ already committed.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 import posixpath
 import stat
-import tarfile
-from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -51,21 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
-from pipeline.ids import SHARD_ITSELF, file_id, member_id
-from pipeline.storage import (
-    DEFAULT_MAX_BYTES,
-    TRANSIENT_ERRORS,
-    NotARegularFile,
-    TooLarge,
-    describe_storage_error,
-    is_local,
-    object_version,
-    read_object,
-)
+from pipeline.readers import RefKind, kind_of, parquet_columns_problem
+from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, is_local, object_version
 
 log = logging.getLogger(__name__)
 
-RefKind = Literal["file", "tar", "parquet"]
 REF_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),
@@ -91,17 +69,6 @@ class ResolvedInputs:
 
 
 # -- listing on the driver -----------------------------------------------------------------------------------
-
-
-def _kind_of(path: str) -> RefKind | None:
-    lower = path.lower()
-    if lower.endswith(".tar"):
-        return "tar"
-    if lower.endswith(".parquet"):
-        return "parquet"
-    if lower.endswith(IMAGE_EXTENSIONS):
-        return "file"
-    return None
 
 
 def _with_protocol(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> str:
@@ -232,7 +199,7 @@ def _list_uri(uri: str, config: InputConfig, excluded: tuple[fsspec.AbstractFile
     same_fs = excluded is not None and type(excluded[0]) is type(fs)
     for p in sorted(found):
         under_output = same_fs and (p == excluded[1] or p.startswith(excluded[1] + "/"))  # type: ignore[index]
-        kind = _forced_kind(config) or _kind_of(p)
+        kind = _forced_kind(config) or kind_of(p)
         if kind is None:
             if not under_output:
                 left_out_count += 1
@@ -355,207 +322,3 @@ def as_refs(batch: pa.Table) -> pa.Table:
         else:
             columns.append(pa.nulls(n, field.type))
     return pa.table(columns, schema=REF_SCHEMA)
-
-
-class ImageRow(NamedTuple):
-    """One image as `read_ref` gives it (``data`` empty and ``error`` set when it could not be read)."""
-
-    image_id: str
-    source: str
-    member: str | None
-    input_size: int | None
-    input_version: str | None
-    data: bytes
-    error: str
-    retryable: bool
-
-
-def read_ref(
-    uri: str,
-    kind: str,
-    skip: Collection[str],
-    *,
-    bytes_column: str,
-    id_column: str | None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-) -> list[ImageRow]:
-    """One ref -> its image rows (`ImageRow`, ``error`` "" when read): a file gives one, a shard one per member
-    not in ``skip`` (committed members), plus a shard-level error row when part of it could not be read.
-
-    Each object is read whole but never past ``max_bytes`` (``--max-bytes``; a larger object, shard included,
-    is an error row "larger than --max-bytes"); a local input that is no regular file (a FIFO, socket or device,
-    also behind a link) is an error row "not a regular file", never opened. An ``--id-column`` value repeated
-    inside one Parquet shard gets an error row under the row's own id (``shard#row=N``) instead of a second row
-    with the same id. Memory is bounded by one shard.
-    """
-    if kind == "file":
-        return [_read_file(uri, max_bytes=max_bytes)]
-    if kind in ("tar", "parquet"):
-        return list(
-            _read_shard(uri, kind, set(skip), bytes_column=bytes_column, id_column=id_column, max_bytes=max_bytes)
-        )
-    raise ValueError(f"unknown input kind {kind!r}")  # a bug, not bad data
-
-
-def ref_rows(refs: pa.Table) -> Iterator[tuple[str, str, list[str]]]:
-    """(uri, kind, skip) of each `REF_SCHEMA` row (``skip`` optional), in order."""
-    n = refs.num_rows
-    skips = refs.column("skip").to_pylist() if "skip" in refs.column_names else [None] * n
-    for uri, kind, skip in zip(refs.column("uri").to_pylist(), refs.column("kind").to_pylist(), skips):
-        yield str(uri), str(kind), [str(s) for s in skip or ()]
-
-
-def image_columns(rows: list[ImageRow]) -> dict[str, np.ndarray]:
-    """Image rows as columns {`INPUT_COLUMNS`, "data", "error", "retryable"}."""
-    return {
-        name: np.array([getattr(r, name) for r in rows], dtype=object if name != "retryable" else bool)
-        for name in ImageRow._fields
-    }
-
-
-def read_refs(
-    batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str | None, max_bytes: int = DEFAULT_MAX_BYTES
-) -> dict[str, np.ndarray]:
-    """Refs as columns ({"uri", "kind"}, optional "skip") -> the `image_columns` of all their rows (`read_ref`)."""
-    n = len(batch["uri"])
-    skips = batch["skip"] if "skip" in batch else [None] * n
-    rows: list[ImageRow] = []
-    for uri, kind, skip in zip(batch["uri"], batch["kind"], skips):
-        done = () if skip is None else [str(s) for s in skip]
-        rows.extend(
-            read_ref(str(uri), str(kind), done, bytes_column=bytes_column, id_column=id_column, max_bytes=max_bytes)
-        )
-    return image_columns(rows)
-
-
-def _read_file(uri: str, *, max_bytes: int) -> ImageRow:
-    try:
-        data, info = read_object(uri, max_bytes=max_bytes)
-    except FileNotFoundError as exc:
-        return ImageRow(file_id(uri), uri, None, None, None, b"", f"not found: {exc}", False)
-    except (NotARegularFile, TooLarge) as exc:
-        return ImageRow(file_id(uri), uri, None, None, None, b"", str(exc), False)
-    except TRANSIENT_ERRORS as exc:
-        return ImageRow(file_id(uri), uri, None, None, None, b"", _unreadable(exc), True)
-    return ImageRow(file_id(uri), uri, None, info.size, info.version, data, "", False)
-
-
-def _unreadable(exc: BaseException) -> str:
-    return f"unreadable: {type(exc).__name__}: {exc}"
-
-
-def _read_shard(
-    uri: str, kind: str, done: set[str], *, bytes_column: str, id_column: str | None, max_bytes: int
-) -> Iterator[ImageRow]:
-    """The rows of one tar / Parquet shard: its members not in ``done``, then, when part of it could not be
-    read, one shard-level error row (member `SHARD_ITSELF`)."""
-    shard_row = ImageRow(member_id(uri, SHARD_ITSELF), uri, SHARD_ITSELF, None, None, b"", "", False)
-    try:
-        data, info = read_object(uri, max_bytes=max_bytes)
-    except FileNotFoundError as exc:
-        if SHARD_ITSELF not in done:
-            yield shard_row._replace(error=f"not found: {exc}")
-        return
-    except (NotARegularFile, TooLarge) as exc:
-        if SHARD_ITSELF not in done:
-            yield shard_row._replace(error=str(exc))
-        return
-    except TRANSIENT_ERRORS as exc:
-        if SHARD_ITSELF not in done:
-            yield shard_row._replace(error=_unreadable(exc), retryable=True)
-        return
-    shard_row = shard_row._replace(input_size=info.size, input_version=info.version)
-    members = iter_tar_images(data, skip=done) if kind == "tar" else iter_parquet_images(data, bytes_column, id_column)
-    seen: dict[str, int] = {}
-    try:
-        for member, image_id, image in members:
-            if member in done:
-                continue
-            image_id = image_id or member_id(uri, member)
-            repeat = seen.get(image_id, 0)
-            seen[image_id] = repeat + 1
-            if repeat:  # an --id-column value again: an error row under the row's own id
-                error = f"repeated image id {image_id!r} in this shard (its first row is kept)"
-                yield shard_row._replace(image_id=member_id(uri, member), member=member, error=error)
-            else:
-                yield shard_row._replace(image_id=image_id, member=member, data=image)
-    except ShardError as exc:
-        if SHARD_ITSELF not in done:
-            yield shard_row._replace(error=str(exc))
-
-
-class ShardError(ValueError):
-    """A shard that can be read only in part: its rows so far stand, the rest becomes one error row."""
-
-
-def iter_tar_images(data: bytes, *, skip: Collection[str] = ()) -> Iterator[tuple[str, None, bytes]]:
-    """(member name, None, bytes) of the first image member of each sample key, in archive order; members in
-    ``skip`` are not extracted (they are still read: a tar has no index). Raises `ShardError` after the last
-    whole member when the archive is cut short or corrupt further on."""
-    seen: set[str] = set()
-    last = "the first member"
-    try:
-        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115 (closed by the `with` below)
-    except tarfile.TarError as exc:
-        raise ShardError(f"unreadable: not a tar archive: {exc}") from exc
-    with archive:
-        try:
-            for member in archive:
-                if member.isfile() and _kind_of(member.name) == "file":
-                    key = member.name.rsplit(".", 1)[0]
-                    if key not in seen:
-                        seen.add(key)
-                        if member.name not in skip:
-                            handle = archive.extractfile(member)
-                            image = handle.read() if handle else b""
-                            if len(image) != member.size:
-                                raise ShardError(f"truncated tar: member {member.name} is cut short")
-                            yield member.name, None, image
-                last = f"member {member.name}"
-        except tarfile.TarError as exc:
-            raise ShardError(f"truncated or corrupt tar after {last}: {exc}") from exc
-        end = archive.offset  # where the next header would start: the end-of-archive marker in a whole tar
-    if end + 512 > len(data) or any(data[end : end + 512]):
-        raise ShardError(
-            f"truncated tar: {len(data) - end} bytes after {last} are neither a member nor the end-of-archive "
-            "marker; members after it are missing"
-        )
-
-
-def iter_parquet_images(
-    data: bytes, bytes_column: str, id_column: str | None
-) -> Iterator[tuple[str, str | None, bytes]]:
-    """("row=N", the id column's value or None, bytes) of each row of a Parquet file with an image-bytes
-    column; a file whose columns do not fit raises `ShardError` naming what is wrong."""
-    try:
-        file = pq.ParquetFile(io.BytesIO(data))
-    except (pa.ArrowException, OSError) as exc:
-        raise ShardError(f"unreadable: not a Parquet file: {exc}") from exc
-    problem = parquet_columns_problem(file.schema_arrow, bytes_column, id_column)
-    if problem:
-        raise ShardError(problem)
-    try:
-        table = file.read(columns=[bytes_column] + ([id_column] if id_column else []))
-    except (pa.ArrowException, OSError) as exc:
-        raise ShardError(f"unreadable: corrupt Parquet data: {exc}") from exc
-    images = table.column(bytes_column).to_pylist()
-    ids = table.column(id_column).to_pylist() if id_column else [None] * len(images)
-    for i, (image_id, value) in enumerate(zip(ids, images)):
-        if isinstance(value, dict):  # e.g. Hugging Face datasets' {"bytes": ..., "path": ...}
-            value = value.get("bytes")
-        yield f"row={i}", (None if image_id is None else str(image_id)), bytes(value or b"")
-
-
-def parquet_columns_problem(schema: pa.Schema, bytes_column: str, id_column: str | None) -> str | None:
-    """Why a Parquet file with ``schema`` cannot be read as images (None when it can)."""
-    names = schema.names
-    if bytes_column not in names:
-        return f"no column {bytes_column!r} with image bytes (columns: {', '.join(names)}; see --bytes-column)"
-    kind = schema.field(bytes_column).type
-    if pa.types.is_struct(kind):  # {"bytes": ..., "path": ...}
-        kind = kind.field("bytes").type if kind.get_field_index("bytes") >= 0 else kind
-    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)):
-        return f"column {bytes_column!r} holds {kind}, not image bytes (binary)"
-    if id_column is not None and id_column not in names:
-        return f"no id column {id_column!r} (columns: {', '.join(names)}; see --id-column)"
-    return None

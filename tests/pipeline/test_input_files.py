@@ -23,7 +23,8 @@ import pytest
 import s3fs
 
 from pipeline.config import InputConfig
-from pipeline.sources import read_refs, resolve_inputs
+from pipeline.readers import read_refs
+from pipeline.sources import resolve_inputs
 from pipeline.storage import TooLarge, read_object
 from tests.pipeline.images import photo_bytes, tar_bytes
 

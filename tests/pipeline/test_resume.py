@@ -13,8 +13,8 @@ import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
+from pipeline.readers import read_refs
 from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
-from pipeline.sources import read_refs
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 FAKE_WIDTH = 7  # marks the rows committed by hand below: a redone image would have its real width

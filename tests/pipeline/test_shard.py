@@ -21,9 +21,10 @@ from model.predictor import InferenceConfig
 from pipeline.decode import decode_batch
 from pipeline.lease import Lease
 from pipeline.predict import PanopticSegmenter
+from pipeline.readers import read_refs
 from pipeline.schema import PART_ROW_SCHEMA
 from pipeline.shard import ShardSegmenter
-from pipeline.sources import REF_SCHEMA, read_refs
+from pipeline.sources import REF_SCHEMA
 from pipeline.write import split_results
 from tests.pipeline.images import photo_bytes, tar_bytes
 

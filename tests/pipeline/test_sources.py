@@ -14,7 +14,8 @@ import pytest
 
 from pipeline.config import InputConfig
 from pipeline.ids import file_id, member_id
-from pipeline.sources import InputError, manifest_base, manifest_rows, read_refs, resolve_inputs
+from pipeline.readers import read_refs
+from pipeline.sources import InputError, manifest_base, manifest_rows, resolve_inputs
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 
