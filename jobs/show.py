@@ -2,11 +2,12 @@
 
 IMAGE_ID is taken exactly as stored (``query OUT "select image_id from images limit 5"`` lists some); a
 local path that is not stored as given is also tried as its absolute path. The original image is read
-again from the images row's ``source`` and ``member`` (never by parsing the id as a path): a plain file /
-object (``source`` itself, any fsspec URI), a member of a ``.tar`` shard, or a Parquet row (``row=<N>``,
-or the row whose ``id_column`` holds the id; the bytes column is the run's ``bytes_column``, default
-``image``, holding binary or a ``{"bytes": ...}`` struct; both are read from ``config.input`` in the
-latest ``OUTPUT/_runs/<run_id>.json``). The bytes are decoded by the pipeline's own decoder
+again from the images row's ``source`` and ``member`` (never by parsing the id as a path), by the pipeline's
+own reader of its kind (:func:`pipeline.readers.read_image`): a plain file / object (``source`` itself, any
+fsspec URI), a member of a ``.tar`` shard, or a Parquet row (``row=<N>``, or the row whose ``id_column`` holds
+the id; the bytes column is the run's ``bytes_column``, default ``image``, holding binary or a
+``{"bytes": ...}`` struct; both, and ``max_bytes``, are read from ``config.input`` in the latest
+``OUTPUT/_runs/<run_id>.json``). The bytes are decoded by the pipeline's own decoder
 (:func:`pipeline.decode.decode_oriented`: same header checks, EXIF orientation and RGB conversion), so an
 image the pipeline segmented is drawn in the frame of its masks.
 
@@ -37,7 +38,6 @@ import math
 import os
 import posixpath
 import sys
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -45,7 +45,6 @@ from typing import Any, NamedTuple
 import duckdb
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
@@ -54,6 +53,8 @@ from pipeline.config import InputConfig
 from pipeline.duckdb_views import connect
 from pipeline.ids import file_id, member_id, member_of_old_row
 from pipeline.outputs import OutputNotFoundError, check_output, decode_mask, read_image_rows, read_run_config
+from pipeline.readers import kind_of, read_image
+from pipeline.storage import DEFAULT_MAX_BYTES
 
 PROG = "panoptic-flow show"
 LIST_IDS_HINT = 'list some with: panoptic-flow query OUTPUT "select image_id from images limit 5"'
@@ -303,8 +304,10 @@ def read_image_bytes(
     member: str | None = None,
     bytes_column: str = "image",
     id_column: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> bytes:
-    """The encoded bytes of an input image: the object itself, a ``.tar`` member or a Parquet row's bytes.
+    """The encoded bytes of an input image: the object itself, a ``.tar`` member or a Parquet row's bytes, read
+    by the pipeline's own reader of that kind (`pipeline.readers.read_image`).
 
     ``source`` and ``member`` are the images row's columns (``member`` None for a whole file); a row written
     before the ``member`` column existed has its member taken from the id (`pipeline.ids.member_of_old_row`).
@@ -312,62 +315,12 @@ def read_image_bytes(
     """
     if member is None and image_id not in (source, file_id(source)):
         member = member_of_old_row(image_id, source)
-    if member is None:
-        with fsspec.open(source, "rb") as f:
-            return f.read()
-    lower = source.lower()
-    if lower.endswith(".tar"):
-        return _read_tar_member(source, member)
-    if lower.endswith(".parquet"):
-        if member.startswith("row=") and member[len("row=") :].isdigit():
-            return _read_parquet_row(source, int(member[len("row=") :]), bytes_column)
-        if id_column is None:
-            raise ValueError(f"cannot find {image_id!r} in {source}: not 'row=N' and the run has no id_column")
-        return _read_parquet_id(source, image_id, id_column, bytes_column)
-    raise ValueError(
-        f"cannot read {image_id!r} from {source!r}: only files, .tar members and Parquet rows are supported"
-    )
-
-
-def _image_bytes(value: Any, where: str) -> bytes:
-    if isinstance(value, dict):  # e.g. Hugging Face datasets' {"bytes": ..., "path": ...}
-        value = value.get("bytes")
-    if not isinstance(value, bytes):
-        raise ValueError(f"{where} holds no image bytes")
-    return value
-
-
-def _read_parquet_id(source: str, image_id: str, id_column: str, bytes_column: str) -> bytes:
-    with fsspec.open(source, "rb") as f:
-        table = pq.read_table(f, columns=[id_column, bytes_column], filters=[(id_column, "==", image_id)])
-    if table.num_rows == 0:
-        raise FileNotFoundError(f"no row with {id_column} == {image_id!r} in {source}")
-    return _image_bytes(table.column(bytes_column)[0].as_py(), f"{source} column {bytes_column!r}")
-
-
-def _read_tar_member(source: str, member: str) -> bytes:
-    with fsspec.open(source, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for info in tar:  # stops at the member instead of indexing the whole archive
-            if info.isfile() and info.name == member:  # the name exactly as stored (never normalised as a path)
-                data = tar.extractfile(info)
-                assert data is not None
-                return data.read()
-    raise FileNotFoundError(f"member {member!r} not found in {source}")
-
-
-def _read_parquet_row(source: str, row: int, column: str) -> bytes:
-    with fsspec.open(source, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        offset = row
-        for group in range(parquet.num_row_groups):
-            n = parquet.metadata.row_group(group).num_rows
-            if offset < n:
-                value = parquet.read_row_group(group, columns=[column]).column(0)[offset].as_py()
-                break
-            offset -= n
-        else:
-            raise IndexError(f"{source} has {parquet.metadata.num_rows} rows, no row {row}")
-    return _image_bytes(value, f"{source} row {row} column {column!r}")
+    kind = "file" if member is None else kind_of(source)
+    if kind is None or (kind == "file" and member is not None):
+        raise ValueError(
+            f"cannot read {image_id!r} from {source!r}: only files, .tar members and Parquet rows are supported"
+        )
+    return read_image(source, kind, member, bytes_column=bytes_column, id_column=id_column, max_bytes=max_bytes)
 
 
 def load_image(data: bytes, *, max_pixels: int = InputConfig.max_pixels) -> np.ndarray:
@@ -414,6 +367,7 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
         member=image_row.get("member") if image_row is not None else None,
         bytes_column=inputs.get("bytes_column") or "image",
         id_column=inputs.get("id_column"),
+        max_bytes=inputs.get("max_bytes") or DEFAULT_MAX_BYTES,
     )
     image = load_image(data, max_pixels=inputs.get("max_pixels") or InputConfig.max_pixels)
     segments = [

@@ -52,6 +52,7 @@ class SynthImage:
     status: str = "ok"
     error: str | None = None
     pixels: np.ndarray | None = None  # [H, W, 3] uint8 as written to disk
+    member: str | None = None  # the images row's ``member``: a tar member or Parquet ``row=N``; None for a file
 
 
 def rect(height: int, width: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
@@ -162,6 +163,7 @@ def image_rows(images: list[SynthImage]) -> list[dict[str, object]]:
         {
             "image_id": i.image_id,
             "source": i.source,
+            "member": i.member,
             "width": i.width if i.status == "ok" else None,
             "height": i.height if i.status == "ok" else None,
             "status": i.status,

@@ -28,7 +28,10 @@ from jobs.show import (
 )
 from model.categories import category_by_id
 from model.config import InferenceConfig
+from pipeline.config import InputConfig
 from pipeline.decode import decode_image
+from pipeline.readers import read_refs
+from pipeline.sources import resolve_inputs
 from tests.pipeline.images import tar_bytes
 from tests.pipeline.odd_inputs import damaged_exif_jpeg, exif_jpeg
 from tests.synthetic_output import SynthImage, SynthSegment, make_images, rect, write_output
@@ -337,3 +340,45 @@ def test_ids_are_taken_exactly_as_stored(tmp_path: Path) -> None:
     b = render_image(str(tmp_path / "out"), from_odd.image_id, **style).pixels
     assert np.array_equal(a, b) and a.shape == (cats.height, cats.width, 3)
     assert main([str(tmp_path / "out"), str(odd), "-o", str(tmp_path / "odd.png")]) == 0  # the path as given
+
+
+def test_odd_names_are_read_as_the_pipeline_read_them(tmp_path: Path) -> None:
+    """A plain file ``a#b%20c.png`` and the member ``x#y%41.png`` of the shard ``s#1%.tar`` are listed and read as
+    the pipeline lists and reads them (`resolve_inputs`, `read_refs`: their ids escape ``%`` and ``#``), their
+    results written, and ``show`` draws each by its stored id, read back from the row's ``source`` and ``member``.
+    Other pictures lie where a reader that took the id for a path would look (the escaped id, the shard part of
+    it, the name percent-decoded): drawing one of those gives other pixels."""
+    cats = make_images(tmp_path / "made")[2]
+    encoded = Path(cats.source).read_bytes()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    plain, shard = folder / "a#b%20c.png", folder / "s#1%.tar"
+    plain.write_bytes(encoded)
+    shard.write_bytes(tar_bytes([("x#y%41.png", encoded)]))
+    refs = resolve_inputs(InputConfig((str(plain), str(shard)))).refs
+    rows = read_refs({"uri": [r["uri"] for r in refs], "kind": [r["kind"] for r in refs]}, bytes_column="image",
+                     id_column=None)  # fmt: skip
+    assert list(rows["error"]) == ["", ""]
+    stored = dict(zip(rows["source"], zip(rows["image_id"], rows["member"])))
+    assert stored == {
+        str(plain): (str(folder / "a%23b%2520c.png"), None),
+        str(shard): (f"{folder / 's%231%25.tar'}#x#y%41.png", "x#y%41.png"),
+    }
+    decoy = np.zeros_like(cats.pixels)  # the size of the real picture: only its pixels tell them apart
+    decoy_png = io.BytesIO()
+    Image.fromarray(decoy).save(decoy_png, format="PNG")
+    for name in ("a%23b%2520c.png", "a#b c.png", "s%231%25.tar#x#y%41.png"):
+        (folder / name).write_bytes(decoy_png.getvalue())
+    (folder / "s%231%25.tar").write_bytes(tar_bytes([("x#y%41.png", decoy_png.getvalue())]))
+
+    found = [
+        dataclasses.replace(cats, image_id=image_id, source=source, member=member)
+        for source, (image_id, member) in stored.items()
+    ]
+    write_output(tmp_path / "out", found)
+    outside = ~np.any([s.mask for s in cats.segments], axis=0)
+    for image in found:
+        out = tmp_path / "drawn.png"
+        argv = [str(tmp_path / "out"), image.image_id, "-o", str(out), "--no-labels", "--no-outlines"]
+        assert main(argv) == 0, image.image_id
+        assert np.array_equal(_read_png(out)[outside], cats.pixels[outside]), image.image_id
