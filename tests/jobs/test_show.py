@@ -13,19 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.show import (
+from jobs.overlay import (
     DEMO_BANNER,
     OverlaySegment,
     blend,
     contact_sheet,
     draw_overlay,
-    load_image,
-    main,
     mask_outline,
-    render_image,
     render_overlay,
     segment_color,
 )
+from jobs.show import load_image, main, render_image
 from model.categories import category_by_id
 from model.config import InferenceConfig
 from pipeline.config import InputConfig
