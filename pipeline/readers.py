@@ -118,8 +118,8 @@ def read_image(
 ) -> bytes:
     """The encoded bytes of one image of a ref, by the ``member`` its row stored: the object itself (a file,
     ``member`` None), a tar member (its name exactly as stored, never normalised as a path), a Parquet row
-    (``row=N``, or the value of ``id_column``). Raises `FileNotFoundError` when there is no such member,
-    ValueError when the member names nothing this kind can hold."""
+    (``row=N``, or the value of ``id_column``). Raises `FileNotFoundError` when there is no such member
+    (IndexError for a row past the end), ValueError when the member names nothing this kind can hold."""
     return _reader(kind).image(uri, member, ReadOptions(bytes_column, id_column, max_bytes))
 
 
