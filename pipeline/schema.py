@@ -22,18 +22,18 @@ import pyarrow as pa
 SEGMENTS_TABLE = "segments"
 IMAGES_TABLE = "images"
 # The rest of an output's layout (README "Output"):
-RUNS_FOLDER = "_runs"  # <run_id>.json: each run's settings and counts (`pipeline.write`, `pipeline.run`)
+RUNS_FOLDER = "_runs"  # <run_id>.json: each run's record (`pipeline.run_records`)
 SUCCESS_FILE = "_SUCCESS"  # the last run finished: its counts and the output's totals
 LEASE_FILE = "_lease.json"  # the lease of the run writing the output (`pipeline.lease`)
-QUARANTINE_FOLDER = "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.resume`)
+QUARANTINE_FOLDER = "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.commit`)
 
 # The output format a run writes, recorded in its ``_runs/<run_id>.json`` (``format_version``):
 # - 1: before versions were recorded; an images part may lack the ``member`` column (read from its id,
 #   ``source#member``: `pipeline.ids.member_of_old_row`), the ``retryable`` column (read as false) and its counts
-#   in the Parquet footer (counted from its columns). `pipeline.resume` reads such parts (its branches say
+#   in the Parquet footer (counted from its columns). `pipeline.inspection` reads such parts (its branches say
 #   "format 1").
 # - 2: every images part has all of `IMAGES_SCHEMA` and its `Counts` in the footer (`COUNTS_KEY` of
-#   `pipeline.write`).
+#   `pipeline.parts`).
 OUTPUT_FORMAT_VERSION = 2
 
 STATUS_OK = "ok"
@@ -116,7 +116,7 @@ threads)."""
 class Counts:
     """How many images and segments: a part's (in its footer and its `PART_ROW_SCHEMA` row), a run's, an
     output's (``_SUCCESS``, the summary line). A new count is a field here plus its line in
-    `pipeline.write.part_counts`; every schema below follows."""
+    `pipeline.parts.part_counts`; every schema below follows."""
 
     images_ok: int = 0
     images_error: int = 0
@@ -149,7 +149,19 @@ PART_ROW_SCHEMA = pa.schema(
 
 INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem", pa.string())])
 """A committed part's counts read from its footer, or the ``problem`` (null when readable) that makes it
-unreadable (`pipeline.resume.inspect_parts`)."""
+unreadable (`pipeline.inspection.inspect_parts`)."""
 
 RETRACTION_SCHEMA = pa.schema([("part", pa.string()), *_COUNT_COLUMNS])
-"""What a retraction removed from one part (`pipeline.resume.retract_rows`)."""
+"""What a retraction removed from one part (`pipeline.retraction.retract_rows`)."""
+
+
+# -- committed rows: what a resume reads back from the images parts ------------------------------------------
+
+COMMITTED_SCHEMA = pa.schema(
+    [
+        *(IMAGES_SCHEMA.field(name).with_nullable(True) for name in ("source", "member", "retryable")),
+        *(IMAGES_SCHEMA.field(name).with_nullable(True) for name in ("input_size", "input_version")),
+        pa.field("part", pa.string()),  # the images part's file name
+    ]
+)
+"""One row per committed image, as the resume matches it with this run's inputs (`pipeline.inspection`)."""

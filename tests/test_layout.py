@@ -54,16 +54,20 @@ def test_every_module_has_a_docstring(package: str) -> None:
 
 def test_cpu_stages_never_import_torch() -> None:
     """Ray workers import a stage function's module: the resume plan's stages (inspecting committed parts,
-    their rows, manifest lines, retractions) live in modules without torch (each worker would otherwise pay ~4 s
+    their rows, manifest lines, the decision, retractions; `pipeline.resume` which wires them) and the commit
+    protocol live in modules without torch (each worker would otherwise pay ~4 s
     of CPU and ~300 MB for an import it never uses); only the model actor loads it."""
     import subprocess
     import sys
 
-    from pipeline import resume, sources
+    from pipeline import commit, inspection, resume_decision, retraction, sources
 
-    stages = [resume.inspect_parts, resume.committed_rows, resume.retract_rows, sources.manifest_rows]
-    modules = sorted({f.__module__ for f in stages})
-    assert modules == ["pipeline.resume", "pipeline.sources"]
+    stages = [inspection.inspect_parts, inspection.committed_rows, retraction.retract_rows, sources.manifest_rows,
+              commit.OutputCommitter.write_part, resume_decision.decide_file_keys,
+              resume_decision.group_shards]  # fmt: skip
+    modules = sorted({f.__module__ for f in stages} | {"pipeline.resume"})
+    assert modules == ["pipeline.commit", "pipeline.inspection", "pipeline.resume", "pipeline.resume_decision",
+                       "pipeline.retraction", "pipeline.sources"]  # fmt: skip
     probe = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,5 +1,5 @@
-"""The resume decision for files, once (`pipeline.resume.decide_file_keys`), without Ray: one hand-made case per
-rule of the protocol (`pipeline.resume` "What is redone"), and the same answer on the whole table (the local
+"""The resume decision for files, once (`pipeline.resume_decision.decide_file_keys`), without Ray: one hand-made
+case per rule of the protocol (`pipeline.resume_decision`'s list), and the same answer on the whole table (the local
 plan) as on any split that keeps a URI's rows together (the Ray plan's hash-shuffle partitions)."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.resume import (
-    COMMITTED_SCHEMA,
+from pipeline.resume_decision import (
     DO,
     RETRACT,
     SKIP,
@@ -17,6 +16,7 @@ from pipeline.resume import (
     decide_file_keys,
     file_ref_keys,
 )
+from pipeline.schema import COMMITTED_SCHEMA
 
 LISTED = [  # this run's inputs as listed: uri, size, version
     ("new.jpg", 10, "v1"),
