@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,7 @@ from pipeline.schema import (
     SEGMENTS_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
+    Counts,
 )
 
 PART_PREFIX = "part-"
@@ -116,13 +118,15 @@ def parquet_bytes(table: pa.Table, *, counts: dict[str, int] | None = None) -> b
 
 
 def part_counts(images: pa.Table) -> dict[str, int]:
-    """The `pipeline.schema.Counts` of an ``images`` part's rows, as a dict."""
+    """The `pipeline.schema.Counts` of an ``images`` part's rows, as a dict (a format 1 part may lack
+    ``retryable``: none counted)."""
     status = images.column("status")
     ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
     retryable = images.column("retryable") if "retryable" in images.column_names else pa.array([], pa.bool_())
-    return {
-        "images_ok": ok,
-        "images_error": images.num_rows - ok,
-        "images_retryable": int(pc.sum(retryable).as_py() or 0),
-        "segments": int(np.sum(images.column("num_segments").to_numpy(zero_copy_only=False))),
-    }
+    counts = Counts(
+        images_ok=ok,
+        images_error=images.num_rows - ok,
+        images_retryable=int(pc.sum(retryable).as_py() or 0),
+        segments=int(np.sum(images.column("num_segments").to_numpy(zero_copy_only=False))),
+    )
+    return asdict(counts)

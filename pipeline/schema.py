@@ -7,16 +7,17 @@ An output folder ``OUTPUT/`` holds two tables:
 
 Between the stages an image travels as one row whose segments are a list column of `SEGMENT_STRUCT`, the
 segment record without the image's key columns (`RESULT_SCHEMA`, what a part's commit receives), and before
-RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``). The
-decoded-image record, between reading and the model, is `pipeline.decode.DecodedImage`.
+RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``). Between
+reading and the model an image is a `DecodedImage` (made by `pipeline.decode.decode_input`).
 Every other shape is derived from these; README.md documents the tables column by column.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
 SEGMENTS_TABLE = "segments"
@@ -109,6 +110,28 @@ PREDICTION_SCHEMA = pa.schema(
 threads)."""
 
 
+# -- the decoded image: between reading and the model ------------------------------------------------------
+
+EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows without an image
+
+
+class DecodedImage(NamedTuple):
+    """The decoded-image record: one input image as the model actor receives it from `pipeline.decode.decode_input`.
+
+    ``pixels`` are uint8 ``[h, w, 3]`` at the processed size (`EMPTY_PIXELS` when the image is left to the
+    device or has an error); ``encoded`` holds the JPEG bytes left to the model's device (``device_preprocess``,
+    with their EXIF ``orientation``), else ``b""``; ``width`` and ``height`` are as displayed (0 when unknown);
+    ``error`` is ``""`` for a usable image, else a short reason.
+    """
+
+    pixels: np.ndarray
+    encoded: bytes
+    orientation: int
+    width: int
+    height: int
+    error: str
+
+
 # -- counts: one record, every count column derived from it --------------------------------------------------
 
 
@@ -116,7 +139,7 @@ threads)."""
 class Counts:
     """How many images and segments: a part's (in its footer and its `PART_ROW_SCHEMA` row), a run's, an
     output's (``_SUCCESS``, the summary line). A new count is a field here plus its line in
-    `pipeline.parts.part_counts`; every schema below follows."""
+    `pipeline.parts.part_counts` (which builds a `Counts`); every schema below follows."""
 
     images_ok: int = 0
     images_error: int = 0

@@ -37,12 +37,12 @@ import pyarrow as pa
 
 from model.predictor import InferenceConfig
 from pipeline.commit import OutputCommitter
-from pipeline.decode import UNREAD, DecodedImage, decode_input, decoded_batch
+from pipeline.decode import UNREAD, decode_input, decoded_batch
 from pipeline.parts import PartGatherer
 from pipeline.pipelining import ordered_map
 from pipeline.predict import PanopticSegmenter
 from pipeline.results import encode_results
-from pipeline.schema import PART_ROW_SCHEMA
+from pipeline.schema import PART_ROW_SCHEMA, DecodedImage
 from pipeline.sources import ImageRow, read_ref, ref_rows
 
 log = logging.getLogger(__name__)
