@@ -50,6 +50,7 @@ from PIL import Image
 
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.coco import rgb_to_id_map, to_coco_ids
+from pipeline.ids import last_part
 from pipeline.outputs import (
     OutputNotFoundError,
     check_output,
@@ -90,7 +91,7 @@ def match_key(name: str, rule: MatchRule) -> str:
     """The key ``name`` (a GT file name / URI or an output ``image_id``) is matched on under ``rule``."""
     if rule == "uri":
         return name
-    basename = posixpath.basename(name.rsplit("#", 1)[-1])
+    basename = posixpath.basename(last_part(name))
     if rule == "basename":
         return basename
     if rule == "stem":

@@ -27,6 +27,7 @@ import pyarrow as pa
 from PIL import Image
 
 from model.categories import categories
+from pipeline.ids import last_part
 from pipeline.outputs import VOID_ID, output_filesystem, packed_rows, panoptic_map
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def coco_names(image_id: str) -> tuple[int, str, str]:
     ``s3://b/shard.tar#dir/000123.jpg`` -> ``(<52-bit int>, "000123_1a2b3c4d", ".jpg")``.
     """
     digest = hashlib.sha1(image_id.encode()).hexdigest()
-    basename = posixpath.basename(image_id.rsplit("#", 1)[-1].rstrip("/"))
+    basename = posixpath.basename(last_part(image_id).rstrip("/"))
     stem, dot, ext = basename.rpartition(".")
     if not dot:
         stem, ext = basename, ""
