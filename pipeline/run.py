@@ -25,15 +25,11 @@ import pyarrow.parquet as pq
 import ray
 from tqdm.auto import tqdm
 
-from model.checkpoint import CheckpointError, check_state_dict, fetch, read_state_dict
-from model.checkpoint_source import file_sha256
-from model.config import get_variant
 from pipeline import block_stats, resume, run_records
 from pipeline.commit import OutputCommitter
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
 from pipeline.inspection import inspect_output
 from pipeline.lease import Lease, new_run_id
-from pipeline.predict import SYNTHETIC_WEIGHTS
 from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
 from pipeline.run_records import new_record
 from pipeline.run_summary import RunSummary
@@ -41,8 +37,7 @@ from pipeline.schema import PART_ROW_SCHEMA, Counts
 from pipeline.shard import ShardSegmenter
 from pipeline.sources import ResolvedInputs, left_out_text, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error
-
-log = logging.getLogger(__name__)
+from pipeline.weights import resolve_weights
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
@@ -54,33 +49,6 @@ SHARDS_PER_ACTOR = 4  # a small job is cut into at least this many shards per ac
 
 class OutputError(ValueError):
     """The output cannot be written (read-only, a file, no credentials); raised before any cluster work."""
-
-
-def resolve_weights(variant: str, weights: str, *, allow_synthetic: bool) -> tuple[str, str]:
-    """(weights URI or "synthetic", sha256 or "") after checking that the weights load into the variant.
-
-    ``auto`` means the variant's official release file; when it cannot be fetched, ``allow_synthetic``
-    falls back to deterministic demo weights (with a loud warning), otherwise it is an error. A file that is
-    no checkpoint, or not one of this variant, raises `CheckpointError` here, on the driver.
-    """
-    if weights == SYNTHETIC_WEIGHTS:
-        return SYNTHETIC_WEIGHTS, ""
-    uri = get_variant(variant).url if weights == "auto" else weights
-    try:
-        path = fetch(uri)
-    except CheckpointError:
-        if weights == "auto" and allow_synthetic:
-            log.warning(
-                "\n%s\nWARNING: the official weights (%s) cannot be fetched. Running with DETERMINISTIC RANDOM\n"
-                "weights instead: the pipeline works, but the segments are MEANINGLESS.\n%s",
-                "!" * 100,
-                uri,
-                "!" * 100,
-            )
-            return SYNTHETIC_WEIGHTS, ""
-        raise
-    check_state_dict(get_variant(variant).config, read_state_dict(uri), what=redact_uri(uri))
-    return uri, file_sha256(path)
 
 
 # Ray's own start-up lines ("Started a local Ray instance", the note that token authentication is on by default):
