@@ -29,9 +29,11 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.output_paths import Output
 from pipeline.rle import decode_rle
 from pipeline.schema import (
+    FLAT_SCHEMA,
     IMAGES_SCHEMA,
     IMAGES_TABLE,
     LEASE_FILE,
+    PACKED_SCHEMA,
     RUNS_FOLDER,
     SEGMENTS_SCHEMA,
     SEGMENTS_TABLE,
@@ -193,35 +195,6 @@ def read_image_rows(output: str, image_id: str) -> tuple[dict[str, Any] | None, 
 
 # --- Ray Data: one row per image --------------------------------------------------------------------
 
-# One flat row per segment, or one placeholder per ok image (segment_id -1) so that images without
-# segments still get their group.
-_FLAT_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("height", pa.int32()),
-        pa.field("width", pa.int32()),
-        pa.field("segment_id", pa.int32()),
-        pa.field("category_id", pa.int32()),
-        pa.field("score", pa.float32()),
-        pa.field("counts", pa.string()),
-    ]
-)
-
-PACKED_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("height", pa.int32()),  # of the image and of every mask
-        pa.field("width", pa.int32()),
-        pa.field("segment_id", pa.list_(pa.int32())),  # sorted; the lists below are aligned with it
-        pa.field("category_id", pa.list_(pa.int32())),
-        pa.field("score", pa.list_(pa.float32())),
-        pa.field("counts", pa.list_(pa.string())),  # COCO compressed RLE of size [height, width]
-    ]
-)
-"""Schema of :func:`read_segments_by_image` rows."""
-
 
 def _keep_image_ids(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa.Table:
     if image_ids is None:
@@ -244,7 +217,7 @@ def _images_to_flat(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa.T
             "score": pa.array(np.zeros(n, np.float32)),
             "counts": pa.array([""] * n, pa.string()),
         },
-        schema=_FLAT_SCHEMA,
+        schema=FLAT_SCHEMA,
     )
 
 
@@ -263,7 +236,7 @@ def _segments_to_flat(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa
             "score": batch["score"],
             "counts": rle.field("counts"),
         },
-        schema=_FLAT_SCHEMA,
+        schema=FLAT_SCHEMA,
     )
 
 
@@ -293,9 +266,9 @@ def _pack_image(group: pa.Table) -> pa.Table:
 
 
 def _read_flat(batch: pa.Table, *, output: str, image_ids: Sequence[str] | None) -> pa.Table:
-    """Ray stage: rows ``{table, path}`` naming Parquet files -> their flat rows (:data:`_FLAT_SCHEMA`)."""
+    """Ray stage: rows ``{table, path}`` naming Parquet files -> their flat rows (:data:`FLAT_SCHEMA`)."""
     fs, _ = output_filesystem(output)
-    parts = [_FLAT_SCHEMA.empty_table()]
+    parts = [FLAT_SCHEMA.empty_table()]
     for table, path in zip(batch["table"].to_pylist(), batch["path"].to_pylist()):
         with fs.open(path, "rb") as f:
             rows = pq.read_table(f, schema=_SCHEMAS[table])
