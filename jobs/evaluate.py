@@ -57,9 +57,9 @@ from pipeline.outputs import (
     open_table,
     output_filesystem,
     packed_rows,
-    panoptic_map,
 )
 from pipeline.pq import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
+from pipeline.rle import panoptic_map
 from pipeline.schema import IMAGES_TABLE, STATUS_OK
 
 MatchRule = Literal["stem", "basename", "uri"]

@@ -27,7 +27,8 @@ import pyarrow as pa
 from PIL import Image
 
 from model.categories import categories
-from pipeline.outputs import VOID_ID, output_filesystem, packed_rows, panoptic_map
+from pipeline.outputs import output_filesystem, packed_rows
+from pipeline.rle import VOID_ID, panoptic_map
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ reads a smaller output in this process (:func:`read_packed_images`), without sta
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.output_paths import Output
-from pipeline.rle import decode_rle
+from pipeline.rle import decode_mask as decode_mask  # re-exported: jobs/show.py imports it from here
 from pipeline.schema import (
     FLAT_SCHEMA,
     IMAGES_SCHEMA,
@@ -44,8 +44,6 @@ if TYPE_CHECKING:
     import ray.data
 
 TableName = Literal["segments", "images"]
-
-VOID_ID = -1  # value of `panoptic_map` pixels covered by no segment
 
 _SCHEMAS: dict[str, pa.Schema] = {SEGMENTS_TABLE: SEGMENTS_SCHEMA, IMAGES_TABLE: IMAGES_SCHEMA}
 
@@ -152,37 +150,6 @@ def run_weights(output: str) -> dict[str, str]:
         run_id = str(record.get("run_id") or path.rsplit("/", 1)[-1].removesuffix(".json"))
         weights[run_id] = str((record.get("weights") or {}).get("uri", ""))
     return weights
-
-
-def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
-    """Decode one ``rle`` struct (``{"size": [h, w], "counts": str}``) to a bool mask ``[h, w]``."""
-    return decode_rle(rle["size"], rle["counts"])
-
-
-def panoptic_map(
-    segments_rows: Iterable[Mapping[str, Any]], *, height: int | None = None, width: int | None = None
-) -> np.ndarray:
-    """Rebuild one image's id map ``[H, W]`` int32 from its segment rows (``segment_id`` + ``rle``).
-
-    Pixel value = the ``segment_id`` covering it, :data:`VOID_ID` (-1) where no segment does. Segments
-    of one image are disjoint by construction; if rows overlap anyway, the later row wins. ``height`` /
-    ``width`` are needed only for an image without segments; when given they must match every mask.
-    """
-    id_map: np.ndarray | None = None
-    if height is not None and width is not None:
-        id_map = np.full((height, width), VOID_ID, dtype=np.int32)  # [H, W]
-    for row in segments_rows:
-        mask = decode_mask(row["rle"])  # [H, W] bool
-        if id_map is None:
-            id_map = np.full(mask.shape, VOID_ID, dtype=np.int32)
-        if mask.shape != id_map.shape:
-            raise ValueError(
-                f"segment {row['segment_id']} has mask size {list(mask.shape)}, expected {list(id_map.shape)}"
-            )
-        id_map[mask] = int(row["segment_id"])
-    if id_map is None:
-        raise ValueError("an image without segments needs height= and width=")
-    return id_map
 
 
 def read_image_rows(output: str, image_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from jobs.export_coco import coco_image, coco_names, id_map_to_rgb, main, rgb_to_id_map, to_coco_ids
-from pipeline.outputs import decode_mask
+from pipeline.rle import decode_mask
 from tests.synthetic_output import encode_rle, make_images, write_output
 
 

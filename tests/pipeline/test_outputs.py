@@ -1,4 +1,4 @@
-"""Reading an output back: file selection, masks, id maps, S3, and the per-image Ray dataset."""
+"""Reading an output back: file selection, its tables and run records, S3, and the per-image Ray dataset."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ import pytest
 from PIL import Image
 
 from pipeline.outputs import (
-    VOID_ID,
-    decode_mask,
     open_table,
     packed_rows,
-    panoptic_map,
     read_image_rows,
     read_run_config,
     read_segments_by_image,
     table_files,
 )
-from tests.synthetic_output import SynthImage, encode_rle, make_images, rect, write_output
+from pipeline.rle import decode_mask
+from tests.synthetic_output import SynthImage, make_images, write_output
 
 
 @pytest.fixture(scope="module")
@@ -65,32 +63,6 @@ def test_read_run_config(synthetic: tuple[Path, list[SynthImage]], tmp_path: Pat
     output, _ = synthetic
     assert read_run_config(str(output))["config"] == {"input": {"bytes_column": "jpeg"}}
     assert read_run_config(str(tmp_path)) == {}
-
-
-def test_decode_mask_round_trips_an_irregular_mask() -> None:
-    mask = np.random.default_rng(0).random((13, 17)) > 0.6
-    decoded = decode_mask(encode_rle(mask))
-    assert decoded.dtype == bool
-    assert decoded.shape == (13, 17)
-    assert np.array_equal(decoded, mask)
-
-
-def test_panoptic_map_rebuilds_ids_and_void() -> None:
-    a, b = rect(6, 8, 0, 0, 3, 4), rect(6, 8, 3, 4, 6, 8)
-    rows = [{"segment_id": 0, "rle": encode_rle(a)}, {"segment_id": 1, "rle": encode_rle(b)}]
-    ids = panoptic_map(rows)
-    assert ids.dtype == np.int32
-    assert np.array_equal(ids == 0, a)
-    assert np.array_equal(ids == 1, b)
-    assert np.array_equal(ids == VOID_ID, ~(a | b))
-
-
-def test_panoptic_map_sizes() -> None:
-    assert np.array_equal(panoptic_map([], height=2, width=3), np.full((2, 3), -1))
-    with pytest.raises(ValueError, match="needs height= and width="):
-        panoptic_map([])
-    with pytest.raises(ValueError, match="mask size"):
-        panoptic_map([{"segment_id": 0, "rle": encode_rle(rect(4, 4, 0, 0, 1, 1))}], height=4, width=5)
 
 
 def test_read_image_rows(synthetic: tuple[Path, list[SynthImage]]) -> None:
