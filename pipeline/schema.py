@@ -110,7 +110,7 @@ PREDICTION_SCHEMA = pa.schema(
 threads)."""
 
 
-# -- the per-image views of an output, read back (`pipeline.outputs`) ----------------------------------------
+# -- the per-image views of an output, read back (`pipeline.packed_images`) ----------------------------------
 # Each column is its source column's name and type (all nullable, as these views have always been declared).
 
 _IMAGE_VIEW_COLUMNS = [

@@ -1,4 +1,4 @@
-"""Reading an output back: file selection, its tables and run records, S3, and the per-image Ray dataset."""
+"""Opening an output: file selection, its tables and run records, one image's rows, S3."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ from PIL import Image
 
 from pipeline.outputs import (
     open_table,
-    packed_rows,
     read_image_rows,
     read_run_config,
-    read_segments_by_image,
     table_files,
 )
-from pipeline.rle import decode_mask
 from tests.synthetic_output import SynthImage, make_images, write_output
 
 
@@ -71,29 +68,6 @@ def test_read_image_rows(synthetic: tuple[Path, list[SynthImage]]) -> None:
     assert image_row is not None and (image_row["width"], image_row["height"]) == (40, 30)
     assert [s["segment_id"] for s in segments] == [0, 1, 2]
     assert read_image_rows(str(output), "nope.png") == (None, [])
-
-
-def test_read_segments_by_image_groups_every_ok_image(
-    synthetic: tuple[Path, list[SynthImage]], ray_session: None
-) -> None:
-    output, images = synthetic
-    rows = {}
-    for batch in read_segments_by_image(str(output)).iter_batches(batch_format="pyarrow"):
-        for image in packed_rows(batch):
-            rows[image["image_id"]] = image
-    assert set(rows) == {i.image_id for i in images if i.status == "ok"}  # the failed image is left out
-    for image in images:
-        if image.status != "ok":
-            continue
-        packed = rows[image.image_id]
-        assert (packed["height"], packed["width"]) == (image.height, image.width)
-        assert [s["segment_id"] for s in packed["segments"]] == list(range(len(image.segments)))
-        for got, want in zip(packed["segments"], image.segments):
-            assert got["category_id"] == want.category_id
-            assert np.array_equal(decode_mask(got["rle"]), want.mask)
-
-    only = read_segments_by_image(str(output), image_ids=[images[2].image_id]).take_all()
-    assert [r["image_id"] for r in only] == [images[2].image_id]
 
 
 def test_open_table_over_s3(synthetic: tuple[Path, list[SynthImage]], s3_env: dict[str, str]) -> None:
