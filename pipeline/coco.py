@@ -28,7 +28,9 @@ from PIL import Image
 
 from model.categories import categories
 from pipeline.ids import last_part
-from pipeline.outputs import VOID_ID, output_filesystem, packed_rows, panoptic_map
+from pipeline.outputs import output_filesystem
+from pipeline.packed_images import packed_rows
+from pipeline.rle import VOID_ID, panoptic_map
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def known_segments(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def coco_image(image: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
-    """One packed image (see :func:`pipeline.outputs.packed_rows`) -> (PNG pixels, ``images`` entry, annotation).
+    """One packed image (see :func:`pipeline.packed_images.packed_rows`) -> (PNG pixels, ``images`` entry, annotation).
 
     Segments of a category outside the 133 are left out (their pixels VOID, see the module docstring). Areas
     and boxes are counted on the id map that goes into the PNG; a segment that covers no pixel (overlapped

@@ -9,6 +9,7 @@ Between the stages an image travels as one row whose segments are a list column 
 segment record without the image's key columns (`RESULT_SCHEMA`, what a part's commit receives), and before
 RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``). Between
 reading and the model an image is a `DecodedImage` (made by `pipeline.decode.decode_input`).
+An output read back one row per image is `PACKED_SCHEMA` (grouped from `FLAT_SCHEMA` rows on Ray).
 Every other shape is derived from these; README.md documents the tables column by column.
 """
 
@@ -108,6 +109,26 @@ PREDICTION_SCHEMA = pa.schema(
 )
 """One row per image as the model returns it before RLE (`pipeline.results.encode_results`, on the shard call's
 threads)."""
+
+
+# -- the per-image views of an output, read back (`pipeline.packed_images`) ----------------------------------
+# Each column is its source column's name and type (all nullable, as these views have always been declared).
+
+_IMAGE_VIEW_COLUMNS = [
+    IMAGES_SCHEMA.field(name).with_nullable(True) for name in ("image_id", "source", "height", "width")
+]
+_SEGMENT_VIEW_COLUMNS = [
+    *(SEGMENTS_SCHEMA.field(name).with_nullable(True) for name in ("segment_id", "category_id", "score")),
+    RLE_TYPE.field("counts").with_nullable(True),  # COCO compressed RLE of size [height, width]
+]
+
+FLAT_SCHEMA = pa.schema([*_IMAGE_VIEW_COLUMNS, *_SEGMENT_VIEW_COLUMNS])
+"""One row per segment (``height`` / ``width`` from its ``rle.size``), or one placeholder row per ok image
+(``segment_id`` -1) so that an image without segments still gets its group."""
+
+PACKED_SCHEMA = pa.schema([*_IMAGE_VIEW_COLUMNS, *(pa.field(f.name, pa.list_(f.type)) for f in _SEGMENT_VIEW_COLUMNS)])
+"""One row per ok image: ``height`` / ``width`` of the image and of every mask; one list per segment column,
+aligned, sorted by ``segment_id``."""
 
 
 # -- the decoded image: between reading and the model ------------------------------------------------------
