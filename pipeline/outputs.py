@@ -140,7 +140,6 @@ def read_run_config(output: str) -> dict[str, Any]:
         return json.loads(f.read())
 
 
-SYNTHETIC_WEIGHTS_URI = "synthetic"  # `weights.uri` of a run record made with the demo weights
 
 
 def run_weights(output: str) -> dict[str, str]:

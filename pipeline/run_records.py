@@ -19,8 +19,7 @@ from typing import Any
 
 from pipeline.config import JobConfig, redact_uri
 from pipeline.output_paths import Output
-from pipeline.outputs import SYNTHETIC_WEIGHTS_URI
-from pipeline.schema import OUTPUT_FORMAT_VERSION
+from pipeline.schema import OUTPUT_FORMAT_VERSION, SYNTHETIC_WEIGHTS
 from pipeline.storage import publish
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ def model_settings(config: JobConfig, weights_sha256: str) -> dict[str, Any]:
     inference = {k: v for k, v in asdict(config.inference).items() if k != "channels_last"}
     return {
         "variant": config.model.variant,
-        "weights_sha256": weights_sha256 or SYNTHETIC_WEIGHTS_URI,
+        "weights_sha256": weights_sha256 or SYNTHETIC_WEIGHTS,
         "max_pixels": config.input.max_pixels,
         **inference,
     }
@@ -93,7 +92,7 @@ def check_settings(records: list[dict[str, Any]], settings: dict[str, Any], *, a
     for record in records:
         theirs = dict(record.get("settings", {}))
         if theirs.get("weights_sha256") == "auto":  # recorded so before, by `auto` falling back to the demo weights
-            theirs["weights_sha256"] = SYNTHETIC_WEIGHTS_URI
+            theirs["weights_sha256"] = SYNTHETIC_WEIGHTS
         differ = {k: (theirs[k], v) for k, v in settings.items() if k in theirs and theirs[k] != v}
         if differ and not allow:
             what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in sorted(differ.items()))

@@ -38,6 +38,10 @@ QUARANTINE_FOLDER = "_quarantine"  # <run_id>/{images,segments}/: unreadable par
 #   `pipeline.parts`).
 OUTPUT_FORMAT_VERSION = 2
 
+# The weights URI (and ``weights_sha256`` setting) a run record names for the deterministic demo weights; also
+# the value of ``--weights`` that asks for them.
+SYNTHETIC_WEIGHTS = "synthetic"
+
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 

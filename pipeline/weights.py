@@ -11,7 +11,7 @@ from model.checkpoint import CheckpointError, check_state_dict, fetch, read_stat
 from model.checkpoint_source import file_sha256
 from model.config import get_variant
 from pipeline.config import redact_uri
-from pipeline.predict import SYNTHETIC_WEIGHTS
+from pipeline.schema import SYNTHETIC_WEIGHTS
 
 log = logging.getLogger(__name__)
 
