@@ -140,8 +140,6 @@ def read_run_config(output: str) -> dict[str, Any]:
         return json.loads(f.read())
 
 
-
-
 def run_weights(output: str) -> dict[str, str]:
     """``{run_id: weights URI}`` of ``output``'s run records (``_runs/*.json``); ``"synthetic"`` marks a run
     made with the deterministic demo weights, whose segments are meaningless."""
