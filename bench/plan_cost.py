@@ -180,12 +180,12 @@ def child_stages(args: argparse.Namespace) -> dict:
     from bench.inputs import PHOTOS, _crop_resize, _jpeg, synthetic_photo
     from model.config import InferenceConfig
     from model.panoptic import PanopticResult, Segment
+    from pipeline.commit import OutputCommitter
     from pipeline.decode import decode_input, decoded_batch
     from pipeline.lease import Lease
     from pipeline.predict import PanopticSegmenter
     from pipeline.readers import ImageRow, read_ref
     from pipeline.results import encode_results, prediction_table
-    from pipeline.write import write_part
 
     height, width, n = 800, 1066, args.stage_images
     folder = Path(tempfile.mkdtemp(prefix="pfb-stages-"))
@@ -216,7 +216,7 @@ def child_stages(args: argparse.Namespace) -> dict:
     timed("decode_device_preprocess_header_check",
           lambda r: decode_input(r.data, max_pixels=max_pixels, inference=on_device), rows)  # fmt: skip
 
-    # Realistic results: 25 blob segments with ragged boundaries (as bench/write_path.py's id maps).
+    # Realistic results: 25 blob segments with ragged boundaries (as bench/synthetic_results.py's id maps).
     def id_map_of(seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
         cell = int(rng.integers(30, 50))
@@ -260,16 +260,16 @@ def child_stages(args: argparse.Namespace) -> dict:
     ms["actor_overhead"] = 1000 * (tcpu() - c) / n
     timed("rle", encode_results, tables)
     ms["rle"] = ms["rle"] * len(tables) / n
-    # Write: one part of --rows-per-file rows of 256 distinct photo-like segmentations (bench/write_path.py's
+    # Write: one part of --rows-per-file rows of 256 distinct photo-like segmentations (bench/synthetic_results.py's
     # rows: 25 segments of 800×1066, real RLE; beyond zstd's window, so the part compresses like a real one).
-    from bench.write_path import DISTINCT_PHOTOS, _segments_of_a_photo, result_block
+    from bench.synthetic_results import DISTINCT_PHOTOS, result_block, segments_of_a_photo
 
-    part = result_block(0, args.rows_per_file, [_segments_of_a_photo(seed) for seed in range(DISTINCT_PHOTOS)])
+    part = result_block(0, args.rows_per_file, [segments_of_a_photo(seed) for seed in range(DISTINCT_PHOTOS)])
     output = tempfile.mkdtemp(prefix="pfb-stages-out-")
     lease = Lease.acquire(output, "bench-stages")
     try:
         c = tcpu()
-        row = write_part(part, output=output, run_id="bench-stages")
+        row = OutputCommitter(output, "bench-stages").write_part(part)
         ms["write"] = 1000 * (tcpu() - c) / part.num_rows
     finally:
         lease.release()

@@ -6,7 +6,7 @@ hooks into backbone, transformer (incl. input projection, class and box heads: t
 box attention + mask head, then merge (`model.panoptic.merge_panoptic`, after the predictor's stride-4
 crop), RLE (`pipeline.rle.encode_segments`), result rows (`pipeline.results.prediction_table` +
 `encode_results`, which encodes the RLE a second time, as the pipeline's tables do) and write
-(`pipeline.write.split_results` + two zstd Parquet files, timed once for all images and divided). Medians
+(`pipeline.parts.split_results` + two zstd Parquet files, timed once for all images and divided). Medians
 per image over images × repeats.
 
 The first image is also run through `PanopticPredictor.predict_prepared` and must give the same panoptic
@@ -31,10 +31,10 @@ from model.predictor import PanopticPredictor
 from model.tensor_preprocess import normalize, pad_batch
 from pipeline.config import InputConfig
 from pipeline.decode import decode_image
+from pipeline.parts import split_results
 from pipeline.results import encode_results, prediction_table
 from pipeline.rle import encode_segments
 from pipeline.storage import read_bytes
-from pipeline.write import split_results
 
 STAGES = (
     "read",

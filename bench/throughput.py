@@ -37,7 +37,7 @@ from bench.local_ray import BENCH_DIR_ENV
 from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from pipeline.decode import decode_image
-from pipeline.predict import SYNTHETIC_WEIGHTS
+from pipeline.schema import SYNTHETIC_WEIGHTS
 from pipeline.shard import ShardSegmenter
 from pipeline.storage import read_bytes
 

@@ -22,7 +22,7 @@ Two GT images or two ``ok`` output images with the same key are an error. A GT i
 prediction is an error, as in panopticapi, unless ``--allow-missing`` (then all its non-crowd segments
 count as false negatives). Output images that match no GT image are ignored.
 
-Per-image statistics run through :func:`pipeline.outputs.map_images` (restricted to the matched images: in
+Per-image statistics run through :func:`pipeline.packed_images.map_images` (restricted to the matched images: in
 this process for a small output, else a Ray Data ``map_batches``); the driver sums them per category.
 The report lists the classes present on either side (ground truth or prediction) and the overall figures;
 a group without classes (e.g. no Stuff) prints "–" and has null figures in the report.
@@ -50,16 +50,11 @@ from PIL import Image
 
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.coco import rgb_to_id_map, to_coco_ids
-from pipeline.outputs import (
-    OutputNotFoundError,
-    check_output,
-    map_images,
-    open_table,
-    output_filesystem,
-    packed_rows,
-    panoptic_map,
-)
+from pipeline.ids import last_part
+from pipeline.outputs import OutputNotFoundError, check_output, open_table, output_filesystem
+from pipeline.packed_images import map_images, packed_rows
 from pipeline.pq import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
+from pipeline.rle import panoptic_map
 from pipeline.schema import IMAGES_TABLE, STATUS_OK
 
 MatchRule = Literal["stem", "basename", "uri"]
@@ -90,7 +85,7 @@ def match_key(name: str, rule: MatchRule) -> str:
     """The key ``name`` (a GT file name / URI or an output ``image_id``) is matched on under ``rule``."""
     if rule == "uri":
         return name
-    basename = posixpath.basename(name.rsplit("#", 1)[-1])
+    basename = posixpath.basename(last_part(name))
     if rule == "basename":
         return basename
     if rule == "stem":

@@ -6,8 +6,8 @@ images are exported. Segments of a class slot outside the 133 categories are lef
 their number is reported. `evaluate` scores an output exactly as the official tools score its export.
 A collision of two images' names or ids raises an error.
 
-The PNGs are written by :func:`pipeline.outputs.map_images` (in this process for a small output, else a
-Ray Data ``map_batches`` over :func:`pipeline.outputs.read_segments_by_image`); the driver only gathers
+The PNGs are written by :func:`pipeline.packed_images.map_images` (in this process for a small output, else a
+Ray Data ``map_batches`` over :func:`pipeline.packed_images.read_segments_by_image`); the driver only gathers
 the (small) JSON entries.
 """
 
@@ -29,7 +29,8 @@ from pipeline.coco import (
     to_coco_ids,
     write_coco_pngs,
 )
-from pipeline.outputs import OutputNotFoundError, check_output, map_images, output_filesystem
+from pipeline.outputs import OutputNotFoundError, check_output, output_filesystem
+from pipeline.packed_images import map_images
 
 PROG = "panoptic-flow export-coco"
 
@@ -45,7 +46,7 @@ class Export(NamedTuple):
 
 def export_coco(output: str, dest: str, *, verbose: bool = False) -> Export:
     """Write ``dest/panoptic/*.png`` and ``dest/panoptic.json`` for every ok image of ``output`` (a small
-    output in this process, a larger one on Ray: :func:`pipeline.outputs.map_images`; Ray's own messages
+    output in this process, a larger one on Ray: :func:`pipeline.packed_images.map_images`; Ray's own messages
     only when ``verbose``).
 
     Returns the JSON document that was written (entries sorted by ``image_id`` of the output). Raises

@@ -164,8 +164,8 @@ def _run(config: JobConfig, run: RunOptions) -> int:
     from model.checkpoint import CheckpointError, CheckpointNotFound
     from pipeline.lease import LeaseHeld
     from pipeline.resources import ClusterError
-    from pipeline.resume import SettingsChanged
     from pipeline.run import OutputError, run_job
+    from pipeline.run_records import SettingsChanged
     from pipeline.sources import InputError
 
     _redact_handlers("ray", "ray.data")  # configured when Ray was imported, just now

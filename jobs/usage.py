@@ -66,10 +66,11 @@ def report(prog: str, error: object) -> int:
 
 def warn_if_demo_weights(prog: str, output: str) -> bool:
     """Print one warning line when ``output`` was made, wholly or partly, with the demo weights; True then."""
-    from pipeline.outputs import SYNTHETIC_WEIGHTS_URI, run_weights
+    from pipeline.outputs import run_weights
+    from pipeline.schema import SYNTHETIC_WEIGHTS
 
     weights = run_weights(output)
-    demo = [run for run, uri in weights.items() if uri == SYNTHETIC_WEIGHTS_URI]
+    demo = [run for run, uri in weights.items() if uri == SYNTHETIC_WEIGHTS]
     if not demo:
         return False
     how = "" if len(demo) == len(weights) else f" (partly: {len(demo)} of its {len(weights)} runs)"

@@ -27,7 +27,10 @@ import pyarrow as pa
 from PIL import Image
 
 from model.categories import categories
-from pipeline.outputs import VOID_ID, output_filesystem, packed_rows, panoptic_map
+from pipeline.ids import last_part
+from pipeline.outputs import output_filesystem
+from pipeline.packed_images import packed_rows
+from pipeline.rle import VOID_ID, panoptic_map
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ def coco_names(image_id: str) -> tuple[int, str, str]:
     ``s3://b/shard.tar#dir/000123.jpg`` -> ``(<52-bit int>, "000123_1a2b3c4d", ".jpg")``.
     """
     digest = hashlib.sha1(image_id.encode()).hexdigest()
-    basename = posixpath.basename(image_id.rsplit("#", 1)[-1].rstrip("/"))
+    basename = posixpath.basename(last_part(image_id).rstrip("/"))
     stem, dot, ext = basename.rpartition(".")
     if not dot:
         stem, ext = basename, ""
@@ -80,7 +83,7 @@ def known_segments(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def coco_image(image: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
-    """One packed image (see :func:`pipeline.outputs.packed_rows`) -> (PNG pixels, ``images`` entry, annotation).
+    """One packed image (see :func:`pipeline.packed_images.packed_rows`) -> (PNG pixels, ``images`` entry, annotation).
 
     Segments of a category outside the 133 are left out (their pixels VOID, see the module docstring). Areas
     and boxes are counted on the id map that goes into the PNG; a segment that covers no pixel (overlapped

@@ -14,16 +14,13 @@ import io
 import struct
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from model.config import InferenceConfig
 from model.preprocess import exif_orientation, prepare, processed_size, to_rgb
-from pipeline.schema import INPUT_COLUMNS
-
-EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows without an image
+from pipeline.schema import EMPTY_PIXELS, INPUT_COLUMNS, DecodedImage
 
 # The formats the README promises (by content, whatever the extension). Restricting `Image.open` to them
 # keeps Pillow's ~40 other parsers away from untrusted bytes (EPS, for one, would run Ghostscript).
@@ -162,23 +159,6 @@ def _signature(data: bytes) -> str | None:
         if data.startswith(magic):
             return name
     return None
-
-
-class DecodedImage(NamedTuple):
-    """The decoded-image record: one input image as the model actor receives it from `decode_input`.
-
-    ``pixels`` are uint8 ``[h, w, 3]`` at the processed size (`EMPTY_PIXELS` when the image is left to the
-    device or has an error); ``encoded`` holds the JPEG bytes left to the model's device (``device_preprocess``,
-    with their EXIF ``orientation``), else ``b""``; ``width`` and ``height`` are as displayed (0 when unknown);
-    ``error`` is ``""`` for a usable image, else a short reason.
-    """
-
-    pixels: np.ndarray
-    encoded: bytes
-    orientation: int
-    width: int
-    height: int
-    error: str
 
 
 def decode_input(data: bytes, *, max_pixels: int, inference: InferenceConfig) -> DecodedImage:

@@ -50,6 +50,13 @@ def parse_image_id(image_id: str) -> ParsedId:
     return ParsedId(unescape_file_id(escaped), member if separator else None)
 
 
+def last_part(image_id: str) -> str:
+    """What follows an id's last ``#`` (a member's name), or the whole id: the part whose base name names the
+    image to people (COCO file names, matching ground-truth file names). Works on any id, ``--id-column`` values
+    included, since it parses nothing."""
+    return image_id.rsplit(SEPARATOR, 1)[-1]
+
+
 def member_of_old_row(image_id: str, source: str) -> str | None:
     """The member of a row written before the ``member`` column existed (its id was ``source#member``, with
     ``source`` not escaped then): None for a whole file."""

@@ -1,33 +1,29 @@
-"""Reading an output folder back: its tables, its masks, and one id map per image.
+"""Opening an output folder: is it one, its tables (files, bytes, a lazy dataset, one image's rows), its runs.
 
 An output ``OUTPUT/`` (a local path or any fsspec URI such as ``s3://bucket/run``) holds
 ``segments/**.parquet`` and ``images/**.parquet`` (files may sit in nested sub-folders; names starting
 with ``_`` or ``.`` are ignored), ``_runs/<run_id>.json`` (each run's record) and maybe ``_SUCCESS``. The column
 contract is :mod:`pipeline.schema`.
 
-Everything here is plain pyarrow/numpy except :func:`read_segments_by_image`, which builds a Ray Data
-pipeline (one row per image with all its segments) for the commands that must scale with the output;
-Ray is imported only there. :func:`map_images` uses it only above :data:`LOCAL_MAX_BYTES` of Parquet, and
-reads a smaller output in this process (:func:`read_packed_images`), without starting Ray.
+Everything here is plain fsspec/pyarrow. Reading an output one row per image (in process or on Ray) is
+:mod:`pipeline.packed_images`; masks and id maps are decoded by :mod:`pipeline.rle` (``decode_mask`` is
+re-exported here for ``jobs/show.py``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.output_paths import Output
-from pipeline.rle import decode_rle
+from pipeline.rle import decode_mask as decode_mask  # re-exported: jobs/show.py imports it from here
 from pipeline.schema import (
     IMAGES_SCHEMA,
     IMAGES_TABLE,
@@ -35,17 +31,12 @@ from pipeline.schema import (
     RUNS_FOLDER,
     SEGMENTS_SCHEMA,
     SEGMENTS_TABLE,
-    STATUS_OK,
 )
-
-if TYPE_CHECKING:
-    import ray.data
 
 TableName = Literal["segments", "images"]
 
-VOID_ID = -1  # value of `panoptic_map` pixels covered by no segment
-
-_SCHEMAS: dict[str, pa.Schema] = {SEGMENTS_TABLE: SEGMENTS_SCHEMA, IMAGES_TABLE: IMAGES_SCHEMA}
+TABLE_SCHEMAS: dict[str, pa.Schema] = {SEGMENTS_TABLE: SEGMENTS_SCHEMA, IMAGES_TABLE: IMAGES_SCHEMA}
+"""The declared schema of each table, by its folder name."""
 
 
 def output_filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -98,14 +89,23 @@ def table_files(output: str, table: TableName) -> tuple[list[str], fsspec.Abstra
 
     Paths are filesystem paths (no protocol). A missing table folder gives an empty list.
     """
-    if table not in _SCHEMAS:
-        raise ValueError(f"table must be one of {sorted(_SCHEMAS)}, got {table!r}")
+    if table not in TABLE_SCHEMAS:
+        raise ValueError(f"table must be one of {sorted(TABLE_SCHEMAS)}, got {table!r}")
     fs, root = output_filesystem(output)
     folder = f"{root}/{table}"
     if not fs.isdir(folder):
         return [], fs
     files = [p for p in fs.find(folder) if _is_data_file(p[len(folder) + 1 :])]
     return sorted(files), fs
+
+
+def table_bytes(output: str) -> int:
+    """Bytes of the Parquet files of both tables of ``output``."""
+    total = 0
+    for table in (IMAGES_TABLE, SEGMENTS_TABLE):
+        files, fs = table_files(output, table)
+        total += sum(int(fs.size(p)) for p in files)
+    return total
 
 
 def open_table(output: str, table: TableName) -> ds.Dataset:
@@ -115,7 +115,15 @@ def open_table(output: str, table: TableName) -> ds.Dataset:
     ``shard`` column); a table without files is an empty dataset with the declared schema.
     """
     files, fs = table_files(output, table)
-    return ds.dataset(files, schema=_SCHEMAS[table], format="parquet", filesystem=arrow_filesystem(fs))
+    return ds.dataset(files, schema=TABLE_SCHEMAS[table], format="parquet", filesystem=arrow_filesystem(fs))
+
+
+def read_image_rows(output: str, image_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The ``images`` row (or None) and the ``segments`` rows (by ``segment_id``) of one image."""
+    image_filter = pc.field("image_id") == image_id
+    images = open_table(output, IMAGES_TABLE).to_table(filter=image_filter).to_pylist()
+    segments = open_table(output, SEGMENTS_TABLE).to_table(filter=image_filter).to_pylist()
+    return (images[0] if images else None), sorted(segments, key=lambda r: r["segment_id"])
 
 
 def read_run_config(output: str) -> dict[str, Any]:
@@ -130,9 +138,6 @@ def read_run_config(output: str) -> dict[str, Any]:
         return {}
     with fs.open(records[-1], "rb") as f:
         return json.loads(f.read())
-
-
-SYNTHETIC_WEIGHTS_URI = "synthetic"  # `weights.uri` of a run record made with the demo weights
 
 
 def run_weights(output: str) -> dict[str, str]:
@@ -150,293 +155,3 @@ def run_weights(output: str) -> dict[str, str]:
         run_id = str(record.get("run_id") or path.rsplit("/", 1)[-1].removesuffix(".json"))
         weights[run_id] = str((record.get("weights") or {}).get("uri", ""))
     return weights
-
-
-def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
-    """Decode one ``rle`` struct (``{"size": [h, w], "counts": str}``) to a bool mask ``[h, w]``."""
-    return decode_rle(rle["size"], rle["counts"])
-
-
-def panoptic_map(
-    segments_rows: Iterable[Mapping[str, Any]], *, height: int | None = None, width: int | None = None
-) -> np.ndarray:
-    """Rebuild one image's id map ``[H, W]`` int32 from its segment rows (``segment_id`` + ``rle``).
-
-    Pixel value = the ``segment_id`` covering it, :data:`VOID_ID` (-1) where no segment does. Segments
-    of one image are disjoint by construction; if rows overlap anyway, the later row wins. ``height`` /
-    ``width`` are needed only for an image without segments; when given they must match every mask.
-    """
-    id_map: np.ndarray | None = None
-    if height is not None and width is not None:
-        id_map = np.full((height, width), VOID_ID, dtype=np.int32)  # [H, W]
-    for row in segments_rows:
-        mask = decode_mask(row["rle"])  # [H, W] bool
-        if id_map is None:
-            id_map = np.full(mask.shape, VOID_ID, dtype=np.int32)
-        if mask.shape != id_map.shape:
-            raise ValueError(
-                f"segment {row['segment_id']} has mask size {list(mask.shape)}, expected {list(id_map.shape)}"
-            )
-        id_map[mask] = int(row["segment_id"])
-    if id_map is None:
-        raise ValueError("an image without segments needs height= and width=")
-    return id_map
-
-
-def read_image_rows(output: str, image_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The ``images`` row (or None) and the ``segments`` rows (by ``segment_id``) of one image."""
-    image_filter = pc.field("image_id") == image_id
-    images = open_table(output, IMAGES_TABLE).to_table(filter=image_filter).to_pylist()
-    segments = open_table(output, SEGMENTS_TABLE).to_table(filter=image_filter).to_pylist()
-    return (images[0] if images else None), sorted(segments, key=lambda r: r["segment_id"])
-
-
-# --- Ray Data: one row per image --------------------------------------------------------------------
-
-# One flat row per segment, or one placeholder per ok image (segment_id -1) so that images without
-# segments still get their group.
-_FLAT_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("height", pa.int32()),
-        pa.field("width", pa.int32()),
-        pa.field("segment_id", pa.int32()),
-        pa.field("category_id", pa.int32()),
-        pa.field("score", pa.float32()),
-        pa.field("counts", pa.string()),
-    ]
-)
-
-PACKED_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("height", pa.int32()),  # of the image and of every mask
-        pa.field("width", pa.int32()),
-        pa.field("segment_id", pa.list_(pa.int32())),  # sorted; the lists below are aligned with it
-        pa.field("category_id", pa.list_(pa.int32())),
-        pa.field("score", pa.list_(pa.float32())),
-        pa.field("counts", pa.list_(pa.string())),  # COCO compressed RLE of size [height, width]
-    ]
-)
-"""Schema of :func:`read_segments_by_image` rows."""
-
-
-def _keep_image_ids(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa.Table:
-    if image_ids is None:
-        return batch
-    return batch.filter(pc.is_in(batch["image_id"], value_set=pa.array(image_ids, pa.string())))
-
-
-def _images_to_flat(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa.Table:
-    batch = _keep_image_ids(batch, image_ids=image_ids)
-    batch = batch.filter(pc.equal(batch["status"], STATUS_OK))
-    n = batch.num_rows
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source": batch["source"],
-            "height": batch["height"],
-            "width": batch["width"],
-            "segment_id": pa.array(np.full(n, -1, np.int32)),
-            "category_id": pa.array(np.full(n, -1, np.int32)),
-            "score": pa.array(np.zeros(n, np.float32)),
-            "counts": pa.array([""] * n, pa.string()),
-        },
-        schema=_FLAT_SCHEMA,
-    )
-
-
-def _segments_to_flat(batch: pa.Table, *, image_ids: Sequence[str] | None) -> pa.Table:
-    batch = _keep_image_ids(batch, image_ids=image_ids)
-    rle = batch["rle"].combine_chunks()
-    size = rle.field("size")
-    return pa.table(
-        {
-            "image_id": batch["image_id"],
-            "source": batch["source"],
-            "height": pc.list_element(size, 0),
-            "width": pc.list_element(size, 1),
-            "segment_id": batch["segment_id"],
-            "category_id": batch["category_id"],
-            "score": batch["score"],
-            "counts": rle.field("counts"),
-        },
-        schema=_FLAT_SCHEMA,
-    )
-
-
-def _pack_image(group: pa.Table) -> pa.Table:
-    """All flat rows of one image -> one packed row (placeholder dropped), or none without an ok image row."""
-    rows = group.sort_by("segment_id").to_pydict()
-    if rows["segment_id"][0] != -1:  # no ok row in `images`: not an image of this output
-        return PACKED_SCHEMA.empty_table()
-    real = [i for i, s in enumerate(rows["segment_id"]) if s >= 0]
-    sizes = {(rows["height"][i], rows["width"][i]) for i in range(group.num_rows)}
-    if len(sizes) != 1:
-        raise ValueError(f"image {rows['image_id'][0]!r}: image and mask sizes disagree: {sorted(sizes)}")
-    ((height, width),) = sizes
-    return pa.table(
-        {
-            "image_id": [rows["image_id"][0]],
-            "source": [rows["source"][0]],
-            "height": [height],
-            "width": [width],
-            "segment_id": [[rows["segment_id"][i] for i in real]],
-            "category_id": [[rows["category_id"][i] for i in real]],
-            "score": [[rows["score"][i] for i in real]],
-            "counts": [[rows["counts"][i] for i in real]],
-        },
-        schema=PACKED_SCHEMA,
-    )
-
-
-def _read_flat(batch: pa.Table, *, output: str, image_ids: Sequence[str] | None) -> pa.Table:
-    """Ray stage: rows ``{table, path}`` naming Parquet files -> their flat rows (:data:`_FLAT_SCHEMA`)."""
-    fs, _ = output_filesystem(output)
-    parts = [_FLAT_SCHEMA.empty_table()]
-    for table, path in zip(batch["table"].to_pylist(), batch["path"].to_pylist()):
-        with fs.open(path, "rb") as f:
-            rows = pq.read_table(f, schema=_SCHEMAS[table])
-        to_flat = _images_to_flat if table == IMAGES_TABLE else _segments_to_flat
-        parts.append(to_flat(rows, image_ids=image_ids))
-    return pa.concat_tables(parts)
-
-
-def read_segments_by_image(
-    output: str, *, image_ids: Sequence[str] | None = None, num_partitions: int | None = None
-) -> ray.data.Dataset:
-    """A Ray Dataset with one :data:`PACKED_SCHEMA` row per ``ok`` image of ``output``.
-
-    Images without segments get a row with empty lists; ``image_ids`` keeps only those images. Each
-    Parquet file is read by one task, then rows are grouped with ``groupby("image_id").map_groups`` (a
-    hash shuffle into ``num_partitions`` partitions, default: one per file, at most 200), so this scales
-    with the output rather than with the driver's memory.
-    """
-    import ray.data
-
-    items = [{"table": t, "path": p} for t in (IMAGES_TABLE, SEGMENTS_TABLE) for p in table_files(output, t)[0]]
-    if not items:
-        return ray.data.from_arrow(PACKED_SCHEMA.empty_table())
-    flat = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_flat,
-        batch_format="pyarrow",
-        batch_size=1,
-        fn_kwargs={"output": output, "image_ids": None if image_ids is None else list(image_ids)},
-    )
-    partitions = num_partitions or min(len(items), 200)
-    return flat.groupby("image_id", num_partitions=partitions).map_groups(_pack_image, batch_format="pyarrow")
-
-
-LOCAL_MAX_BYTES = 16 << 20
-"""Outputs with at most this many bytes of Parquet are read in one process by :func:`map_images` (no Ray):
-~16 MiB is ~50 k segments, seconds of work, while starting Ray costs ~10-20 s."""
-
-
-def table_bytes(output: str) -> int:
-    """Bytes of the Parquet files of both tables of ``output``."""
-    total = 0
-    for table in (IMAGES_TABLE, SEGMENTS_TABLE):
-        files, fs = table_files(output, table)
-        total += sum(int(fs.size(p)) for p in files)
-    return total
-
-
-def read_packed_images(output: str, *, image_ids: Sequence[str] | None = None) -> pa.Table:
-    """The rows of :func:`read_segments_by_image`, read in this process (pyarrow only), sorted by image_id."""
-    images = open_table(output, IMAGES_TABLE).to_table(
-        columns=["image_id", "source", "height", "width", "status"], filter=pc.field("status") == STATUS_OK
-    )
-    segments = open_table(output, SEGMENTS_TABLE).to_table(
-        columns=["image_id", "segment_id", "category_id", "score", "rle"]
-    )
-    images = _keep_image_ids(images, image_ids=image_ids).sort_by("image_id")
-    segments = _keep_image_ids(segments, image_ids=image_ids).sort_by(
-        [("image_id", "ascending"), ("segment_id", "ascending")]
-    )
-    by_image: dict[str, list[dict[str, Any]]] = {}
-    for row in segments.to_pylist():
-        by_image.setdefault(row["image_id"], []).append(row)
-    packed: dict[str, list[Any]] = {name: [] for name in PACKED_SCHEMA.names}
-    for image in images.to_pylist():
-        rows = by_image.get(image["image_id"], [])
-        sizes = {(image["height"], image["width"]), *((r["rle"]["size"][0], r["rle"]["size"][1]) for r in rows)}
-        if len(sizes) != 1:
-            raise ValueError(f"image {image['image_id']!r}: image and mask sizes disagree: {sorted(sizes)}")
-        for name in ("image_id", "source", "height", "width"):
-            packed[name].append(image[name])
-        for name in ("segment_id", "category_id", "score"):
-            packed[name].append([r[name] for r in rows])
-        packed["counts"].append([r["rle"]["counts"] for r in rows])
-    return pa.table(packed, schema=PACKED_SCHEMA)
-
-
-def map_images(
-    output: str,
-    fn: Callable[..., pa.Table],
-    *,
-    image_ids: Sequence[str] | None = None,
-    fn_kwargs: Mapping[str, Any] | None = None,
-    batch_size: int = 16,
-    verbose: bool = False,
-) -> list[dict[str, Any]]:
-    """The rows of ``fn`` (a ``pa.Table -> pa.Table`` stage) over batches of :data:`PACKED_SCHEMA` rows of
-    ``output``'s ok images (only ``image_ids`` when given).
-
-    An output of at most :data:`LOCAL_MAX_BYTES` is read and mapped in this process, without Ray; a larger
-    one runs as a Ray Data ``map_batches`` over :func:`read_segments_by_image`, with Ray's and Ray Data's
-    own messages hidden unless ``verbose``.
-    """
-    kwargs = dict(fn_kwargs or {})
-    if table_bytes(output) <= LOCAL_MAX_BYTES:
-        packed = read_packed_images(output, image_ids=image_ids)
-        rows: list[dict[str, Any]] = []
-        for start in range(0, packed.num_rows, batch_size):
-            rows += fn(packed.slice(start, batch_size), **kwargs).to_pylist()
-        return rows
-    _init_ray_quietly(verbose=verbose)
-    dataset = read_segments_by_image(output, image_ids=image_ids)
-    return dataset.map_batches(fn, batch_format="pyarrow", batch_size=batch_size, fn_kwargs=kwargs).take_all()
-
-
-def _init_ray_quietly(*, verbose: bool) -> None:
-    """Join RAY_ADDRESS's cluster or start a local Ray, saying nothing of it unless ``verbose``."""
-    import logging
-
-    import ray
-    import ray.data
-
-    level = logging.INFO if verbose else logging.ERROR
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=level, log_to_driver=verbose, configure_logging=True)
-    context = ray.data.DataContext.get_current()
-    context.print_on_execution_start = verbose
-    context.enable_progress_bars = verbose
-    logging.getLogger("ray.data").setLevel(level)
-    logging.getLogger("ray").setLevel(level)
-
-
-def packed_rows(batch: pa.Table) -> list[dict[str, Any]]:
-    """Unpack a batch of :data:`PACKED_SCHEMA` rows into per-image dicts with a ``segments`` list.
-
-    Each segment dict has ``segment_id``, ``category_id``, ``score`` and ``rle`` (``{"size", "counts"}``),
-    so it can be fed to :func:`panoptic_map`.
-    """
-    images = []
-    for row in batch.to_pylist():
-        size = [row["height"], row["width"]]
-        segments = [
-            {"segment_id": s, "category_id": c, "score": p, "rle": {"size": size, "counts": r}}
-            for s, c, p, r in zip(row["segment_id"], row["category_id"], row["score"], row["counts"])
-        ]
-        images.append(
-            {
-                "image_id": row["image_id"],
-                "source": row["source"],
-                "height": row["height"],
-                "width": row["width"],
-                "segments": segments,
-            }
-        )
-    return images

@@ -29,10 +29,10 @@ from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
 from model.synthetic_weights import synthetic_state_dict
 from pipeline.device_decode import prepare_encoded
 from pipeline.results import encode_results, prediction_table
+from pipeline.schema import SYNTHETIC_WEIGHTS
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_WEIGHTS = "synthetic"
 OUT_OF_MEMORY = "CUDA out of memory on this single image"
 
 

@@ -1,4 +1,4 @@
-"""COCO compressed RLE for every segment of a panoptic id map, in one vectorised pass.
+"""COCO compressed RLE of a panoptic id map: every segment encoded in one vectorised pass, and the map rebuilt.
 
 COCO RLE is column-major (Fortran order): the counts alternate between runs of 0s and runs of 1s, starting
 with a (possibly empty) run of 0s; the last run is always written, so a mask that ends in 1s has no trailing
@@ -15,17 +15,22 @@ of a shared string. The output is byte-identical to
 
 (Compressing the counts through ``pycocotools.mask.frPyObjects`` instead is also byte-identical but slower:
 see ``bench/rle.py``.)
+
+Decoding, for the readers of an output: `decode_rle` / `decode_mask` give one bool mask; `panoptic_map` rebuilds
+an image's id map from its segment rows (`VOID_ID` where no segment is), the inverse of `encode_segments`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from pycocotools import mask as coco_mask
 
-__all__ = ["EncodedSegment", "decode_rle", "encode_segments"]
+__all__ = ["VOID_ID", "EncodedSegment", "decode_mask", "decode_rle", "encode_segments", "panoptic_map"]
+
+VOID_ID = -1  # value of `panoptic_map` pixels covered by no segment
 
 
 class EncodedSegment(NamedTuple):
@@ -83,6 +88,37 @@ def decode_rle(size: Sequence[int], counts: str | bytes) -> np.ndarray:
     height, width = (int(v) for v in size)
     raw = counts.encode("ascii") if isinstance(counts, str) else counts
     return coco_mask.decode({"size": [height, width], "counts": raw}).astype(bool)
+
+
+def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
+    """Decode one ``rle`` struct (``{"size": [h, w], "counts": str}``) to a bool mask ``[h, w]``."""
+    return decode_rle(rle["size"], rle["counts"])
+
+
+def panoptic_map(
+    segments_rows: Iterable[Mapping[str, Any]], *, height: int | None = None, width: int | None = None
+) -> np.ndarray:
+    """Rebuild one image's id map ``[H, W]`` int32 from its segment rows (``segment_id`` + ``rle``).
+
+    Pixel value = the ``segment_id`` covering it, :data:`VOID_ID` (-1) where no segment does. Segments
+    of one image are disjoint by construction; if rows overlap anyway, the later row wins. ``height`` /
+    ``width`` are needed only for an image without segments; when given they must match every mask.
+    """
+    id_map: np.ndarray | None = None
+    if height is not None and width is not None:
+        id_map = np.full((height, width), VOID_ID, dtype=np.int32)  # [H, W]
+    for row in segments_rows:
+        mask = decode_mask(row["rle"])  # [H, W] bool
+        if id_map is None:
+            id_map = np.full(mask.shape, VOID_ID, dtype=np.int32)
+        if mask.shape != id_map.shape:
+            raise ValueError(
+                f"segment {row['segment_id']} has mask size {list(mask.shape)}, expected {list(id_map.shape)}"
+            )
+        id_map[mask] = int(row["segment_id"])
+    if id_map is None:
+        raise ValueError("an image without segments needs height= and width=")
+    return id_map
 
 
 class _Runs(NamedTuple):

@@ -5,23 +5,17 @@ refs (input URIs; what a resume skips or redoes is decided by `pipeline.resume`)
 segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one
 operator after the refs, so Ray Data's per-block cost is paid once per shard; refs and part rows are all that
 cross the object store. The driver checks inputs, weights and the output before any cluster work, holds the
-output's lease (`pipeline.lease`), writes the run's record, and receives one small row per committed part: no
-result passes through it.
+output's lease (`pipeline.lease`), drives the commit protocol's hooks (`pipeline.commit`), and receives one
+small row per committed part: no result passes through it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import platform
-import posixpath
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
@@ -29,24 +23,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-import torch
 from tqdm.auto import tqdm
 
-from model.checkpoint import CheckpointError, check_state_dict, fetch, read_state_dict
-from model.checkpoint_source import file_sha256
-from model.config import get_variant
-from pipeline import block_stats, resume
+from pipeline import block_stats, resume, run_records
+from pipeline.commit import OutputCommitter
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
-from pipeline.lease import Lease, check_holder, new_run_id
-from pipeline.output_paths import Output
-from pipeline.predict import SYNTHETIC_WEIGHTS
+from pipeline.inspection import inspect_output
+from pipeline.lease import Lease, new_run_id
 from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
-from pipeline.schema import OUTPUT_FORMAT_VERSION, PART_ROW_SCHEMA, Counts
+from pipeline.run_records import new_record
+from pipeline.run_summary import RunSummary
+from pipeline.schema import PART_ROW_SCHEMA, Counts
 from pipeline.shard import ShardSegmenter
 from pipeline.sources import ResolvedInputs, left_out_text, resolve_inputs
-from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, publish
-
-log = logging.getLogger(__name__)
+from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error
+from pipeline.weights import resolve_weights
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
@@ -58,78 +49,6 @@ SHARDS_PER_ACTOR = 4  # a small job is cut into at least this many shards per ac
 
 class OutputError(ValueError):
     """The output cannot be written (read-only, a file, no credentials); raised before any cluster work."""
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    this_run: Counts  # committed by this run
-    parts: int  # committed by this run
-    skipped_committed: int  # committed before, kept
-    redone: dict[str, int]  # committed before, retracted and done again, by reason
-    unlisted: int  # committed before, not among this run's inputs (kept)
-    quarantined: int  # unreadable parts moved aside
-    totals: Counts  # the whole output after this run
-    seconds: float
-    parts_by_node: dict[str, int]  # parts committed by this run, by the Ray node that wrote them
-    left_out: str = ""  # listed files left out by their extension, and how to include them ("" for none)
-
-    @property
-    def images_ok(self) -> int:
-        return self.this_run.images_ok
-
-    @property
-    def images_error(self) -> int:
-        return self.this_run.images_error
-
-    @property
-    def segments(self) -> int:
-        return self.this_run.segments
-
-    @property
-    def images_per_second(self) -> float:
-        return self.this_run.images / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self, output: str) -> str:
-        """The one-line summary the job prints."""
-        run = self.this_run
-        redone = "".join(f", {n} redone ({reason})" for reason, n in sorted(self.redone.items()))
-        extra = f", {self.unlisted} committed images not among the inputs (kept)" if self.unlisted else ""
-        extra += f", {self.quarantined} unreadable parts moved to _quarantine/" if self.quarantined else ""
-        return (
-            f"done: {run.images_ok} images ok, {run.images_error} errors ({run.images_retryable} retryable), "
-            f"{run.segments} segments, {self.skipped_committed} already committed{redone}{extra}, "
-            f"{self.images_per_second:.2f} images/s ({self.seconds:.1f} s) -> {output} now holds "
-            f"{self.totals.images} images ({self.totals.images_ok} ok, {self.totals.images_error} errors, "
-            f"{self.totals.images_retryable} retryable), {self.totals.segments} segments"
-        ) + (f"; {self.left_out}" if self.left_out else "")
-
-
-def resolve_weights(variant: str, weights: str, *, allow_synthetic: bool) -> tuple[str, str]:
-    """(weights URI or "synthetic", sha256 or "") after checking that the weights load into the variant.
-
-    ``auto`` means the variant's official release file; when it cannot be fetched, ``allow_synthetic``
-    falls back to deterministic demo weights (with a loud warning), otherwise it is an error. A file that is
-    no checkpoint, or not one of this variant, raises `CheckpointError` here, on the driver.
-    """
-    if weights == SYNTHETIC_WEIGHTS:
-        return SYNTHETIC_WEIGHTS, ""
-    uri = get_variant(variant).url if weights == "auto" else weights
-    try:
-        path = fetch(uri)
-    except CheckpointError:
-        if weights == "auto" and allow_synthetic:
-            log.warning(
-                "\n%s\nWARNING: the official weights (%s) cannot be fetched. Running with DETERMINISTIC RANDOM\n"
-                "weights instead: the pipeline works, but the segments are MEANINGLESS.\n%s",
-                "!" * 100,
-                uri,
-                "!" * 100,
-            )
-            return SYNTHETIC_WEIGHTS, ""
-        raise
-    check_state_dict(get_variant(variant).config, read_state_dict(uri), what=redact_uri(uri))
-    return uri, file_sha256(path)
 
 
 # Ray's own start-up lines ("Started a local Ray instance", the note that token authentication is on by default):
@@ -177,7 +96,9 @@ def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.D
     return ray.data.from_arrow(blocks or [refs])
 
 
-def build_dataset(config: JobConfig, shards: ray.data.Dataset, *, weights: str, run_id: str) -> ray.data.Dataset:
+def build_dataset(
+    config: JobConfig, shards: ray.data.Dataset, *, weights: str, committer: OutputCommitter
+) -> ray.data.Dataset:
     """The lazy plan from ``shards`` (`shard_dataset`) to one `PART_ROW_SCHEMA` row per committed part."""
     res = config.resources
     use_gpu = use_gpus(res.device)
@@ -199,8 +120,7 @@ def build_dataset(config: JobConfig, shards: ray.data.Dataset, *, weights: str, 
                 "weights": weights,
                 "inference": config.inference,
                 "device": "cuda" if use_gpu else "cpu",
-                "output": config.output,
-                "run_id": run_id,
+                "committer": committer,  # pickled as (output, run id): the lease stays here
                 "rows_per_file": res.rows_per_file,
                 "batch_size": res.batch_size,
                 "max_pixels": config.input.max_pixels,
@@ -264,7 +184,7 @@ def run_job(
     """Run the whole job; re-running with the same output resumes it (`pipeline.resume` states the rules).
 
     Raises before any cluster work: `pipeline.sources.InputError`, `model.checkpoint.CheckpointError`,
-    `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.resume.SettingsChanged`, `ClusterError`. Ray Data's
+    `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.run_records.SettingsChanged`, `ClusterError`. Ray Data's
     own messages (execution plans, memory advice) are shown only with ``verbose``. ``on_part`` is called with
     each committed part's `PART_ROW_SCHEMA` row as it reaches the driver (progress, benchmarks).
     """
@@ -272,41 +192,31 @@ def run_job(
     inputs = resolve_inputs(config.input, output=config.output)  # bad inputs fail here, before any cluster work
     weights, sha256 = resolve_weights(config.model.variant, config.model.weights, allow_synthetic=allow_synthetic)
     run_id = new_run_id()
-    out = Output.of(config.output)
-    settings = resume.model_settings(config, sha256)
+    record = new_record(config, run_id, weights=weights, sha256=sha256)
     lease = take_lease(config.output, run_id, take_over=take_over_lease)
-    record = _run_record(config, run_id, weights, sha256, settings)
-    recorded = False  # whether this run's record is in _runs/ (a run with nothing to do leaves none)
-
-    def confirm_lease() -> None:
-        """Before each change to the output: this run still holds its lease (a driver stalled past the
-        expiry, whose output another run took over, must touch nothing)."""
-        lease.raise_if_lost()
-        check_holder(config.output, run_id)
-
+    committer = OutputCommitter(config.output, run_id, lease=lease)
     try:
-        resume.check_settings(resume.read_run_records(out), settings, allow=allow_mixed_settings)
-        confirm_lease()
-        parts = resume.prepare_output(out)
+        run_records.check_settings(
+            run_records.read_run_records(committer.out), record["settings"], allow=allow_mixed_settings
+        )
+        parts = committer.prepare()
         if resume.fits_locally(inputs, parts):  # a small output: planned here, Ray only if there is work
-            state = _inspect(out, parts, run_id=run_id, local=True, confirm=confirm_lease)
-            confirm_lease()
+            state = inspect_output(committer, parts, local=True)
+            committer.confirm_lease()  # the plan retracts rows
             plan = resume.plan_locally(inputs, output=config.output, parts=state.parts)
         else:
             _start_ray(config, verbose=verbose)
-            state = _inspect(out, parts, run_id=run_id, local=False, confirm=confirm_lease)
+            state = inspect_output(committer, parts, local=False)
             partitions = shuffle_partitions(inputs, state.totals.images)
-            confirm_lease()
+            committer.confirm_lease()  # the plan retracts rows
             plan = resume.plan(inputs, output=config.output, parts=state.parts, partitions=partitions)
         lease.raise_if_lost()
         this_run, parts_by_node = Counts(), {}
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
             shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
-            dataset = build_dataset(config, shards, weights=weights, run_id=run_id)
-            confirm_lease()
-            _begin_commits(out, record)  # the record before any row of this run; no _SUCCESS older than them
-            recorded = True
+            dataset = build_dataset(config, shards, weights=weights, committer=committer)
+            committer.on_write_start(record)  # the record before any row of this run; no _SUCCESS older than them
             bar = _progress_bar(plan.known_total, enabled=show_progress)
             # no prefetch: each part's row reaches the bar, `on_part` and the lease check as soon as it exists
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
@@ -334,12 +244,10 @@ def run_job(
             parts_by_node,
             left_out_text(inputs.left_out, inputs.left_out_examples) if inputs.left_out else "",
         )
-        confirm_lease()
-        _finish(out, record, summary, recorded=recorded)
+        committer.on_write_complete(summary.report())
         return summary
     except BaseException as exc:
-        if recorded:
-            _record_failure(out, record, exc)
+        committer.on_write_failed(exc)
         raise
     finally:
         lease.release()
@@ -361,81 +269,6 @@ def _configure_ray_data(*, verbose: bool) -> None:
     context.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
     context.enable_progress_bars = False  # one bar of our own, counted in images
     block_stats.install(context)  # Ray Data's per-block stats would grow the driver with every image
-
-
-def _inspect(
-    out: Output, parts: list[str], *, run_id: str, local: bool, confirm: Callable[[], None]
-) -> resume.OutputState:
-    """The committed parts' counts, read from their footers (here when ``local``, else by Ray workers);
-    unreadable parts quarantined."""
-    state = resume.OutputState()
-    if not parts:
-        return state
-    if local:
-        rows = resume.inspect_parts({"path": parts}, output=out.uri).to_pylist()
-    else:
-        paths = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=min(len(parts), 64))
-        rows = paths.map_batches(resume.inspect_parts, batch_format="numpy", fn_kwargs={"output": out.uri}).iter_rows()
-    for row in rows:
-        if row["problem"]:
-            confirm()
-            resume.quarantine(out, row["path"], run_id=run_id, problem=row["problem"])
-            state.quarantined.append(posixpath.basename(row["path"]))
-        else:
-            state.parts.append(row["path"])
-            state.totals.add(row)
-    state.parts.sort()
-    return state
-
-
-def _run_record(config: JobConfig, run_id: str, weights: str, sha256: str, settings: dict) -> dict:
-    return {
-        "run_id": run_id,
-        "format_version": OUTPUT_FORMAT_VERSION,
-        "status": "running",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": [redact_uri(a) for a in sys.argv],
-        "config": config.to_dict(),
-        "settings": settings,
-        "weights": {"uri": redact_uri(weights), "sha256": sha256},
-        "versions": {"torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
-    }
-
-
-def _begin_commits(out: Output, record: dict) -> None:
-    """Before this run's first commit: its record in ``_runs/``, and ``_SUCCESS`` removed (an output never has
-    rows of a run without its record, nor a ``_SUCCESS`` older than its newest rows)."""
-    with contextlib.suppress(FileNotFoundError):
-        out.fs.rm_file(out.success)
-    _publish_record(out, record)
-
-
-def _finish(out: Output, record: dict, summary: RunSummary, *, recorded: bool) -> None:
-    """``_SUCCESS`` (this run's counts and the output's totals), and this run's record completed if it has one.
-    Written from what this run knows, never from a listing (an object store's listing cache can be stale)."""
-    report = {
-        "run_id": summary.run_id,
-        "this_run": {**asdict(summary.this_run), "parts": summary.parts, "skipped_committed": summary.skipped_committed,
-                     "redone": summary.redone, "unlisted": summary.unlisted, "quarantined": summary.quarantined,
-                     "seconds": summary.seconds},
-        "output": {**asdict(summary.totals), "images": summary.totals.images},
-    }  # fmt: skip
-    if recorded:
-        finished = {**record, "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
-        _publish_record(out, finished)
-    publish(out.fs, out.success, json.dumps(report, indent=2, default=str).encode())
-
-
-def _record_failure(out: Output, record: dict, exc: BaseException) -> None:
-    """Mark this run's record failed (best effort: the run is failing)."""
-    try:
-        _publish_record(out, {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]})
-    except Exception as inner:  # never hide the run's own error behind this one
-        log.warning("could not mark run %s failed in %s: %s", record["run_id"], redact_uri(out.uri), inner)
-
-
-def _publish_record(out: Output, record: dict) -> None:
-    publish(out.fs, out.run_record(record["run_id"]), json.dumps(record, indent=2, default=str).encode())
 
 
 class _ProgressBar(tqdm):

@@ -7,34 +7,40 @@ An output folder ``OUTPUT/`` holds two tables:
 
 Between the stages an image travels as one row whose segments are a list column of `SEGMENT_STRUCT`, the
 segment record without the image's key columns (`RESULT_SCHEMA`, what a part's commit receives), and before
-RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``). The
-decoded-image record, between reading and the model, is `pipeline.decode.DecodedImage`.
+RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``). Between
+reading and the model an image is a `DecodedImage` (made by `pipeline.decode.decode_input`).
+An output read back one row per image is `PACKED_SCHEMA` (grouped from `FLAT_SCHEMA` rows on Ray).
 Every other shape is derived from these; README.md documents the tables column by column.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
 SEGMENTS_TABLE = "segments"
 IMAGES_TABLE = "images"
 # The rest of an output's layout (README "Output"):
-RUNS_FOLDER = "_runs"  # <run_id>.json: each run's settings and counts (`pipeline.write`, `pipeline.run`)
+RUNS_FOLDER = "_runs"  # <run_id>.json: each run's record (`pipeline.run_records`)
 SUCCESS_FILE = "_SUCCESS"  # the last run finished: its counts and the output's totals
 LEASE_FILE = "_lease.json"  # the lease of the run writing the output (`pipeline.lease`)
-QUARANTINE_FOLDER = "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.resume`)
+QUARANTINE_FOLDER = "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.commit`)
 
 # The output format a run writes, recorded in its ``_runs/<run_id>.json`` (``format_version``):
 # - 1: before versions were recorded; an images part may lack the ``member`` column (read from its id,
 #   ``source#member``: `pipeline.ids.member_of_old_row`), the ``retryable`` column (read as false) and its counts
-#   in the Parquet footer (counted from its columns). `pipeline.resume` reads such parts (its branches say
+#   in the Parquet footer (counted from its columns). `pipeline.inspection` reads such parts (its branches say
 #   "format 1").
 # - 2: every images part has all of `IMAGES_SCHEMA` and its `Counts` in the footer (`COUNTS_KEY` of
-#   `pipeline.write`).
+#   `pipeline.parts`).
 OUTPUT_FORMAT_VERSION = 2
+
+# The weights URI (and ``weights_sha256`` setting) a run record names for the deterministic demo weights; also
+# the value of ``--weights`` that asks for them.
+SYNTHETIC_WEIGHTS = "synthetic"
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -109,6 +115,48 @@ PREDICTION_SCHEMA = pa.schema(
 threads)."""
 
 
+# -- the per-image views of an output, read back (`pipeline.packed_images`) ----------------------------------
+# Each column is its source column's name and type (all nullable, as these views have always been declared).
+
+_IMAGE_VIEW_COLUMNS = [
+    IMAGES_SCHEMA.field(name).with_nullable(True) for name in ("image_id", "source", "height", "width")
+]
+_SEGMENT_VIEW_COLUMNS = [
+    *(SEGMENTS_SCHEMA.field(name).with_nullable(True) for name in ("segment_id", "category_id", "score")),
+    RLE_TYPE.field("counts").with_nullable(True),  # COCO compressed RLE of size [height, width]
+]
+
+FLAT_SCHEMA = pa.schema([*_IMAGE_VIEW_COLUMNS, *_SEGMENT_VIEW_COLUMNS])
+"""One row per segment (``height`` / ``width`` from its ``rle.size``), or one placeholder row per ok image
+(``segment_id`` -1) so that an image without segments still gets its group."""
+
+PACKED_SCHEMA = pa.schema([*_IMAGE_VIEW_COLUMNS, *(pa.field(f.name, pa.list_(f.type)) for f in _SEGMENT_VIEW_COLUMNS)])
+"""One row per ok image: ``height`` / ``width`` of the image and of every mask; one list per segment column,
+aligned, sorted by ``segment_id``."""
+
+
+# -- the decoded image: between reading and the model ------------------------------------------------------
+
+EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows without an image
+
+
+class DecodedImage(NamedTuple):
+    """The decoded-image record: one input image as the model actor receives it from `pipeline.decode.decode_input`.
+
+    ``pixels`` are uint8 ``[h, w, 3]`` at the processed size (`EMPTY_PIXELS` when the image is left to the
+    device or has an error); ``encoded`` holds the JPEG bytes left to the model's device (``device_preprocess``,
+    with their EXIF ``orientation``), else ``b""``; ``width`` and ``height`` are as displayed (0 when unknown);
+    ``error`` is ``""`` for a usable image, else a short reason.
+    """
+
+    pixels: np.ndarray
+    encoded: bytes
+    orientation: int
+    width: int
+    height: int
+    error: str
+
+
 # -- counts: one record, every count column derived from it --------------------------------------------------
 
 
@@ -116,7 +164,7 @@ threads)."""
 class Counts:
     """How many images and segments: a part's (in its footer and its `PART_ROW_SCHEMA` row), a run's, an
     output's (``_SUCCESS``, the summary line). A new count is a field here plus its line in
-    `pipeline.write.part_counts`; every schema below follows."""
+    `pipeline.parts.part_counts` (which builds a `Counts`); every schema below follows."""
 
     images_ok: int = 0
     images_error: int = 0
@@ -149,7 +197,19 @@ PART_ROW_SCHEMA = pa.schema(
 
 INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem", pa.string())])
 """A committed part's counts read from its footer, or the ``problem`` (null when readable) that makes it
-unreadable (`pipeline.resume.inspect_parts`)."""
+unreadable (`pipeline.inspection.inspect_parts`)."""
 
 RETRACTION_SCHEMA = pa.schema([("part", pa.string()), *_COUNT_COLUMNS])
-"""What a retraction removed from one part (`pipeline.resume.retract_rows`)."""
+"""What a retraction removed from one part (`pipeline.retraction.retract_rows`)."""
+
+
+# -- committed rows: what a resume reads back from the images parts ------------------------------------------
+
+COMMITTED_SCHEMA = pa.schema(
+    [
+        *(IMAGES_SCHEMA.field(name).with_nullable(True) for name in ("source", "member", "retryable")),
+        *(IMAGES_SCHEMA.field(name).with_nullable(True) for name in ("input_size", "input_version")),
+        pa.field("part", pa.string()),  # the images part's file name
+    ]
+)
+"""One row per committed image, as the resume matches it with this run's inputs (`pipeline.inspection`)."""

@@ -9,7 +9,7 @@ decoded pixels never leave the actor's process.
 Inside one call the stages are pipelined on the actor's thread pool (`pipeline.pipelining.ordered_map`):
 
     refs --read bytes--> image rows --decode + resize--> decoded images --(batches)--> model (this thread)
-         --RLE--> result rows --gathered into parts of --rows-per-file--> commit (`pipeline.write.write_part`)
+         --RLE--> result rows --gathered into parts of --rows-per-file--> commit (`pipeline.commit`)
 
 so the next batch is decoded, and the previous one RLE-encoded and committed, while the model runs the current
 one. Reads and commits run on an I/O pool (`IO_THREADS`), decoding and RLE on a pool of ``threads`` (the CPUs
@@ -36,13 +36,14 @@ from typing import Literal
 import pyarrow as pa
 
 from model.predictor import InferenceConfig
-from pipeline.decode import UNREAD, DecodedImage, decode_input, decoded_batch
+from pipeline.commit import OutputCommitter
+from pipeline.decode import UNREAD, decode_input, decoded_batch
+from pipeline.parts import PartGatherer
 from pipeline.pipelining import ordered_map
 from pipeline.predict import PanopticSegmenter
 from pipeline.readers import ImageRow, read_ref, ref_rows
 from pipeline.results import encode_results
-from pipeline.schema import PART_ROW_SCHEMA
-from pipeline.write import PartGatherer, write_part
+from pipeline.schema import PART_ROW_SCHEMA, DecodedImage
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ class ShardSegmenter:
         weights: str,
         inference: InferenceConfig,
         device: Literal["auto", "cpu", "cuda"],
-        output: str,
-        run_id: str,
+        committer: OutputCommitter,
         rows_per_file: int,
         batch_size: int,
         max_pixels: int,
@@ -77,7 +77,7 @@ class ShardSegmenter:
             variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
         )
         self.inference = inference
-        self.output, self.run_id = output, run_id
+        self.committer = committer
         self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
         self.max_bytes = max_bytes
         self.bytes_column, self.id_column = bytes_column, id_column
@@ -91,8 +91,7 @@ class ShardSegmenter:
         rows: list[dict[str, object]] = []
 
         def commit(part: pa.Table) -> None:
-            commits.append(self.io_pool.submit(write_part, part, output=self.output, run_id=self.run_id,
-                                            node_id=self.node_id))  # fmt: skip
+            commits.append(self.io_pool.submit(self.committer.write_part, part, node_id=self.node_id))
             while len(commits) > COMMITS_IN_FLIGHT:
                 _collect(commits.popleft(), rows)
 

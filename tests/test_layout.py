@@ -54,16 +54,20 @@ def test_every_module_has_a_docstring(package: str) -> None:
 
 def test_cpu_stages_never_import_torch() -> None:
     """Ray workers import a stage function's module: the resume plan's stages (inspecting committed parts,
-    their rows, manifest lines, retractions) live in modules without torch (each worker would otherwise pay ~4 s
+    their rows, manifest lines, the decision, retractions; `pipeline.resume` which wires them) and the commit
+    protocol live in modules without torch (each worker would otherwise pay ~4 s
     of CPU and ~300 MB for an import it never uses); only the model actor loads it."""
     import subprocess
     import sys
 
-    from pipeline import resume, sources
+    from pipeline import commit, inspection, resume_decision, retraction, sources
 
-    stages = [resume.inspect_parts, resume.committed_rows, resume.retract_rows, sources.manifest_rows]
-    modules = sorted({f.__module__ for f in stages})
-    assert modules == ["pipeline.resume", "pipeline.sources"]
+    stages = [inspection.inspect_parts, inspection.committed_rows, retraction.retract_rows, sources.manifest_rows,
+              commit.OutputCommitter.write_part, resume_decision.decide_file_keys,
+              resume_decision.group_shards]  # fmt: skip
+    modules = sorted({f.__module__ for f in stages} | {"pipeline.resume"})
+    assert modules == ["pipeline.commit", "pipeline.inspection", "pipeline.resume", "pipeline.resume_decision",
+                       "pipeline.retraction", "pipeline.sources"]  # fmt: skip
     probe = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -103,3 +107,63 @@ def test_no_command_imports_another_command() -> None:
         f"jobs/{p.name}": sorted(_imported_modules(p) & commands) for p in _modules("jobs") if p.stem == "cli"
     }
     assert helper_imports == {"jobs/cli.py": []}
+
+
+def _package_imports(path: Path, package: str) -> set[str]:
+    """The modules of ``package`` that ``path`` imports, at any depth (lazy imports count: they run too), except
+    under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == package:  # `from pipeline import resume`
+                names.update(f"{package}.{alias.name}" for alias in node.names)
+            elif node.module.startswith(f"{package}."):
+                names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith(f"{package}."))
+    return names
+
+
+def _a_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (module -> modules it imports), or [] when there is none."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                return [*path[path.index(target) :], target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[module] = "done"
+        path.pop()
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)):
+            return found
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _a_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+@pytest.mark.parametrize("package", ["model", "pipeline", "jobs"])
+def test_no_package_has_an_import_cycle(package: str) -> None:
+    modules = {f"{package}.{p.stem}": p for p in _modules(package) if p.name != "__init__.py"}
+    graph = {name: _package_imports(path, package) & set(modules) for name, path in modules.items()}
+    assert sum(map(len, graph.values())) > 5  # imports were found
+    assert _a_cycle(graph) == []

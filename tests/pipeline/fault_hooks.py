@@ -28,9 +28,9 @@ def install() -> None:
         _kill_the_actor_on_its_second_batch(marker)
     if point not in ("between", "after", "pause") or not marker:
         return
-    import pipeline.write as write
+    import pipeline.commit as commit
 
-    original = write.publish
+    original = commit.publish
     table = "/segments/" if point == "between" else "/images/"
     release = os.environ.get("PF_FAULT_RELEASE", "")
 
@@ -43,7 +43,7 @@ def install() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         return size
 
-    write.publish = publish  # type: ignore[assignment]
+    commit.publish = publish  # type: ignore[assignment]
 
 
 PAUSE_LIMIT_S = 600.0

@@ -66,8 +66,9 @@ def _commit(output: Path, ids: list[str]) -> None:
 def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: int = 4) -> dict:
     import ray
 
-    from pipeline.output_paths import Output
-    from pipeline.resume import plan, prepare_output
+    from pipeline.commit import OutputCommitter
+    from pipeline.lease import Lease
+    from pipeline.resume import plan
     from pipeline.sources import ResolvedInputs, manifest_rows
 
     uris = _uris(n, root)
@@ -82,7 +83,8 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: in
             manifest_rows, batch_format="numpy", fn_kwargs={"base": str(root)}
         )
     else:
-        parts = prepare_output(Output.of(str(root / "out")))
+        with Lease.acquire(str(root / "out"), "measure") as lease:
+            parts = OutputCommitter(str(root / "out"), "measure", lease=lease).prepare()
         inputs = ResolvedInputs([], [str(manifest)])
         refs = plan(inputs, output=str(root / "out"), parts=parts, partitions=partitions).refs
     first = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.ids import SHARD_ITSELF, file_id, member_id, member_of_old_row, parse_image_id
+from pipeline.ids import SHARD_ITSELF, file_id, last_part, member_id, member_of_old_row, parse_image_id
 
 
 @pytest.mark.parametrize(
@@ -32,3 +32,10 @@ def test_the_file_and_the_member_named_alike_get_two_ids() -> None:
 def test_old_rows_give_their_member_from_the_unescaped_id() -> None:
     assert member_of_old_row("/d/a.jpg", "/d/a.jpg") is None
     assert member_of_old_row("/d/s.tar#x/y.jpg", "/d/s.tar") == "x/y.jpg"
+
+
+def test_the_last_part_names_the_member_or_the_whole_id() -> None:
+    assert last_part(member_id("s3://b/shard.tar", "dir/000123.jpg")) == "dir/000123.jpg"
+    assert last_part(member_id("s3://b/a#b.tar", "x#y.jpg")) == "y.jpg"  # the last '#', as COCO names were made
+    assert last_part(file_id("/data/a#b.jpg")) == "/data/a%23b.jpg"  # a file's id has no '#'
+    assert last_part("custom-id-7") == "custom-id-7"  # an --id-column value: nothing parsed

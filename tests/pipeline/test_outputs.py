@@ -1,4 +1,4 @@
-"""Reading an output back: file selection, masks, id maps, S3, and the per-image Ray dataset."""
+"""Opening an output: file selection, its tables and run records, one image's rows, S3."""
 
 from __future__ import annotations
 
@@ -11,17 +11,12 @@ import pytest
 from PIL import Image
 
 from pipeline.outputs import (
-    VOID_ID,
-    decode_mask,
     open_table,
-    packed_rows,
-    panoptic_map,
     read_image_rows,
     read_run_config,
-    read_segments_by_image,
     table_files,
 )
-from tests.synthetic_output import SynthImage, encode_rle, make_images, rect, write_output
+from tests.synthetic_output import SynthImage, make_images, write_output
 
 
 @pytest.fixture(scope="module")
@@ -67,61 +62,12 @@ def test_read_run_config(synthetic: tuple[Path, list[SynthImage]], tmp_path: Pat
     assert read_run_config(str(tmp_path)) == {}
 
 
-def test_decode_mask_round_trips_an_irregular_mask() -> None:
-    mask = np.random.default_rng(0).random((13, 17)) > 0.6
-    decoded = decode_mask(encode_rle(mask))
-    assert decoded.dtype == bool
-    assert decoded.shape == (13, 17)
-    assert np.array_equal(decoded, mask)
-
-
-def test_panoptic_map_rebuilds_ids_and_void() -> None:
-    a, b = rect(6, 8, 0, 0, 3, 4), rect(6, 8, 3, 4, 6, 8)
-    rows = [{"segment_id": 0, "rle": encode_rle(a)}, {"segment_id": 1, "rle": encode_rle(b)}]
-    ids = panoptic_map(rows)
-    assert ids.dtype == np.int32
-    assert np.array_equal(ids == 0, a)
-    assert np.array_equal(ids == 1, b)
-    assert np.array_equal(ids == VOID_ID, ~(a | b))
-
-
-def test_panoptic_map_sizes() -> None:
-    assert np.array_equal(panoptic_map([], height=2, width=3), np.full((2, 3), -1))
-    with pytest.raises(ValueError, match="needs height= and width="):
-        panoptic_map([])
-    with pytest.raises(ValueError, match="mask size"):
-        panoptic_map([{"segment_id": 0, "rle": encode_rle(rect(4, 4, 0, 0, 1, 1))}], height=4, width=5)
-
-
 def test_read_image_rows(synthetic: tuple[Path, list[SynthImage]]) -> None:
     output, images = synthetic
     image_row, segments = read_image_rows(str(output), images[0].image_id)
     assert image_row is not None and (image_row["width"], image_row["height"]) == (40, 30)
     assert [s["segment_id"] for s in segments] == [0, 1, 2]
     assert read_image_rows(str(output), "nope.png") == (None, [])
-
-
-def test_read_segments_by_image_groups_every_ok_image(
-    synthetic: tuple[Path, list[SynthImage]], ray_session: None
-) -> None:
-    output, images = synthetic
-    rows = {}
-    for batch in read_segments_by_image(str(output)).iter_batches(batch_format="pyarrow"):
-        for image in packed_rows(batch):
-            rows[image["image_id"]] = image
-    assert set(rows) == {i.image_id for i in images if i.status == "ok"}  # the failed image is left out
-    for image in images:
-        if image.status != "ok":
-            continue
-        packed = rows[image.image_id]
-        assert (packed["height"], packed["width"]) == (image.height, image.width)
-        assert [s["segment_id"] for s in packed["segments"]] == list(range(len(image.segments)))
-        for got, want in zip(packed["segments"], image.segments):
-            assert got["category_id"] == want.category_id
-            assert np.array_equal(decode_mask(got["rle"]), want.mask)
-
-    only = read_segments_by_image(str(output), image_ids=[images[2].image_id]).take_all()
-    assert [r["image_id"] for r in only] == [images[2].image_id]
 
 
 def test_open_table_over_s3(synthetic: tuple[Path, list[SynthImage]], s3_env: dict[str, str]) -> None:

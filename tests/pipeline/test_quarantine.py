@@ -14,9 +14,9 @@ import s3fs
 
 from jobs.query import connect, run_query
 from model.predictor import InferenceConfig
+from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.output_paths import Output
-from pipeline.resume import quarantine
+from pipeline.lease import Lease
 from tests.pipeline.fault_probes import assert_exactly_once
 from tests.pipeline.images import photo_bytes
 
@@ -117,14 +117,18 @@ def test_damaged_parts_on_an_s3_output_are_quarantined_and_redone(ray_session: N
 def test_a_move_that_fails_is_raised_and_a_vanished_part_is_not(tmp_path: Path) -> None:
     """Unit: the move's own failure reaches the caller; a part already gone (moved by hand) is no error."""
     root = tmp_path / "out"
-    out = Output.of(str(root))
+
+    def quarantine(part: str, *, run_id: str, problem: str) -> None:
+        with Lease.acquire(str(root), run_id) as lease:
+            OutputCommitter(str(root), run_id, lease=lease).quarantine(part, problem=problem)
+
     (root / "images").mkdir(parents=True)
     (root / "images" / "part-a.parquet").write_bytes(b"junk")
-    quarantine(out, str(root / "images" / "part-a.parquet"), run_id="r1", problem="test")  # no segments
+    quarantine(str(root / "images" / "part-a.parquet"), run_id="r1", problem="test")  # no segments
     assert (root / "_quarantine" / "r1" / "images" / "part-a.parquet").read_bytes() == b"junk"
-    quarantine(out, str(root / "images" / "part-a.parquet"), run_id="r2", problem="test")  # gone already
+    quarantine(str(root / "images" / "part-a.parquet"), run_id="r2", problem="test")  # gone already
     (root / "images" / "part-b.parquet").write_bytes(b"junk")
     (root / "_quarantine" / "r3").write_bytes(b"a file where the run's folder goes")
     with pytest.raises(OSError):
-        quarantine(out, str(root / "images" / "part-b.parquet"), run_id="r3", problem="test")
+        quarantine(str(root / "images" / "part-b.parquet"), run_id="r3", problem="test")
     assert (root / "images" / "part-b.parquet").read_bytes() == b"junk"  # still there, and the caller knows

@@ -152,7 +152,7 @@ def test_demo_weights_are_recorded_as_synthetic_and_old_auto_records_still_match
     """`settings.weights_sha256` names the demo weights truthfully ("synthetic", also when `--weights auto`
     fell back to them); an output whose record says "auto" (written so before) resumes with the demo weights,
     and not with a real checkpoint."""
-    from pipeline.resume import SettingsChanged, check_settings, model_settings
+    from pipeline.run_records import SettingsChanged, check_settings, model_settings
 
     auto = JobConfig(InputConfig(("in/",)), "out/")
     explicit = JobConfig(InputConfig(("in/",)), "out/", model=ModelSpec(weights="synthetic"))

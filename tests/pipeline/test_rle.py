@@ -1,4 +1,5 @@
-"""One-pass COCO RLE: byte-identical to pycocotools per segment, with its area and bbox, and decodable."""
+"""One-pass COCO RLE: byte-identical to pycocotools per segment, with its area and bbox, and decodable; an
+image's id map rebuilt from its segment rows."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from pipeline.rle import EncodedSegment, decode_rle, encode_segments
+from pipeline.rle import VOID_ID, EncodedSegment, decode_mask, decode_rle, encode_segments, panoptic_map
+from tests.synthetic_output import encode_rle, rect
 
 SHAPES = [(1, 1), (1, 2), (2, 1), (1, 37), (37, 1), (3, 3), (5, 8), (8, 5), (17, 23), (64, 48), (8, 10000)]
 
@@ -124,3 +126,32 @@ def test_rejects_bad_maps() -> None:
         encode_segments(np.zeros((2, 3, 4), dtype=np.int32), [1])
     with pytest.raises(ValueError, match="integer"):
         encode_segments(np.zeros((2, 3), dtype=np.float32), [1])
+
+
+# -- decoding: one mask, one image's id map ------------------------------------------------------------------
+
+
+def test_decode_mask_round_trips_an_irregular_mask() -> None:
+    mask = np.random.default_rng(0).random((13, 17)) > 0.6
+    decoded = decode_mask(encode_rle(mask))
+    assert decoded.dtype == bool
+    assert decoded.shape == (13, 17)
+    assert np.array_equal(decoded, mask)
+
+
+def test_panoptic_map_rebuilds_ids_and_void() -> None:
+    a, b = rect(6, 8, 0, 0, 3, 4), rect(6, 8, 3, 4, 6, 8)
+    rows = [{"segment_id": 0, "rle": encode_rle(a)}, {"segment_id": 1, "rle": encode_rle(b)}]
+    ids = panoptic_map(rows)
+    assert ids.dtype == np.int32
+    assert np.array_equal(ids == 0, a)
+    assert np.array_equal(ids == 1, b)
+    assert np.array_equal(ids == VOID_ID, ~(a | b))
+
+
+def test_panoptic_map_sizes() -> None:
+    assert np.array_equal(panoptic_map([], height=2, width=3), np.full((2, 3), -1))
+    with pytest.raises(ValueError, match="needs height= and width="):
+        panoptic_map([])
+    with pytest.raises(ValueError, match="mask size"):
+        panoptic_map([{"segment_id": 0, "rle": encode_rle(rect(4, 4, 0, 0, 1, 1))}], height=4, width=5)

@@ -18,14 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.predictor import InferenceConfig
+from pipeline.commit import OutputCommitter
 from pipeline.decode import decode_batch
 from pipeline.lease import Lease
+from pipeline.parts import split_results
 from pipeline.predict import PanopticSegmenter
 from pipeline.readers import read_refs
 from pipeline.schema import PART_ROW_SCHEMA
 from pipeline.shard import ShardSegmenter
 from pipeline.sources import REF_SCHEMA
-from pipeline.write import split_results
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)
@@ -77,7 +78,8 @@ def test_a_shard_call_commits_exactly_the_rows_of_the_unpipelined_path(
     output = tmp_path / "out"
     call = ShardSegmenter.__new__(ShardSegmenter)  # the module's model (the job tests build it in the actor)
     call.segmenter, call.inference = model, INFERENCE
-    call.output, call.run_id, call.rows_per_file, call.batch_size, call.max_pixels = str(output), "r1", 4, 3, 10**8
+    call.committer = OutputCommitter(str(output), "r1")
+    call.rows_per_file, call.batch_size, call.max_pixels = 4, 3, 10**8
     call.bytes_column, call.id_column, call.node_id, call.max_bytes = "image", None, "node-a", 10**8
     call.pool, call.io_pool = ThreadPoolExecutor(max_workers=3), ThreadPoolExecutor(max_workers=2)
     with Lease.acquire(str(output), "r1"):

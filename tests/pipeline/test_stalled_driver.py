@@ -63,7 +63,7 @@ def test_a_driver_stalled_past_its_lease_touches_nothing(
     config = _config(f"s3://{bucket}/in/", output)
     stalled, release = threading.Event(), threading.Event()
     taken: list[Lease] = []
-    check_settings = run.resume.check_settings
+    check_settings = run.run_records.check_settings
 
     def take_lease(output: str, run_id: str, *, take_over: bool) -> Lease:
         lease = Lease.acquire(output, run_id, take_over=take_over, ttl_s=1.0)
@@ -78,7 +78,7 @@ def test_a_driver_stalled_past_its_lease_touches_nothing(
         check_settings(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(run, "take_lease", take_lease)
-    monkeypatch.setattr(run.resume, "check_settings", stall)
+    monkeypatch.setattr(run.run_records, "check_settings", stall)
     errors: list[BaseException] = []
 
     def first() -> None:

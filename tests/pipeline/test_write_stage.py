@@ -1,8 +1,9 @@
 """Commits: model actors commit parts named by their content; the driver receives one small row per part.
 
-Unit tests run `pipeline.write` directly on local folders and on S3 (moto on loopback); the Ray test runs the
-whole job on a multi-node cluster (a head without CPUs, two worker nodes) with actors killed between a part's
-two files and after both, and mid-batch (`tests.pipeline.fault_write_stage`, in its own process and cluster).
+Unit tests run `pipeline.commit.OutputCommitter.write_part` and `pipeline.parts` directly on local folders and
+on S3 (moto on loopback); the Ray test runs the whole job on a multi-node cluster (a head without CPUs, two
+worker nodes) with actors killed between a part's two files and after both, and mid-batch
+(`tests.pipeline.fault_write_stage`, in its own process and cluster).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from pipeline.commit import OutputCommitter
 from pipeline.lease import Lease, LeaseLost
+from pipeline.parts import COUNTS_KEY, PartGatherer, part_name, split_results
 from pipeline.rle import decode_rle
 from pipeline.schema import PART_ROW_SCHEMA, RESULT_SCHEMA
 from pipeline.storage import TRANSIENT_ERRORS
-from pipeline.write import COUNTS_KEY, PartGatherer, part_name, split_results, write_part
 from tests.pipeline.fault_probes import assert_exactly_once, committed_parts
 from tests.pipeline.images import photo_bytes
 
@@ -78,8 +80,8 @@ def test_write_part_commits_segments_then_images_with_counts_in_the_footer(tmp_p
     output = tmp_path / "out"
     results = _results(_result("a.jpg", segments=3), _result("b.jpg", error="unreadable", retryable=True))
     with Lease.acquire(str(output), "r1"):
-        row = write_part(results, output=str(output), run_id="r1")
-        again = write_part(results, output=str(output), run_id="r1")  # a retry: same name
+        row = OutputCommitter(str(output), "r1").write_part(results)
+        again = OutputCommitter(str(output), "r1").write_part(results)  # a retry: same name
     assert row is not None and again is not None and row["part"] == again["part"] == part_name(["a.jpg", "b.jpg"])
     assert (row["images_ok"], row["images_error"], row["images_retryable"], row["segments"]) == (1, 1, 1, 3)
     assert [p.name for p in committed_parts(output)] == [row["part"]]
@@ -96,7 +98,7 @@ def test_write_part_commits_segments_then_images_with_counts_in_the_footer(tmp_p
 def test_write_part_refuses_to_commit_without_the_lease(tmp_path: Path) -> None:
     output = tmp_path / "out"
     with Lease.acquire(str(output), "someone-else"), pytest.raises(LeaseLost):
-        write_part(_results(_result("a.jpg")), output=str(output), run_id="r1")
+        OutputCommitter(str(output), "r1").write_part(_results(_result("a.jpg")))
     assert committed_parts(output) == [] and not (output / "segments").exists()
 
 
@@ -106,7 +108,7 @@ def test_an_id_repeated_across_shards_becomes_an_error_row_with_its_own_id(tmp_p
     first["image_id"] = second["image_id"] = "cat-17"
     output = tmp_path / "out"
     with Lease.acquire(str(output), "r1"):
-        write_part(_results(first, second), output=str(output), run_id="r1")
+        OutputCommitter(str(output), "r1").write_part(_results(first, second))
     rows = pads.dataset(str(output / "images")).to_table().to_pylist()
     assert [(r["image_id"], r["status"]) for r in rows] == [("cat-17", "ok"), ("s2.parquet#row=4", "error")]
     assert rows[1]["error"] == "repeated image id 'cat-17' (also read from s1.parquet)"
@@ -129,8 +131,8 @@ def test_the_gatherer_cuts_results_into_whole_parts_in_order() -> None:
 def test_write_part_returns_one_small_row_and_nothing_for_no_rows(tmp_path: Path) -> None:
     output = tmp_path / "out"
     with Lease.acquire(str(output), "r1"):
-        row = write_part(_results(_result("a.jpg", segments=1)), output=str(output), run_id="r1")
-        empty = write_part(RESULT_SCHEMA.empty_table(), output=str(output), run_id="r1")
+        row = OutputCommitter(str(output), "r1").write_part(_results(_result("a.jpg", segments=1)))
+        empty = OutputCommitter(str(output), "r1").write_part(RESULT_SCHEMA.empty_table())
     assert row is not None and set(row) == set(PART_ROW_SCHEMA.names) and empty is None
     assert row["bytes"] == sum(p.stat().st_size for p in output.glob("*/part-*.parquet"))
 
@@ -155,7 +157,7 @@ def test_an_interrupted_s3_upload_leaves_no_object(s3_env: dict[str, str], monke
         with Lease.acquire(output, "r1"):
             proxy.set_fault("reset", count=1000, methods=["PUT"], paths=["/images/"])
             with pytest.raises(TRANSIENT_ERRORS):  # after the retries: botocore's EndpointConnectionError
-                write_part(results, output=output, run_id="r1")
+                OutputCommitter(output, "r1").write_part(results)
             proxy.heal()
             keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
             assert not [k for k in keys if "/images/" in k], keys  # nothing committed

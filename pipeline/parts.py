@@ -1,31 +1,19 @@
-"""Commits: the model actor's shard call commits its result rows as Parquet parts; nothing passes through the driver.
+"""A part: the unit of commit. Its name, its two Parquet files' bytes and counts, and how a shard's results are
+cut into parts.
 
-Layout under OUTPUT/::
-
-    segments/part-<hash>.parquet   one row per segment   (pipeline.schema.SEGMENTS_SCHEMA)
-    images/part-<hash>.parquet     one row per image     (pipeline.schema.IMAGES_SCHEMA): the commit record
-    _runs/<run_id>.json            each run's settings, weights checksum, versions and counts
-    _SUCCESS                       the last run finished: its counts and the output's totals
-    _lease.json                    the lease of the run writing the output (`pipeline.lease`)
-
-`write_part` commits one part of at most ``--rows-per-file`` images (`PartGatherer` cuts a shard's results
-into parts: files sized for queries, not one per model batch): its ``segments`` file, then its ``images``
-file, each published whole (`pipeline.storage.publish`). The part is named after a hash of its sorted
-image ids, so Ray's retry of a shard call whose actor died (before, between or after the two files)
-overwrites the same two objects instead of adding a second copy. Every commit checks first that the run
-still holds the output's lease. The driver writes the run's record to ``_runs/`` and removes ``_SUCCESS``
-before any shard call starts. A shard call returns one small row per part (`PART_ROW_SCHEMA`): the driver
-sees those, never results.
-
-The protocol as a whole (what is committed, what a resume redoes) is stated in `pipeline.resume`.
+A part is one ``segments/part-<hash>.parquet`` file and one ``images/part-<hash>.parquet`` file holding the same
+images (at most ``--rows-per-file``). `PartGatherer` cuts a shard's result rows into parts (files sized for
+queries, not one per model batch); `split_results` turns a part's `pipeline.schema.RESULT_SCHEMA` rows into the
+two tables; `part_name` hashes the sorted image ids, so the same images always get the same name, whichever
+attempt writes them; `parquet_bytes` serialises a table (zstd), with an images part's `part_counts` in its
+footer. How parts are committed, and what guarantees that gives, is `pipeline.commit`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import time
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -33,20 +21,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.ids import SHARD_ITSELF, member_id
-from pipeline.lease import check_holder
-from pipeline.output_paths import Output
 from pipeline.schema import (
     IMAGES_SCHEMA,
-    IMAGES_TABLE,
     RESULT_SCHEMA,
     SEGMENTS_SCHEMA,
-    SEGMENTS_TABLE,
     STATUS_ERROR,
     STATUS_OK,
+    Counts,
 )
-from pipeline.storage import publish
-
-log = logging.getLogger(__name__)
 
 PART_PREFIX = "part-"
 COMPRESSION = "zstd"
@@ -61,8 +43,10 @@ def part_name(image_ids: list[str]) -> str:
 
 
 def split_results(results: pa.Table, *, run_id: str) -> tuple[pa.Table, pa.Table]:
-    """`RESULT_SCHEMA` rows -> (images table, segments table) in the output schemas."""
+    """`RESULT_SCHEMA` rows -> (images table, segments table) in the output schemas; an image id repeated within
+    the part becomes an error row (`_unique_ids`)."""
     results = results.cast(RESULT_SCHEMA) if results.schema != RESULT_SCHEMA else results
+    results = _unique_ids(results)
     segments_list = results.column("segments").combine_chunks()
     counts = pc.fill_null(pc.list_value_length(segments_list), 0).cast(pa.int32())
     n = results.num_rows
@@ -78,22 +62,6 @@ def split_results(results: pa.Table, *, run_id: str) -> tuple[pa.Table, pa.Table
     columns = {name: pc.take(results.column(name), parents) for name in ("image_id", "source")}
     columns |= {name: flat.field(name) for name in SEGMENTS_SCHEMA.names if name not in columns}
     return images.cast(IMAGES_SCHEMA), pa.table(columns).cast(SEGMENTS_SCHEMA)
-
-
-def write_part(results: pa.Table, *, output: str, run_id: str, node_id: str = "") -> dict[str, object] | None:
-    """Commit ``results`` (`RESULT_SCHEMA` rows) as one part under ``output``. Returns its `PART_ROW_SCHEMA`
-    row (None for no rows). Raises `pipeline.lease.LeaseLost` when the run no longer holds the output."""
-    if results.num_rows == 0:
-        return None
-    started = time.perf_counter()
-    out = Output.of(output)
-    images, segments = split_results(_unique_ids(results), run_id=run_id)
-    name = part_name(images.column("image_id").to_pylist())
-    check_holder(output, run_id)
-    counts = part_counts(images)
-    written = publish(out.fs, out.part(SEGMENTS_TABLE, name), parquet_bytes(segments))
-    written += publish(out.fs, out.part(IMAGES_TABLE, name), parquet_bytes(images, counts=counts))  # commit
-    return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": time.perf_counter() - started}
 
 
 class PartGatherer:
@@ -150,13 +118,15 @@ def parquet_bytes(table: pa.Table, *, counts: dict[str, int] | None = None) -> b
 
 
 def part_counts(images: pa.Table) -> dict[str, int]:
-    """The `pipeline.schema.Counts` of an ``images`` part's rows, as a dict."""
+    """The `pipeline.schema.Counts` of an ``images`` part's rows, as a dict (a format 1 part may lack
+    ``retryable``: none counted)."""
     status = images.column("status")
     ok = int(pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0)
     retryable = images.column("retryable") if "retryable" in images.column_names else pa.array([], pa.bool_())
-    return {
-        "images_ok": ok,
-        "images_error": images.num_rows - ok,
-        "images_retryable": int(pc.sum(retryable).as_py() or 0),
-        "segments": int(np.sum(images.column("num_segments").to_numpy(zero_copy_only=False))),
-    }
+    counts = Counts(
+        images_ok=ok,
+        images_error=images.num_rows - ok,
+        images_retryable=int(pc.sum(retryable).as_py() or 0),
+        segments=int(np.sum(images.column("num_segments").to_numpy(zero_copy_only=False))),
+    )
+    return asdict(counts)
