@@ -40,9 +40,10 @@ from jobs.overlay import DEFAULT_ALPHA, Overlay, OverlaySegment, contact_sheet, 
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.config import InputConfig
 from pipeline.duckdb_views import connect
-from pipeline.ids import file_id, member_id, member_of_old_row
-from pipeline.outputs import OutputNotFoundError, check_output, decode_mask, read_image_rows, read_run_config
+from pipeline.ids import SEPARATOR, file_id, member_id, member_of_old_row
+from pipeline.outputs import OutputNotFoundError, check_output, read_image_rows, read_run_config
 from pipeline.readers import kind_of, read_image
+from pipeline.rle import decode_mask
 from pipeline.storage import DEFAULT_MAX_BYTES
 
 PROG = "panoptic-flow show"
@@ -90,7 +91,7 @@ def stored_id_candidates(given: str) -> list[str]:
     path (a whole file: `pipeline.ids.file_id`; ``shard.tar#member``: only the shard part made absolute)."""
     candidates = [given]
     if "://" not in given:
-        path, separator, member = given.partition("#")
+        path, separator, member = given.partition(SEPARATOR)
         if separator and os.path.exists(path):
             candidates.append(member_id(os.path.abspath(path), member))
         if os.path.exists(given):

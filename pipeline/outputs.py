@@ -6,8 +6,7 @@ with ``_`` or ``.`` are ignored), ``_runs/<run_id>.json`` (each run's record) an
 contract is :mod:`pipeline.schema`.
 
 Everything here is plain fsspec/pyarrow. Reading an output one row per image (in process or on Ray) is
-:mod:`pipeline.packed_images`; masks and id maps are decoded by :mod:`pipeline.rle` (``decode_mask`` is
-re-exported here for ``jobs/show.py``).
+:mod:`pipeline.packed_images`; masks and id maps are decoded by :mod:`pipeline.rle`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.output_paths import Output
-from pipeline.rle import decode_mask as decode_mask  # re-exported: jobs/show.py imports it from here
 from pipeline.schema import (
     IMAGES_SCHEMA,
     IMAGES_TABLE,
