@@ -58,17 +58,19 @@ def read_image_bytes(
     bytes_column: str = "image",
     id_column: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    input_format: str = "auto",
 ) -> bytes:
     """The encoded bytes of an input image: the object itself, a ``.tar`` member or a Parquet row's bytes, read
     by the pipeline's own reader of that kind (`pipeline.readers.read_image`).
 
     ``source`` and ``member`` are the images row's columns (``member`` None for a whole file); a row written
     before the ``member`` column existed has its member taken from the id (`pipeline.ids.member_of_old_row`).
-    A Parquet member that is not ``row=N`` is the value of the run's ``id_column``.
+    A Parquet member that is not ``row=N`` is the value of the run's ``id_column``. A shard's kind is the one the
+    run's ``--input-format`` forced, else its extension's (`pipeline.readers.kind_of`).
     """
     if member is None and image_id not in (source, file_id(source)):
         member = member_of_old_row(image_id, source)
-    kind = "file" if member is None else kind_of(source)
+    kind = "file" if member is None else kind_of(source, input_format)
     if kind is None or (kind == "file" and member is not None):
         raise ValueError(
             f"cannot read {image_id!r} from {source!r}: only files, .tar members and Parquet rows are supported"
@@ -121,6 +123,7 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
         bytes_column=inputs.get("bytes_column") or "image",
         id_column=inputs.get("id_column"),
         max_bytes=inputs.get("max_bytes") or DEFAULT_MAX_BYTES,
+        input_format=inputs.get("format") or "auto",
     )
     image = load_image(data, max_pixels=inputs.get("max_pixels") or InputConfig.max_pixels)
     segments = [

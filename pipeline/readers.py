@@ -45,8 +45,14 @@ from pipeline.storage import DEFAULT_MAX_BYTES, TRANSIENT_ERRORS, NotARegularFil
 RefKind = Literal["file", "tar", "parquet"]
 
 
-def kind_of(path: str) -> RefKind | None:
-    """The kind of ref a name makes by its extension (``.tar``, ``.parquet``, an image's), None for another."""
+_FORCED_KINDS: dict[str, RefKind] = {"files": "file", "tar": "tar", "parquet": "parquet"}
+
+
+def kind_of(path: str, input_format: str = "auto") -> RefKind | None:
+    """The kind of ref ``path`` is: the one ``--input-format`` forces (``files``, ``tar``, ``parquet``), else by
+    its extension (``.tar``, ``.parquet``, an image's); None for another extension."""
+    if input_format in _FORCED_KINDS:
+        return _FORCED_KINDS[input_format]
     lower = path.lower()
     if lower.endswith(".tar"):
         return "tar"

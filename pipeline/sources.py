@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
-from pipeline.readers import RefKind, kind_of, parquet_columns_problem
+from pipeline.readers import kind_of, parquet_columns_problem
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, is_local, object_version
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def _list_uri(uri: str, config: InputConfig, excluded: tuple[fsspec.AbstractFile
     same_fs = excluded is not None and type(excluded[0]) is type(fs)
     for p in sorted(found):
         under_output = same_fs and (p == excluded[1] or p.startswith(excluded[1] + "/"))  # type: ignore[index]
-        kind = _forced_kind(config) or kind_of(p)
+        kind = kind_of(p, config.format)
         if kind is None:
             if not under_output:
                 left_out_count += 1
@@ -262,10 +262,6 @@ def _local_info(path: str) -> dict[str, Any]:
     except OSError:  # a broken link: listed, its read gives the error row
         return {"size": None, "mtime": None}
     return {"size": status.st_size, "mtime": status.st_mtime, "regular": stat.S_ISREG(status.st_mode)}
-
-
-def _forced_kind(config: InputConfig) -> RefKind | None:
-    return {"files": "file", "tar": "tar", "parquet": "parquet"}.get(config.format)  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------------

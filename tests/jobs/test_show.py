@@ -380,3 +380,18 @@ def test_odd_names_are_read_as_the_pipeline_read_them(tmp_path: Path) -> None:
         argv = [str(tmp_path / "out"), image.image_id, "-o", str(out), "--no-labels", "--no-outlines"]
         assert main(argv) == 0, image.image_id
         assert np.array_equal(_read_png(out)[outside], cats.pixels[outside]), image.image_id
+
+
+def test_a_shard_read_with_a_forced_input_format_is_drawn_whatever_its_extension(tmp_path: Path) -> None:
+    """A run with ``--input-format tar`` reads ``shards.bin`` as a tar: ``show`` reads its member back the same
+    way, from the kind the run recorded (its extension names no kind)."""
+    cats = make_images(tmp_path / "made")[2]
+    shard = tmp_path / "in" / "shards.bin"
+    shard.parent.mkdir()
+    shard.write_bytes(tar_bytes([("cat.png", Path(cats.source).read_bytes())]))
+    found = [dataclasses.replace(cats, image_id=f"{shard}#cat.png", source=str(shard), member="cat.png")]
+    write_output(tmp_path / "out", found, run_config={"input": {"uris": [str(shard)], "format": "tar"}})
+    out = tmp_path / "drawn.png"
+    assert main([str(tmp_path / "out"), found[0].image_id, "-o", str(out), "--no-labels", "--no-outlines"]) == 0
+    outside = ~np.any([s.mask for s in cats.segments], axis=0)
+    assert np.array_equal(_read_png(out)[outside], cats.pixels[outside])
