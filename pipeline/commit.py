@@ -39,7 +39,7 @@ The guarantees
 3. **Start.** `prepare` removes temporary files and ``segments`` parts without an ``images`` part (a crash
    between the two writes), then returns the committed parts; `pipeline.inspection` reads their footers and
    `quarantine` moves a part that cannot be read (cut short, not Parquet) to ``_quarantine/<run>/`` with its
-   ``segments`` part: its images are done again. What else a re-run redoes is `pipeline.resume`.
+   ``segments`` part: its images are done again. What else a re-run redoes is `pipeline.resume_decision`.
 4. **Records.** Each images row names its run (``run_id``). Before the run's first commit, `on_write_start`
    writes its record and removes ``_SUCCESS``: an output never holds rows of a run without its record, nor a
    ``_SUCCESS`` older than its newest rows. `on_write_complete` writes ``_SUCCESS`` (this run's counts and the

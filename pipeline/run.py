@@ -1,6 +1,6 @@
 """The one place that wires the job together and sets Ray resources.
 
-refs (input URIs; what a resume skips or redoes is decided by `pipeline.resume`) -> shards (blocks of refs,
+refs (input URIs; what a resume skips or redoes: `pipeline.resume`) -> shards (blocks of refs,
 `shard_dataset`) -> the shard call (`pipeline.shard.ShardSegmenter` on an actor pool, GPU or CPU: read, decode,
 segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one
 operator after the refs, so Ray Data's per-block cost is paid once per shard; refs and part rows are all that
@@ -181,7 +181,8 @@ def run_job(
     verbose: bool = False,
     on_part: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunSummary:
-    """Run the whole job; re-running with the same output resumes it (`pipeline.resume` states the rules).
+    """Run the whole job; re-running with the same output resumes it (`pipeline.commit` and
+    `pipeline.resume_decision` state the rules).
 
     Raises before any cluster work: `pipeline.sources.InputError`, `model.checkpoint.CheckpointError`,
     `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.run_records.SettingsChanged`, `ClusterError`. Ray Data's
