@@ -130,6 +130,60 @@ class ResourceConfig:
 
 
 @dataclass(frozen=True)
+class FailureConfig:
+    """What one bad input, one stalled read, one hung model batch or a systematic failure may cost a job: the
+    README's "Failures" table states what each case gives."""
+
+    read_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "option": "read-timeout",
+            "metavar": "SECONDS",
+            "help": "a storage read that receives nothing for this long (connect or read) is given up: a retryable "
+            "error row, and the shard goes on",
+        },
+    )
+    hung_batch_s: float = field(
+        default=300.0,
+        metadata={
+            "option": "hung-batch-timeout",
+            "metavar": "SECONDS",
+            "help": "a model batch running longer than this and 20x the actor's typical batch is a hung actor: it is "
+            "killed, and the images in flight are redone one at a time",
+        },
+    )
+    retry_poisoned: bool = field(
+        default=False,
+        metadata={
+            "help": "redo the images that killed their model worker twice in an earlier run (their rows say "
+            "`killed the model worker`); by default a re-run keeps those rows, since it would only be killed again",
+        },
+    )
+    max_error_rate: float = field(
+        default=0.5,
+        metadata={
+            "metavar": "FRACTION",
+            "help": "stop the job (exit 1, all committed parts kept: a re-run resumes) when more than this fraction "
+            "of the last --error-window images are error rows; 1 never stops",
+        },
+    )
+    error_window: int = field(
+        default=2000,
+        metadata={"metavar": "IMAGES", "help": "how many of the latest images --max-error-rate looks at"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s must be positive, got {self.read_timeout_s}")
+        if self.hung_batch_s <= 0:
+            raise ValueError(f"hung_batch_s must be positive, got {self.hung_batch_s}")
+        if not 0 < self.max_error_rate <= 1:
+            raise ValueError(f"max_error_rate must be in (0, 1], got {self.max_error_rate}")
+        if self.error_window < 1:
+            raise ValueError(f"error_window must be positive, got {self.error_window}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     input: InputConfig
     output: str = field(
@@ -142,6 +196,7 @@ class JobConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
+    failures: FailureConfig = field(default_factory=FailureConfig)
 
     def __post_init__(self) -> None:
         check_output_uri(self.output)
