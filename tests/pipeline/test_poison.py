@@ -1,8 +1,17 @@
-"""The in-flight record's rules (`pipeline.poison.FlightLog`), one case each, without Ray."""
+"""The in-flight record's rules (`pipeline.poison.FlightLog`), one case each, and ``--retry-poisoned``'s reading
+of committed rows, without Ray."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.inspection import committed_rows
 from pipeline.poison import POISON_ERROR, Flight, FlightLog, is_poisoned_error, poisoned_error
+from pipeline.schema import IMAGES_SCHEMA
 
 
 def test_a_first_attempt_has_no_history() -> None:
@@ -71,3 +80,23 @@ def test_a_flight_without_a_recorder_does_nothing() -> None:
     flight = Flight(None, "s")
     flight.announce(["a"])
     assert flight.begin().deaths == 0
+
+
+def _images_part(path: Path, errors: list[str | None]) -> None:
+    rows = [
+        {"image_id": f"/in/{i}.jpg", "source": f"/in/{i}.jpg", "member": None, "width": None, "height": None,
+         "status": "ok" if e is None else "error", "error": e, "retryable": False, "num_segments": 0,
+         "run_id": "r0", "input_size": 10, "input_version": "v"}
+        for i, e in enumerate(errors)
+    ]  # fmt: skip
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), path)
+
+
+def test_retry_poisoned_reads_a_poisoned_row_as_retryable_and_nothing_else(tmp_path: Path) -> None:
+    part = tmp_path / "out" / "images" / "part-a.parquet"
+    _images_part(part, [None, poisoned_error("decoding"), "corrupt image header: x"])
+    batch = {"path": np.array([str(part)], dtype=object)}
+    assert committed_rows(batch, output=str(tmp_path / "out"))["retryable"].to_pylist() == [False, False, False]
+    again = committed_rows(batch, output=str(tmp_path / "out"), retry_poisoned=True)
+    assert again["retryable"].to_pylist() == [False, True, False]
