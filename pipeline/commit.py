@@ -73,6 +73,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.config import redact_uri
+from pipeline.error_budget import error_kinds
 from pipeline.lease import Lease, check_holder
 from pipeline.output_paths import Output
 from pipeline.parts import PART_PREFIX, parquet_bytes, part_counts, part_name, split_results
@@ -191,7 +192,9 @@ class OutputCommitter:
         counts = part_counts(images)
         written = publish(out.fs, out.part(SEGMENTS_TABLE, name), parquet_bytes(segments))
         written += publish(out.fs, out.part(IMAGES_TABLE, name), parquet_bytes(images, counts=counts))  # commit
-        return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        kinds = error_kinds(images.column("error").to_pylist()) if counts["images_error"] else []
+        return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": seconds, "error_kinds": kinds}
 
 
 def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[set[str], list[str]]:
