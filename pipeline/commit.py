@@ -55,7 +55,9 @@ test_s3_faults.py); two unreadable committed parts on a local and on an S3 outpu
 ``--rows-per-file`` so that no redone part overwrites a bad one by name (test_quarantine.py); leases written
 by hosts whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume
 (tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output over
-and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py). The
+and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every read
+failing after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run
+marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py). The
 runs started mid-run and the killed driver are held right after their first commit by a fault hook (no race
 with the job's speed).
 """
