@@ -3,7 +3,8 @@ committed parts kept; a re-run after the cause is gone completes the output exac
 
 Every read fails after the first 16 images (`tests.pipeline.failing_reads`, a worker hook: access denied, a
 retryable error row), in parts of 8 images with ``--error-window 40``: after the 5th part, 24 of the last 40
-images failed (more than the default half) and the job stops, with most of its 12 parts never started.
+images failed (more than the default half) and the job stops before its 12 parts are all committed (the parts
+in flight at the stop may still be).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def test_a_systematic_failure_stops_the_job_and_a_rerun_completes_it(ray_session
     stopped = STOPPED.fullmatch(lines[0])
     assert stopped, lines[0]
     failed, window, kind, hit = stopped.groups()
-    assert (int(failed), int(window), kind, int(hit)) == (24, 40, "unreadable: PermissionError", 24)
+    assert int(window) == 40 and 20 < int(failed) == int(hit) <= 40 and kind == "unreadable: PermissionError"
 
     # stopped early: the images of the first parts committed (ok before the fault, retryable errors after it)
     images = pads.dataset(str(output / "images"), format="parquet").to_table().to_pylist()
