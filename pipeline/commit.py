@@ -57,7 +57,10 @@ by hosts whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / 
 (tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output over
 and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every read
 failing after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run
-marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py). The
+marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their
+model actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row
+and its shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
+(`pipeline.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py). The
 runs started mid-run and the killed driver are held right after their first commit by a fault hook (no race
 with the job's speed).
 """

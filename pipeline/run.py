@@ -234,7 +234,7 @@ def run_job(
                 retry_poisoned=config.failures.retry_poisoned,
             )
         lease.raise_if_lost()
-        this_run, parts_by_node = Counts(), {}
+        this_run, parts_by_node, errors_by_kind = Counts(), {}, {}
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
             shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
@@ -253,6 +253,8 @@ def run_job(
                         on_part(row)
                     bar.update(row["images_ok"] + row["images_error"])
                     budget.add(row)
+                    for kind in row["error_kinds"] or ():
+                        errors_by_kind[kind["kind"]] = errors_by_kind.get(kind["kind"], 0) + kind["count"]
                     if budget.exceeded():  # a systematic failure: stop rather than write an error row per image
                         bar.close()
                         raise ErrorBudgetExceeded(budget.verdict())
@@ -273,6 +275,7 @@ def run_job(
             time.perf_counter() - started,
             parts_by_node,
             left_out_text(inputs.left_out, inputs.left_out_examples) if inputs.left_out else "",
+            errors_by_kind=errors_by_kind,
         )
         committer.on_write_complete(summary.report())
         return summary

@@ -107,6 +107,7 @@ def test_inputs_that_kill_their_actor_get_one_error_row_each_and_a_rerun_does_no
     )
     done = re.search(r"done: (\d+) images ok, (\d+) errors \((\d+) retryable\)", first.stdout)
     assert done and [int(n) for n in done.groups()] == [NUM_IMAGES - 3, 3, 0], first.stdout
+    assert "; errors: 2 killed the model worker, 1 decoding failed: RuntimeError (" in first.stdout, first.stdout
 
     again = _run(tmp_path / "in", output, marker)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
