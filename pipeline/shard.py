@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_FILES = 64  # file refs read ahead of the decoder (object-store latency hidden by concurrency)
 READ_AHEAD_SHARDS = 2  # tar / Parquet refs read ahead (each one whole shard in memory)
+READ_AHEAD_BYTES = 256 << 20  # and at most these listed bytes read ahead (a larger ref alone; unlisted: a share)
 RLE_IN_FLIGHT = 2  # model batches awaiting RLE
 COMMITS_IN_FLIGHT = 2  # parts being written
 IO_THREADS = 16  # reads and commits wait on storage, not on a CPU
@@ -127,11 +128,26 @@ class ShardSegmenter:
             decoded = decode_input(row.data, max_pixels=self.max_pixels, inference=self.inference)
             return row._replace(data=b""), decoded  # the bytes are not needed past here
 
+        listed = refs.column("size").to_pylist() if "size" in refs.column_names else [None] * refs.num_rows
+        sizes = dict(zip(refs.column("uri").to_pylist(), listed))
+
+        def weight(ref: tuple[str, str, list[str]]) -> int:  # its listed bytes; unlisted: a count's share
+            size = sizes.get(ref[0])
+            per = READ_AHEAD_FILES if ref[1] == "file" else READ_AHEAD_SHARDS
+            return READ_AHEAD_BYTES // per if size is None else int(size)
+
+        def rows() -> Iterator[ImageRow]:  # each row let go of as it goes to the decoder, not with its shard
+            for image_rows in read_ahead:
+                image_rows.reverse()
+                while image_rows:
+                    yield image_rows.pop()
+
         files_only = all(kind == "file" for kind in refs.column("kind").to_pylist())
         depth = READ_AHEAD_FILES if files_only else READ_AHEAD_SHARDS
-        read_ahead = ordered_map(read, ref_rows(refs), pool=self.io_pool, depth=depth)
-        rows = (row for image_rows in read_ahead for row in image_rows)
-        return ordered_map(decode, rows, pool=self.pool, depth=2 * self.batch_size)
+        read_ahead = ordered_map(
+            read, ref_rows(refs), pool=self.io_pool, depth=depth, weight=weight, max_weight=READ_AHEAD_BYTES
+        )
+        return ordered_map(decode, rows(), pool=self.pool, depth=2 * self.batch_size)
 
 
 def _collect(future: Future[dict[str, object] | None], rows: list[dict[str, object]]) -> None:
