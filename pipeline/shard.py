@@ -13,11 +13,11 @@ Inside one call the stages are pipelined on the actor's thread pool (`pipeline.p
 
 so the next batch is decoded, and the previous one RLE-encoded and committed, while the model runs the current
 one. Reads and commits run on an I/O pool (`IO_THREADS`), decoding and RLE on a pool of ``threads`` (the CPUs
-the actor reserves). Memory per actor is bounded by the depths below: `READ_AHEAD_FILES` files (or
-`READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, ``2 × batch_size`` decoded images (≈ 2.5 MB each
-at 800×1066), `RLE_IN_FLIGHT` batches awaiting RLE, one part being gathered and `COMMITS_IN_FLIGHT` parts being
-written: about 64 × the input size + 2.5 MB × (3 × batch_size) + 2 parts' results, e.g. ~150 MB at batch 8 with
-150 KB JPEGs and 2048-image parts of ~18 KB of results per image (plus the model).
+the actor reserves). Memory per actor is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and
+at most `READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, ``2 × batch_size``
+images being decoded (at full size), `RLE_IN_FLIGHT` batches of full-size id maps awaiting RLE, one part being
+gathered and `COMMITS_IN_FLIGHT` parts being written: the README's formula ("Memory per actor"), checked by
+tests/pipeline/test_actor_memory.py.
 
 A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
 died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
