@@ -130,7 +130,7 @@ def _spans(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Of a non-decreasing source index per output position: the distinct sources, and the first and last
     output position that copies each -> three int64 [n']."""
     starts = np.flatnonzero(np.diff(index, prepend=-1))  # [n'] first output position of each run
-    ends = np.append(starts[1:], len(index)) - 1  # [n'] last output position of each run
+    ends = np.append(starts[1:], len(index))[: len(starts)] - 1  # [n'] last output position of each run
     return index[starts], starts, ends
 
 
