@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.poison import ANNOUNCE_CHUNK
 from pipeline.rle import COMPARED_PIXELS
 from pipeline.shard import COMMITS_IN_FLIGHT, READ_AHEAD_BYTES, READ_AHEAD_FILES, READ_AHEAD_SHARDS, RLE_IN_FLIGHT
 from pipeline.sources import REF_SCHEMA
@@ -54,7 +55,7 @@ def actor_memory_bound(call: Call) -> int:
     split = {"file": 1, "tar": 2, "parquet": 3}[call.kind]  # a shard's bytes, its members (and Arrow's copy)
     read = split * min(max(READ_AHEAD_BYTES, call.ref), ahead * call.ref, call.refs)
     decode = min(call.threads, 2 * call.batch_size) * 8 * call.pixels  # Pillow's RGB (4 B/px) + its resize
-    queue = 2 * call.batch_size * call.encoded + 3 * call.batch_size * 3 * call.processed
+    queue = (2 * call.batch_size + ANNOUNCE_CHUNK) * call.encoded + 3 * call.batch_size * 3 * call.processed
     maps = (RLE_IN_FLIGHT + 2) * call.batch_size * call.pixels
     rle = min(call.threads, RLE_IN_FLIGHT) * (COMPARED_PIXELS + call.pixels)
     parts = (1 + COMMITS_IN_FLIGHT) * call.rows_per_file * call.result_bytes
