@@ -1,8 +1,8 @@
 """What poison isolation's in-flight bookkeeping (`pipeline.poison`) costs, side by side in one process.
 
-1. **Per call**: from a Ray actor (where the shard call runs), the blocking ``announce`` of `ANNOUNCE_CHUNK` ids
-   and the fire-and-forget ``done`` of one batch's ids to the run's recorder actor, timed over many calls; the
-   cost per image is announce ÷ chunk + done ÷ batch.
+1. **Per image**: from a Ray actor (where the shard call runs), the caller's time for what a shard call does
+   with its rows (announced a chunk ahead, ``done`` per model batch, gathered), over ``--calls-images`` rows;
+   beside it, the same announcements each waited for.
 2. **In a job**: the job on the GPU-like stand-in model (`bench/stand_in_model.py`: sleeps ``--stand-in-ms`` per
    image with the GIL released) with the recorder and without it (``pipeline.run.start_flight_recorder``
    patched to give None), alternating, ``--rounds`` times each; the rate is measured *inside* each run, between
@@ -25,34 +25,49 @@ BENCH_DIR = Path(__file__).resolve().parent
 TREE = BENCH_DIR.parent
 
 
-def per_call(calls: int, batch_size: int) -> dict[str, float]:
+def per_call(images: int, batch_size: int) -> dict[str, float]:
+    """The caller's time per image for what a shard call does (`pipeline.shard._announced` over its rows, then
+    ``done`` per model batch), from an actor, against the run's recorder; and the old blocking pattern."""
     import ray
 
     from pipeline.poison import ANNOUNCE_CHUNK, start_flight_recorder
 
     @ray.remote(num_cpus=0)
     class Caller:
-        def run(self, recorder: object, calls: int, batch_size: int) -> dict[str, float]:
+        def run(self, recorder: object, images: int, batch_size: int) -> dict[str, float]:
             from pipeline.poison import Flight
+            from pipeline.readers import ImageRow
+            from pipeline.shard import _announced
 
+            uris = [f"s3://bucket/prefix/{i:09d}.jpg" for i in range(images)]
+            rows = [ImageRow(uri, uri, None, 1, "v", b"", "", False) for uri in uris]
             flight = Flight(recorder, "bench-shard")
             flight.begin()
-            ids = [f"s3://bucket/prefix/images/{i:09d}.jpg" for i in range(calls * ANNOUNCE_CHUNK)]
             started = time.perf_counter()
-            for c in range(calls):
-                flight.announce(ids[c * ANNOUNCE_CHUNK : (c + 1) * ANNOUNCE_CHUNK])
-            announce_s = (time.perf_counter() - started) / calls
+            batch: list[str] = []
+            for row in _announced(iter(rows), flight):
+                batch.append(row.image_id)
+                if len(batch) == batch_size:
+                    flight.done(batch)
+                    batch = []
+            flight.flush()
+            shard_call_s = time.perf_counter() - started
+            flight.finish()
+            flight = Flight(recorder, "bench-blocking")
+            flight.begin()
             started = time.perf_counter()
-            for c in range(calls):
-                flight.done(ids[c * batch_size : (c + 1) * batch_size])
-            done_s = (time.perf_counter() - started) / calls
-            flight.begin()  # waits for every done before it (one caller's calls run in order)
-            return {"announce_ms": announce_s * 1e3, "done_ms": done_s * 1e3}
+            for start in range(0, images, ANNOUNCE_CHUNK):
+                flight.announce([r.image_id for r in rows[start : start + ANNOUNCE_CHUNK]])  # waited for
+            blocking_s = time.perf_counter() - started
+            flight.begin()  # waits for everything sent before it (one caller's calls run in order)
+            return {
+                "ms_per_image": shard_call_s / images * 1e3,
+                "blocking_announce_ms_per_image": blocking_s / images * 1e3,
+            }
 
     recorder = start_flight_recorder()
-    result = ray.get(Caller.remote().run.remote(recorder, calls, batch_size))
-    result["ms_per_image"] = result["announce_ms"] / ANNOUNCE_CHUNK + result["done_ms"] / batch_size
-    result.update(chunk=ANNOUNCE_CHUNK, batch_size=batch_size, calls=calls)
+    result = ray.get(Caller.remote().run.remote(recorder, images, batch_size))
+    result.update(chunk=ANNOUNCE_CHUNK, batch_size=batch_size, images=images)
     return result
 
 
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--calls-images", type=int, default=32000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows-per-file", type=int, default=64)
     parser.add_argument("--stand-in-ms", type=float, default=5.0)
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
              runtime_env={"env_vars": env, "worker_process_setup_hook": "stand_in_model.install"})  # fmt: skip
     try:
         report: dict = {"machine": describe(), "args": vars(args) | {"out": str(args.out)}}
-        report["per_call"] = per_call(args.calls, args.batch_size)
+        report["per_call"] = per_call(args.calls_images, args.batch_size)
         rounds: dict[str, list[float]] = {"with": [], "without": []}
         for _ in range(args.rounds):
             for side in ("with", "without"):

@@ -161,6 +161,7 @@ class ShardSegmenter:
             for results in encoded:
                 flight.done(results.column("image_id").to_pylist())
                 yield results
+            flight.flush()
             if not suspect:
                 return
             yield self._alone(suspect.pop(), flight)
@@ -291,10 +292,16 @@ def _poisoned_in_place(rows: Iterator[ImageRow], history: ShardHistory) -> Itera
 
 
 def _announced(rows: Iterator[ImageRow], flight: Flight) -> Iterator[ImageRow]:
-    """``rows``, each announced in flight (`pipeline.poison`) before it is handed on, `ANNOUNCE_CHUNK` at a time."""
-    while chunk := list(islice(rows, ANNOUNCE_CHUNK)):
-        flight.announce([row.image_id for row in chunk if not row.error])
+    """``rows``, each announced in flight (`pipeline.poison`) before it is handed on: `ANNOUNCE_CHUNK` at a time,
+    the next chunk's announcement sent while this one's rows are handed on (so that its answer is there)."""
+    chunk = list(islice(rows, ANNOUNCE_CHUNK))
+    ack = flight.announce_ahead([row.image_id for row in chunk if not row.error])
+    while chunk:
+        flight.wait(ack)
+        following = list(islice(rows, ANNOUNCE_CHUNK))
+        ack = flight.announce_ahead([row.image_id for row in following if not row.error])
         yield from chunk
+        chunk = following
 
 
 def _model_batch(batch: list[tuple[ImageRow, DecodedImage]]) -> dict[str, np.ndarray]:
