@@ -14,14 +14,17 @@ Inside one call the stages are pipelined on the actor's thread pool (`pipeline.p
 so the next batch is decoded, and the previous one RLE-encoded and committed, while the model runs the current
 one. Reads and commits run on an I/O pool (`IO_THREADS`), decoding and RLE on a pool of ``threads`` (the CPUs
 the actor reserves). Memory per actor is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and
-at most `READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, `ANNOUNCE_CHUNK`
-rows announced ahead of ``2 × batch_size`` images being decoded (at full size), `RLE_IN_FLIGHT` batches of
-full-size id maps awaiting RLE, one part being gathered and `COMMITS_IN_FLIGHT` parts being written: the README's
-formula ("Memory per actor"), checked by tests/pipeline/test_actor_memory.py.
+at most `READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, two chunks of
+`ANNOUNCE_CHUNK` rows announced ahead of ``2 × batch_size`` images being decoded (at full size),
+`RLE_IN_FLIGHT` batches of full-size id maps awaiting RLE, one part being gathered and `COMMITS_IN_FLIGHT` parts
+being written: the README's formula ("Memory per actor"), checked by tests/pipeline/test_actor_memory.py.
 
 A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
 died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
-image is committed once. Reading, decoding and the model's errors are per image (error rows), as before.
+image is committed once; the images in flight at the death are redone one at a time, in place, and one that
+kills its actor again gets an error row (`pipeline.poison`); a model batch that hangs ends the actor
+(`pipeline.watchdog`). Any exception while reading, decoding, segmenting or encoding one image is that image's
+error row (`stage_error`), never the shard's failure; a failed commit is retried or fails the job, as before.
 """
 
 from __future__ import annotations
