@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import http.client
 import logging
+import select
 import socket
 import struct
 import threading
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-FaultMode = Literal["none", "reset", "truncate", "slowdown_503", "delay", "stopped"]
+FaultMode = Literal["none", "reset", "truncate", "slowdown_503", "delay", "stall", "stopped"]
+_MODES = ("none", "reset", "truncate", "slowdown_503", "delay", "stall", "stopped")
 _MAX_HEAD_BYTES = 64 * 1024
 _COPY_CHUNK = 64 * 1024
 _POLL_S = 0.05  # how often blocking loops look at their stop flag
@@ -143,8 +145,10 @@ class FaultProxy:
     Modes (see `set_fault`): `none` forwards transparently; `reset` answers a request by resetting the
     connection (RST); `truncate` forwards the response head and the first `truncate_at` bytes of the body,
     then closes the connection; `slowdown_503` answers with S3's XML `503 SlowDown` error without
-    forwarding; `delay` waits `delay_s` before forwarding; `stopped` closes the listening socket (and every
-    open connection), so connections are refused until `heal`. Counted modes heal by themselves after
+    forwarding; `delay` waits `delay_s` before forwarding; `stall` forwards the response head, then sends no
+    body bytes and holds the connection open until the client closes it, the proxy closes or the fault is set
+    again (`heal`, `set_fault`), then closes it; `stopped` closes the listening socket (and every open
+    connection), so connections are refused until `heal`. Counted modes heal by themselves after
     `count` faults. One thread per client connection, one upstream connection per client connection.
     """
 
@@ -160,6 +164,7 @@ class FaultProxy:
         self._port: int | None = None
         self._closed = threading.Event()
         self._fault = _NO_FAULT
+        self._generation = 0  # how many times the fault was set: a stall lasts while it stays the same
         self._requests_seen = 0
         self._faults_injected = 0
         self._conns: set[socket.socket] = set()
@@ -200,9 +205,10 @@ class FaultProxy:
     ) -> None:
         """Inject `mode` into the next `count` (default 1) requests whose method is in `methods` (default:
         any) and whose target (path and query) contains one of `paths` (default: any).
-        A `truncate` fault is spent only on a response whose body is longer than `truncate_at` bytes.
+        A `truncate` fault is spent only on a response whose body is longer than `truncate_at` bytes, a `stall`
+        only on a response with a body.
         `stopped` takes no count: it lasts until `heal` or the next `set_fault`."""
-        if mode not in ("none", "reset", "truncate", "slowdown_503", "delay", "stopped"):
+        if mode not in _MODES:
             raise ValueError(f"unknown fault mode {mode!r}")
         if mode == "stopped" and count is not None:
             raise ValueError(f"fault mode 'stopped' lasts until heal(); got count={count}")
@@ -212,6 +218,7 @@ class FaultProxy:
         wanted = None if methods is None else frozenset(m.upper() for m in methods)
         with self._lock:
             self._fault = _Fault(mode, count, wanted, None if paths is None else tuple(paths), truncate_at, delay_s)
+            self._generation += 1  # ends every `stall` in progress
         with self._listener_lock:
             if mode == "stopped" and self._listener is not None:
                 self._listener.close()
@@ -324,7 +331,7 @@ class FaultProxy:
             fault = self._fault
             if fault.mode in ("none", "stopped") or fault.left <= 0:
                 return _NO_FAULT
-            if (phase == "response") != (fault.mode == "truncate"):  # a cut needs the response head first
+            if (phase == "response") != (fault.mode in ("truncate", "stall")):  # these need the response head
                 return _NO_FAULT
             if fault.methods is not None and request.method not in fault.methods:
                 return _NO_FAULT
@@ -332,6 +339,8 @@ class FaultProxy:
                 return _NO_FAULT
             if fault.mode == "truncate" and body_len is not None and body_len <= fault.truncate_at:
                 return _NO_FAULT  # nothing to cut
+            if fault.mode == "stall" and body_len == 0:
+                return _NO_FAULT  # no body to hold back
             fault.left -= 1
             self._faults_injected += 1
             if fault.left == 0:
@@ -397,8 +406,14 @@ class FaultProxy:
             body_len = None
         else:
             body_len = int(headers["content-length"])
+        with self._lock:
+            generation = self._generation
         fault = self._take_fault(request, phase="response", body_len=body_len)
         client.sendall(head)
+        if fault.mode == "stall":
+            self._hold(client, generation)
+            _shutdown(client)
+            return False
         if fault.mode == "truncate":
             _copy(up_reader, client, fault.truncate_at, until_eof=False)
             _shutdown(client)
@@ -411,6 +426,16 @@ class FaultProxy:
         else:
             _copy(up_reader, client, body_len, until_eof=False)
         return not request.close and headers.get("connection", "").lower() != "close"
+
+    def _hold(self, client: socket.socket, generation: int) -> None:
+        """Send nothing until the client closes its end, the proxy closes or the fault is set again."""
+        while not self._closed.wait(_POLL_S):
+            with self._lock:
+                if self._generation != generation:
+                    return
+            readable, _, _ = select.select([client], [], [], 0)
+            if readable and not client.recv(1, socket.MSG_PEEK):
+                return  # the client gave up and closed
 
 
 def _read_head(reader: BinaryIO, *, trailers: bool = False) -> bytes | None:
