@@ -25,6 +25,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO, Literal
 from urllib.parse import urlsplit
@@ -167,6 +168,7 @@ class FaultProxy:
         self._generation = 0  # how many times the fault was set: a stall lasts while it stays the same
         self._requests_seen = 0
         self._faults_injected = 0
+        self._stalls_given_up: list[float] = []
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._accept_thread: threading.Thread | None = None
@@ -243,6 +245,12 @@ class FaultProxy:
         """Faults injected since start (a `stopped` period is not counted)."""
         with self._lock:
             return self._faults_injected
+
+    @property
+    def stalls_given_up_s(self) -> list[float]:
+        """How long each `stall` that its client gave up (closed the connection) was held, in seconds."""
+        with self._lock:
+            return list(self._stalls_given_up)
 
     @property
     def requests_seen(self) -> int:
@@ -429,13 +437,16 @@ class FaultProxy:
 
     def _hold(self, client: socket.socket, generation: int) -> None:
         """Send nothing until the client closes its end, the proxy closes or the fault is set again."""
+        start = time.monotonic()
         while not self._closed.wait(_POLL_S):
             with self._lock:
                 if self._generation != generation:
                     return
             readable, _, _ = select.select([client], [], [], 0)
-            if readable and not client.recv(1, socket.MSG_PEEK):
-                return  # the client gave up and closed
+            if readable and not client.recv(1, socket.MSG_PEEK):  # the client gave up and closed
+                with self._lock:
+                    self._stalls_given_up.append(time.monotonic() - start)
+                return
 
 
 def _read_head(reader: BinaryIO, *, trailers: bool = False) -> bytes | None:

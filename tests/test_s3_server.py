@@ -248,6 +248,12 @@ def test_stall_sends_the_head_and_then_no_body(proxy: FaultProxy, bucket: str) -
     with pytest.raises(ReadTimeoutError):
         response["Body"].read()
     assert 0.5 <= time.monotonic() - start < 3
+    client.close()  # closes its connections: the proxy sees the client give up
+    deadline = time.monotonic() + 3
+    while not proxy.stalls_given_up_s and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(proxy.stalls_given_up_s) == 1 and 0.5 <= proxy.stalls_given_up_s[0] < 3
+    client = _client(proxy.endpoint_url, retries=NO_RETRIES, read_timeout=0.5)
     assert client.get_object(Bucket=bucket, Key="obj")["Body"].read() == DATA  # healed after one
     client.close()
 
@@ -272,6 +278,7 @@ def test_stall_holds_the_connection_until_healed(proxy: FaultProxy, bucket: str)
     reader.join(5)
     assert not reader.is_alive() and time.monotonic() - start < 1  # healing ends it at once
     assert isinstance(body[0], http.client.IncompleteRead) and body[0].partial == b""
+    assert proxy.stalls_given_up_s == []  # ended by the heal, not by the client
     conn.close()
 
 
