@@ -69,6 +69,7 @@ class ShardSegmenter:
         batch_size: int,
         max_pixels: int,
         max_bytes: int,
+        read_timeout_s: float,
         bytes_column: str,
         id_column: str | None,
         threads: int,
@@ -79,7 +80,7 @@ class ShardSegmenter:
         self.inference = inference
         self.committer = committer
         self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
-        self.max_bytes = max_bytes
+        self.max_bytes, self.read_timeout_s = max_bytes, read_timeout_s
         self.bytes_column, self.id_column = bytes_column, id_column
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard-cpu")
         self.io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="shard-io")
@@ -118,7 +119,13 @@ class ShardSegmenter:
         def read(ref: tuple[str, str, list[str]]) -> list[ImageRow]:
             uri, kind, skip = ref
             return read_ref(
-                uri, kind, skip, bytes_column=self.bytes_column, id_column=self.id_column, max_bytes=self.max_bytes
+                uri,
+                kind,
+                skip,
+                bytes_column=self.bytes_column,
+                id_column=self.id_column,
+                max_bytes=self.max_bytes,
+                read_timeout_s=self.read_timeout_s,
             )
 
         def decode(row: ImageRow) -> tuple[ImageRow, DecodedImage]:
