@@ -266,16 +266,22 @@ class _ReaderThreads:
 _READERS = _ReaderThreads()
 
 
-def read_filesystem(uri: str, *, read_timeout_s: float) -> tuple[fsspec.AbstractFileSystem, str]:
+def read_filesystem(
+    uri: str, *, read_timeout_s: float, single_attempt: bool = True
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) to read the input ``uri`` with: on S3, an s3fs filesystem whose botocore client has
-    ``read_timeout_s`` as its connect and read timeouts and makes one attempt per call, and whose own retries
-    are off (s3fs retries a timeout 5 times, nested in its retries of the request: 25 attempts of one read);
-    `retrying` makes the attempts instead. Any other URI: its usual filesystem."""
+    ``read_timeout_s`` as its connect and read timeouts. With ``single_attempt`` (reads) it makes one attempt per
+    call, botocore's retries and s3fs's own off (s3fs retries a timeout 5 times, nested in its retries of the
+    request: 25 attempts of one read), and `retrying` makes the attempts instead; without it (listing) both keep
+    their retries. Any other URI: its usual filesystem."""
     if fsspec.core.split_protocol(uri)[0] not in ("s3", "s3a"):
         return fsspec.core.url_to_fs(uri)
-    options = {**s3_timeouts(read_timeout_s), "retries": {"mode": "standard", "total_max_attempts": 1}}
-    fs, path = fsspec.core.url_to_fs(uri, config_kwargs=options)  # cached per options: only reads share it
-    fs.retries = 1  # an instance attribute of s3fs (default 5), not a constructor argument
+    options: dict[str, Any] = s3_timeouts(read_timeout_s)
+    if single_attempt:
+        options["retries"] = {"mode": "standard", "total_max_attempts": 1}
+    fs, path = fsspec.core.url_to_fs(uri, config_kwargs=options)  # one instance per options: reads share it
+    if single_attempt:
+        fs.retries = 1  # an instance attribute of s3fs (default 5), not a constructor argument
     return fs, path
 
 

@@ -17,7 +17,9 @@ import s3fs
 from fsspec.spec import AbstractFileSystem
 
 from pipeline import storage
+from pipeline.config import InputConfig
 from pipeline.readers import read_refs
+from pipeline.sources import InputError, resolve_inputs
 from pipeline.storage import ReadTimedOut, read_object
 from tests.s3_server import FaultProxy
 
@@ -210,3 +212,22 @@ def test_a_local_file_larger_than_a_chunk_is_read_whole(tmp_path: Any, monkeypat
     assert got == data and info.size == len(data)
     with pytest.raises(storage.TooLarge):
         read_object(str(path), max_bytes=len(data) - 1, read_timeout_s=FS_TIMEOUT_S)
+
+
+# -- listing ------------------------------------------------------------------------------------------------
+
+
+def test_an_s3_listing_that_gets_no_answer_fails_within_its_retries_of_the_timeout(proxy: FaultProxy) -> None:
+    """The listing keeps s3fs's retries (5 attempts here, botocore's are off in the tests' environment), each
+    giving up after the read timeout instead of s3fs's 15 s."""
+    _put("listed/a.jpg", b"x")
+    proxy.set_fault("delay", count=100, delay_s=60.0)
+    start = time.monotonic()
+    with pytest.raises(InputError, match=f"s3://{BUCKET}/listed/"):
+        resolve_inputs(InputConfig((f"s3://{BUCKET}/listed/",)), read_timeout_s=0.5)
+    assert proxy.faults_injected >= 2
+    assert time.monotonic() - start < 5 * 0.5 + 2 + MARGIN_S  # 5 attempts and s3fs's backoff (~1.8 s)
+    proxy.heal()
+    assert [r["uri"] for r in resolve_inputs(InputConfig((f"s3://{BUCKET}/listed/",))).refs] == [
+        f"s3://{BUCKET}/listed/a.jpg"
+    ]
