@@ -30,6 +30,7 @@ from pipeline.commit import OutputCommitter
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
 from pipeline.inspection import inspect_output
 from pipeline.lease import Lease, new_run_id
+from pipeline.poison import start_flight_recorder
 from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
 from pipeline.run_records import new_record
 from pipeline.run_summary import RunSummary
@@ -41,8 +42,10 @@ from pipeline.weights import resolve_weights
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
-# Ray restarts a dead model actor and retries its shard call; bounded, so that an input that kills every actor
-# that reads it (out of memory, a crashing codec) fails the job instead of running it forever.
+# Ray restarts a dead model actor and retries its shard call. Each death is spent on poison isolation
+# (`pipeline.poison`): an input that kills every actor that reads it (a crashing codec, out of memory) costs two
+# deaths and gets an error row; bounded, so that a shard whose actors keep dying with nothing in flight (nodes
+# lost again and again) fails the job instead of running forever.
 SHARD_CALL_RETRIES = 8
 SHARDS_PER_ACTOR = 4  # a small job is cut into at least this many shards per actor, so that every actor works
 
@@ -97,9 +100,15 @@ def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.D
 
 
 def build_dataset(
-    config: JobConfig, shards: ray.data.Dataset, *, weights: str, committer: OutputCommitter
+    config: JobConfig,
+    shards: ray.data.Dataset,
+    *,
+    weights: str,
+    committer: OutputCommitter,
+    flight_recorder: Any = None,
 ) -> ray.data.Dataset:
-    """The lazy plan from ``shards`` (`shard_dataset`) to one `PART_ROW_SCHEMA` row per committed part."""
+    """The lazy plan from ``shards`` (`shard_dataset`) to one `PART_ROW_SCHEMA` row per committed part;
+    ``flight_recorder`` (`pipeline.poison.start_flight_recorder`) turns on poison isolation."""
     res = config.resources
     use_gpu = use_gpus(res.device)
     cpus = actor_cpus(res, use_gpu=use_gpu)
@@ -129,6 +138,8 @@ def build_dataset(
                 "bytes_column": config.input.bytes_column,
                 "id_column": config.input.id_column,
                 "threads": max(2, int(cpus)),
+                "failures": config.failures,
+                "flight_recorder": flight_recorder,  # an actor handle: the record survives this actor's death
             },
         )
 
@@ -219,7 +230,8 @@ def run_job(
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
             shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
-            dataset = build_dataset(config, shards, weights=weights, committer=committer)
+            recorder = start_flight_recorder()  # poison isolation (`pipeline.poison`)
+            dataset = build_dataset(config, shards, weights=weights, committer=committer, flight_recorder=recorder)
             committer.on_write_start(record)  # the record before any row of this run; no _SUCCESS older than them
             bar = _progress_bar(plan.known_total, enabled=show_progress)
             # no prefetch: each part's row reaches the bar, `on_part` and the lease check as soon as it exists

@@ -26,24 +26,34 @@ image is committed once. Reading, decoding and the model's errors are per image 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 
 from model.predictor import InferenceConfig
 from pipeline.commit import OutputCommitter
+from pipeline.config import FailureConfig, redact_uri
 from pipeline.decode import UNREAD, decode_input, decoded_batch
+from pipeline.ids import SHARD_ITSELF, file_id, member_id
 from pipeline.parts import PartGatherer
 from pipeline.pipelining import ordered_map
+from pipeline.poison import ANNOUNCE_CHUNK, Flight, ShardHistory
 from pipeline.predict import PanopticSegmenter
 from pipeline.readers import ImageRow, read_ref, ref_rows
-from pipeline.results import encode_results
-from pipeline.schema import PART_ROW_SCHEMA, DecodedImage
+from pipeline.results import encode_results, prediction_table
+from pipeline.schema import EMPTY_PIXELS, PART_ROW_SCHEMA, DecodedImage
+from pipeline.storage import TRANSIENT_ERRORS
+from pipeline.watchdog import HungBatchWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +62,21 @@ READ_AHEAD_SHARDS = 2  # tar / Parquet refs read ahead (each one whole shard in 
 RLE_IN_FLIGHT = 2  # model batches awaiting RLE
 COMMITS_IN_FLIGHT = 2  # parts being written
 IO_THREADS = 16  # reads and commits wait on storage, not on a CPU
+DEFAULT_FAILURES = FailureConfig()
+HUNG_EXIT_CODE = 75  # the process ended itself on a hung batch
 
 
 class ShardSegmenter:
-    """Ray Data callable class: one shard of refs in, one `PART_ROW_SCHEMA` row per committed part out."""
+    """Ray Data callable class: one shard of refs in, one `PART_ROW_SCHEMA` row per committed part out.
+
+    ``flight_recorder``: the run's in-flight record (`pipeline.poison.start_flight_recorder`; None: no poison
+    isolation). ``failures``: the run's `FailureConfig` (the hung-batch floor).
+    """
+
+    flight_recorder: Any = None  # class defaults: a test may build the call with __new__ and set the rest
+    failures: FailureConfig = DEFAULT_FAILURES
+    watchdog: HungBatchWatchdog | None = None
+    _flight: Flight | None = None
 
     def __init__(
         self,
@@ -73,6 +94,8 @@ class ShardSegmenter:
         bytes_column: str,
         id_column: str | None,
         threads: int,
+        failures: FailureConfig = DEFAULT_FAILURES,
+        flight_recorder: Any = None,
     ) -> None:
         self.segmenter = PanopticSegmenter(
             variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
@@ -82,11 +105,20 @@ class ShardSegmenter:
         self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
         self.max_bytes, self.read_timeout_s = max_bytes, read_timeout_s
         self.bytes_column, self.id_column = bytes_column, id_column
+        self.failures, self.flight_recorder = failures, flight_recorder
+        self.watchdog = HungBatchWatchdog(floor_s=failures.hung_batch_s, on_hung=self._hung)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard-cpu")
         self.io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="shard-io")
         self.node_id = _node_id()
 
     def __call__(self, refs: pa.Table) -> pa.Table:
+        flight = self._flight = Flight(self.flight_recorder, shard_key(refs))
+        history = flight.begin()
+        if history.deaths:
+            log.warning(
+                "shard %s: redone after %d death(s) of its actor; %d image(s) run alone, %d skipped as poisoned",
+                flight.key, history.deaths, len(history.suspects), len(history.poisoned),
+            )  # fmt: skip
         gatherer = PartGatherer(self.rows_per_file)
         commits: deque[Future[dict[str, object] | None]] = deque()
         rows: list[dict[str, object]] = []
@@ -96,7 +128,7 @@ class ShardSegmenter:
             while len(commits) > COMMITS_IN_FLIGHT:
                 _collect(commits.popleft(), rows)
 
-        for results in ordered_map(encode_results, self._predictions(refs), pool=self.pool, depth=RLE_IN_FLIGHT):
+        for results in self._results(refs, flight, history):
             for part in gatherer.add(results):
                 commit(part)
         rest = gatherer.rest()
@@ -104,20 +136,58 @@ class ShardSegmenter:
             commit(rest)
         while commits:
             _collect(commits.popleft(), rows)
+        flight.finish()
         return pa.Table.from_pylist(rows, schema=PART_ROW_SCHEMA)
 
-    def _predictions(self, refs: pa.Table) -> Iterator[pa.Table]:
-        """`pipeline.schema.PREDICTION_SCHEMA` tables of one model batch each; the model runs on this thread."""
-        images = self._decoded(refs)
-        while batch := list(islice(images, self.batch_size)):
-            rows = {name: [getattr(row, name) for row, _ in batch] for name in ImageRow._fields}
-            yield self.segmenter(decoded_batch(rows, [decoded for _, decoded in batch]))
+    def _results(self, refs: pa.Table, flight: Flight, history: ShardHistory) -> Iterator[pa.Table]:
+        """`RESULT_SCHEMA` tables in the shard's order, whatever its history (so that every attempt cuts the same
+        parts): the images pipelined batch by batch, a poisoned one as its error row, and each suspect of an
+        earlier death alone, once the images before it are through (`pipeline.poison`)."""
+        rows = _poisoned_in_place(self._rows(refs), history)
+        suspect: list[ImageRow] = []
 
-    def _decoded(self, refs: pa.Table) -> Iterator[tuple[ImageRow, DecodedImage]]:
-        """Each image row of the shard with its `DecodedImage`, read and decoded ahead on the pool."""
+        def until_suspect() -> Iterator[ImageRow]:
+            for row in rows:
+                if row.image_id in history.suspects and not row.error:
+                    suspect.append(row)
+                    return
+                yield row
 
-        def read(ref: tuple[str, str, list[str]]) -> list[ImageRow]:
-            uri, kind, skip = ref
+        while True:
+            images = ordered_map(
+                self._decode, _announced(until_suspect(), flight), pool=self.pool, depth=2 * self.batch_size
+            )
+            encoded = ordered_map(self._encode, self._predictions(images), pool=self.pool, depth=RLE_IN_FLIGHT)
+            for results in encoded:
+                flight.done(results.column("image_id").to_pylist())
+                yield results
+            if not suspect:
+                return
+            yield self._alone(suspect.pop(), flight)
+
+    def _alone(self, row: ImageRow, flight: Flight) -> pa.Table:
+        """One suspect decoded, segmented and encoded with nothing else in flight, each stage announced."""
+        flight.alone = True
+        flight.announce([row.image_id], "decoding")
+        image = self._decode(row)
+        flight.announce([row.image_id], "segmenting")
+        predictions = self._segment(_model_batch([image]))
+        flight.announce([row.image_id], "encoding")
+        results = self._encode(predictions)
+        flight.done([row.image_id])
+        flight.alone = False
+        return results
+
+    def _rows(self, refs: pa.Table) -> Iterator[ImageRow]:
+        """Each image row of the shard, read ahead on the I/O pool."""
+        files_only = all(kind == "file" for kind in refs.column("kind").to_pylist())
+        depth = READ_AHEAD_FILES if files_only else READ_AHEAD_SHARDS
+        read_ahead = ordered_map(self._read, ref_rows(refs), pool=self.io_pool, depth=depth)
+        return (row for image_rows in read_ahead for row in image_rows)
+
+    def _read(self, ref: tuple[str, str, list[str]]) -> list[ImageRow]:
+        uri, kind, skip = ref
+        try:
             return read_ref(
                 uri,
                 kind,
@@ -127,18 +197,124 @@ class ShardSegmenter:
                 max_bytes=self.max_bytes,
                 read_timeout_s=self.read_timeout_s,
             )
+        except Exception as exc:  # any failure of one ref is its error row; the shard goes on
+            return unread_ref(uri, kind, skip, stage_error("reading", exc), retryable=isinstance(exc, TRANSIENT_ERRORS))
 
-        def decode(row: ImageRow) -> tuple[ImageRow, DecodedImage]:
-            if row.error:
-                return row, UNREAD
+    def _decode(self, row: ImageRow) -> tuple[ImageRow, DecodedImage]:
+        if row.error:
+            return row, UNREAD
+        try:
             decoded = decode_input(row.data, max_pixels=self.max_pixels, inference=self.inference)
-            return row._replace(data=b""), decoded  # the bytes are not needed past here
+        except Exception as exc:  # beyond what decode_input turns into errors (a codec plugin's own, a bug)
+            decoded = DecodedImage(EMPTY_PIXELS, b"", 1, 0, 0, stage_error("decoding", exc))
+        return row._replace(data=b""), decoded  # the bytes are not needed past here
 
-        files_only = all(kind == "file" for kind in refs.column("kind").to_pylist())
-        depth = READ_AHEAD_FILES if files_only else READ_AHEAD_SHARDS
-        read_ahead = ordered_map(read, ref_rows(refs), pool=self.io_pool, depth=depth)
-        rows = (row for image_rows in read_ahead for row in image_rows)
-        return ordered_map(decode, rows, pool=self.pool, depth=2 * self.batch_size)
+    def _predictions(self, images: Iterator[tuple[ImageRow, DecodedImage]]) -> Iterator[pa.Table]:
+        """`pipeline.schema.PREDICTION_SCHEMA` tables of one model batch each; the model runs on this thread."""
+        while batch := list(islice(images, self.batch_size)):
+            yield self._segment(_model_batch(batch))
+
+    def _segment(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The model on one batch, watched (`pipeline.watchdog`). A batch whose call raises is redone image by
+        image, and an image whose own call raises gets an error row: one bad image never fails its shard."""
+        try:
+            with self._watched():
+                return self.segmenter(batch)
+        except Exception as exc:
+            if len(batch["image_id"]) == 1:
+                return _error_predictions(batch, stage_error("segmenting", exc))
+            log.warning("a model batch raised %s; redoing its images one at a time", type(exc).__name__)
+        return pa.concat_tables([self._segment(_take(batch, i)) for i in range(len(batch["image_id"]))])
+
+    def _watched(self) -> contextlib.AbstractContextManager[None]:
+        return self.watchdog.batch() if self.watchdog is not None else contextlib.nullcontext()
+
+    def _encode(self, predictions: pa.Table) -> pa.Table:
+        """`encode_results`; a row whose encoding raises gets an error row instead."""
+        try:
+            return encode_results(predictions)
+        except Exception as exc:
+            if predictions.num_rows == 1:
+                return encode_results(_failed(predictions, stage_error("encoding", exc)))
+        return pa.concat_tables([self._encode(predictions.slice(i, 1)) for i in range(predictions.num_rows)])
+
+    def _hung(self, seconds: float) -> None:
+        """The watchdog's verdict on the running batch: record why, then end this process (Ray restarts the
+        actor and retries the shard, whose poison isolation runs the batch's images alone)."""
+        reason = f"a model batch hung for {seconds:.0f} s"
+        log.error(
+            "%s (limit %.0f s, --hung-batch-timeout); ending this model actor", reason, self.failures.hung_batch_s
+        )
+        if self._flight is not None:
+            self._flight.dying(reason)
+        logging.shutdown()
+        os._exit(HUNG_EXIT_CODE)
+
+
+def shard_key(refs: pa.Table) -> str:
+    """The same key for every attempt of one shard: a hash of its refs (URIs and skipped members)."""
+    digest = hashlib.sha256()
+    for uri, kind, skip in ref_rows(refs):
+        digest.update(json.dumps([uri, kind, skip]).encode())
+    return digest.hexdigest()[:24]
+
+
+def stage_error(stage: str, exc: BaseException) -> str:
+    """An error row's text for an unexpected exception at a stage (redacted: no secret from a URI or a message)."""
+    return redact_uri(f"{stage} failed: {type(exc).__name__}: {exc}".rstrip(": "))
+
+
+def unread_ref(uri: str, kind: str, skip: list[str], error: str, *, retryable: bool) -> list[ImageRow]:
+    """The error row of a ref whose reader raised: the file's row, or the shard's own (member `SHARD_ITSELF`)."""
+    if kind == "file":
+        return [ImageRow(file_id(uri), uri, None, None, None, b"", error, retryable)]
+    if SHARD_ITSELF in skip:
+        return []
+    return [ImageRow(member_id(uri, SHARD_ITSELF), uri, SHARD_ITSELF, None, None, b"", error, retryable)]
+
+
+def _poisoned_in_place(rows: Iterator[ImageRow], history: ShardHistory) -> Iterator[ImageRow]:
+    """``rows``, a poisoned image's replaced by its error row (it is never decoded again)."""
+    for row in rows:
+        if row.image_id in history.poisoned:
+            yield row._replace(data=b"", error=history.poisoned[row.image_id], retryable=False)
+        else:
+            yield row
+
+
+def _announced(rows: Iterator[ImageRow], flight: Flight) -> Iterator[ImageRow]:
+    """``rows``, each announced in flight (`pipeline.poison`) before it is handed on, `ANNOUNCE_CHUNK` at a time."""
+    while chunk := list(islice(rows, ANNOUNCE_CHUNK)):
+        flight.announce([row.image_id for row in chunk if not row.error])
+        yield from chunk
+
+
+def _model_batch(batch: list[tuple[ImageRow, DecodedImage]]) -> dict[str, np.ndarray]:
+    rows = {name: [getattr(row, name) for row, _ in batch] for name in ImageRow._fields}
+    return decoded_batch(rows, [decoded for _, decoded in batch])
+
+
+def _take(batch: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    return {name: column[i : i + 1] for name, column in batch.items()}
+
+
+def _error_predictions(batch: dict[str, np.ndarray], error: str) -> pa.Table:
+    n = len(batch["image_id"])
+    return prediction_table(batch, {}, errors=[error] * n, retryable=[False] * n)
+
+
+def _failed(predictions: pa.Table, error: str) -> pa.Table:
+    """`PREDICTION_SCHEMA` rows turned into error rows (no id map, no segments)."""
+    n = predictions.num_rows
+    replaced = {
+        "error": pa.array([error] * n, pa.string()),
+        "retryable": pa.array([False] * n, pa.bool_()),
+        "id_map": pa.array([b""] * n, pa.large_binary()),
+        "segments": pa.array([[]] * n, predictions.schema.field("segments").type),
+    }
+    for name, column in replaced.items():
+        predictions = predictions.set_column(predictions.schema.get_field_index(name), name, column)
+    return predictions
 
 
 def _collect(future: Future[dict[str, object] | None], rows: list[dict[str, object]]) -> None:

@@ -8,7 +8,11 @@
 - ``PF_FAULT=actor``: the model actor is SIGKILLed in the middle of its second model batch (the first went
   through), so Ray restarts it and retries the shard call it was on;
 - ``PF_FAULT=pause``: the first commit of an ``images`` file holds, right after it, until the file
-  ``PF_FAULT_RELEASE`` exists (at most ``PAUSE_LIMIT_S``): a job held mid-run, deterministically.
+  ``PF_FAULT_RELEASE`` exists (at most ``PAUSE_LIMIT_S``): a job held mid-run, deterministically;
+- ``PF_FAULT=poison``: inputs that strike every time they are handled (`install_poison`): bytes ending in
+  `POISON_DECODE` kill the process that decodes them (SIGSEGV, as a crashing codec), in `RAISE_DECODE` make the
+  decode raise a RuntimeError; an image id holding `POISON_MODEL` kills the model's process (``os._exit``), one
+  holding `HANG_MODEL` hangs its model batch. Each strike appends a line to ``PF_FAULT_MARKER``.
 
 The fault fires once per ``PF_FAULT_MARKER`` file, which it creates holding what it struck, so Ray's retry runs
 undisturbed.
@@ -26,6 +30,8 @@ def install() -> None:
     marker = os.environ.get("PF_FAULT_MARKER")
     if point == "actor" and marker:
         _kill_the_actor_on_its_second_batch(marker)
+    if point == "poison" and marker:
+        install_poison(marker)
     if point not in ("between", "after", "pause") or not marker:
         return
     import pipeline.commit as commit
@@ -79,3 +85,44 @@ def _claim(marker: str, path: str) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(path)
     return True
+
+
+POISON_DECODE = b"PF-POISON-DECODE"
+RAISE_DECODE = b"PF-RAISE-DECODE"
+POISON_MODEL = "poison-model"
+HANG_MODEL = "hang-model"
+
+
+def install_poison(marker: str) -> None:
+    """``PF_FAULT=poison`` (see the module docstring), in this process."""
+    import pipeline.shard as shard
+    from pipeline.predict import PanopticSegmenter
+
+    decode, segment = shard.decode_input, PanopticSegmenter.__call__
+
+    def decode_input(data, **kwargs):  # type: ignore[no-untyped-def]
+        if data.endswith(POISON_DECODE):
+            _strike(marker, f"decode-kill {os.getpid()}")
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if data.endswith(RAISE_DECODE):
+            _strike(marker, f"decode-raise {os.getpid()}")
+            raise RuntimeError("a codec plugin's own exception")
+        return decode(data, **kwargs)
+
+    def call(self, batch):  # type: ignore[no-untyped-def]
+        ids = [str(i) for i in batch["image_id"]]
+        if any(POISON_MODEL in i for i in ids):
+            _strike(marker, f"model-kill {os.getpid()} batch of {len(ids)}")
+            os._exit(1)
+        if any(HANG_MODEL in i for i in ids):
+            _strike(marker, f"model-hang {os.getpid()} batch of {len(ids)}")
+            time.sleep(PAUSE_LIMIT_S)
+        return segment(self, batch)
+
+    shard.decode_input = decode_input  # type: ignore[assignment]
+    PanopticSegmenter.__call__ = call  # type: ignore[method-assign]
+
+
+def _strike(marker: str, what: str) -> None:
+    with open(marker, "a") as f:
+        f.write(what + "\n")

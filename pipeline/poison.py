@@ -1,0 +1,180 @@
+"""Poison isolation: an input that kills its model worker gets an error row instead of failing the job.
+
+MapReduce's "skipping bad records" (Dean & Ghemawat, OSDI 2004, §3.7), for the shard call (`pipeline.shard`):
+
+1. Before an image is decoded, segmented and RLE-encoded, the shard call *announces* it in flight, and it says
+   when the image is *done* (encoded). The record lives in a `FlightLog` held by one small actor per run
+   (`start_flight_recorder`, on the driver's node, no CPU), so it survives the model actor's death and is seen
+   by the call's retry wherever Ray runs it.
+2. A shard call begins with `FlightLog.begin`. When the shard's previous attempt never finished, its actor died:
+   every image it had in flight gets a *strike* (a *death* with nothing in flight, such as a lost node, strikes
+   nobody and the shard is redone as before).
+3. The retry runs the images without a strike as usual, then each *suspect* (one strike) alone: decoded,
+   segmented and encoded with nothing else in flight, each step announced with its stage. A suspect that comes
+   through is cleared.
+4. A suspect whose actor dies while it is alone is *poisoned* (in flight at two deaths, the second alone): the
+   retry gives it an error row, ``killed the model worker (twice) while <stage>: skipped``, not retryable
+   (a re-run would only be killed again; ``--retry-poisoned`` redoes such rows on purpose), and commits its
+   shard-mates.
+
+So each death spends one of the call's retries (`pipeline.run.SHARD_CALL_RETRIES`) on finding the poison, never
+on a blind repeat: k poisoned images in one shard cost 1 + k deaths. A hung model batch is turned into a death
+by `pipeline.watchdog`. Order: the images done before a death are a prefix of the shard's images, so a retry
+cuts the same first parts (part names hash their ids) and nothing is committed twice.
+
+Cost: one blocking call to the recorder per `ANNOUNCE_CHUNK` images, one fire-and-forget call per model batch
+(BENCHMARKS.md "Poison isolation"). If the recorder itself is lost, the shard calls go on without isolation
+(logged once): a death then fails its retries as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["in flight", "decoding", "segmenting", "encoding"]
+IN_FLIGHT: Stage = "in flight"  # announced in a normal (pipelined) window: the stage is not known
+POISON_ERROR = "killed the model worker (twice)"  # the start of a poisoned image's error
+ANNOUNCE_CHUNK = 32  # images announced per blocking call in a normal window
+
+
+def poisoned_error(stage: str, reason: str = "") -> str:
+    """The error row of an image in flight at two deaths, the second while it was alone at ``stage``."""
+    why = f" ({reason})" if reason else ""
+    return f"{POISON_ERROR} while {stage}{why}: skipped; a re-run keeps this row, --retry-poisoned redoes it on purpose"
+
+
+def is_poisoned_error(error: str | None) -> bool:
+    return bool(error) and str(error).startswith(POISON_ERROR)
+
+
+@dataclass
+class ShardHistory:
+    """What `FlightLog.begin` tells an attempt: the images to run alone, and those to skip with their row."""
+
+    deaths: int = 0  # earlier attempts of this shard that never finished
+    suspects: frozenset[str] = frozenset()  # image ids in flight at one death: run alone
+    poisoned: dict[str, str] = field(default_factory=dict)  # image id -> its error row
+
+
+@dataclass
+class _Shard:
+    open: bool = False  # an attempt began and has not finished
+    in_flight: dict[str, Stage] = field(default_factory=dict)
+    alone: bool = False  # the images in flight are one suspect run alone
+    reason: str = ""  # why the current attempt is about to die (a hung batch), if it says so
+    deaths: int = 0
+    strikes: dict[str, int] = field(default_factory=dict)
+    poisoned: dict[str, str] = field(default_factory=dict)
+
+
+class FlightLog:
+    """The in-flight record of every shard of one run (see the module docstring). Plain Python: the run's
+    recorder actor holds one (`start_flight_recorder`); a test can hold one in process."""
+
+    def __init__(self) -> None:
+        self._shards: dict[str, _Shard] = {}
+
+    def begin(self, key: str) -> ShardHistory:
+        """An attempt of shard ``key`` begins; an earlier attempt that never finished died with its images."""
+        shard = self._shards.setdefault(key, _Shard())
+        if shard.open:
+            self._death(shard)
+        shard.open, shard.alone, shard.reason = True, False, ""
+        suspects = frozenset(i for i, n in shard.strikes.items() if n > 0 and i not in shard.poisoned)
+        return ShardHistory(shard.deaths, suspects, dict(shard.poisoned))
+
+    def _death(self, shard: _Shard) -> None:
+        shard.deaths += 1
+        for image_id, stage in shard.in_flight.items():
+            if shard.alone and shard.strikes.get(image_id, 0) > 0:
+                shard.poisoned[image_id] = poisoned_error(stage, shard.reason)
+            shard.strikes[image_id] = shard.strikes.get(image_id, 0) + 1
+        shard.in_flight.clear()
+
+    def announce(self, key: str, image_ids: list[str], stage: Stage = IN_FLIGHT, *, alone: bool = False) -> None:
+        """``image_ids`` are in flight (at ``stage``); ``alone``: one suspect with nothing else in flight."""
+        shard = self._shards.setdefault(key, _Shard(open=True))
+        shard.alone = alone
+        for image_id in image_ids:
+            shard.in_flight[image_id] = stage
+
+    def done(self, key: str, image_ids: list[str]) -> None:
+        """``image_ids`` came through (encoded): no longer in flight, and a suspect among them is cleared."""
+        shard = self._shards.get(key)
+        if shard is None:
+            return
+        for image_id in image_ids:
+            shard.in_flight.pop(image_id, None)
+            shard.strikes.pop(image_id, None)
+
+    def dying(self, key: str, reason: str) -> None:
+        """The current attempt is about to be killed on purpose (a hung model batch), for this reason."""
+        shard = self._shards.get(key)
+        if shard is not None:
+            shard.reason = reason
+
+    def finish(self, key: str) -> None:
+        """The attempt returned: the shard is committed and its record is dropped."""
+        self._shards.pop(key, None)
+
+    def open_shards(self) -> int:
+        return sum(1 for s in self._shards.values() if s.open)
+
+
+def start_flight_recorder() -> Any:
+    """The run's `FlightLog` in an actor on this (the driver's) node, reserving no CPU; owned by the driver,
+    so it ends with the run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    recorder = ray.remote(FlightLog).options(
+        num_cpus=0, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
+    )
+    return recorder.remote()
+
+
+class Flight:
+    """One shard attempt's side of the record: announcements block until recorded (the actor may die right
+    after), completions do not (a lost one only leaves an image a suspect). ``recorder`` is the run's recorder
+    actor, a `FlightLog` in process (tests), or None (no isolation)."""
+
+    def __init__(self, recorder: Any, key: str) -> None:
+        self.recorder, self.key = recorder, key
+        self.alone = False
+
+    def begin(self) -> ShardHistory:
+        return self._call("begin", self.key, wait=True) or ShardHistory()
+
+    def announce(self, image_ids: list[str], stage: Stage = IN_FLIGHT) -> None:
+        if image_ids:
+            self._call("announce", self.key, image_ids, stage, alone=self.alone, wait=True)
+
+    def done(self, image_ids: list[str]) -> None:
+        if image_ids:
+            self._call("done", self.key, image_ids, wait=False)
+
+    def dying(self, reason: str) -> None:
+        self._call("dying", self.key, reason, wait=True)
+
+    def finish(self) -> None:
+        self._call("finish", self.key, wait=False)
+
+    def _call(self, method: str, *args: Any, wait: bool, **kwargs: Any) -> Any:
+        if self.recorder is None:
+            return None
+        if isinstance(self.recorder, FlightLog):
+            return getattr(self.recorder, method)(*args, **kwargs)
+        import ray
+
+        try:
+            ref = getattr(self.recorder, method).remote(*args, **kwargs)
+            return ray.get(ref) if wait else None
+        except ray.exceptions.RayActorError as exc:  # the recorder is gone: go on without isolation
+            log.warning("the in-flight recorder is gone (%s); poison isolation is off for this actor", exc)
+            self.recorder = None
+            return None
