@@ -134,7 +134,6 @@ def build_dataset(
                 "batch_size": res.batch_size,
                 "max_pixels": config.input.max_pixels,
                 "max_bytes": config.input.max_bytes,
-                "read_timeout_s": config.failures.read_timeout_s,
                 "bytes_column": config.input.bytes_column,
                 "id_column": config.input.id_column,
                 "threads": max(2, int(cpus)),

@@ -70,7 +70,7 @@ class ShardSegmenter:
     """Ray Data callable class: one shard of refs in, one `PART_ROW_SCHEMA` row per committed part out.
 
     ``flight_recorder``: the run's in-flight record (`pipeline.poison.start_flight_recorder`; None: no poison
-    isolation). ``failures``: the run's `FailureConfig` (the hung-batch floor).
+    isolation). ``failures``: the run's `FailureConfig` (the hung-batch floor, the read timeout).
     """
 
     flight_recorder: Any = None  # class defaults: a test may build the call with __new__ and set the rest
@@ -90,7 +90,6 @@ class ShardSegmenter:
         batch_size: int,
         max_pixels: int,
         max_bytes: int,
-        read_timeout_s: float,
         bytes_column: str,
         id_column: str | None,
         threads: int,
@@ -103,7 +102,7 @@ class ShardSegmenter:
         self.inference = inference
         self.committer = committer
         self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
-        self.max_bytes, self.read_timeout_s = max_bytes, read_timeout_s
+        self.max_bytes = max_bytes
         self.bytes_column, self.id_column = bytes_column, id_column
         self.failures, self.flight_recorder = failures, flight_recorder
         self.watchdog = HungBatchWatchdog(floor_s=failures.hung_batch_s, on_hung=self._hung)
@@ -195,7 +194,7 @@ class ShardSegmenter:
                 bytes_column=self.bytes_column,
                 id_column=self.id_column,
                 max_bytes=self.max_bytes,
-                read_timeout_s=self.read_timeout_s,
+                read_timeout_s=self.failures.read_timeout_s,
             )
         except Exception as exc:  # any failure of one ref is its error row; the shard goes on
             return unread_ref(uri, kind, skip, stage_error("reading", exc), retryable=isinstance(exc, TRANSIENT_ERRORS))

@@ -64,7 +64,6 @@ def _shard_call(model: PanopticSegmenter, output: Path, *, recorder: FlightLog |
     call.committer = OutputCommitter(str(output), "r1")
     call.rows_per_file, call.batch_size, call.max_pixels = 4, 3, 10**8
     call.bytes_column, call.id_column, call.node_id, call.max_bytes = "image", None, "node-a", 10**8
-    call.read_timeout_s = 60.0
     call.pool, call.io_pool = ThreadPoolExecutor(max_workers=3), ThreadPoolExecutor(max_workers=2)
     call.flight_recorder = recorder
     return call
