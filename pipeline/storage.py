@@ -239,15 +239,22 @@ def watched(work: Callable[[Callable[[], None]], T], *, timeout_s: float, what: 
 
 class _ReaderThreads:
     """Daemon threads that run `watched` reads, one at a time each: an idle one takes the next read, and a new
-    one starts when none is idle (so a thread stuck in a read that never returns is never waited for)."""
+    one starts when none is idle (so a thread stuck in a read that never returns is never waited for). A forked
+    child, which has none of its parent's threads, starts afresh."""
 
     def __init__(self) -> None:
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
+        self._pid = os.getpid()
         self.started = 0  # threads started in this process (idle, busy or stuck)
 
     def submit(self, job: Callable[[], None]) -> None:
+        if self._pid != os.getpid():  # forked: the idle threads counted are the parent's
+            self._start_afresh()
         with self._lock:
             if self._idle:
                 self._idle -= 1

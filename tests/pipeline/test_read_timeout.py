@@ -4,6 +4,7 @@ and on a local or fsspec filesystem whose read blocks; a read whose bytes keep c
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
@@ -212,6 +213,20 @@ def test_a_local_file_larger_than_a_chunk_is_read_whole(tmp_path: Any, monkeypat
     assert got == data and info.size == len(data)
     with pytest.raises(storage.TooLarge):
         read_object(str(path), max_bytes=len(data) - 1, read_timeout_s=FS_TIMEOUT_S)
+
+
+def test_reads_after_a_fork_do_not_wait_for_the_parents_reader_threads(tmp_path: Any) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"abc")
+    assert read_object(str(path))[0] == b"abc"  # the parent now has an idle reader thread
+    assert storage._READERS.started >= 1
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply(_read_in_child, (str(path),)) == (b"abc", 1)  # at once, by a thread of its own
+
+
+def _read_in_child(path: str) -> tuple[bytes, int]:
+    return read_object(path, read_timeout_s=5)[0], storage._READERS.started
 
 
 # -- listing ------------------------------------------------------------------------------------------------
