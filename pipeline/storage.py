@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import fsspec
 
-from pipeline.config import redact_uri
+from pipeline.config import FailureConfig, redact_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,7 +70,7 @@ READ_ATTEMPTS = 4  # bounded retries of transient storage errors: waits 0.5 s, 1
 TIMEOUT_ATTEMPTS = 2  # of which at most this many may time out (object stores; 1 on local filesystems)
 WRITE_ATTEMPTS = 3  # the same for a publish (on top of s3fs's own retries)
 _RETRY_BASE_S = 0.5
-DEFAULT_READ_TIMEOUT_S = 60.0  # `pipeline.config.FailureConfig.read_timeout_s`'s default (``--read-timeout``)
+DEFAULT_READ_TIMEOUT_S = FailureConfig().read_timeout_s  # ``--read-timeout``'s default, seconds
 READ_CHUNK = 1 << 20  # bytes per read call of a watched read: its progress is seen once per chunk
 
 
