@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-FaultMode = Literal["none", "reset", "truncate", "slowdown_503", "delay", "stall", "stopped"]
-_MODES = ("none", "reset", "truncate", "slowdown_503", "delay", "stall", "stopped")
+FaultMode = Literal["none", "reset", "truncate", "slowdown_503", "delay", "stall", "trickle", "stopped"]
+_MODES = ("none", "reset", "truncate", "slowdown_503", "delay", "stall", "trickle", "stopped")
 _MAX_HEAD_BYTES = 64 * 1024
 _COPY_CHUNK = 64 * 1024
 _POLL_S = 0.05  # how often blocking loops look at their stop flag
@@ -127,6 +127,7 @@ class _Fault:
     paths: tuple[str, ...] | None
     truncate_at: int
     delay_s: float
+    trickle_bytes: int = 16 * 1024
 
 
 _NO_FAULT = _Fault("none", 0, None, None, 0, 0.0)  # never mutated: set_fault installs a new _Fault
@@ -148,9 +149,10 @@ class FaultProxy:
     then closes the connection; `slowdown_503` answers with S3's XML `503 SlowDown` error without
     forwarding; `delay` waits `delay_s` before forwarding; `stall` forwards the response head, then sends no
     body bytes and holds the connection open until the client closes it, the proxy closes or the fault is set
-    again (`heal`, `set_fault`), then closes it; `stopped` closes the listening socket (and every open
-    connection), so connections are refused until `heal`. Counted modes heal by themselves after
-    `count` faults. One thread per client connection, one upstream connection per client connection.
+    again (`heal`, `set_fault`), then closes it; `trickle` forwards the response head, then the body in pieces of
+    `trickle_bytes`, waiting `delay_s` before each (slow, but never stalled); `stopped` closes the listening
+    socket (and every open connection), so connections are refused until `heal`. Counted modes heal by
+    themselves after `count` faults. One thread per client connection, one upstream connection per client connection.
     """
 
     def __init__(self, upstream_url: str, *, io_timeout_s: float = 10.0) -> None:
@@ -204,22 +206,28 @@ class FaultProxy:
         paths: Collection[str] | None = None,
         truncate_at: int = 0,
         delay_s: float = 1.0,
+        trickle_bytes: int = 16 * 1024,
     ) -> None:
         """Inject `mode` into the next `count` (default 1) requests whose method is in `methods` (default:
         any) and whose target (path and query) contains one of `paths` (default: any).
         A `truncate` fault is spent only on a response whose body is longer than `truncate_at` bytes, a `stall`
-        only on a response with a body.
+        only on a response with a body, a `trickle` only on one with a body of known length.
         `stopped` takes no count: it lasts until `heal` or the next `set_fault`."""
         if mode not in _MODES:
             raise ValueError(f"unknown fault mode {mode!r}")
         if mode == "stopped" and count is not None:
             raise ValueError(f"fault mode 'stopped' lasts until heal(); got count={count}")
         count = 1 if count is None else count
-        if count < 0 or truncate_at < 0 or delay_s < 0:
-            raise ValueError(f"need count, truncate_at, delay_s >= 0; got {count}, {truncate_at}, {delay_s}")
+        if count < 0 or truncate_at < 0 or delay_s < 0 or trickle_bytes < 1:
+            raise ValueError(
+                f"need count, truncate_at, delay_s >= 0 and trickle_bytes >= 1; got {count}, {truncate_at}, "
+                f"{delay_s}, {trickle_bytes}"
+            )
         wanted = None if methods is None else frozenset(m.upper() for m in methods)
         with self._lock:
-            self._fault = _Fault(mode, count, wanted, None if paths is None else tuple(paths), truncate_at, delay_s)
+            self._fault = _Fault(
+                mode, count, wanted, None if paths is None else tuple(paths), truncate_at, delay_s, trickle_bytes
+            )
             self._generation += 1  # ends every `stall` in progress
         with self._listener_lock:
             if mode == "stopped" and self._listener is not None:
@@ -339,7 +347,7 @@ class FaultProxy:
             fault = self._fault
             if fault.mode in ("none", "stopped") or fault.left <= 0:
                 return _NO_FAULT
-            if (phase == "response") != (fault.mode in ("truncate", "stall")):  # these need the response head
+            if (phase == "response") != (fault.mode in ("truncate", "stall", "trickle")):  # after the head
                 return _NO_FAULT
             if fault.methods is not None and request.method not in fault.methods:
                 return _NO_FAULT
@@ -349,6 +357,8 @@ class FaultProxy:
                 return _NO_FAULT  # nothing to cut
             if fault.mode == "stall" and body_len == 0:
                 return _NO_FAULT  # no body to hold back
+            if fault.mode == "trickle" and not body_len:
+                return _NO_FAULT  # no body, or one of unknown length
             fault.left -= 1
             self._faults_injected += 1
             if fault.left == 0:
@@ -422,6 +432,13 @@ class FaultProxy:
             self._hold(client, generation)
             _shutdown(client)
             return False
+        if fault.mode == "trickle":
+            assert body_len is not None
+            for start in range(0, body_len, fault.trickle_bytes):
+                if self._closed.wait(fault.delay_s):
+                    return False
+                _copy(up_reader, client, min(fault.trickle_bytes, body_len - start), until_eof=False)
+            return not request.close and headers.get("connection", "").lower() != "close"
         if fault.mode == "truncate":
             _copy(up_reader, client, fault.truncate_at, until_eof=False)
             _shutdown(client)

@@ -289,6 +289,15 @@ def _read_or_error(response: http.client.HTTPResponse) -> bytes | BaseException:
         return exc
 
 
+def test_trickle_sends_the_whole_body_slowly(proxy: FaultProxy, bucket: str) -> None:
+    client = _client(proxy.endpoint_url, retries=NO_RETRIES, read_timeout=0.5)
+    proxy.set_fault("trickle", methods=["GET"], trickle_bytes=100_000, delay_s=0.3)
+    start = time.monotonic()
+    assert client.get_object(Bucket=bucket, Key="obj")["Body"].read() == DATA  # 3 pieces, 0.3 s before each
+    assert time.monotonic() - start >= 0.9 and proxy.faults_injected == 1
+    client.close()
+
+
 def test_stopped_refuses_connections_until_healed(proxy: FaultProxy, bucket: str) -> None:
     client = _client(proxy.endpoint_url, retries=NO_RETRIES, connect_timeout=1)
     assert client.head_object(Bucket=bucket, Key="obj")["ContentLength"] == len(DATA)  # a pooled connection

@@ -82,6 +82,18 @@ def test_an_s3_read_that_stalls_once_is_read_whole_on_its_retry(proxy: FaultProx
     assert TIMEOUT_S <= time.monotonic() - start < TIMEOUT_S + MARGIN_S
 
 
+def test_an_s3_object_that_keeps_flowing_slowly_does_not_time_out(proxy: FaultProxy) -> None:
+    """Five pieces, each arriving in under the timeout, the whole taking more than twice as long."""
+    data = bytes(range(256)) * 1000  # 256,000 bytes
+    uri = _put("trickle.bin", data)
+    proxy.set_fault("trickle", methods=["GET"], trickle_bytes=len(data) // 5, delay_s=0.45 * TIMEOUT_S)
+    start = time.monotonic()
+    got, _ = read_object(uri, read_timeout_s=TIMEOUT_S)
+    assert proxy.faults_injected == 1
+    assert time.monotonic() - start > 2 * TIMEOUT_S  # a deadline on the whole object would have struck
+    assert got == data
+
+
 # -- an fsspec filesystem whose reads block or trickle ------------------------------------------------------
 
 
