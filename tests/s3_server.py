@@ -229,12 +229,15 @@ class FaultProxy:
                 mode, count, wanted, None if paths is None else tuple(paths), truncate_at, delay_s, trickle_bytes
             )
             self._generation += 1  # ends every `stall` in progress
-        with self._listener_lock:
-            if mode == "stopped" and self._listener is not None:
-                self._listener.close()
-                self._listener = None
-            elif mode != "stopped" and self._listener is None and self._port is not None:
-                self._listener = self._listen(self._port)
+        # The accept loop holds the listener lock nearly all the time (it takes it again at once): take it only
+        # when the listener must change, or a heal waits for up to seconds on a loaded machine.
+        if (mode == "stopped") != (self._listener is None):
+            with self._listener_lock:
+                if mode == "stopped" and self._listener is not None:
+                    self._listener.close()
+                    self._listener = None
+                elif mode != "stopped" and self._listener is None and self._port is not None:
+                    self._listener = self._listen(self._port)
         if mode == "stopped":
             self._shutdown_connections()
 
