@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from jobs.options import add_options, build, flag_message, parse_values
 from jobs.segment_options import OPTIONS, RunOptions
-from jobs.usage import CommandParser, UsageError, report, run_command
+from jobs.usage import EXIT_FAILED, CommandParser, UsageError, report, run_command
 from pipeline.config import JobConfig, redact_uri
 
 # Ray retries a task that its memory monitor killed without bound by default (``task_oom_retries`` -1,
@@ -133,10 +133,10 @@ def _set_up_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point. Exit codes (`jobs.usage`): 0 done; 1 the job failed (its traceback, redacted); 2 a user's
-    mistake (one line); 143 / 130 stopped by SIGTERM / SIGINT (one line; the run record says failed, the lease
-    is released, re-running resumes). Nothing printed or logged here carries a secret
-    (`pipeline.config.redact_uri`)."""
+    """CLI entry point. Exit codes (`jobs.usage`): 0 done; 1 the job failed (its traceback, redacted), or was
+    stopped by its error budget (one line, `pipeline.error_budget`); 2 a user's mistake (one line); 143 / 130
+    stopped by SIGTERM / SIGINT (one line; the run record says failed, the lease is released, re-running
+    resumes). Nothing printed or logged here carries a secret (`pipeline.config.redact_uri`)."""
     config, run = parse_job(argv)
     _set_up_logging()
     for name, value in RAY_ENVIRONMENT.items():
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(config: JobConfig, run: RunOptions) -> int:
     # torch and Ray load here, after the arguments are checked (and never for --help)
     from model.checkpoint import CheckpointError, CheckpointNotFound
+    from pipeline.error_budget import ErrorBudgetExceeded
     from pipeline.lease import LeaseHeld
     from pipeline.resources import ClusterError
     from pipeline.run import OutputError, run_job
@@ -180,6 +181,9 @@ def _run(config: JobConfig, run: RunOptions) -> int:
             raise UsageError(redact_uri(str(exc)), flag="--weights") from exc
         except (InputError, OutputError, LeaseHeld, SettingsChanged, ClusterError) as exc:
             raise UsageError(redact_uri(str(exc))) from exc
+        except ErrorBudgetExceeded as exc:  # the job ran and failed: one line, no traceback
+            print(redact_uri(f"{PROG}: {exc}"), file=sys.stderr)
+            return EXIT_FAILED
         print(redact_uri(summary.line(config.output)))
         return 0
 

@@ -3,7 +3,8 @@
 Every ``panoptic-flow`` command exits with
 
 - ``0``: done;
-- ``1``: the job ran and failed (an unexpected error: Python's traceback and its exit code 1);
+- ``1``: the job ran and failed (an unexpected error: Python's traceback and its exit code 1; a job stopped by
+  its error budget, ``--max-error-rate``: one line, ``panoptic-flow segment: stopped: ...``);
 - ``2``: the user's mistake: a bad flag or value, a bad job file, an output or input that is not there,
   unusable weights, a SQL error in ``query``, a ``show --where`` that matches nothing. It is reported as
   one line on stderr, ``panoptic-flow <command>: error: --flag: reason`` (plus a hint where there is

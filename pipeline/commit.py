@@ -55,7 +55,12 @@ test_s3_faults.py); two unreadable committed parts on a local and on an S3 outpu
 ``--rows-per-file`` so that no redone part overwrites a bad one by name (test_quarantine.py); leases written
 by hosts whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume
 (tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output over
-and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py). The
+and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every read
+failing after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run
+marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their
+model actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row
+and its shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
+(`pipeline.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py). The
 runs started mid-run and the killed driver are held right after their first commit by a fault hook (no race
 with the job's speed).
 """
@@ -73,6 +78,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.config import redact_uri
+from pipeline.error_budget import error_kinds
 from pipeline.lease import Lease, check_holder
 from pipeline.output_paths import Output
 from pipeline.parts import PART_PREFIX, parquet_bytes, part_counts, part_name, split_results
@@ -191,7 +197,9 @@ class OutputCommitter:
         counts = part_counts(images)
         written = publish(out.fs, out.part(SEGMENTS_TABLE, name), parquet_bytes(segments))
         written += publish(out.fs, out.part(IMAGES_TABLE, name), parquet_bytes(images, counts=counts))  # commit
-        return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        kinds = error_kinds(images.column("error").to_pylist()) if counts["images_error"] else []
+        return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": seconds, "error_kinds": kinds}
 
 
 def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[set[str], list[str]]:

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.ids import member_of_old_row
 from pipeline.parts import COUNTS_KEY, part_counts
+from pipeline.poison import is_poisoned_error
 from pipeline.schema import COMMITTED_SCHEMA, INSPECTION_SCHEMA, Counts
 
 if TYPE_CHECKING:
@@ -90,16 +92,19 @@ def inspect_parts(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=INSPECTION_SCHEMA)
 
 
-def committed_rows(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
+def committed_rows(batch: dict[str, np.ndarray], *, output: str, retry_poisoned: bool = False) -> pa.Table:
     """{"path"} of committed ``images`` parts -> one `COMMITTED_SCHEMA` row per committed image. Format 1 parts
-    get ``member`` from their old ids (``shard#member``) and ``retryable`` false."""
+    get ``member`` from their old ids (``shard#member``) and ``retryable`` false. With ``retry_poisoned``
+    (``--retry-poisoned``), a row of an image that killed its model worker twice (`pipeline.poison`) reads as
+    retryable, so that the plan redoes it."""
     fs, _ = fsspec.core.url_to_fs(output)
     tables = [COMMITTED_SCHEMA.empty_table()]
     for path in (str(p) for p in batch["path"]):
         with fs.open(path, "rb") as f:
             file = pq.ParquetFile(f)
             names = set(file.schema_arrow.names)
-            table = file.read(columns=[c for c in ("image_id", *COMMITTED_SCHEMA.names) if c in names])
+            wanted = ("image_id", *COMMITTED_SCHEMA.names, *(("error",) if retry_poisoned else ()))
+            table = file.read(columns=[c for c in wanted if c in names])
         n = table.num_rows
         columns = {}
         for field_ in COMMITTED_SCHEMA:
@@ -113,6 +118,9 @@ def committed_rows(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
                 columns["part"] = pa.array([posixpath.basename(path)] * n, pa.string())
             else:
                 columns[field_.name] = pa.nulls(n, field_.type)
+        if retry_poisoned and "error" in names:
+            poisoned = pa.array([is_poisoned_error(e) for e in table.column("error").to_pylist()], pa.bool_())
+            columns["retryable"] = pc.or_(columns["retryable"], poisoned)
         tables.append(pa.table(columns, schema=COMMITTED_SCHEMA))
     return pa.concat_tables(tables)
 

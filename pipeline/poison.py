@@ -22,9 +22,11 @@ on a blind repeat: k poisoned images in one shard cost 1 + k deaths. A hung mode
 by `pipeline.watchdog`. Order: the images done before a death are a prefix of the shard's images, so a retry
 cuts the same first parts (part names hash their ids) and nothing is committed twice.
 
-Cost: one blocking call to the recorder per `ANNOUNCE_CHUNK` images, one fire-and-forget call per model batch
-(BENCHMARKS.md "Poison isolation"). If the recorder itself is lost, the shard calls go on without isolation
-(logged once): a death then fails its retries as before.
+Cost: two calls to the recorder per `ANNOUNCE_CHUNK` images, neither waited for in the steady state (an
+announcement is sent a chunk ahead; completions are not waited for): BENCHMARKS.md "Poison isolation". If the
+recorder itself is lost, the shard calls go on without isolation (logged once): a death then fails its retries
+as before. Order: a retry cuts the same parts as the attempt before it because suspects run alone *in place*
+(`pipeline.shard.ShardSegmenter._results`), never moved to the end.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 Stage = Literal["in flight", "decoding", "segmenting", "encoding"]
 IN_FLIGHT: Stage = "in flight"  # announced in a normal (pipelined) window: the stage is not known
 POISON_ERROR = "killed the model worker (twice)"  # the start of a poisoned image's error
-ANNOUNCE_CHUNK = 32  # images announced per blocking call in a normal window
+ANNOUNCE_CHUNK = 16  # images per announcement (two in flight: 32 images announced ahead of the decoder at most)
 
 
 def poisoned_error(stage: str, reason: str = "") -> str:
@@ -139,42 +141,81 @@ def start_flight_recorder() -> Any:
 
 
 class Flight:
-    """One shard attempt's side of the record: announcements block until recorded (the actor may die right
-    after), completions do not (a lost one only leaves an image a suspect). ``recorder`` is the run's recorder
-    actor, a `FlightLog` in process (tests), or None (no isolation)."""
+    """One shard attempt's side of the record. Announcements are sent a chunk ahead and waited for before the
+    chunk is handed on (the actor may die right after); completions are gathered and sent without waiting, a
+    chunk at a time (a lost or late one only leaves images suspects) and always before an image runs alone.
+    ``recorder`` is the run's recorder actor, a `FlightLog` in process (tests), or None (no isolation)."""
 
     def __init__(self, recorder: Any, key: str) -> None:
         self.recorder, self.key = recorder, key
         self.alone = False
+        self._done: list[str] = []
 
     def begin(self) -> ShardHistory:
-        return self._call("begin", self.key, wait=True) or ShardHistory()
+        return self._wait(self._send("begin", self.key)) or ShardHistory()
 
     def announce(self, image_ids: list[str], stage: Stage = IN_FLIGHT) -> None:
-        if image_ids:
-            self._call("announce", self.key, image_ids, stage, alone=self.alone, wait=True)
+        """``image_ids`` in flight (at ``stage``), recorded before this returns."""
+        self.wait(self.announce_ahead(image_ids, stage))
+
+    def announce_ahead(self, image_ids: list[str], stage: Stage = IN_FLIGHT) -> Any:
+        """Send the announcement; `wait` for what this returns before any of ``image_ids`` is handled."""
+        if self.alone:
+            self.flush()  # nothing may stay in flight on the record but the one image run alone
+        return self._send("announce", self.key, image_ids, stage, alone=self.alone) if image_ids else None
+
+    def wait(self, ack: Any) -> None:
+        self._wait(ack)
 
     def done(self, image_ids: list[str]) -> None:
-        if image_ids:
-            self._call("done", self.key, image_ids, wait=False)
+        self._done.extend(image_ids)
+        if len(self._done) >= ANNOUNCE_CHUNK or self.alone:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._done:
+            self._send("done", self.key, self._done)
+            self._done = []
 
     def dying(self, reason: str) -> None:
-        self._call("dying", self.key, reason, wait=True)
+        self._wait(self._send("dying", self.key, reason))
 
     def finish(self) -> None:
-        self._call("finish", self.key, wait=False)
+        self._send("finish", self.key)
 
-    def _call(self, method: str, *args: Any, wait: bool, **kwargs: Any) -> Any:
+    def _send(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """The call's result (in process) or its object ref (on Ray); None without a recorder."""
         if self.recorder is None:
             return None
         if isinstance(self.recorder, FlightLog):
-            return getattr(self.recorder, method)(*args, **kwargs)
+            return _Done(getattr(self.recorder, method)(*args, **kwargs))
         import ray
 
         try:
-            ref = getattr(self.recorder, method).remote(*args, **kwargs)
-            return ray.get(ref) if wait else None
-        except ray.exceptions.RayActorError as exc:  # the recorder is gone: go on without isolation
-            log.warning("the in-flight recorder is gone (%s); poison isolation is off for this actor", exc)
-            self.recorder = None
+            return getattr(self.recorder, method).remote(*args, **kwargs)
+        except ray.exceptions.RayActorError as exc:
+            self._lost(exc)
             return None
+
+    def _wait(self, sent: Any) -> Any:
+        if sent is None:
+            return None
+        if isinstance(sent, _Done):
+            return sent.value
+        import ray
+
+        try:
+            return ray.get(sent)
+        except ray.exceptions.RayActorError as exc:
+            self._lost(exc)
+            return None
+
+    def _lost(self, exc: BaseException) -> None:
+        """The recorder is gone: this actor goes on without isolation."""
+        log.warning("the in-flight recorder is gone (%s); poison isolation is off for this actor", exc)
+        self.recorder = None
+
+
+@dataclass
+class _Done:
+    value: Any  # a call's result, in process

@@ -9,6 +9,7 @@ per image its id map as bytes and its segments as columns); `encode_results` tur
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,7 +59,7 @@ def prediction_table(
     else an error (``errors[i]``, or "no result")."""
     n = len(batch["image_id"])
     ok = [i in results for i in range(n)]
-    id_maps = [_id_map_bytes(results[i].id_map) if ok[i] else b"" for i in range(n)]
+    id_maps = _id_maps_array([results[i].id_map if ok[i] else None for i in range(n)])
     segments = [results[i].segments if ok[i] else [] for i in range(n)]
     widths = [int(w) or None for w in batch["width"]]
     heights = [int(h) or None for h in batch["height"]]
@@ -68,16 +69,28 @@ def prediction_table(
         "height": pa.array(heights, pa.int32()),
         "error": pa.array([None if ok[i] else (errors[i] or "no result") for i in range(n)], pa.string()),
         "retryable": pa.array([not ok[i] and retryable[i] for i in range(n)], pa.bool_()),
-        "id_map": pa.array(id_maps, pa.large_binary()),
+        "id_map": id_maps,
         "segments": _predicted_segments(segments),
     }
     return pa.table(columns, schema=PREDICTION_SCHEMA)
 
 
-def _id_map_bytes(id_map: np.ndarray) -> bytes:
-    """[H, W] segment ids -> C-order bytes, one byte per pixel (four beyond 255 segments)."""
-    dtype = np.uint8 if id_map.size == 0 or int(id_map.max()) < 256 else np.int32
-    return np.ascontiguousarray(id_map, dtype=dtype).tobytes()
+def _id_maps_array(id_maps: Sequence[np.ndarray | None]) -> pa.LargeBinaryArray:
+    """[H, W] segment ids of each row (None: no map) -> one large_binary value per row, C-order bytes, one byte
+    per pixel (four beyond 255 segments). The maps are copied once, into the array's buffer (no bytes objects
+    in between: at the original size a map is the largest thing an image leaves)."""
+    pieces = [np.ascontiguousarray(m, dtype=_id_dtype(m)).reshape(-1).view(np.uint8) for m in id_maps if m is not None]
+    lengths = [0 if m is None else m.size * np.dtype(_id_dtype(m)).itemsize for m in id_maps]
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)  # [n + 1]
+    data = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)  # [sum of lengths]
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(id_maps), buffers)
+
+
+def _id_dtype(id_map: np.ndarray) -> type[np.integer]:
+    if id_map.dtype == np.uint8 or id_map.size == 0:
+        return np.uint8
+    return np.uint8 if int(id_map.max()) < 256 else np.int32
 
 
 def _predicted_segments(per_image: Sequence[Sequence[Segment]]) -> pa.ListArray:
@@ -109,14 +122,14 @@ def encode_results(predictions: pa.Table) -> pa.Table:
     segment_ids = flat.field("segment_id").to_numpy(zero_copy_only=False)
     heights = predictions.column("height").to_pylist()
     widths = predictions.column("width").to_pylist()
-    id_maps = predictions.column("id_map").combine_chunks()
+    id_maps = _value_buffers(predictions.column("id_map"))  # views, not copies: a map is an image's largest part
     counts: list[str] = []
     sizes: list[list[int]] = []
     for i in range(n):
         ids = segment_ids[offsets[i] : offsets[i + 1]]
         if len(ids) == 0:
             continue
-        id_map = _id_map_from_bytes(id_maps[i].as_buffer(), heights[i], widths[i])
+        id_map = _id_map_from_bytes(id_maps[i], heights[i], widths[i])
         counts.extend(e.counts for e in encode_segments(id_map, ids.tolist()))
         sizes.extend([[heights[i], widths[i]]] * len(ids))
     rle = pa.StructArray.from_arrays(
@@ -140,6 +153,18 @@ def encode_results(predictions: pa.Table) -> pa.Table:
 
 
 _EMPTY_PREDICTED = pa.array([], PREDICTED_SEGMENT_STRUCT)
+
+
+def _value_buffers(column: pa.ChunkedArray) -> list[pa.Buffer]:
+    """Each value of a large_binary column as a zero-copy slice of its chunk's data buffer (``combine_chunks``
+    and ``Scalar.as_buffer`` copy)."""
+    out = []
+    for chunk in column.chunks:
+        _, offsets_buffer, data = chunk.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        out.extend(data.slice(int(a), int(b - a)) if data is not None else pa.py_buffer(b"")
+                   for a, b in pairwise(offsets))  # fmt: skip
+    return out
 
 
 def _id_map_from_bytes(buffer: pa.Buffer, height: int, width: int) -> np.ndarray:

@@ -77,7 +77,9 @@ class _Listing:
         self.shard_versions = {r["uri"]: (r.get("version"), r.get("size")) for r in self.shards}
 
 
-def plan(inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: int) -> Plan:
+def plan(
+    inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: int, retry_poisoned: bool = False
+) -> Plan:
     """The refs to do, with the retractions applied, given the committed ``parts``, on Ray workers.
 
     A fresh run over listed inputs pays nothing here: its refs stream at once. Any other run pays one hash
@@ -98,7 +100,10 @@ def plan(inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: i
             [{"path": p} for p in parts], override_num_blocks=min(len(parts), 4 * partitions)
         )
         committed = committed.map_batches(
-            committed_rows, batch_format="numpy", batch_size=8, fn_kwargs={"output": output}
+            committed_rows,
+            batch_format="numpy",
+            batch_size=8,
+            fn_kwargs={"output": output, "retry_poisoned": retry_poisoned},
         )
     file_refs = [ray.data.from_items(listing.files)] if listing.files else []
     file_refs += _manifest_refs(inputs.manifests)
@@ -144,11 +149,12 @@ def fits_locally(inputs: ResolvedInputs, parts: list[str]) -> bool:
     return len(parts) <= LOCAL_PLAN_MAX_PARTS and not inputs.manifests
 
 
-def plan_locally(inputs: ResolvedInputs, *, output: str, parts: list[str]) -> Plan:
+def plan_locally(inputs: ResolvedInputs, *, output: str, parts: list[str], retry_poisoned: bool = False) -> Plan:
     """`plan` for a small output, in the driver process without Ray: the same decision functions on the whole
     table instead of per shuffle partition, and the same retractions. ``Plan.refs`` is a `REF_SCHEMA` table."""
     listing = _Listing(inputs)
-    committed = committed_rows({"path": np.array(parts, dtype=object)}, output=output)
+    paths = {"path": np.array(parts, dtype=object)}
+    committed = committed_rows(paths, output=output, retry_poisoned=retry_poisoned)
     keys = [committed_file_keys(committed)]
     if listing.files:
         keys.append(file_ref_keys(pa.Table.from_pylist(listing.files)))

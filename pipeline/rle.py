@@ -146,7 +146,7 @@ def _segment_runs(id_map: np.ndarray, unique_ids: np.ndarray) -> _Runs:
     # of a column whose first pixel differs from the bottom of the previous column. Comparing rows of the
     # row-major map and reordering the (few) change positions is much faster than a Fortran-order copy.
     grid = np.ascontiguousarray(id_map)
-    below = np.flatnonzero(grid[1:] != grid[:-1]) + width  # [V] row-major index of pixels unlike the one above
+    below = _changes_from_above(grid)  # [V] row-major index of pixels unlike the one above
     top = np.flatnonzero(grid[0, 1:] != grid[-1, :-1]) + 1  # [T] row-major index of column tops that start a run
     index = np.concatenate((top, below))  # [R_all - 1] row 0 first: a stable sort by column keeps rows in order
     row, col = np.divmod(index, width)
@@ -187,6 +187,21 @@ def _segment_runs(id_map: np.ndarray, unique_ids: np.ndarray) -> _Runs:
         y1 = np.maximum.reduceat(row_max, first)
         boxes[present] = np.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], axis=1)
     return _Runs(starts, ends, segment, num_runs, areas, boxes)
+
+
+COMPARED_PIXELS = 1 << 22  # pixels compared with the row above at a time: a bool block of 4 MB, not H·W
+
+
+def _changes_from_above(grid: np.ndarray) -> np.ndarray:
+    """Row-major indices (int64 [V]) of the pixels of ``grid`` [H, W] that differ from the pixel above them,
+    compared a block of rows at a time, so that no bool map of the whole image is made."""
+    height, width = grid.shape
+    step = max(1, COMPARED_PIXELS // max(width, 1))
+    blocks = []
+    for start in range(1, height, step):
+        stop = min(start + step, height)
+        blocks.append(np.flatnonzero(grid[start:stop] != grid[start - 1 : stop - 1]) + start * width)
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
 
 
 def _group_order(keys: np.ndarray, num_keys: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pipeline import block_stats, resume, run_records
 from pipeline.commit import OutputCommitter
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
+from pipeline.error_budget import ErrorBudget, ErrorBudgetExceeded
 from pipeline.inspection import inspect_output
 from pipeline.lease import Lease, new_run_id
 from pipeline.poison import start_flight_recorder
@@ -198,7 +199,9 @@ def run_job(
     Raises before any cluster work: `pipeline.sources.InputError`, `model.checkpoint.CheckpointError`,
     `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.run_records.SettingsChanged`, `ClusterError`. Ray Data's
     own messages (execution plans, memory advice) are shown only with ``verbose``. ``on_part`` is called with
-    each committed part's `PART_ROW_SCHEMA` row as it reaches the driver (progress, benchmarks).
+    each committed part's `PART_ROW_SCHEMA` row as it reaches the driver (progress, benchmarks). Raises
+    `pipeline.error_budget.ErrorBudgetExceeded` (one line) when more than ``--max-error-rate`` of the latest
+    ``--error-window`` images failed: the run is marked failed, the parts committed so far stay.
     """
     started = time.perf_counter()
     inputs = resolve_inputs(  # bad inputs fail here, before any cluster work
@@ -217,15 +220,23 @@ def run_job(
         if resume.fits_locally(inputs, parts):  # a small output: planned here, Ray only if there is work
             state = inspect_output(committer, parts, local=True)
             committer.confirm_lease()  # the plan retracts rows
-            plan = resume.plan_locally(inputs, output=config.output, parts=state.parts)
+            plan = resume.plan_locally(
+                inputs, output=config.output, parts=state.parts, retry_poisoned=config.failures.retry_poisoned
+            )
         else:
             _start_ray(config, verbose=verbose)
             state = inspect_output(committer, parts, local=False)
             partitions = shuffle_partitions(inputs, state.totals.images)
             committer.confirm_lease()  # the plan retracts rows
-            plan = resume.plan(inputs, output=config.output, parts=state.parts, partitions=partitions)
+            plan = resume.plan(
+                inputs,
+                output=config.output,
+                parts=state.parts,
+                partitions=partitions,
+                retry_poisoned=config.failures.retry_poisoned,
+            )
         lease.raise_if_lost()
-        this_run, parts_by_node = Counts(), {}
+        this_run, parts_by_node, errors_by_kind = Counts(), {}, {}
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
             shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
@@ -233,6 +244,8 @@ def run_job(
             dataset = build_dataset(config, shards, weights=weights, committer=committer, flight_recorder=recorder)
             committer.on_write_start(record)  # the record before any row of this run; no _SUCCESS older than them
             bar = _progress_bar(plan.known_total, enabled=show_progress)
+            failures = config.failures
+            budget = ErrorBudget(max_error_rate=failures.max_error_rate, error_window=failures.error_window)
             # no prefetch: each part's row reaches the bar, `on_part` and the lease check as soon as it exists
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                 for row in batch.cast(PART_ROW_SCHEMA).to_pylist():  # one small row per committed part
@@ -241,6 +254,12 @@ def run_job(
                     if on_part is not None:
                         on_part(row)
                     bar.update(row["images_ok"] + row["images_error"])
+                    budget.add(row)
+                    for kind in row["error_kinds"] or ():
+                        errors_by_kind[kind["kind"]] = errors_by_kind.get(kind["kind"], 0) + kind["count"]
+                    if budget.exceeded():  # a systematic failure: stop rather than write an error row per image
+                        bar.close()
+                        raise ErrorBudgetExceeded(budget.verdict())
                 lease.raise_if_lost()
             bar.close()
         totals = Counts()
@@ -258,6 +277,7 @@ def run_job(
             time.perf_counter() - started,
             parts_by_node,
             left_out_text(inputs.left_out, inputs.left_out_examples) if inputs.left_out else "",
+            errors_by_kind=errors_by_kind,
         )
         committer.on_write_complete(summary.report())
         return summary

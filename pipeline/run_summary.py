@@ -4,7 +4,7 @@ record (`pipeline.commit.OutputCommitter.on_write_complete`). The counts are `pi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.schema import Counts
@@ -23,6 +23,7 @@ class RunSummary:
     seconds: float
     parts_by_node: dict[str, int]  # parts committed by this run, by the Ray node that wrote them
     left_out: str = ""  # listed files left out by their extension, and how to include them ("" for none)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # this run's error rows, by `error_kind`
 
     @property
     def images_ok(self) -> int:
@@ -47,12 +48,25 @@ class RunSummary:
         extra = f", {self.unlisted} committed images not among the inputs (kept)" if self.unlisted else ""
         extra += f", {self.quarantined} unreadable parts moved to _quarantine/" if self.quarantined else ""
         return (
-            f"done: {run.images_ok} images ok, {run.images_error} errors ({run.images_retryable} retryable), "
-            f"{run.segments} segments, {self.skipped_committed} already committed{redone}{extra}, "
-            f"{self.images_per_second:.2f} images/s ({self.seconds:.1f} s) -> {output} now holds "
-            f"{self.totals.images} images ({self.totals.images_ok} ok, {self.totals.images_error} errors, "
-            f"{self.totals.images_retryable} retryable), {self.totals.segments} segments"
-        ) + (f"; {self.left_out}" if self.left_out else "")
+            (
+                f"done: {run.images_ok} images ok, {run.images_error} errors ({run.images_retryable} retryable), "
+                f"{run.segments} segments, {self.skipped_committed} already committed{redone}{extra}, "
+                f"{self.images_per_second:.2f} images/s ({self.seconds:.1f} s) -> {output} now holds "
+                f"{self.totals.images} images ({self.totals.images_ok} ok, {self.totals.images_error} errors, "
+                f"{self.totals.images_retryable} retryable), {self.totals.segments} segments"
+            )
+            + (f"; {self.left_out}" if self.left_out else "")
+            + self._error_kinds()
+        )
+
+    def _error_kinds(self, most: int = 3) -> str:
+        """``; errors: 2 killed the model worker, 1 not found`` (the most common kinds), or ""."""
+        if not self.errors_by_kind:
+            return ""
+        kinds = sorted(self.errors_by_kind.items(), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{n} {kind}" for kind, n in kinds[:most])
+        more = f", {sum(n for _, n in kinds[most:])} other" if len(kinds) > most else ""
+        return f"; errors: {text}{more} (the images table's error column says why, image by image)"
 
     def report(self) -> dict[str, Any]:
         """``_SUCCESS``'s content, also added to the run's record: this run's counts and the output's totals."""
@@ -60,6 +74,6 @@ class RunSummary:
             "run_id": self.run_id,
             "this_run": {**asdict(self.this_run), "parts": self.parts, "skipped_committed": self.skipped_committed,
                          "redone": self.redone, "unlisted": self.unlisted, "quarantined": self.quarantined,
-                         "seconds": self.seconds},
+                         "seconds": self.seconds, "errors_by_kind": self.errors_by_kind},
             "output": {**asdict(self.totals), "images": self.totals.images},
         }  # fmt: skip

@@ -184,6 +184,9 @@ class Counts:
 COUNT_FIELDS = tuple(f.name for f in fields(Counts))
 _COUNT_COLUMNS = [pa.field(name, pa.int64()) for name in COUNT_FIELDS]
 
+ERROR_KIND_STRUCT = pa.struct([("kind", pa.string()), ("count", pa.int64())])
+"""How many of a part's error rows have one error kind (`pipeline.error_budget.error_kind`)."""
+
 PART_ROW_SCHEMA = pa.schema(
     [
         ("part", pa.string()),
@@ -191,9 +194,11 @@ PART_ROW_SCHEMA = pa.schema(
         ("bytes", pa.int64()),  # of both files
         ("node_id", pa.string()),
         ("seconds", pa.float64()),
+        ("error_kinds", pa.list_(ERROR_KIND_STRUCT)),  # most common first; [] for a part without errors
     ]
 )
-"""What a shard call returns for each part it committed: all the driver receives."""
+"""What a shard call returns for each part it committed: all the driver receives (its progress, its counts and
+its error budget: `pipeline.error_budget`)."""
 
 INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem", pa.string())])
 """A committed part's counts read from its footer, or the ``problem`` (null when readable) that makes it

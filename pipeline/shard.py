@@ -13,11 +13,11 @@ Inside one call the stages are pipelined on the actor's thread pool (`pipeline.p
 
 so the next batch is decoded, and the previous one RLE-encoded and committed, while the model runs the current
 one. Reads and commits run on an I/O pool (`IO_THREADS`), decoding and RLE on a pool of ``threads`` (the CPUs
-the actor reserves). Memory per actor is bounded by the depths below: `READ_AHEAD_FILES` files (or
-`READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, ``2 × batch_size`` decoded images (≈ 2.5 MB each
-at 800×1066), `RLE_IN_FLIGHT` batches awaiting RLE, one part being gathered and `COMMITS_IN_FLIGHT` parts being
-written: about 64 × the input size + 2.5 MB × (3 × batch_size) + 2 parts' results, e.g. ~150 MB at batch 8 with
-150 KB JPEGs and 2048-image parts of ~18 KB of results per image (plus the model).
+the actor reserves). Memory per actor is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and
+at most `READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, `ANNOUNCE_CHUNK`
+rows announced ahead of ``2 × batch_size`` images being decoded (at full size), `RLE_IN_FLIGHT` batches of
+full-size id maps awaiting RLE, one part being gathered and `COMMITS_IN_FLIGHT` parts being written: the README's
+formula ("Memory per actor"), checked by tests/pipeline/test_actor_memory.py.
 
 A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
 died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_FILES = 64  # file refs read ahead of the decoder (object-store latency hidden by concurrency)
 READ_AHEAD_SHARDS = 2  # tar / Parquet refs read ahead (each one whole shard in memory)
+READ_AHEAD_BYTES = 256 << 20  # and at most these listed bytes read ahead (a larger ref alone; unlisted: a share)
 RLE_IN_FLIGHT = 2  # model batches awaiting RLE
 COMMITS_IN_FLIGHT = 2  # parts being written
 IO_THREADS = 16  # reads and commits wait on storage, not on a CPU
@@ -160,6 +161,7 @@ class ShardSegmenter:
             for results in encoded:
                 flight.done(results.column("image_id").to_pylist())
                 yield results
+            flight.flush()
             if not suspect:
                 return
             yield self._alone(suspect.pop(), flight)
@@ -178,11 +180,25 @@ class ShardSegmenter:
         return results
 
     def _rows(self, refs: pa.Table) -> Iterator[ImageRow]:
-        """Each image row of the shard, read ahead on the I/O pool."""
+        """Each image row of the shard, read ahead on the I/O pool (bounded by count and by listed bytes), each
+        let go of as it is handed on, not with its whole shard."""
+        listed = refs.column("size").to_pylist() if "size" in refs.column_names else [None] * refs.num_rows
+        sizes = dict(zip(refs.column("uri").to_pylist(), listed))
+
+        def weight(ref: tuple[str, str, list[str]]) -> int:  # its listed bytes; unlisted: a count's share
+            size = sizes.get(ref[0])
+            per = READ_AHEAD_FILES if ref[1] == "file" else READ_AHEAD_SHARDS
+            return READ_AHEAD_BYTES // per if size is None else int(size)
+
         files_only = all(kind == "file" for kind in refs.column("kind").to_pylist())
         depth = READ_AHEAD_FILES if files_only else READ_AHEAD_SHARDS
-        read_ahead = ordered_map(self._read, ref_rows(refs), pool=self.io_pool, depth=depth)
-        return (row for image_rows in read_ahead for row in image_rows)
+        read_ahead = ordered_map(
+            self._read, ref_rows(refs), pool=self.io_pool, depth=depth, weight=weight, max_weight=READ_AHEAD_BYTES
+        )
+        for image_rows in read_ahead:
+            image_rows.reverse()
+            while image_rows:
+                yield image_rows.pop()
 
     def _read(self, ref: tuple[str, str, list[str]]) -> list[ImageRow]:
         uri, kind, skip = ref
@@ -282,10 +298,16 @@ def _poisoned_in_place(rows: Iterator[ImageRow], history: ShardHistory) -> Itera
 
 
 def _announced(rows: Iterator[ImageRow], flight: Flight) -> Iterator[ImageRow]:
-    """``rows``, each announced in flight (`pipeline.poison`) before it is handed on, `ANNOUNCE_CHUNK` at a time."""
-    while chunk := list(islice(rows, ANNOUNCE_CHUNK)):
-        flight.announce([row.image_id for row in chunk if not row.error])
+    """``rows``, each announced in flight (`pipeline.poison`) before it is handed on: `ANNOUNCE_CHUNK` at a time,
+    the next chunk's announcement sent while this one's rows are handed on (so that its answer is there)."""
+    chunk = list(islice(rows, ANNOUNCE_CHUNK))
+    ack = flight.announce_ahead([row.image_id for row in chunk if not row.error])
+    while chunk:
+        flight.wait(ack)
+        following = list(islice(rows, ANNOUNCE_CHUNK))
+        ack = flight.announce_ahead([row.image_id for row in following if not row.error])
         yield from chunk
+        chunk = following
 
 
 def _model_batch(batch: list[tuple[ImageRow, DecodedImage]]) -> dict[str, np.ndarray]:

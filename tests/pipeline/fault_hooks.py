@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 
@@ -103,14 +104,15 @@ def install_poison(marker: str) -> None:
     def decode_input(data, **kwargs):  # type: ignore[no-untyped-def]
         if data.endswith(POISON_DECODE):
             _strike(marker, f"decode-kill {os.getpid()}")
-            os.kill(os.getpid(), signal.SIGSEGV)
+            signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)  # this thread, as a codec's crash would
+            time.sleep(PAUSE_LIMIT_S)  # never goes on (a handler that returns must not let the decode go on)
         if data.endswith(RAISE_DECODE):
             _strike(marker, f"decode-raise {os.getpid()}")
             raise RuntimeError("a codec plugin's own exception")
         return decode(data, **kwargs)
 
     def call(self, batch):  # type: ignore[no-untyped-def]
-        ids = [str(i) for i in batch["image_id"]]
+        ids = [str(i) for i, error in zip(batch["image_id"], batch["error"]) if not str(error)]  # what it segments
         if any(POISON_MODEL in i for i in ids):
             _strike(marker, f"model-kill {os.getpid()} batch of {len(ids)}")
             os._exit(1)

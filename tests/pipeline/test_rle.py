@@ -155,3 +155,15 @@ def test_panoptic_map_sizes() -> None:
         panoptic_map([])
     with pytest.raises(ValueError, match="mask size"):
         panoptic_map([{"segment_id": 0, "rle": encode_rle(rect(4, 4, 0, 0, 1, 1))}], height=4, width=5)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_rows_compared_in_blocks_give_the_same_counts(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison with the row above runs a block of rows at a time (no bool map of the whole image):
+    block edges that cut between any two rows change nothing."""
+    import pipeline.rle
+
+    monkeypatch.setattr(pipeline.rle, "COMPARED_PIXELS", block)
+    rng = np.random.default_rng(block)
+    id_map = _blobs(rng, 37, 23, 12)
+    _assert_matches_pycocotools(id_map, sorted({int(v) for v in np.unique(id_map)} | {5000}))

@@ -1,0 +1,59 @@
+"""Child process of tests/pipeline/test_actor_memory.py: one `ShardSegmenter` call (no Ray) on the refs it is
+given, and the peak resident memory that call added.
+
+The model is built first (synthetic weights, ``min_size`` 64), then the high-water mark is reset
+(``/proc/self/clear_refs``, Linux) so that the model's own build does not hide the call's peak; the call's
+peak is ``VmHWM`` after it minus ``VmRSS`` before it. Prints one JSON object.
+
+    python -m tests.pipeline.actor_memory '{"refs": "refs.parquet", "output": "out", "batch_size": 2, ...}'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.parquet as pq
+
+from model.predictor import InferenceConfig
+from pipeline.commit import OutputCommitter
+from pipeline.lease import Lease
+from pipeline.predict import PanopticSegmenter
+from pipeline.shard import ShardSegmenter
+
+INFERENCE = InferenceConfig(min_size=64, max_size=107)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    model = PanopticSegmenter(
+        variant="detr-r50-panoptic", weights="synthetic", inference=INFERENCE, device="cpu", encode_rle=False
+    )
+    call = ShardSegmenter.__new__(ShardSegmenter)  # as ShardSegmenter.__init__ does, with this model
+    call.segmenter, call.inference = model, INFERENCE
+    call.committer = OutputCommitter(spec["output"], "r1")
+    call.rows_per_file, call.batch_size, call.max_pixels = spec["rows_per_file"], spec["batch_size"], 10**9
+    call.bytes_column, call.id_column, call.node_id, call.max_bytes = "image", None, "node-a", 1 << 30
+    call.pool = ThreadPoolExecutor(max_workers=spec["threads"])
+    call.io_pool = ThreadPoolExecutor(max_workers=16)
+    refs = pq.read_table(spec["refs"])
+    with Lease.acquire(spec["output"], "r1"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current VmRSS
+        before = _status_kib("VmRSS")
+        parts = call(refs)
+        peak = _status_kib("VmHWM")
+    print(json.dumps({"peak": (peak - before) * 1024, "images_ok": sum(parts["images_ok"].to_pylist())}))
+
+
+if __name__ == "__main__":
+    main()
