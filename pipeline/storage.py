@@ -26,6 +26,7 @@ only meet again.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import posixpath
@@ -184,17 +185,25 @@ def _read_local(path: str, max_bytes: int, progress: Callable[[], None]) -> tupl
 
 
 def _read_chunks(read: Callable[[int], bytes], limit: int, progress: Callable[[], None]) -> bytes:
-    """Up to ``limit`` bytes from ``read`` (a file's ``read``), `READ_CHUNK` at a time, to its end."""
-    chunks: list[bytes] = []
-    left = limit
+    """Up to ``limit`` bytes from ``read`` (a file's ``read``), `READ_CHUNK` at a time, to its end. Memory: the
+    bytes once, plus one chunk (a `BytesIO` grows in place and hands its buffer over; a join of the chunks
+    would hold the object twice)."""
+    first = read(min(limit, READ_CHUNK))
+    progress()
+    left = limit - len(first)
+    if not first or left <= 0:
+        return first  # one chunk: most images
+    buffer = io.BytesIO()
+    buffer.write(first)
+    del first
     while left > 0:
         chunk = read(min(left, READ_CHUNK))
         if not chunk:
             break
-        chunks.append(chunk)
+        buffer.write(chunk)
         left -= len(chunk)
         progress()
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one chunk (most images): no copy
+    return buffer.getvalue()
 
 
 def watched(work: Callable[[Callable[[], None]], T], *, timeout_s: float, what: str) -> T:
