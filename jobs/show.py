@@ -6,10 +6,10 @@ again from the images row's ``source`` and ``member`` (never by parsing the id a
 own reader of its kind (:func:`pipeline.readers.read_image`): a plain file / object (``source`` itself, any
 fsspec URI), a member of a ``.tar`` shard, or a Parquet row (``row=<N>``, or the row whose ``id_column`` holds
 the id; the bytes column is the run's ``bytes_column``, default ``image``, holding binary or a
-``{"bytes": ...}`` struct; both, and ``max_bytes``, are read from ``config.input`` in the latest
-``OUTPUT/_runs/<run_id>.json``). The bytes are decoded by the pipeline's own decoder
-(:func:`pipeline.decode.decode_oriented`: same header checks, EXIF orientation and RGB conversion), so an
-image the pipeline segmented is drawn in the frame of its masks.
+``{"bytes": ...}`` struct; both, and ``max_bytes``, are read from ``config.input``, and ``read_timeout_s``
+from ``config.failures``, in the latest ``OUTPUT/_runs/<run_id>.json``). The bytes are decoded by the
+pipeline's own decoder (:func:`pipeline.decode.decode_oriented`: same header checks, EXIF orientation and RGB
+conversion), so an image the pipeline segmented is drawn in the frame of its masks.
 
 The segments are drawn over it by :mod:`jobs.overlay` (pure numpy + PIL: filled, outlined, labelled where a
 label fits on its segment); labels without room are listed.
@@ -44,7 +44,7 @@ from pipeline.ids import SEPARATOR, file_id, member_id, member_of_old_row
 from pipeline.outputs import OutputNotFoundError, check_output, read_image_rows, read_run_config
 from pipeline.readers import kind_of, read_image
 from pipeline.rle import decode_mask
-from pipeline.storage import DEFAULT_MAX_BYTES
+from pipeline.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S
 
 PROG = "panoptic-flow show"
 LIST_IDS_HINT = 'list some with: panoptic-flow query OUTPUT "select image_id from images limit 5"'
@@ -58,6 +58,7 @@ def read_image_bytes(
     bytes_column: str = "image",
     id_column: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     input_format: str = "auto",
 ) -> bytes:
     """The encoded bytes of an input image: the object itself, a ``.tar`` member or a Parquet row's bytes, read
@@ -75,7 +76,15 @@ def read_image_bytes(
         raise ValueError(
             f"cannot read {image_id!r} from {source!r}: only files, .tar members and Parquet rows are supported"
         )
-    return read_image(source, kind, member, bytes_column=bytes_column, id_column=id_column, max_bytes=max_bytes)
+    return read_image(
+        source,
+        kind,
+        member,
+        bytes_column=bytes_column,
+        id_column=id_column,
+        max_bytes=max_bytes,
+        read_timeout_s=read_timeout_s,
+    )
 
 
 def load_image(data: bytes, *, max_pixels: int = InputConfig.max_pixels) -> np.ndarray:
@@ -116,6 +125,7 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
     source = image_row["source"] if image_row is not None else rows[0]["source"]
     run = read_run_config(output)
     inputs = run.get("config", run).get("input", {})  # a run record: {"config": {"input": {...}}, ...}
+    failures = run.get("config", run).get("failures") or {}
     data = read_image_bytes(
         image_id,
         source,
@@ -123,6 +133,7 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
         bytes_column=inputs.get("bytes_column") or "image",
         id_column=inputs.get("id_column"),
         max_bytes=inputs.get("max_bytes") or DEFAULT_MAX_BYTES,
+        read_timeout_s=failures.get("read_timeout_s") or DEFAULT_READ_TIMEOUT_S,
         input_format=inputs.get("format") or "auto",
     )
     image = load_image(data, max_pixels=inputs.get("max_pixels") or InputConfig.max_pixels)

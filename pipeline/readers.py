@@ -14,7 +14,8 @@ A reader's ``rows`` reads a whole ref into `ImageRow` s (`read_ref`: the pipelin
 
 Only regular files are read: a local FIFO, socket or device (also behind a symbolic link) becomes an error row
 "not a regular file" without ever being opened. No read goes past the object's size or ``--max-bytes``
-(`pipeline.storage.read_object`). Raw bytes are read here and decoded in `pipeline.decode`, so one bad object
+(`pipeline.storage.read_object`), and a read that receives nothing for ``--read-timeout`` seconds is given up
+(a retryable error row "read timed out"). Raw bytes are read here and decoded in `pipeline.decode`, so one bad object
 becomes one error row; an error that another attempt may not meet (unreachable store, timeout, throttling, 5xx)
 is marked ``retryable`` and redone by the next run.
 
@@ -33,14 +34,22 @@ from collections.abc import Callable, Collection, Iterator
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS
 from pipeline.ids import SHARD_ITSELF, file_id, member_id
-from pipeline.storage import DEFAULT_MAX_BYTES, TRANSIENT_ERRORS, NotARegularFile, TooLarge, read_bytes, read_object
+from pipeline.storage import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    TRANSIENT_ERRORS,
+    NotARegularFile,
+    TooLarge,
+    read_bytes,
+    read_filesystem,
+    read_object,
+)
 
 RefKind = Literal["file", "tar", "parquet"]
 
@@ -77,11 +86,13 @@ class ImageRow(NamedTuple):
 
 
 class ReadOptions(NamedTuple):
-    """What a read needs besides the ref: the run's ``--bytes-column``, ``--id-column`` and ``--max-bytes``."""
+    """What a read needs besides the ref: the run's ``--bytes-column``, ``--id-column``, ``--max-bytes`` and
+    ``--read-timeout``."""
 
     bytes_column: str = "image"
     id_column: str | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
 
 class Reader(NamedTuple):
@@ -99,17 +110,19 @@ def read_ref(
     bytes_column: str,
     id_column: str | None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> list[ImageRow]:
     """One ref -> its image rows (`ImageRow`, ``error`` "" when read): a file gives one, a shard one per member
     not in ``skip`` (committed members), plus a shard-level error row when part of it could not be read.
 
     Each object is read whole but never past ``max_bytes`` (``--max-bytes``; a larger object, shard included,
     is an error row "larger than --max-bytes"); a local input that is no regular file (a FIFO, socket or device,
-    also behind a link) is an error row "not a regular file", never opened. An ``--id-column`` value repeated
-    inside one Parquet shard gets an error row under the row's own id (``shard#row=N``) instead of a second row
-    with the same id. Memory is bounded by one shard.
+    also behind a link) is an error row "not a regular file", never opened. A read that receives nothing for
+    ``read_timeout_s`` seconds (``--read-timeout``) is a retryable error row "read timed out". An
+    ``--id-column`` value repeated inside one Parquet shard gets an error row under the row's own id
+    (``shard#row=N``) instead of a second row with the same id. Memory is bounded by one shard.
     """
-    options = ReadOptions(bytes_column, id_column, max_bytes)
+    options = ReadOptions(bytes_column, id_column, max_bytes, read_timeout_s)
     return list(_reader(kind).rows(uri, set(skip), options))
 
 
@@ -121,12 +134,13 @@ def read_image(
     bytes_column: str = "image",
     id_column: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> bytes:
     """The encoded bytes of one image of a ref, by the ``member`` its row stored: the object itself (a file,
     ``member`` None), a tar member (its name exactly as stored, never normalised as a path), a Parquet row
     (``row=N``, or the value of ``id_column``). Raises `FileNotFoundError` when there is no such member
     (IndexError for a row past the end), ValueError when the member names nothing this kind can hold."""
-    return _reader(kind).image(uri, member, ReadOptions(bytes_column, id_column, max_bytes))
+    return _reader(kind).image(uri, member, ReadOptions(bytes_column, id_column, max_bytes, read_timeout_s))
 
 
 def _reader(kind: str) -> Reader:
@@ -153,7 +167,12 @@ def image_columns(rows: list[ImageRow]) -> dict[str, np.ndarray]:
 
 
 def read_refs(
-    batch: dict[str, np.ndarray], *, bytes_column: str, id_column: str | None, max_bytes: int = DEFAULT_MAX_BYTES
+    batch: dict[str, np.ndarray],
+    *,
+    bytes_column: str,
+    id_column: str | None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> dict[str, np.ndarray]:
     """Refs as columns ({"uri", "kind"}, optional "skip") -> the `image_columns` of all their rows (`read_ref`)."""
     n = len(batch["uri"])
@@ -162,7 +181,15 @@ def read_refs(
     for uri, kind, skip in zip(batch["uri"], batch["kind"], skips):
         done = () if skip is None else [str(s) for s in skip]
         rows.extend(
-            read_ref(str(uri), str(kind), done, bytes_column=bytes_column, id_column=id_column, max_bytes=max_bytes)
+            read_ref(
+                str(uri),
+                str(kind),
+                done,
+                bytes_column=bytes_column,
+                id_column=id_column,
+                max_bytes=max_bytes,
+                read_timeout_s=read_timeout_s,
+            )
         )
     return image_columns(rows)
 
@@ -177,7 +204,7 @@ def _unreadable(exc: BaseException) -> str:
 def _file_rows(uri: str, skip: set[str], options: ReadOptions) -> Iterator[ImageRow]:
     """The one row of an image file (``skip`` does not apply: a file has no members)."""
     try:
-        data, info = read_object(uri, max_bytes=options.max_bytes)
+        data, info = read_object(uri, max_bytes=options.max_bytes, read_timeout_s=options.read_timeout_s)
     except FileNotFoundError as exc:
         yield ImageRow(file_id(uri), uri, None, None, None, b"", f"not found: {exc}", False)
     except (NotARegularFile, TooLarge) as exc:
@@ -191,7 +218,7 @@ def _file_rows(uri: str, skip: set[str], options: ReadOptions) -> Iterator[Image
 def _file_image(uri: str, member: str | None, options: ReadOptions) -> bytes:
     if member is not None:
         raise ValueError(f"{uri} is an image file: it has no member {member!r}")
-    return read_bytes(uri, max_bytes=options.max_bytes)
+    return read_bytes(uri, max_bytes=options.max_bytes, read_timeout_s=options.read_timeout_s)
 
 
 # -- shards: what tar and Parquet share --------------------------------------------------------------------
@@ -209,7 +236,7 @@ def _shard_rows(uri: str, done: set[str], options: ReadOptions, *, members: Memb
     could not be read, one shard-level error row (member `SHARD_ITSELF`)."""
     shard_row = ImageRow(member_id(uri, SHARD_ITSELF), uri, SHARD_ITSELF, None, None, b"", "", False)
     try:
-        data, info = read_object(uri, max_bytes=options.max_bytes)
+        data, info = read_object(uri, max_bytes=options.max_bytes, read_timeout_s=options.read_timeout_s)
     except FileNotFoundError as exc:
         if SHARD_ITSELF not in done:
             yield shard_row._replace(error=f"not found: {exc}")
@@ -284,7 +311,8 @@ def _tar_members(data: bytes, skip: set[str], options: ReadOptions) -> Iterator[
 
 def _tar_image(uri: str, member: str | None, options: ReadOptions) -> bytes:
     """One member's bytes, the archive streamed up to it (not read whole: a tar has no index)."""
-    with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    fs, path = read_filesystem(uri, read_timeout_s=options.read_timeout_s)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:  # stops at the member instead of indexing the whole archive
             if info.isfile() and info.name == member:  # the name exactly as stored (never normalised as a path)
                 data = tar.extractfile(info)
@@ -346,10 +374,11 @@ def _parquet_members(data: bytes, skip: set[str], options: ReadOptions) -> Itera
 def _parquet_image(uri: str, member: str | None, options: ReadOptions) -> bytes:
     """One row's bytes, reading only its row group: ``row=N``, or the row whose ``id_column`` holds ``member``."""
     if member is not None and member.startswith("row=") and member[len("row=") :].isdigit():
-        return _parquet_row(uri, int(member[len("row=") :]), options.bytes_column)
+        return _parquet_row(uri, int(member[len("row=") :]), options)
     if options.id_column is None:
         raise ValueError(f"cannot find {member!r} in {uri}: not 'row=N' and the run has no id_column")
-    with fsspec.open(uri, "rb") as f:
+    fs, path = read_filesystem(uri, read_timeout_s=options.read_timeout_s)
+    with fs.open(path, "rb") as f:
         table = pq.read_table(
             f, columns=[options.id_column, options.bytes_column], filters=[(options.id_column, "==", member)]
         )
@@ -359,8 +388,10 @@ def _parquet_image(uri: str, member: str | None, options: ReadOptions) -> bytes:
     return _image_bytes(value, f"{uri} column {options.bytes_column!r}")
 
 
-def _parquet_row(uri: str, row: int, column: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
+def _parquet_row(uri: str, row: int, options: ReadOptions) -> bytes:
+    column = options.bytes_column
+    fs, path = read_filesystem(uri, read_timeout_s=options.read_timeout_s)
+    with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         offset = row
         for group in range(parquet.num_row_groups):

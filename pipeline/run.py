@@ -204,7 +204,9 @@ def run_job(
     ``--error-window`` images failed: the run is marked failed, the parts committed so far stay.
     """
     started = time.perf_counter()
-    inputs = resolve_inputs(config.input, output=config.output)  # bad inputs fail here, before any cluster work
+    inputs = resolve_inputs(  # bad inputs fail here, before any cluster work
+        config.input, output=config.output, read_timeout_s=config.failures.read_timeout_s
+    )
     weights, sha256 = resolve_weights(config.model.variant, config.model.weights, allow_synthetic=allow_synthetic)
     run_id = new_run_id()
     record = new_record(config, run_id, weights=weights, sha256=sha256)

@@ -74,7 +74,7 @@ class ShardSegmenter:
     """Ray Data callable class: one shard of refs in, one `PART_ROW_SCHEMA` row per committed part out.
 
     ``flight_recorder``: the run's in-flight record (`pipeline.poison.start_flight_recorder`; None: no poison
-    isolation). ``failures``: the run's `FailureConfig` (the hung-batch floor).
+    isolation). ``failures``: the run's `FailureConfig` (the hung-batch floor, the read timeout).
     """
 
     flight_recorder: Any = None  # class defaults: a test may build the call with __new__ and set the rest
@@ -207,7 +207,13 @@ class ShardSegmenter:
         uri, kind, skip = ref
         try:
             return read_ref(
-                uri, kind, skip, bytes_column=self.bytes_column, id_column=self.id_column, max_bytes=self.max_bytes
+                uri,
+                kind,
+                skip,
+                bytes_column=self.bytes_column,
+                id_column=self.id_column,
+                max_bytes=self.max_bytes,
+                read_timeout_s=self.failures.read_timeout_s,
             )
         except Exception as exc:  # any failure of one ref is its error row; the shard goes on
             return unread_ref(uri, kind, skip, stage_error("reading", exc), retryable=isinstance(exc, TRANSIENT_ERRORS))

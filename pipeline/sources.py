@@ -40,7 +40,14 @@ import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
 from pipeline.readers import kind_of, parquet_columns_problem
-from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error, is_local, object_version
+from pipeline.storage import (
+    DEFAULT_READ_TIMEOUT_S,
+    TRANSIENT_ERRORS,
+    describe_storage_error,
+    is_local,
+    object_version,
+    read_filesystem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +93,12 @@ def output_location(output: str | None) -> tuple[fsspec.AbstractFileSystem, str]
     return fs, root.rstrip("/")
 
 
-def resolve_inputs(config: InputConfig, *, output: str | None = None) -> ResolvedInputs:
+def resolve_inputs(
+    config: InputConfig, *, output: str | None = None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+) -> ResolvedInputs:
     """List what each input URI holds, leaving out anything under ``output``; raise `InputError` naming the
-    URI when it is unusable."""
+    URI when it is unusable. On S3 each request gives up after ``read_timeout_s`` without an answer (s3fs and
+    botocore still retry it: the listing is done once, on the driver)."""
     refs: list[dict[str, Any]] = []
     manifests: list[str] = []
     left_out: list[str] = []
@@ -98,10 +108,10 @@ def resolve_inputs(config: InputConfig, *, output: str | None = None) -> Resolve
         if config.format == "manifest" or (
             config.format == "auto" and uri.lower().endswith((".txt", ".manifest", ".lst"))
         ):
-            _require_exists(uri)
+            _require_exists(uri, read_timeout_s)
             manifests.append(uri)
             continue
-        listing = _list_uri(uri, config, excluded)
+        listing = _list_uri(uri, config, excluded, read_timeout_s)
         if not listing.refs:
             under = listing.under_output
             inside = f" ({under} files under the output {output} left out)" if under else ""
@@ -127,7 +137,7 @@ def resolve_inputs(config: InputConfig, *, output: str | None = None) -> Resolve
             len(not_regular),
             ", ".join(not_regular[:LEFT_OUT_EXAMPLES]),
         )
-    _check_parquet_columns([r["uri"] for r in refs if r["kind"] == "parquet"], config)
+    _check_parquet_columns([r["uri"] for r in refs if r["kind"] == "parquet"], config, read_timeout_s)
     return ResolvedInputs(refs, manifests, left_out_count, left_out, len(not_regular))
 
 
@@ -144,12 +154,12 @@ def left_out_text(count: int, examples: list[str]) -> str:
 PARQUET_FILES_CHECKED = 4  # Parquet inputs whose columns are checked up front (the others give error rows)
 
 
-def _check_parquet_columns(uris: list[str], config: InputConfig) -> None:
+def _check_parquet_columns(uris: list[str], config: InputConfig, read_timeout_s: float) -> None:
     """Raise `InputError` when one of the first Parquet inputs has no usable image column (a wrong
     ``--bytes-column`` or ``--id-column``): reading only their footers, before any cluster work."""
     for uri in uris[:PARQUET_FILES_CHECKED]:
         try:
-            fs, path = fsspec.core.url_to_fs(uri)
+            fs, path = read_filesystem(uri, read_timeout_s=read_timeout_s, single_attempt=False)
             with fs.open(path, "rb") as f:
                 schema = pq.ParquetFile(f).schema_arrow
         except (*TRANSIENT_ERRORS, pa.ArrowException) as exc:
@@ -159,9 +169,9 @@ def _check_parquet_columns(uris: list[str], config: InputConfig) -> None:
             raise InputError(f"{uri}: {problem}")
 
 
-def _require_exists(uri: str) -> None:
+def _require_exists(uri: str, read_timeout_s: float) -> None:
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = read_filesystem(uri, read_timeout_s=read_timeout_s, single_attempt=False)
         exists = fs.exists(path)
     except (*TRANSIENT_ERRORS, ValueError) as exc:
         raise InputError(describe_storage_error(uri, exc)) from exc
@@ -176,11 +186,13 @@ class Listing(NamedTuple):
     left_out: list[str]  # the first `LEFT_OUT_EXAMPLES` of them
 
 
-def _list_uri(uri: str, config: InputConfig, excluded: tuple[fsspec.AbstractFileSystem, str] | None) -> Listing:
+def _list_uri(
+    uri: str, config: InputConfig, excluded: tuple[fsspec.AbstractFileSystem, str] | None, read_timeout_s: float
+) -> Listing:
     """The refs of one input URI and what was left out. A local ref that is no regular file has
     ``"regular": False`` (popped by `resolve_inputs`); its read gives the error row without opening it."""
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = read_filesystem(uri, read_timeout_s=read_timeout_s, single_attempt=False)
         if is_local(fs):
             found = _walk_local(path)
         elif fs.exists(path) and not fs.isdir(path):

@@ -11,15 +11,28 @@ An error is *transient* when another attempt may not meet it: the store unreacha
 5xx, a connection cut mid-body, a short read, access denied (credentials may be fixed). Such reads are
 retried a few times here, and an image whose read still fails becomes a retryable error row. A missing
 object is not transient.
+
+Every read has a no-progress timeout, ``read_timeout_s`` (``--read-timeout``): a read that receives nothing
+for that long (no connection, or no bytes) is given up with `ReadTimedOut`, a transient error; an object
+whose bytes keep coming never times out, however large. On S3 (s3fs) botocore enforces it on the socket
+(``connect_timeout`` and ``read_timeout``), with botocore's and s3fs's own retries off so that they cannot
+multiply it (`retrying` makes every attempt, see `read_filesystem`). Any other read, local or fsspec, runs in
+chunks on a worker thread watched by the caller (`watched`). A timed-out read is retried at most once, and
+only on an object store, where another attempt gets a fresh connection: at most ≈ 2 × ``read_timeout_s``
+per object there, ``read_timeout_s`` on a local or mounted filesystem, whose hang the next attempt would
+only meet again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import posixpath
+import queue
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,7 +40,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import fsspec
 
-from pipeline.config import redact_uri
+from pipeline.config import FailureConfig, redact_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,8 +68,15 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 TRANSIENT_ERRORS = _transient_errors()
 READ_ATTEMPTS = 4  # bounded retries of transient storage errors: waits 0.5 s, 1 s, 2 s between attempts
+TIMEOUT_ATTEMPTS = 2  # of which at most this many may time out (object stores; 1 on local filesystems)
 WRITE_ATTEMPTS = 3  # the same for a publish (on top of s3fs's own retries)
 _RETRY_BASE_S = 0.5
+DEFAULT_READ_TIMEOUT_S = FailureConfig().read_timeout_s  # ``--read-timeout``'s default, seconds
+READ_CHUNK = 1 << 20  # bytes per read call of a watched read: its progress is seen once per chunk
+
+
+class ReadTimedOut(TimeoutError):
+    """A read that received nothing (no connection, or no bytes) for ``--read-timeout`` seconds: transient."""
 
 
 class ObjectInfo(NamedTuple):
@@ -86,13 +106,22 @@ def object_version(info: dict[str, Any]) -> str | None:
     return f"mtime={mtime.timestamp() if hasattr(mtime, 'timestamp') else float(mtime)!r}"
 
 
-def retrying(what: str, action: Callable[[], T], *, attempts: int = READ_ATTEMPTS) -> T:
-    """Run ``action`` with bounded retries of transient storage errors (never of a missing object)."""
+def retrying(
+    what: str, action: Callable[[], T], *, attempts: int = READ_ATTEMPTS, timeout_attempts: int = TIMEOUT_ATTEMPTS
+) -> T:
+    """Run ``action`` with bounded retries of transient storage errors (never of a missing object); of its
+    ``attempts``, at most ``timeout_attempts`` may end in `ReadTimedOut` (each one has waited a whole timeout)."""
+    timeouts = 0
     for attempt in range(attempts):
         try:
             return action()
         except FileNotFoundError:
             raise  # gone is gone: no retry
+        except ReadTimedOut as exc:
+            timeouts += 1
+            if timeouts >= timeout_attempts or attempt == attempts - 1:
+                raise
+            log.warning("%s timed out (%s); retry %d", what, exc, attempt + 1)  # at once: it has waited enough
         except TRANSIENT_ERRORS as exc:
             if attempt == attempts - 1:
                 raise
@@ -134,57 +163,218 @@ def _too_large(size: int, max_bytes: int) -> TooLarge:
     return TooLarge(f"larger than --max-bytes ({size} > {max_bytes} bytes); not read")
 
 
-def _read_local(path: str, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
-    """(bytes, {"size", "mtime"}) of a local regular file, at most ``max_bytes`` of it. The file is stat'ed
-    before it is opened (never a FIFO or device) and again through the open descriptor (opened without
-    blocking: a file swapped for a FIFO in between is refused, not waited on)."""
+def _read_local(path: str, max_bytes: int, progress: Callable[[], None]) -> tuple[bytes, dict[str, Any]]:
+    """(bytes, {"size", "mtime"}) of a local regular file, at most ``max_bytes`` of it, read in `READ_CHUNK` s
+    (``progress()`` after each). The file is stat'ed before it is opened (never a FIFO or device) and again
+    through the open descriptor (opened without blocking: a file swapped for a FIFO in between is refused, not
+    waited on)."""
     status = check_regular(path)
     if status.st_size > max_bytes:
         raise _too_large(status.st_size, max_bytes)
+    progress()
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         status = os.fstat(f.fileno())
         if not stat.S_ISREG(status.st_mode):
             raise NotARegularFile(f"not a regular file ({_file_type(status.st_mode)}); not read")
-        data = f.read(min(status.st_size, max_bytes) + 1)  # one byte more: a file that grew shows it
+        progress()
+        data = _read_chunks(f.read, min(status.st_size, max_bytes) + 1, progress)  # one more: a file that grew
     if len(data) > max_bytes:
         raise _too_large(len(data), max_bytes)
     return data, {"size": status.st_size, "mtime": status.st_mtime}
 
 
-def read_object(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, ObjectInfo]:
+def _read_chunks(read: Callable[[int], bytes], limit: int, progress: Callable[[], None]) -> bytes:
+    """Up to ``limit`` bytes from ``read`` (a file's ``read``), `READ_CHUNK` at a time, to its end. Memory: the
+    bytes once, plus one chunk (a `BytesIO` grows in place and hands its buffer over; a join of the chunks
+    would hold the object twice)."""
+    first = read(min(limit, READ_CHUNK))
+    progress()
+    left = limit - len(first)
+    if not first or left <= 0:
+        return first  # one chunk: most images
+    buffer = io.BytesIO()
+    buffer.write(first)
+    del first
+    while left > 0:
+        chunk = read(min(left, READ_CHUNK))
+        if not chunk:
+            break
+        buffer.write(chunk)
+        left -= len(chunk)
+        progress()
+    return buffer.getvalue()
+
+
+def watched(work: Callable[[Callable[[], None]], T], *, timeout_s: float, what: str) -> T:
+    """``work(progress)`` run on a reader thread, given up with `ReadTimedOut` when it calls ``progress()``
+    neither within ``timeout_s`` of starting nor within ``timeout_s`` of its previous call; its result (or its
+    exception) otherwise.
+
+    A thread blocked in a read that never returns (a hung NFS or FUSE mount) cannot be interrupted: it is
+    abandoned, still blocked (a daemon, so it never holds up the process's exit), and whatever it reads later
+    is dropped; a new reader thread takes its place. Each such read strands one thread until the mount
+    answers. Reader threads are reused (`_READERS`): starting one per read would cost more than the read."""
+    state = threading.Condition()
+    last = [time.monotonic()]
+    outcome: list[tuple[bool, Any]] = []  # [(True, result)] or [(False, exception)] once done
+
+    def progress() -> None:
+        with state:
+            last[0] = time.monotonic()
+
+    def run() -> None:
+        try:
+            result: tuple[bool, Any] = (True, work(progress))
+        except BaseException as exc:  # handed to the caller, which raises it
+            result = (False, exc)
+        with state:
+            outcome.append(result)
+            state.notify_all()
+
+    _READERS.submit(run)
+    with state:
+        while not outcome:
+            left = last[0] + timeout_s - time.monotonic()
+            if left <= 0:
+                log.warning("%s received nothing for %g s: given up (its thread is abandoned)", what, timeout_s)
+                raise ReadTimedOut(f"read timed out: no bytes for {timeout_s:g} s")
+            state.wait(left)
+    done, value = outcome[0]
+    if not done:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+class _ReaderThreads:
+    """Daemon threads that run `watched` reads, one at a time each: an idle one takes the next read, and a new
+    one starts when none is idle (so a thread stuck in a read that never returns is never waited for). A forked
+    child, which has none of its parent's threads, starts afresh."""
+
+    def __init__(self) -> None:
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._pid = os.getpid()
+        self.started = 0  # threads started in this process (idle, busy or stuck)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._pid != os.getpid():  # forked: the idle threads counted are the parent's
+            self._start_afresh()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                self.started += 1
+                threading.Thread(target=self._serve, name=f"storage-read-{self.started}", daemon=True).start()
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get()()  # the job catches everything itself
+            with self._lock:
+                self._idle += 1
+
+
+_READERS = _ReaderThreads()
+
+
+def read_filesystem(
+    uri: str, *, read_timeout_s: float, single_attempt: bool = True
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) to read the input ``uri`` with: on S3, an s3fs filesystem whose botocore client has
+    ``read_timeout_s`` as its connect and read timeouts. With ``single_attempt`` (reads) it makes one attempt per
+    call, botocore's retries and s3fs's own off (s3fs retries a timeout 5 times, nested in its retries of the
+    request: 25 attempts of one read), and `retrying` makes the attempts instead; without it (listing) both keep
+    their retries. Any other URI: its usual filesystem."""
+    if fsspec.core.split_protocol(uri)[0] not in ("s3", "s3a"):
+        return fsspec.core.url_to_fs(uri)
+    options: dict[str, Any] = s3_timeouts(read_timeout_s)
+    if single_attempt:
+        options["retries"] = {"mode": "standard", "total_max_attempts": 1}
+    fs, path = fsspec.core.url_to_fs(uri, config_kwargs=options)  # one instance per options: reads share it
+    if single_attempt:
+        fs.retries = 1  # an instance attribute of s3fs (default 5), not a constructor argument
+    return fs, path
+
+
+def s3_timeouts(read_timeout_s: float) -> dict[str, float]:
+    """botocore ``Config`` options (s3fs's ``config_kwargs``) that give up a connection or a read that receives
+    nothing for ``read_timeout_s`` (s3fs's defaults: 5 s and 15 s)."""
+    return {"connect_timeout": read_timeout_s, "read_timeout": read_timeout_s}
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether an error of an S3 read (s3fs, aiohttp or botocore) is a connect or read timeout."""
+    if isinstance(exc, TimeoutError):  # fsspec's FSTimeoutError (a body that stalled), asyncio's, the socket's
+        return True
+    try:
+        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+    except ImportError:
+        return False
+    return isinstance(exc, ReadTimeoutError | ConnectTimeoutError)
+
+
+def read_object(
+    uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+) -> tuple[bytes, ObjectInfo]:
     """Whole object at ``uri`` and what identifies it (size, version); a short read (the size differs from
     the object's) counts as a transient error.
 
     Bounded: at most the object's size as the store reports it when the read starts, plus one byte, and never
     more than ``max_bytes`` + 1 bytes (`TooLarge` past ``max_bytes``: an object larger than the store says, or
     of unknown size, cannot exhaust memory). Local paths must be regular files (`NotARegularFile`, checked
-    before opening)."""
+    before opening). A read that receives nothing for ``read_timeout_s`` seconds (connecting, or between
+    bytes) raises `ReadTimedOut`, after one more attempt on an object store (see the module docstring)."""
+    fs, path = read_filesystem(uri, read_timeout_s=read_timeout_s)
+    local = is_local(fs)
+
+    def read(progress: Callable[[], None]) -> tuple[bytes, dict[str, Any]]:
+        if local:
+            return _read_local(path, max_bytes, progress)
+        info = fs.info(path)
+        size = info.get("size")
+        if size is not None and size > max_bytes:
+            raise _too_large(size, max_bytes)
+        progress()
+        limit = max_bytes if size is None else size
+        if limit == 0:
+            return b"", info
+        if is_s3(fs):  # botocore watches the socket: one ranged GET, no thread
+            return fs.cat_file(path, start=0, end=limit + 1), info
+        with fs.open(path, "rb") as f:
+            return _read_chunks(f.read, limit + 1, progress), info
 
     def attempt() -> tuple[bytes, ObjectInfo]:
-        fs, path = fsspec.core.url_to_fs(uri)
-        if is_local(fs):
-            data, info = _read_local(path, max_bytes)
+        if is_s3(fs):
+            try:
+                data, info = read(lambda: None)
+            except Exception as exc:
+                if _is_timeout(exc):
+                    raise ReadTimedOut(
+                        f"read timed out: no bytes for {read_timeout_s:g} s ({type(exc).__name__})"
+                    ) from exc
+                raise
         else:
-            info = fs.info(path)
-            size = info.get("size")
-            if size is not None and size > max_bytes:
-                raise _too_large(size, max_bytes)
-            limit = max_bytes if size is None else size
-            data = b"" if limit == 0 else fs.cat_file(path, start=0, end=limit + 1)
-            if len(data) > max_bytes:
-                raise _too_large(len(data), max_bytes)
+            data, info = watched(read, timeout_s=read_timeout_s, what=f"reading {uri}")
+        if len(data) > max_bytes:
+            raise _too_large(len(data), max_bytes)
         size = info.get("size")
         if size is not None and len(data) != size:
             raise OSError(f"short read: got {len(data)} of {size} bytes")
         return data, ObjectInfo(len(data), object_version(info))
 
-    return retrying(f"reading {uri}", attempt)
+    return retrying(f"reading {uri}", attempt, timeout_attempts=1 if local else TIMEOUT_ATTEMPTS)
 
 
-def read_bytes(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+def read_bytes(
+    uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+) -> bytes:
     """Whole object at ``uri`` (see `read_object`)."""
-    return read_object(uri, max_bytes=max_bytes)[0]
+    return read_object(uri, max_bytes=max_bytes, read_timeout_s=read_timeout_s)[0]
 
 
 def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> int:

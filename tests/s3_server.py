@@ -21,9 +21,11 @@ import contextlib
 import dataclasses
 import http.client
 import logging
+import select
 import socket
 import struct
 import threading
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO, Literal
 from urllib.parse import urlsplit
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-FaultMode = Literal["none", "reset", "truncate", "slowdown_503", "delay", "stopped"]
+FaultMode = Literal["none", "reset", "truncate", "slowdown_503", "delay", "stall", "trickle", "stopped"]
+_MODES = ("none", "reset", "truncate", "slowdown_503", "delay", "stall", "trickle", "stopped")
 _MAX_HEAD_BYTES = 64 * 1024
 _COPY_CHUNK = 64 * 1024
 _POLL_S = 0.05  # how often blocking loops look at their stop flag
@@ -124,6 +127,7 @@ class _Fault:
     paths: tuple[str, ...] | None
     truncate_at: int
     delay_s: float
+    trickle_bytes: int = 16 * 1024
 
 
 _NO_FAULT = _Fault("none", 0, None, None, 0, 0.0)  # never mutated: set_fault installs a new _Fault
@@ -143,9 +147,12 @@ class FaultProxy:
     Modes (see `set_fault`): `none` forwards transparently; `reset` answers a request by resetting the
     connection (RST); `truncate` forwards the response head and the first `truncate_at` bytes of the body,
     then closes the connection; `slowdown_503` answers with S3's XML `503 SlowDown` error without
-    forwarding; `delay` waits `delay_s` before forwarding; `stopped` closes the listening socket (and every
-    open connection), so connections are refused until `heal`. Counted modes heal by themselves after
-    `count` faults. One thread per client connection, one upstream connection per client connection.
+    forwarding; `delay` waits `delay_s` before forwarding; `stall` forwards the response head, then sends no
+    body bytes and holds the connection open until the client closes it, the proxy closes or the fault is set
+    again (`heal`, `set_fault`), then closes it; `trickle` forwards the response head, then the body in pieces of
+    `trickle_bytes`, waiting `delay_s` before each (slow, but never stalled); `stopped` closes the listening
+    socket (and every open connection), so connections are refused until `heal`. Counted modes heal by
+    themselves after `count` faults. One thread per client connection, one upstream connection per client connection.
     """
 
     def __init__(self, upstream_url: str, *, io_timeout_s: float = 10.0) -> None:
@@ -160,8 +167,10 @@ class FaultProxy:
         self._port: int | None = None
         self._closed = threading.Event()
         self._fault = _NO_FAULT
+        self._generation = 0  # how many times the fault was set: a stall lasts while it stays the same
         self._requests_seen = 0
         self._faults_injected = 0
+        self._stalls_given_up: list[float] = []
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._accept_thread: threading.Thread | None = None
@@ -197,27 +206,38 @@ class FaultProxy:
         paths: Collection[str] | None = None,
         truncate_at: int = 0,
         delay_s: float = 1.0,
+        trickle_bytes: int = 16 * 1024,
     ) -> None:
         """Inject `mode` into the next `count` (default 1) requests whose method is in `methods` (default:
         any) and whose target (path and query) contains one of `paths` (default: any).
-        A `truncate` fault is spent only on a response whose body is longer than `truncate_at` bytes.
+        A `truncate` fault is spent only on a response whose body is longer than `truncate_at` bytes, a `stall`
+        only on a response with a body, a `trickle` only on one with a body of known length.
         `stopped` takes no count: it lasts until `heal` or the next `set_fault`."""
-        if mode not in ("none", "reset", "truncate", "slowdown_503", "delay", "stopped"):
+        if mode not in _MODES:
             raise ValueError(f"unknown fault mode {mode!r}")
         if mode == "stopped" and count is not None:
             raise ValueError(f"fault mode 'stopped' lasts until heal(); got count={count}")
         count = 1 if count is None else count
-        if count < 0 or truncate_at < 0 or delay_s < 0:
-            raise ValueError(f"need count, truncate_at, delay_s >= 0; got {count}, {truncate_at}, {delay_s}")
+        if count < 0 or truncate_at < 0 or delay_s < 0 or trickle_bytes < 1:
+            raise ValueError(
+                f"need count, truncate_at, delay_s >= 0 and trickle_bytes >= 1; got {count}, {truncate_at}, "
+                f"{delay_s}, {trickle_bytes}"
+            )
         wanted = None if methods is None else frozenset(m.upper() for m in methods)
         with self._lock:
-            self._fault = _Fault(mode, count, wanted, None if paths is None else tuple(paths), truncate_at, delay_s)
-        with self._listener_lock:
-            if mode == "stopped" and self._listener is not None:
-                self._listener.close()
-                self._listener = None
-            elif mode != "stopped" and self._listener is None and self._port is not None:
-                self._listener = self._listen(self._port)
+            self._fault = _Fault(
+                mode, count, wanted, None if paths is None else tuple(paths), truncate_at, delay_s, trickle_bytes
+            )
+            self._generation += 1  # ends every `stall` in progress
+        # The accept loop holds the listener lock nearly all the time (it takes it again at once): take it only
+        # when the listener must change, or a heal waits for up to seconds on a loaded machine.
+        if (mode == "stopped") != (self._listener is None):
+            with self._listener_lock:
+                if mode == "stopped" and self._listener is not None:
+                    self._listener.close()
+                    self._listener = None
+                elif mode != "stopped" and self._listener is None and self._port is not None:
+                    self._listener = self._listen(self._port)
         if mode == "stopped":
             self._shutdown_connections()
 
@@ -236,6 +256,12 @@ class FaultProxy:
         """Faults injected since start (a `stopped` period is not counted)."""
         with self._lock:
             return self._faults_injected
+
+    @property
+    def stalls_given_up_s(self) -> list[float]:
+        """How long each `stall` that its client gave up (closed the connection) was held, in seconds."""
+        with self._lock:
+            return list(self._stalls_given_up)
 
     @property
     def requests_seen(self) -> int:
@@ -324,7 +350,7 @@ class FaultProxy:
             fault = self._fault
             if fault.mode in ("none", "stopped") or fault.left <= 0:
                 return _NO_FAULT
-            if (phase == "response") != (fault.mode == "truncate"):  # a cut needs the response head first
+            if (phase == "response") != (fault.mode in ("truncate", "stall", "trickle")):  # after the head
                 return _NO_FAULT
             if fault.methods is not None and request.method not in fault.methods:
                 return _NO_FAULT
@@ -332,6 +358,10 @@ class FaultProxy:
                 return _NO_FAULT
             if fault.mode == "truncate" and body_len is not None and body_len <= fault.truncate_at:
                 return _NO_FAULT  # nothing to cut
+            if fault.mode == "stall" and body_len == 0:
+                return _NO_FAULT  # no body to hold back
+            if fault.mode == "trickle" and not body_len:
+                return _NO_FAULT  # no body, or one of unknown length
             fault.left -= 1
             self._faults_injected += 1
             if fault.left == 0:
@@ -397,8 +427,21 @@ class FaultProxy:
             body_len = None
         else:
             body_len = int(headers["content-length"])
+        with self._lock:
+            generation = self._generation
         fault = self._take_fault(request, phase="response", body_len=body_len)
         client.sendall(head)
+        if fault.mode == "stall":
+            self._hold(client, generation)
+            _shutdown(client)
+            return False
+        if fault.mode == "trickle":
+            assert body_len is not None
+            for start in range(0, body_len, fault.trickle_bytes):
+                if self._closed.wait(fault.delay_s):
+                    return False
+                _copy(up_reader, client, min(fault.trickle_bytes, body_len - start), until_eof=False)
+            return not request.close and headers.get("connection", "").lower() != "close"
         if fault.mode == "truncate":
             _copy(up_reader, client, fault.truncate_at, until_eof=False)
             _shutdown(client)
@@ -411,6 +454,19 @@ class FaultProxy:
         else:
             _copy(up_reader, client, body_len, until_eof=False)
         return not request.close and headers.get("connection", "").lower() != "close"
+
+    def _hold(self, client: socket.socket, generation: int) -> None:
+        """Send nothing until the client closes its end, the proxy closes or the fault is set again."""
+        start = time.monotonic()
+        while not self._closed.wait(_POLL_S):
+            with self._lock:
+                if self._generation != generation:
+                    return
+            readable, _, _ = select.select([client], [], [], 0)
+            if readable and not client.recv(1, socket.MSG_PEEK):  # the client gave up and closed
+                with self._lock:
+                    self._stalls_given_up.append(time.monotonic() - start)
+                return
 
 
 def _read_head(reader: BinaryIO, *, trailers: bool = False) -> bytes | None:

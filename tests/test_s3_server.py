@@ -15,6 +15,7 @@ Client retry settings used here, checked below:
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import socket
 import threading
@@ -234,6 +235,66 @@ def test_delay_past_read_timeout_raises_a_timeout(proxy: FaultProxy, bucket: str
     with pytest.raises(ReadTimeoutError):
         client.get_object(Bucket=bucket, Key="obj")
     assert time.monotonic() - start < 1.5
+    client.close()
+
+
+def test_stall_sends_the_head_and_then_no_body(proxy: FaultProxy, bucket: str) -> None:
+    client = _client(proxy.endpoint_url, retries=NO_RETRIES, read_timeout=0.5)
+    proxy.set_fault("stall", methods=["GET"])
+    assert client.head_object(Bucket=bucket, Key="obj")["ContentLength"] == len(DATA)  # no body: not stalled
+    response = client.get_object(Bucket=bucket, Key="obj")  # the head arrived whole: the call succeeds
+    assert response["ContentLength"] == len(DATA) and proxy.faults_injected == 1
+    start = time.monotonic()
+    with pytest.raises(ReadTimeoutError):
+        response["Body"].read()
+    assert 0.5 <= time.monotonic() - start < 3
+    client.close()  # closes its connections: the proxy sees the client give up
+    deadline = time.monotonic() + 3
+    while not proxy.stalls_given_up_s and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(proxy.stalls_given_up_s) == 1 and 0.5 <= proxy.stalls_given_up_s[0] < 3
+    client = _client(proxy.endpoint_url, retries=NO_RETRIES, read_timeout=0.5)
+    assert client.get_object(Bucket=bucket, Key="obj")["Body"].read() == DATA  # healed after one
+    client.close()
+
+
+def test_stall_holds_the_connection_until_healed(proxy: FaultProxy, bucket: str) -> None:
+    host, port = _host_port(proxy.endpoint_url)
+    signer = _client(proxy.endpoint_url)
+    url = signer.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "obj"})
+    signer.close()
+    proxy.set_fault("stall", count=1)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", url.removeprefix(proxy.endpoint_url))
+    response = conn.getresponse()
+    assert response.status == 200 and response.length == len(DATA)
+    body: list[bytes | BaseException] = []
+    reader = threading.Thread(target=lambda: body.append(_read_or_error(response)), daemon=True)
+    reader.start()
+    reader.join(1.0)
+    assert reader.is_alive() and body == []  # nothing for a second: still held
+    start = time.monotonic()
+    proxy.heal()
+    reader.join(5)
+    assert not reader.is_alive() and time.monotonic() - start < 1  # healing ends it at once
+    assert isinstance(body[0], http.client.IncompleteRead) and body[0].partial == b""
+    assert proxy.stalls_given_up_s == []  # ended by the heal, not by the client
+    conn.close()
+
+
+def _read_or_error(response: http.client.HTTPResponse) -> bytes | BaseException:
+    try:
+        return response.read()
+    except http.client.HTTPException as exc:
+        return exc
+
+
+def test_trickle_sends_the_whole_body_slowly(proxy: FaultProxy, bucket: str) -> None:
+    client = _client(proxy.endpoint_url, retries=NO_RETRIES, read_timeout=0.5)
+    proxy.set_fault("trickle", methods=["GET"], trickle_bytes=100_000, delay_s=0.3)
+    start = time.monotonic()
+    assert client.get_object(Bucket=bucket, Key="obj")["Body"].read() == DATA  # 3 pieces, 0.3 s before each
+    assert time.monotonic() - start >= 0.9 and proxy.faults_injected == 1
     client.close()
 
 
