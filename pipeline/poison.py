@@ -22,16 +22,17 @@ on a blind repeat: k poisoned images in one shard cost 1 + k deaths. A hung mode
 by `pipeline.watchdog`. Order: the images done before a death are a prefix of the shard's images, so a retry
 cuts the same first parts (part names hash their ids) and nothing is committed twice.
 
-Cost: two calls to the recorder per `ANNOUNCE_CHUNK` images, neither waited for in the steady state (an
-announcement is sent a chunk ahead; completions are not waited for): BENCHMARKS.md "Poison isolation". If the
-recorder itself is lost, the shard calls go on without isolation (logged once): a death then fails its retries
-as before. Order: a retry cuts the same parts as the attempt before it because suspects run alone *in place*
+Cost: one call to the recorder per `ANNOUNCE_CHUNK` images, not waited for in the steady state (an
+announcement is sent a chunk ahead and carries the completions since the last one): BENCHMARKS.md "Poison
+isolation". If the recorder itself is lost, the shard calls go on without isolation (logged once): a death then
+fails its retries as before. Order: a retry cuts the same parts as the attempt before it because suspects run alone *in place*
 (`pipeline.shard.ShardSegmenter._results`), never moved to the end.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -97,8 +98,12 @@ class FlightLog:
             shard.strikes[image_id] = shard.strikes.get(image_id, 0) + 1
         shard.in_flight.clear()
 
-    def announce(self, key: str, image_ids: list[str], stage: Stage = IN_FLIGHT, *, alone: bool = False) -> None:
-        """``image_ids`` are in flight (at ``stage``); ``alone``: one suspect with nothing else in flight."""
+    def announce(
+        self, key: str, image_ids: list[str], stage: Stage = IN_FLIGHT, *, alone: bool = False, done: Sequence[str] = ()
+    ) -> None:
+        """``image_ids`` are in flight (at ``stage``); ``alone``: one suspect with nothing else in flight; ``done``:
+        images that came through since the last call (`done`, sent along to save a call)."""
+        self.done(key, list(done))
         shard = self._shards.setdefault(key, _Shard(open=True))
         shard.alone = alone
         for image_id in image_ids:
@@ -142,8 +147,9 @@ def start_flight_recorder() -> Any:
 
 class Flight:
     """One shard attempt's side of the record. Announcements are sent a chunk ahead and waited for before the
-    chunk is handed on (the actor may die right after); completions are gathered and sent without waiting, a
-    chunk at a time (a lost or late one only leaves images suspects) and always before an image runs alone.
+    chunk is handed on (the actor may die right after); completions are gathered and sent along with the next
+    announcement, or by `flush` without waiting (a lost or late one only leaves images suspects), always before an
+    image runs alone.
     ``recorder`` is the run's recorder actor, a `FlightLog` in process (tests), or None (no isolation)."""
 
     def __init__(self, recorder: Any, key: str) -> None:
@@ -160,16 +166,18 @@ class Flight:
 
     def announce_ahead(self, image_ids: list[str], stage: Stage = IN_FLIGHT) -> Any:
         """Send the announcement; `wait` for what this returns before any of ``image_ids`` is handled."""
-        if self.alone:
-            self.flush()  # nothing may stay in flight on the record but the one image run alone
-        return self._send("announce", self.key, image_ids, stage, alone=self.alone) if image_ids else None
+        if not image_ids:
+            return None
+        done, self._done = self._done, []  # sent along: one call per chunk in the steady state
+        return self._send("announce", self.key, image_ids, stage, alone=self.alone, done=done)
 
     def wait(self, ack: Any) -> None:
         self._wait(ack)
 
     def done(self, image_ids: list[str]) -> None:
+        """``image_ids`` came through: sent with the next announcement, or by `flush` (at once when alone)."""
         self._done.extend(image_ids)
-        if len(self._done) >= ANNOUNCE_CHUNK or self.alone:
+        if len(self._done) >= 4 * ANNOUNCE_CHUNK or self.alone:
             self.flush()
 
     def flush(self) -> None:

@@ -142,4 +142,7 @@ def test_a_job_over_a_fifo_and_a_link_to_dev_zero_ends_with_their_error_rows(ray
     assert len(summary) == 1 and "1 images ok, 2 errors" in summary[0], job.stdout
     named = ", ".join(str(tmp_path / "in" / n) for n in ("b.avif", "c.heic", "notes.txt"))
     left_out = f"; left out 3 files whose names end in no image, .tar or .parquet extension (e.g. {named}); "
-    assert summary[0].endswith(left_out + "`--input-format files` reads every listed file as an image"), summary[0]
+    errors = "; errors: 2 not a regular file (the images table's error column says why, image by image)"
+    assert summary[0].endswith(left_out + "`--input-format files` reads every listed file as an image" + errors), (
+        summary[0]
+    )
