@@ -25,8 +25,8 @@ cuts the same first parts (part names hash their ids) and nothing is committed t
 Cost: one call to the recorder per `ANNOUNCE_CHUNK` images, not waited for in the steady state (an
 announcement is sent a chunk ahead and carries the completions since the last one): BENCHMARKS.md "Poison
 isolation". If the recorder itself is lost, the shard calls go on without isolation (logged once): a death then
-fails its retries as before. Order: a retry cuts the same parts as the attempt before it because suspects run alone *in place*
-(`pipeline.shard.ShardSegmenter._results`), never moved to the end.
+fails its retries as before. Order: a retry cuts the same parts as the attempt before it because suspects run
+alone *in place* (`pipeline.shard.ShardSegmenter._results`), never moved to the end.
 """
 
 from __future__ import annotations
