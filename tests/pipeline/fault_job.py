@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str]) -> int:
-    env_vars = {name: os.environ[name] for name in ("PF_FAULT", "PF_FAULT_MARKER")}
+    names = ("PF_FAULT", "PF_FAULT_MARKER", "PF_FAULT_RELEASE")
+    env_vars = {name: os.environ[name] for name in names if name in os.environ}
     ray.init(
         log_to_driver=False,
         runtime_env={

@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-import ray
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.pipeline import fault_job
 
 
 def main(argv: list[str]) -> int:
-    env_vars = {name: os.environ[name] for name in ("PF_FAULT_MARKER", "PF_FAULT_RELEASE")}
-    ray.init(
-        log_to_driver=False,
-        runtime_env={
-            "worker_process_setup_hook": "tests.pipeline.fault_hooks.install",
-            "env_vars": {"PF_FAULT": "pause", "PYTHONPATH": str(REPO), **env_vars},
-        },
-    )
-    from jobs.segment import main as segment
-
-    return segment(argv)
+    os.environ["PF_FAULT"] = "pause"
+    return fault_job.main(argv)
 
 
 if __name__ == "__main__":
