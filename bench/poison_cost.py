@@ -1,8 +1,10 @@
 """What poison isolation's in-flight bookkeeping (`pipeline.poison`) costs, side by side in one process.
 
-1. **Per image**: from a Ray actor (where the shard call runs), the caller's time for what a shard call does
-   with its rows (announced a chunk ahead, ``done`` per model batch, gathered), over ``--calls-images`` rows;
-   beside it, the same announcements each waited for.
+1. **Per image**: from a Ray actor (where the shard call runs), the calling thread's CPU time for what a shard
+   call does with its rows (announced a chunk ahead, ``done`` per model batch, sent along), over
+   ``--calls-images`` rows: the serial work the model thread pays. Its wall time here, with no work between
+   chunks, is round trips (in a job a chunk's answer arrives while the chunk before it is handled); beside it,
+   the same announcements each waited for.
 2. **In a job**: the job on the GPU-like stand-in model (`bench/stand_in_model.py`: sleeps ``--stand-in-ms`` per
    image with the GIL released) with the recorder and without it (``pipeline.run.start_flight_recorder``
    patched to give None), alternating, ``--rounds`` times each; the rate is measured *inside* each run, between
@@ -43,7 +45,7 @@ def per_call(images: int, batch_size: int) -> dict[str, float]:
             rows = [ImageRow(uri, uri, None, 1, "v", b"", "", False) for uri in uris]
             flight = Flight(recorder, "bench-shard")
             flight.begin()
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             batch: list[str] = []
             for row in _announced(iter(rows), flight):
                 batch.append(row.image_id)
@@ -51,7 +53,7 @@ def per_call(images: int, batch_size: int) -> dict[str, float]:
                     flight.done(batch)
                     batch = []
             flight.flush()
-            shard_call_s = time.perf_counter() - started
+            shard_call_s, shard_call_cpu_s = time.perf_counter() - started, time.thread_time() - cpu
             flight.finish()
             flight = Flight(recorder, "bench-blocking")
             flight.begin()
@@ -61,7 +63,8 @@ def per_call(images: int, batch_size: int) -> dict[str, float]:
             blocking_s = time.perf_counter() - started
             flight.begin()  # waits for everything sent before it (one caller's calls run in order)
             return {
-                "ms_per_image": shard_call_s / images * 1e3,
+                "cpu_ms_per_image": shard_call_cpu_s / images * 1e3,  # the calling thread's own work
+                "wall_ms_per_image": shard_call_s / images * 1e3,  # with no work between chunks: round trips
                 "blocking_announce_ms_per_image": blocking_s / images * 1e3,
             }
 
