@@ -36,6 +36,17 @@ log = logging.getLogger(__name__)
 OUT_OF_MEMORY = "CUDA out of memory on this single image"
 
 
+def is_device_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device itself failed (a CUDA illegal memory access, a lost device, an ECC error):
+    its context is lost and every later call in this process would fail too. Out-of-memory is not one."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc).startswith(("CUDA error", "CUDA driver error"))
+
+
 def pick_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:
     """``auto``: CUDA when this process sees a GPU, else CPU."""
     if device == "cuda" and not torch.cuda.is_available():

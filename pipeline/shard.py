@@ -51,7 +51,7 @@ from pipeline.ids import SHARD_ITSELF, file_id, member_id
 from pipeline.parts import PartGatherer
 from pipeline.pipelining import ordered_map
 from pipeline.poison import ANNOUNCE_CHUNK, Flight, ShardHistory
-from pipeline.predict import PanopticSegmenter
+from pipeline.predict import PanopticSegmenter, is_device_fault
 from pipeline.readers import ImageRow, read_ref, ref_rows
 from pipeline.results import encode_results, prediction_table
 from pipeline.schema import EMPTY_PIXELS, PART_ROW_SCHEMA, DecodedImage
@@ -67,7 +67,6 @@ RLE_IN_FLIGHT = 2  # model batches awaiting RLE
 COMMITS_IN_FLIGHT = 2  # parts being written
 IO_THREADS = 16  # reads and commits wait on storage, not on a CPU
 DEFAULT_FAILURES = FailureConfig()
-HUNG_EXIT_CODE = 75  # the process ended itself on a hung batch
 
 
 class ShardSegmenter:
@@ -239,6 +238,8 @@ class ShardSegmenter:
             with self._watched():
                 return self.segmenter(batch)
         except Exception as exc:
+            if is_device_fault(exc):  # the device's context is lost: every later call would fail too
+                self._end_actor(f"the device failed: {type(exc).__name__}: {exc}".splitlines()[0][:200])
             if len(batch["image_id"]) == 1:
                 return _error_predictions(batch, stage_error("segmenting", exc))
             log.warning("a model batch raised %s; redoing its images one at a time", type(exc).__name__)
@@ -257,16 +258,27 @@ class ShardSegmenter:
         return pa.concat_tables([self._encode(predictions.slice(i, 1)) for i in range(predictions.num_rows)])
 
     def _hung(self, seconds: float) -> None:
-        """The watchdog's verdict on the running batch: record why, then end this process (Ray restarts the
-        actor and retries the shard, whose poison isolation runs the batch's images alone)."""
-        reason = f"a model batch hung for {seconds:.0f} s"
-        log.error(
-            "%s (limit %.0f s, --hung-batch-timeout); ending this model actor", reason, self.failures.hung_batch_s
-        )
+        """The watchdog's verdict on the running batch (`pipeline.watchdog`)."""
+        limit = self.failures.hung_batch_s
+        log.error("a model batch hung for %.0f s (--hung-batch-timeout %.0f s)", seconds, limit)
+        self._end_actor(f"a model batch hung for {seconds:.0f} s")
+
+    def _end_actor(self, reason: str) -> None:
+        """Record why with the images in flight, then end this process: Ray restarts the actor and retries the
+        shard, whose poison isolation runs the images that were in flight alone (`pipeline.poison`)."""
+        log.error("ending this model actor: %s", reason)
         if self._flight is not None:
             self._flight.dying(reason)
-        logging.shutdown()
-        os._exit(HUNG_EXIT_CODE)
+        end_process(ACTOR_ENDED_EXIT_CODE)
+
+
+ACTOR_ENDED_EXIT_CODE = 75  # the model actor ended itself (a hung batch, a lost device)
+
+
+def end_process(code: int) -> None:
+    """Leave at once (no cleanup that could hang on a stuck device or thread)."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def shard_key(refs: pa.Table) -> str:

@@ -260,3 +260,56 @@ def test_an_input_that_kills_its_worker_twice_gets_an_error_row_and_its_shard_ma
     _assert_same_segments(kept, expected_segments)
     committed = [i for f in (output / "images").glob("*.parquet") for i in pq.read_table(f)["image_id"].to_pylist()]
     assert sorted(committed) == sorted(images)  # each image once, no part of an earlier attempt left over
+
+
+def test_a_device_fault_ends_the_actor_and_the_image_that_causes_it_is_isolated(
+    model: PanopticSegmenter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA error (the device's context lost: every later call would fail too) is not an error row: the actor
+    ends itself, with the reason on the record, and the image is isolated like one that crashed its process."""
+    import pipeline.shard as shard
+
+    refs = _inputs(tmp_path / "in")
+    segment, ended = model.__class__.__call__, []
+
+    def call(self: PanopticSegmenter, batch: dict) -> pa.Table:
+        if any(str(i).endswith("img2.jpg") and not str(e) for i, e in zip(batch["image_id"], batch["error"])):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors ...")
+        return segment(self, batch)
+
+    def end_process(code: int) -> None:
+        ended.append(code)
+        raise _Death()
+
+    monkeypatch.setattr(model.__class__, "__call__", call)
+    monkeypatch.setattr(shard, "end_process", end_process)
+    recorder, output = FlightLog(), tmp_path / "out"
+    call_ = _shard_call(model, output, recorder=recorder)
+    with Lease.acquire(str(output), "r1"):
+        for _ in range(2):
+            with pytest.raises(_Death):
+                call_(refs)
+        call_(refs)
+    monkeypatch.undo()
+    assert ended == [shard.ACTOR_ENDED_EXIT_CODE] * 2
+    images = _images(output)
+    assert len(images) == 10
+    row = next(r for i, r in images.items() if i.endswith("img2.jpg"))
+    assert row["error"].startswith(
+        f"{POISON_ERROR} while segmenting (the device failed: RuntimeError: CUDA error: an illegal memory access "
+        "was encountered): skipped"
+    )
+    errors = sorted(Path(i).name for i, r in images.items() if r["status"] == "error")
+    assert errors == ["gone.jpg", "img2.jpg", "img3.jpg"]
+
+
+def test_device_faults_are_told_from_other_errors() -> None:
+    import torch
+
+    from pipeline.predict import is_device_fault
+
+    assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
+    assert is_device_fault(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert not is_device_fault(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_device_fault(RuntimeError("shape mismatch"))
+    assert not is_device_fault(ValueError("CUDA error: but not a RuntimeError"))
