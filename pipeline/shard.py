@@ -307,7 +307,9 @@ def _poisoned_in_place(rows: Iterator[ImageRow], history: ShardHistory) -> Itera
     """``rows``, a poisoned image's replaced by its error row (it is never decoded again)."""
     for row in rows:
         if row.image_id in history.poisoned:
-            yield row._replace(data=b"", error=history.poisoned[row.image_id], retryable=False)
+            error = history.poisoned[row.image_id]
+            log.warning("%s: %s", redact_uri(row.image_id), error)  # which image, which stage, what to do
+            yield row._replace(data=b"", error=error, retryable=False)
         else:
             yield row
 
