@@ -18,7 +18,7 @@ MapReduce's "skipping bad records" (Dean & Ghemawat, OSDI 2004, §3.7), for the 
    shard-mates.
 
 So each death spends one of the call's retries (`pipeline.run.SHARD_CALL_RETRIES`) on finding the poison, never
-on a blind repeat: k poisoned images in one shard cost 1 + k deaths. A hung model batch is turned into a death
+on a blind repeat: k poisoned images in flight together cost 1 + k deaths, k far apart in one shard 2k. A hung model batch is turned into a death
 by `pipeline.watchdog`. Order: the images done before a death are a prefix of the shard's images, so a retry
 cuts the same first parts (part names hash their ids) and nothing is committed twice.
 
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 Stage = Literal["in flight", "decoding", "segmenting", "encoding"]
 IN_FLIGHT: Stage = "in flight"  # announced in a normal (pipelined) window: the stage is not known
 POISON_ERROR = "killed the model worker (twice)"  # the start of a poisoned image's error
+RECORDER_TIMEOUT_S = 60.0  # an answer of the recorder waited for longer: isolation off for this actor
 ANNOUNCE_CHUNK = 16  # images per announcement (two in flight: 32 images announced ahead of the decoder at most)
 
 
@@ -201,7 +202,7 @@ class Flight:
 
         try:
             return getattr(self.recorder, method).remote(*args, **kwargs)
-        except ray.exceptions.RayActorError as exc:
+        except ray.exceptions.RayError as exc:
             self._lost(exc)
             return None
 
@@ -213,13 +214,13 @@ class Flight:
         import ray
 
         try:
-            return ray.get(sent)
-        except ray.exceptions.RayActorError as exc:
+            return ray.get(sent, timeout=RECORDER_TIMEOUT_S)
+        except ray.exceptions.RayError as exc:  # gone, unreachable or stuck: never the shard's failure
             self._lost(exc)
             return None
 
     def _lost(self, exc: BaseException) -> None:
-        """The recorder is gone: this actor goes on without isolation."""
+        """The recorder is gone, unreachable or stuck: this actor goes on without isolation."""
         log.warning("the in-flight recorder is gone (%s); poison isolation is off for this actor", exc)
         self.recorder = None
 

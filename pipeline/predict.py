@@ -39,12 +39,15 @@ OUT_OF_MEMORY = "CUDA out of memory on this single image"
 def is_device_fault(exc: BaseException) -> bool:
     """Whether ``exc`` says the device itself failed (a CUDA illegal memory access, a lost device, an ECC error):
     its context is lost and every later call in this process would fail too. Out-of-memory is not one."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    text = str(exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text:  # a raw cudaMalloc's too
         return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8: every cudaError
     if accelerator_error is not None and isinstance(exc, accelerator_error):
         return True
-    return isinstance(exc, RuntimeError) and str(exc).startswith(("CUDA error", "CUDA driver error"))
+    sticky = ("CUDA error", "CUDA driver error", "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED",
+              "cuDNN error: CUDNN_STATUS_MAPPING_ERROR", "CUBLAS_STATUS_EXECUTION_FAILED")  # fmt: skip
+    return isinstance(exc, RuntimeError) and any(s in text for s in sticky)
 
 
 def pick_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:

@@ -271,6 +271,11 @@ def _shard_rows(uri: str, done: set[str], options: ReadOptions, *, members: Memb
 # -- tar ---------------------------------------------------------------------------------------------------
 
 
+# A member name that is not UTF-8 (a Latin-1 name from an old tool) is read with its bytes escaped (``caf\\xe9.png``):
+# a valid string for ids and Arrow, the same whenever the shard is read (`show` finds the member by it).
+TAR_NAME_ERRORS = "backslashreplace"
+
+
 def iter_tar_images(data: bytes, *, skip: Collection[str] = ()) -> Iterator[tuple[str, None, bytes]]:
     """(member name, None, bytes) of the first image member of each sample key, in archive order; members in
     ``skip`` are not extracted (they are still read: a tar has no index). Raises `ShardError` after the last
@@ -278,7 +283,7 @@ def iter_tar_images(data: bytes, *, skip: Collection[str] = ()) -> Iterator[tupl
     seen: set[str] = set()
     last = "the first member"
     try:
-        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115 (closed by the `with` below)
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:", errors=TAR_NAME_ERRORS)  # noqa: SIM115 (closed below)
     except tarfile.TarError as exc:
         raise ShardError(f"unreadable: not a tar archive: {exc}") from exc
     with archive:
@@ -312,7 +317,7 @@ def _tar_members(data: bytes, skip: set[str], options: ReadOptions) -> Iterator[
 def _tar_image(uri: str, member: str | None, options: ReadOptions) -> bytes:
     """One member's bytes, the archive streamed up to it (not read whole: a tar has no index)."""
     fs, path = read_filesystem(uri, read_timeout_s=options.read_timeout_s)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:", errors=TAR_NAME_ERRORS) as tar:
         for info in tar:  # stops at the member instead of indexing the whole archive
             if info.isfile() and info.name == member:  # the name exactly as stored (never normalised as a path)
                 data = tar.extractfile(info)

@@ -47,7 +47,8 @@ NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
 # (`pipeline.poison`): an input that kills every actor that reads it (a crashing codec, out of memory) costs two
 # deaths and gets an error row; bounded, so that a shard whose actors keep dying with nothing in flight (nodes
 # lost again and again) fails the job instead of running forever.
-SHARD_CALL_RETRIES = 8
+SHARD_CALL_RETRIES = 32  # a poison costs two deaths (in its window, then alone), and a call queued behind a
+# dying one on the same actor loses a retry too: room for about a dozen poisoned images per shard
 SHARDS_PER_ACTOR = 4  # a small job is cut into at least this many shards per actor, so that every actor works
 
 

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -215,7 +216,8 @@ class ShardSegmenter:
                 read_timeout_s=self.failures.read_timeout_s,
             )
         except Exception as exc:  # any failure of one ref is its error row; the shard goes on
-            return unread_ref(uri, kind, skip, stage_error("reading", exc), retryable=isinstance(exc, TRANSIENT_ERRORS))
+            retryable = isinstance(exc, (*TRANSIENT_ERRORS, MemoryError))  # another node may have the memory
+            return unread_ref(uri, kind, skip, stage_error("reading", exc), retryable=retryable)
 
     def _decode(self, row: ImageRow) -> tuple[ImageRow, DecodedImage]:
         if row.error:
@@ -266,18 +268,21 @@ class ShardSegmenter:
     def _end_actor(self, reason: str) -> None:
         """Record why with the images in flight, then end this process: Ray restarts the actor and retries the
         shard, whose poison isolation runs the images that were in flight alone (`pipeline.poison`)."""
-        log.error("ending this model actor: %s", reason)
-        if self._flight is not None:
-            self._flight.dying(reason)
-        end_process(ACTOR_ENDED_EXIT_CODE)
+        try:
+            log.error("ending this model actor: %s", reason)
+            if self._flight is not None:
+                self._flight.dying(reason)  # waited for at most `pipeline.poison.RECORDER_TIMEOUT_S`
+        finally:
+            end_process(ACTOR_ENDED_EXIT_CODE)  # whatever happened above
 
 
 ACTOR_ENDED_EXIT_CODE = 75  # the model actor ended itself (a hung batch, a lost device)
 
 
 def end_process(code: int) -> None:
-    """Leave at once (no cleanup that could hang on a stuck device or thread)."""
-    logging.shutdown()
+    """Leave at once: no cleanup that could hang on a stuck device, thread or lock (stderr is flushed first)."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
     os._exit(code)
 
 

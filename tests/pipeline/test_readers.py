@@ -64,3 +64,24 @@ def test_reading_back_what_is_not_there(tmp_path: Path) -> None:
         read_image(str(plain), "file", "row=0")
     with pytest.raises(ValueError, match="unknown input kind 'zip'"):
         read_ref(str(plain), "zip", [], bytes_column="image", id_column=None)
+
+
+def test_a_tar_member_whose_name_is_not_utf8_is_read_under_an_escaped_name(tmp_path: Path) -> None:
+    """A Latin-1 member name (an old tool's tar): its row gets a valid id (``caf\\xe9.png``), Arrow takes it, and
+    the member is read back by it; before, the id held a surrogate and failed the whole shard."""
+    import io
+    import tarfile
+
+    image = photo_bytes(40, 48, seed=3)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo("café.png")
+        info.size = len(image)
+        tar.addfile(info, io.BytesIO(image))
+    assert "caf\xe9.png".encode("latin-1") in buffer.getvalue()  # the name's byte really is not UTF-8
+    path = tmp_path / "old.tar"
+    path.write_bytes(buffer.getvalue())
+    (row,) = read_ref(str(path), "tar", [], bytes_column="image", id_column=None)
+    assert row.error == "" and row.member == "caf\\xe9.png" and row.data == image
+    assert pa.array([row.image_id, row.member]).to_pylist() == [row.image_id, row.member]
+    assert read_image(str(path), "tar", row.member) == image
