@@ -18,9 +18,10 @@ MapReduce's "skipping bad records" (Dean & Ghemawat, OSDI 2004, §3.7), for the 
    shard-mates.
 
 So each death spends one of the call's retries (`pipeline.run.SHARD_CALL_RETRIES`) on finding the poison, never
-on a blind repeat: k poisoned images in flight together cost 1 + k deaths, k far apart in one shard 2k. A hung model batch is turned into a death
-by `pipeline.watchdog`. Order: the images done before a death are a prefix of the shard's images, so a retry
-cuts the same first parts (part names hash their ids) and nothing is committed twice.
+on a blind repeat: k poisoned images in flight together cost 1 + k deaths, k far apart in one shard 2k. A hung
+model batch, or a device fault, is turned into a death by the shard call itself (`pipeline.watchdog`). Order:
+the images done before a death are a prefix of the shard's images, so a retry cuts the same first parts (part
+names hash their ids) and nothing is committed twice.
 
 Cost: one call to the recorder per `ANNOUNCE_CHUNK` images, not waited for in the steady state (an
 announcement is sent a chunk ahead and carries the completions since the last one): BENCHMARKS.md "Poison
