@@ -60,9 +60,10 @@ failing after the first 16 images, so that the error budget stops the job (`pipe
 marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their
 model actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row
 and its shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
-(`pipeline.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py). The
-runs started mid-run and the killed driver are held right after their first commit by a fault hook (no race
-with the job's speed).
+(`pipeline.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py); an
+S3 GET that stalls after its headers: a retryable error row within the read timeout, the rest committed, and a
+re-run redoes that image only (tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed
+driver are held right after their first commit by a fault hook (no race with the job's speed).
 """
 
 from __future__ import annotations
