@@ -130,6 +130,14 @@ class FlightLog:
         """The attempt returned: the shard is committed and its record is dropped."""
         self._shards.pop(key, None)
 
+    def abandon(self, key: str) -> None:
+        """The attempt raised (its actor alive, e.g. a commit that failed): no death, nothing in flight struck,
+        whether or not Ray retries it."""
+        shard = self._shards.get(key)
+        if shard is not None:
+            shard.open, shard.alone = False, False
+            shard.in_flight.clear()
+
     def open_shards(self) -> int:
         return sum(1 for s in self._shards.values() if s.open)
 
@@ -192,6 +200,9 @@ class Flight:
 
     def finish(self) -> None:
         self._send("finish", self.key)
+
+    def abandon(self) -> None:
+        self._wait(self._send("abandon", self.key))
 
     def _send(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """The call's result (in process) or its object ref (on Ray); None without a recorder."""

@@ -131,14 +131,18 @@ class ShardSegmenter:
             while len(commits) > COMMITS_IN_FLIGHT:
                 _collect(commits.popleft(), rows)
 
-        for results in self._results(refs, flight, history):
-            for part in gatherer.add(results):
-                commit(part)
-        rest = gatherer.rest()
-        if rest is not None:
-            commit(rest)
-        while commits:
-            _collect(commits.popleft(), rows)
+        try:
+            for results in self._results(refs, flight, history):
+                for part in gatherer.add(results):
+                    commit(part)
+            rest = gatherer.rest()
+            if rest is not None:
+                commit(rest)
+            while commits:
+                _collect(commits.popleft(), rows)
+        except Exception:  # raised, not died (a failed commit): a retry of it must not count a death
+            flight.abandon()
+            raise
         flight.finish()
         return pa.Table.from_pylist(rows, schema=PART_ROW_SCHEMA)
 

@@ -100,3 +100,14 @@ def test_retry_poisoned_reads_a_poisoned_row_as_retryable_and_nothing_else(tmp_p
     assert committed_rows(batch, output=str(tmp_path / "out"))["retryable"].to_pylist() == [False, False, False]
     again = committed_rows(batch, output=str(tmp_path / "out"), retry_poisoned=True)
     assert again["retryable"].to_pylist() == [False, True, False]
+
+
+def test_an_attempt_that_raised_is_no_death_when_it_is_retried() -> None:
+    """A call that raised (its actor alive: a commit that failed after its retries) and is retried by Ray on
+    the same actor: its images in flight are not struck."""
+    log = FlightLog()
+    log.begin("s")
+    log.announce("s", ["a", "b"])
+    log.abandon("s")
+    history = log.begin("s")
+    assert history.deaths == 0 and history.suspects == frozenset()
