@@ -26,8 +26,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -578,3 +579,22 @@ def _slowdown_response(method: str) -> bytes:
         "\r\n"
     ).encode("ascii")
     return head if method == "HEAD" else head + body
+
+
+@contextlib.contextmanager
+def proxied_s3(upstream_url: str, monkeypatch: Any, *, bucket: str) -> Iterator[FaultProxy]:
+    """A fault proxy of its own in front of the S3 endpoint ``upstream_url``, through which every S3 client made
+    inside the block goes (``AWS_ENDPOINT_URL*`` set with ``monkeypatch``, s3fs's instance cache cleared), with
+    ``bucket`` created; for a test fixture."""
+    import boto3
+    import s3fs
+
+    client = boto3.client("s3")
+    if bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=bucket)
+    with FaultProxy(upstream_url) as fault_proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint_url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.endpoint_url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield fault_proxy
+    s3fs.S3FileSystem.clear_instance_cache()

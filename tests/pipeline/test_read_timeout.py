@@ -15,7 +15,6 @@ import boto3
 import fsspec
 import numpy as np
 import pytest
-import s3fs
 from fsspec.spec import AbstractFileSystem
 
 from pipeline import storage
@@ -23,7 +22,7 @@ from pipeline.config import InputConfig
 from pipeline.readers import read_refs
 from pipeline.sources import InputError, resolve_inputs
 from pipeline.storage import ReadTimedOut, read_object
-from tests.s3_server import FaultProxy
+from tests.s3_server import FaultProxy, proxied_s3
 
 BUCKET = "pf-read-timeout"
 TIMEOUT_S = 2.0  # S3: botocore's timers
@@ -37,15 +36,8 @@ MARGIN_S = 15.0  # generous for a loaded 2-core machine: the fault would otherwi
 @pytest.fixture
 def proxy(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     """S3 clients created in this test go through a fault proxy of their own in front of the session's moto."""
-    client = boto3.client("s3")
-    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-        client.create_bucket(Bucket=BUCKET)
-    with FaultProxy(s3_env["AWS_ENDPOINT_URL"]) as fault_proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint_url)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.endpoint_url)
-        s3fs.S3FileSystem.clear_instance_cache()
+    with proxied_s3(s3_env["AWS_ENDPOINT_URL"], monkeypatch, bucket=BUCKET) as fault_proxy:
         yield fault_proxy
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _put(key: str, data: bytes) -> str:

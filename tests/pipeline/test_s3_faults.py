@@ -14,7 +14,7 @@ from pipeline.config import InputConfig
 from pipeline.readers import read_refs
 from pipeline.sources import resolve_inputs
 from tests.pipeline.images import photo_bytes
-from tests.s3_server import FaultProxy
+from tests.s3_server import FaultProxy, proxied_s3
 
 BUCKET = "pf-faults"
 
@@ -22,15 +22,8 @@ BUCKET = "pf-faults"
 @pytest.fixture
 def proxy(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     """S3 clients created in this test go through a fault proxy in front of the session's moto server."""
-    client = boto3.client("s3")
-    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-        client.create_bucket(Bucket=BUCKET)
-    with FaultProxy(s3_env["AWS_ENDPOINT_URL"]) as fault_proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint_url)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.endpoint_url)
-        s3fs.S3FileSystem.clear_instance_cache()
+    with proxied_s3(s3_env["AWS_ENDPOINT_URL"], monkeypatch, bucket=BUCKET) as fault_proxy:
         yield fault_proxy
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _refs(*uris: str) -> dict[str, np.ndarray]:
