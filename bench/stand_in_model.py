@@ -4,13 +4,16 @@ fixed rate, so that a job's plan (driver, object store, stages) is measured and 
 Installed in every Ray worker by ``runtime_env={"worker_process_setup_hook": "stand_in_model.install"}`` with
 this folder (``bench/``) on the workers' ``PYTHONPATH`` *after* the tree under test: the module imports only
 ``pipeline`` and ``model``, so the same file patches the previous commit's tree (``/work/wt-before``) and the
-current one. Both plans construct and call that class: the previous plan maps it as the actor, the current
-one's `pipeline.shard.ShardSegmenter` builds one with ``encode_rle=False`` and calls it per model batch.
+current one. Both plans construct that class: the oldest plan maps it as the actor, a later one's
+`pipeline.shard.ShardSegmenter` builds one with ``encode_rle=False`` and calls it per model batch, the current
+one runs only its device step (`PanopticSegmenter.segment`) on the model thread and the rows on its CPU threads.
 
 ``__init__`` builds no model. ``__call__(batch)`` returns what the real one returns,
 `pipeline.results.prediction_table` (through `encode_results` when ``encode_rle``), with one fixed
 `model.panoptic.PanopticResult` per ok row sized to that row's (height, width): `SEGMENTS` segments (vertical
-bands), and it sleeps so that a batch takes ``PFB_STAND_IN_MS`` (default 2) ms per image in all.
+bands), and it sleeps so that a batch takes ``PFB_STAND_IN_MS`` (default 2) ms per image in all. ``segment(batch)``
+returns the same results as a `pipeline.predict.Segmented` after sleeping that long: the rows are then made on
+the shard call's CPU threads, as with the real model.
 """
 
 from __future__ import annotations
@@ -71,10 +74,34 @@ def _call(self, batch):
     return table
 
 
+def _segment(self, batch):
+    """The device's part alone (a tree whose shard call runs `PanopticSegmenter.segment` on its model thread and
+    the rows on its CPU threads): the fixed results, after sleeping ``PFB_STAND_IN_MS`` per image."""
+    from pipeline.predict import Segmented
+
+    started = time.perf_counter()
+    errors = [str(e) for e in batch["error"]]
+    retryable = [bool(r) for r in batch["retryable"]]
+    heights, widths = batch["height"], batch["width"]
+    results = {
+        i: fixed_result(int(heights[i]), int(widths[i]))
+        for i in range(len(errors))
+        if not errors[i] and int(heights[i]) > 0 and int(widths[i]) > 0
+    }
+    rest = self.stand_in_ms * len(errors) / 1000 - (time.perf_counter() - started)
+    if rest > 0:
+        time.sleep(rest)  # the GIL released, as a GPU's work leaves it
+    return Segmented(results, errors, retryable)
+
+
 def install() -> None:
-    """Patch `PanopticSegmenter` in this process (a Ray ``worker_process_setup_hook``)."""
+    """Patch `PanopticSegmenter` in this process (a Ray ``worker_process_setup_hook``): its device step where it
+    has one (`PanopticSegmenter.segment`), else its whole call (an older tree)."""
     from pipeline.predict import PanopticSegmenter
 
     PanopticSegmenter.__init__ = _init
-    PanopticSegmenter.__call__ = _call
+    if hasattr(PanopticSegmenter, "segment"):
+        PanopticSegmenter.segment = _segment
+    else:
+        PanopticSegmenter.__call__ = _call
     PanopticSegmenter.stand_in = True

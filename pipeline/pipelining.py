@@ -4,11 +4,13 @@
 decoding, RLE and commits run on threads (Pillow, numpy, zstd, Arrow and socket I/O release the GIL) while the
 calling thread runs the model. Results come back in input order, and at most ``depth`` items are in flight per
 stage, so a stage's memory is bounded by ``depth`` items whatever the input's length; given a ``weight`` per
-item (its bytes) and a ``max_weight``, also by that many bytes whatever the items' sizes.
+item (its bytes) and a ``max_weight``, also by that many bytes whatever the items' sizes. Given ``on_wait``, the
+seconds the consumer spends blocked on a result are reported to it (`pipeline.stage_clock`).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +28,7 @@ def ordered_map(
     depth: int,
     weight: Callable[[T], int] | None = None,
     max_weight: int | None = None,
+    on_wait: Callable[[float], None] | None = None,
 ) -> Iterator[R]:
     """``fn(item)`` for each item, computed on ``pool`` up to ``depth`` items ahead of the consumer, yielded in
     order. An exception raised by ``fn`` is raised here, at its item; the work still queued is cancelled when
@@ -52,17 +55,27 @@ def ordered_map(
             while pending and max_weight is not None and in_flight + cost > max_weight:
                 future, done = pending.popleft()
                 in_flight -= done
-                yield future.result()
+                yield _result(future, on_wait)
             pending.append((pool.submit(fn, item), cost))
             in_flight += cost
             if len(pending) >= depth:
                 future, done = pending.popleft()
                 in_flight -= done
-                yield future.result()
+                yield _result(future, on_wait)
         while pending:
             future, done = pending.popleft()
             in_flight -= done
-            yield future.result()
+            yield _result(future, on_wait)
     finally:
         for future, _ in pending:
             future.cancel()
+
+
+def _result(future: Future[R], on_wait: Callable[[float], None] | None) -> R:
+    if on_wait is None or future.done():
+        return future.result()
+    started = time.perf_counter()
+    try:
+        return future.result()
+    finally:
+        on_wait(time.perf_counter() - started)

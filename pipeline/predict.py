@@ -7,7 +7,8 @@ per actor. A batch of decoded images of any sizes (`pipeline.decode.decoded_batc
 one Arrow table in `pipeline.schema.PREDICTION_SCHEMA`: per image its id map (bytes) and its segments as
 columns (`pipeline.results`). `pipeline.results.encode_results` turns that into `RESULT_SCHEMA` (COCO RLE
 per segment): on the shard call's threads while the model runs the next batch (``encode_rle=False``), or
-here.
+here. The two halves are apart for the shard call: `PanopticSegmenter.segment` (the device's part: all the
+model thread runs) and `PanopticSegmenter.table` (the rows, on the shard call's CPU threads).
 
 A CUDA out-of-memory error on a batch retries the two halves separately, down to one image; an image
 that still does not fit becomes a retryable error row.
@@ -16,7 +17,7 @@ that still does not fit becomes a retryable error row.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,15 @@ from pipeline.schema import SYNTHETIC_WEIGHTS
 log = logging.getLogger(__name__)
 
 OUT_OF_MEMORY = "CUDA out of memory on this single image"
+
+
+class Segmented(NamedTuple):
+    """A batch's model output (`PanopticSegmenter.segment`): results by row, and every row's error text ("" for
+    none) and retryable flag."""
+
+    results: dict[int, PanopticResult]
+    errors: list[str]
+    retryable: list[bool]
 
 
 def is_device_fault(exc: BaseException) -> bool:
@@ -88,6 +98,11 @@ class PanopticSegmenter:
         log.info("segmenter ready: %s on %s", variant, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return self.table(batch, self.segment(batch))
+
+    def segment(self, batch: dict[str, np.ndarray]) -> Segmented:
+        """The device's part of a batch, all the model thread runs (`pipeline.shard`): the images of the rows
+        without an error (JPEGs decoded on the device with ``--device-preprocess``) through the model."""
         errors = [str(e) for e in batch["error"]]
         retryable = [bool(r) for r in batch["retryable"]]
         prepared = self._prepare(batch, errors)  # row -> image, for rows without an error
@@ -97,6 +112,11 @@ class PanopticSegmenter:
         for i, result in zip(todo, predicted):
             if result is not None:
                 results[i] = result
+        return Segmented(results, errors, retryable)
+
+    def table(self, batch: dict[str, np.ndarray], segmented: Segmented) -> pa.Table:
+        """`segment`'s output as rows: `PREDICTION_SCHEMA`, or `RESULT_SCHEMA` with ``encode_rle`` (no device)."""
+        results, errors, retryable = segmented
         predictions = prediction_table(batch, results, errors=errors, retryable=retryable)
         return encode_results(predictions) if self.encode_rle else predictions
 

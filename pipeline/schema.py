@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from pipeline.stage_clock import STAGE_SECONDS_STRUCT
+
 SEGMENTS_TABLE = "segments"
 IMAGES_TABLE = "images"
 # The rest of an output's layout (README "Output"):
@@ -195,10 +197,12 @@ PART_ROW_SCHEMA = pa.schema(
         ("node_id", pa.string()),
         ("seconds", pa.float64()),
         ("error_kinds", pa.list_(ERROR_KIND_STRUCT)),  # most common first; [] for a part without errors
+        ("stages", STAGE_SECONDS_STRUCT),  # the actor's seconds since its previous part (`pipeline.stage_clock`)
+        ("committed_at", pa.float64()),  # Unix time
     ]
 )
-"""What a shard call returns for each part it committed: all the driver receives (its progress, its counts and
-its error budget: `pipeline.error_budget`)."""
+"""What a shard call returns for each part it committed: all the driver receives (its progress, its counts, its
+error budget: `pipeline.error_budget`, and where the actor's time went: `pipeline.bottleneck`)."""
 
 INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem", pa.string())])
 """A committed part's counts read from its footer, or the ``problem`` (null when readable) that makes it

@@ -35,8 +35,10 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any, Literal
@@ -52,10 +54,11 @@ from pipeline.ids import SHARD_ITSELF, file_id, member_id
 from pipeline.parts import PartGatherer
 from pipeline.pipelining import ordered_map
 from pipeline.poison import ANNOUNCE_CHUNK, Flight, ShardHistory
-from pipeline.predict import PanopticSegmenter, is_device_fault
+from pipeline.predict import PanopticSegmenter, Segmented, is_device_fault
 from pipeline.readers import ImageRow, read_ref, ref_rows
 from pipeline.results import encode_results, prediction_table
 from pipeline.schema import EMPTY_PIXELS, PART_ROW_SCHEMA, DecodedImage
+from pipeline.stage_clock import StageClock
 from pipeline.storage import TRANSIENT_ERRORS
 from pipeline.watchdog import HungBatchWatchdog
 
@@ -64,6 +67,7 @@ log = logging.getLogger(__name__)
 READ_AHEAD_FILES = 64  # file refs read ahead of the decoder (object-store latency hidden by concurrency)
 READ_AHEAD_SHARDS = 2  # tar / Parquet refs read ahead (each one whole shard in memory)
 READ_AHEAD_BYTES = 256 << 20  # and at most these listed bytes read ahead (a larger ref alone; unlisted: a share)
+MODEL_IN_FLIGHT = 2  # model batches handed to the model thread: one running, the next one waiting for it
 RLE_IN_FLIGHT = 2  # model batches awaiting RLE
 COMMITS_IN_FLIGHT = 2  # parts being written
 IO_THREADS = 16  # reads and commits wait on storage, not on a CPU
@@ -80,6 +84,8 @@ class ShardSegmenter:
     flight_recorder: Any = None  # class defaults: a test may build the call with __new__ and set the rest
     failures: FailureConfig = DEFAULT_FAILURES
     watchdog: HungBatchWatchdog | None = None
+    model_thread: ThreadPoolExecutor | None = None
+    clock: StageClock | None = None
     _flight: Flight | None = None
 
     def __init__(
@@ -100,9 +106,14 @@ class ShardSegmenter:
         failures: FailureConfig = DEFAULT_FAILURES,
         flight_recorder: Any = None,
     ) -> None:
-        self.segmenter = PanopticSegmenter(
-            variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
-        )
+        # The model is built and run on one thread of the actor's own, never on Ray Data's per-call thread: torch's
+        # OpenMP team then has one master, whose workers keep spinning between parallel regions (a second master
+        # makes libgomp throttle their spin-wait: a CPU actor lost a quarter of its cores to sleeping workers).
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-model")
+        self.segmenter = self.model_thread.submit(
+            PanopticSegmenter, variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
+        ).result()
+        self.clock = StageClock()
         self.inference = inference
         self.committer = committer
         self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
@@ -115,6 +126,10 @@ class ShardSegmenter:
         self.node_id = _node_id()
 
     def __call__(self, refs: pa.Table) -> pa.Table:
+        with self._clock().call():
+            return self._call(refs)
+
+    def _call(self, refs: pa.Table) -> pa.Table:
         flight = self._flight = Flight(self.flight_recorder, shard_key(refs))
         history = flight.begin()
         if history.deaths:
@@ -127,9 +142,9 @@ class ShardSegmenter:
         rows: list[dict[str, object]] = []
 
         def commit(part: pa.Table) -> None:
-            commits.append(self.io_pool.submit(self.committer.write_part, part, node_id=self.node_id))
+            commits.append(self.io_pool.submit(self._commit, part))
             while len(commits) > COMMITS_IN_FLIGHT:
-                _collect(commits.popleft(), rows)
+                self._collect(commits.popleft(), rows)
 
         try:
             for results in self._results(refs, flight, history):
@@ -139,12 +154,27 @@ class ShardSegmenter:
             if rest is not None:
                 commit(rest)
             while commits:
-                _collect(commits.popleft(), rows)
+                self._collect(commits.popleft(), rows)
         except Exception:  # raised, not died (a failed commit): a retry of it must not count a death
             flight.abandon()
             raise
         flight.finish()
         return pa.Table.from_pylist(rows, schema=PART_ROW_SCHEMA)
+
+    def _commit(self, part: pa.Table) -> dict[str, object] | None:
+        with self._clock().busy("commit"):
+            return self.committer.write_part(part, node_id=self.node_id)
+
+    def _collect(self, future: Future[dict[str, object] | None], rows: list[dict[str, object]]) -> None:
+        """A committed part's row, with the actor's stage seconds since its previous part (`pipeline.stage_clock`)."""
+        clock = self._clock()
+        if not future.done():
+            started = time.perf_counter()
+            futures.wait([future])
+            clock.add("waited_commit", time.perf_counter() - started)
+        row = future.result()
+        if row is not None:
+            rows.append({**row, "stages": clock.take(), "committed_at": time.time()})
 
     def _results(self, refs: pa.Table, flight: Flight, history: ShardHistory) -> Iterator[pa.Table]:
         """`RESULT_SCHEMA` tables in the shard's order, whatever its history (so that every attempt cuts the same
@@ -160,11 +190,22 @@ class ShardSegmenter:
                     return
                 yield row
 
+        clock, model_thread = self._clock(), self._model_pool()
         while True:
             images = ordered_map(
-                self._decode, _announced(until_suspect(), flight), pool=self.pool, depth=2 * self.batch_size
+                self._decode,
+                _announced(until_suspect(), flight),
+                pool=self.pool,
+                depth=2 * self.batch_size,
+                on_wait=clock.waiter("decode"),
             )
-            encoded = ordered_map(self._encode, self._predictions(images), pool=self.pool, depth=RLE_IN_FLIGHT)
+            batches = (_model_batch(batch) for batch in _chunks(images, self.batch_size))
+            segmented = ordered_map(
+                self._segment, batches, pool=model_thread, depth=MODEL_IN_FLIGHT, on_wait=clock.waiter("model")
+            )
+            encoded = ordered_map(
+                self._encode, segmented, pool=self.pool, depth=RLE_IN_FLIGHT, on_wait=clock.waiter("rle")
+            )
             for results in encoded:
                 flight.done(results.column("image_id").to_pylist())
                 yield results
@@ -179,9 +220,9 @@ class ShardSegmenter:
         flight.announce([row.image_id], "decoding")
         image = self._decode(row)
         flight.announce([row.image_id], "segmenting")
-        predictions = self._segment(_model_batch([image]))
+        segmented = self._model_pool().submit(self._segment, _model_batch([image])).result()
         flight.announce([row.image_id], "encoding")
-        results = self._encode(predictions)
+        results = self._encode(segmented)
         flight.done([row.image_id])
         flight.alone = False
         return results
@@ -200,7 +241,13 @@ class ShardSegmenter:
         files_only = all(kind == "file" for kind in refs.column("kind").to_pylist())
         depth = READ_AHEAD_FILES if files_only else READ_AHEAD_SHARDS
         read_ahead = ordered_map(
-            self._read, ref_rows(refs), pool=self.io_pool, depth=depth, weight=weight, max_weight=READ_AHEAD_BYTES
+            self._read,
+            ref_rows(refs),
+            pool=self.io_pool,
+            depth=depth,
+            weight=weight,
+            max_weight=READ_AHEAD_BYTES,
+            on_wait=self._clock().waiter("read"),
         )
         for image_rows in read_ahead:
             image_rows.reverse()
@@ -208,6 +255,10 @@ class ShardSegmenter:
                 yield image_rows.pop()
 
     def _read(self, ref: tuple[str, str, list[str]]) -> list[ImageRow]:
+        with self._clock().busy("read"):
+            return self._read_ref(ref)
+
+    def _read_ref(self, ref: tuple[str, str, list[str]]) -> list[ImageRow]:
         uri, kind, skip = ref
         try:
             return read_ref(
@@ -226,42 +277,72 @@ class ShardSegmenter:
     def _decode(self, row: ImageRow) -> tuple[ImageRow, DecodedImage]:
         if row.error:
             return row, UNREAD
+        with self._clock().busy("decode"):
+            return self._decoded(row)
+
+    def _decoded(self, row: ImageRow) -> tuple[ImageRow, DecodedImage]:
         try:
             decoded = decode_input(row.data, max_pixels=self.max_pixels, inference=self.inference)
         except Exception as exc:  # beyond what decode_input turns into errors (a codec plugin's own, a bug)
             decoded = DecodedImage(EMPTY_PIXELS, b"", 1, 0, 0, stage_error("decoding", exc))
         return row._replace(data=b""), decoded  # the bytes are not needed past here
 
-    def _predictions(self, images: Iterator[tuple[ImageRow, DecodedImage]]) -> Iterator[pa.Table]:
-        """`pipeline.schema.PREDICTION_SCHEMA` tables of one model batch each; the model runs on this thread."""
-        while batch := list(islice(images, self.batch_size)):
-            yield self._segment(_model_batch(batch))
+    def _segment(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Segmented]:
+        """The model on one batch, on the model thread: timed (`pipeline.stage_clock`) and watched."""
+        with self._clock().model_batch():
+            return batch, self._segmented(batch)
 
-    def _segment(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """The model on one batch, watched (`pipeline.watchdog`). A batch whose call raises is redone image by
-        image, and an image whose own call raises gets an error row: one bad image never fails its shard."""
+    def _segmented(self, batch: dict[str, np.ndarray]) -> Segmented:
+        """The model's output of a batch (`pipeline.watchdog` watching). A batch whose call raises is redone image
+        by image, and an image whose own call raises gets an error row: one bad image never fails its shard."""
         try:
             with self._watched():
-                return self.segmenter(batch)
+                return self.segmenter.segment(batch)
         except Exception as exc:
             if is_device_fault(exc):  # the device's context is lost: every later call would fail too
                 self._end_actor(f"the device failed: {type(exc).__name__}: {exc}".splitlines()[0][:200])
             if len(batch["image_id"]) == 1:
-                return _error_predictions(batch, stage_error("segmenting", exc))
+                return Segmented({}, [stage_error("segmenting", exc)], [False])
             log.warning("a model batch raised %s; redoing its images one at a time", type(exc).__name__)
-        return pa.concat_tables([self._segment(_take(batch, i)) for i in range(len(batch["image_id"]))])
+        return _concat_segmented([self._segmented(_take(batch, i)) for i in range(len(batch["image_id"]))])
 
     def _watched(self) -> contextlib.AbstractContextManager[None]:
         return self.watchdog.batch() if self.watchdog is not None else contextlib.nullcontext()
 
-    def _encode(self, predictions: pa.Table) -> pa.Table:
+    def _encode(self, segmented: tuple[dict[str, np.ndarray], Segmented]) -> pa.Table:
+        """A model batch's `RESULT_SCHEMA` rows (its rows, their RLE) on the CPU pool, timed as ``rle``."""
+        batch, output = segmented
+        with self._clock().busy("rle"):
+            return self._encoded(self._prediction_rows(batch, output))
+
+    def _prediction_rows(self, batch: dict[str, np.ndarray], output: Segmented) -> pa.Table:
+        """`PREDICTION_SCHEMA` rows of a batch; a row whose own conversion raises gets an error row."""
+        try:
+            return self.segmenter.table(batch, output)
+        except Exception as exc:
+            n = len(batch["image_id"])
+            if n == 1:
+                return _error_predictions(batch, stage_error("encoding", exc))
+        return pa.concat_tables([self._prediction_rows(_take(batch, i), _row(output, i)) for i in range(n)])
+
+    def _encoded(self, predictions: pa.Table) -> pa.Table:
         """`encode_results`; a row whose encoding raises gets an error row instead."""
         try:
             return encode_results(predictions)
         except Exception as exc:
             if predictions.num_rows == 1:
                 return encode_results(_failed(predictions, stage_error("encoding", exc)))
-        return pa.concat_tables([self._encode(predictions.slice(i, 1)) for i in range(predictions.num_rows)])
+        return pa.concat_tables([self._encoded(predictions.slice(i, 1)) for i in range(predictions.num_rows)])
+
+    def _clock(self) -> StageClock:
+        if self.clock is None:  # a call built without __init__ (tests)
+            self.clock = StageClock()
+        return self.clock
+
+    def _model_pool(self) -> ThreadPoolExecutor:
+        if self.model_thread is None:
+            self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-model")
+        return self.model_thread
 
     def _hung(self, seconds: float) -> None:
         """The watchdog's verdict on the running batch (`pipeline.watchdog`)."""
@@ -336,6 +417,11 @@ def _announced(rows: Iterator[ImageRow], flight: Flight) -> Iterator[ImageRow]:
         chunk = following
 
 
+def _chunks(items: Iterator[tuple[ImageRow, DecodedImage]], size: int) -> Iterator[list[tuple[ImageRow, DecodedImage]]]:
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
 def _model_batch(batch: list[tuple[ImageRow, DecodedImage]]) -> dict[str, np.ndarray]:
     rows = {name: [getattr(row, name) for row, _ in batch] for name in ImageRow._fields}
     return decoded_batch(rows, [decoded for _, decoded in batch])
@@ -343,6 +429,17 @@ def _model_batch(batch: list[tuple[ImageRow, DecodedImage]]) -> dict[str, np.nda
 
 def _take(batch: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     return {name: column[i : i + 1] for name, column in batch.items()}
+
+
+def _row(output: Segmented, i: int) -> Segmented:
+    results = {0: output.results[i]} if i in output.results else {}
+    return Segmented(results, output.errors[i : i + 1], output.retryable[i : i + 1])
+
+
+def _concat_segmented(outputs: list[Segmented]) -> Segmented:
+    """Single-row outputs, in order, as one."""
+    results = {i: out.results[0] for i, out in enumerate(outputs) if 0 in out.results}
+    return Segmented(results, [out.errors[0] for out in outputs], [out.retryable[0] for out in outputs])
 
 
 def _error_predictions(batch: dict[str, np.ndarray], error: str) -> pa.Table:
@@ -362,12 +459,6 @@ def _failed(predictions: pa.Table, error: str) -> pa.Table:
     for name, column in replaced.items():
         predictions = predictions.set_column(predictions.schema.get_field_index(name), name, column)
     return predictions
-
-
-def _collect(future: Future[dict[str, object] | None], rows: list[dict[str, object]]) -> None:
-    row = future.result()
-    if row is not None:
-        rows.append(row)
 
 
 def _node_id() -> str:

@@ -140,7 +140,7 @@ def test_an_unexpected_exception_at_any_stage_is_that_images_error_row(
 
     refs = _inputs(tmp_path / "in")
     struck: list[str] = []
-    read, decode, segment, encode = shard.read_ref, shard.decode_input, model.__class__.__call__, shard.encode_results
+    read, decode, segment, encode = shard.read_ref, shard.decode_input, model.__class__.segment, shard.encode_results
 
     def read_ref(uri: str, *args: object, **kwargs: object) -> object:
         if uri.endswith("img0.jpg"):
@@ -169,7 +169,7 @@ def test_an_unexpected_exception_at_any_stage_is_that_images_error_row(
 
     monkeypatch.setattr(shard, "read_ref", read_ref)
     monkeypatch.setattr(shard, "decode_input", decode_input)
-    monkeypatch.setattr(model.__class__, "__call__", call)
+    monkeypatch.setattr(model.__class__, "segment", call)
     monkeypatch.setattr(shard, "encode_results", encode_results)
     output = tmp_path / "out"
     call_ = _shard_call(model, output)
@@ -270,7 +270,7 @@ def test_a_device_fault_ends_the_actor_and_the_image_that_causes_it_is_isolated(
     import pipeline.shard as shard
 
     refs = _inputs(tmp_path / "in")
-    segment, ended = model.__class__.__call__, []
+    segment, ended = model.__class__.segment, []
 
     def call(self: PanopticSegmenter, batch: dict) -> pa.Table:
         if any(str(i).endswith("img2.jpg") and not str(e) for i, e in zip(batch["image_id"], batch["error"])):
@@ -281,7 +281,7 @@ def test_a_device_fault_ends_the_actor_and_the_image_that_causes_it_is_isolated(
         ended.append(code)
         raise _Death()
 
-    monkeypatch.setattr(model.__class__, "__call__", call)
+    monkeypatch.setattr(model.__class__, "segment", call)
     monkeypatch.setattr(shard, "end_process", end_process)
     recorder, output = FlightLog(), tmp_path / "out"
     call_ = _shard_call(model, output, recorder=recorder)
