@@ -185,6 +185,8 @@ def _run(config: JobConfig, run: RunOptions) -> int:
             print(redact_uri(f"{PROG}: {exc}"), file=sys.stderr)
             return EXIT_FAILED
         print(redact_uri(summary.line(config.output)))
+        if summary.bottleneck:
+            print(summary.bottleneck)
         return 0
 
     return run_command(PROG, body)

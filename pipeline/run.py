@@ -26,6 +26,7 @@ import ray
 from tqdm.auto import tqdm
 
 from pipeline import block_stats, resume, run_records
+from pipeline.bottleneck import StageTotals
 from pipeline.commit import OutputCommitter
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
 from pipeline.error_budget import ErrorBudget, ErrorBudgetExceeded
@@ -238,8 +239,10 @@ def run_job(
             )
         lease.raise_if_lost()
         this_run, parts_by_node, errors_by_kind = Counts(), {}, {}
+        stages: StageTotals | None = None
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
+            stages = StageTotals(gpu=use_gpus(config.resources.device))  # where the actors' time goes
             shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
             recorder = start_flight_recorder()  # poison isolation (`pipeline.poison`)
             dataset = build_dataset(config, shards, weights=weights, committer=committer, flight_recorder=recorder)
@@ -256,6 +259,7 @@ def run_job(
                         on_part(row)
                     bar.update(row["images_ok"] + row["images_error"])
                     budget.add(row)
+                    stages.add(row)
                     for kind in row["error_kinds"] or ():
                         errors_by_kind[kind["kind"]] = errors_by_kind.get(kind["kind"], 0) + kind["count"]
                     if budget.exceeded():  # a systematic failure: stop rather than write an error row per image
@@ -279,6 +283,7 @@ def run_job(
             parts_by_node,
             left_out_text(inputs.left_out, inputs.left_out_examples) if inputs.left_out else "",
             errors_by_kind=errors_by_kind,
+            stages=stages.report() if stages is not None else {},
         )
         committer.on_write_complete(summary.report())
         return summary

@@ -24,6 +24,12 @@ class RunSummary:
     parts_by_node: dict[str, int]  # parts committed by this run, by the Ray node that wrote them
     left_out: str = ""  # listed files left out by their extension, and how to include them ("" for none)
     errors_by_kind: dict[str, int] = field(default_factory=dict)  # this run's error rows, by `error_kind`
+    stages: dict[str, Any] = field(default_factory=dict)  # where the actors' time went (`pipeline.bottleneck`)
+
+    @property
+    def bottleneck(self) -> str:
+        """The verdict line (``bottleneck: decode (...) — remedy``), "" when no part was measured."""
+        return str(self.stages.get("verdict") or "")
 
     @property
     def images_ok(self) -> int:
@@ -74,6 +80,6 @@ class RunSummary:
             "run_id": self.run_id,
             "this_run": {**asdict(self.this_run), "parts": self.parts, "skipped_committed": self.skipped_committed,
                          "redone": self.redone, "unlisted": self.unlisted, "quarantined": self.quarantined,
-                         "seconds": self.seconds, "errors_by_kind": self.errors_by_kind},
+                         "seconds": self.seconds, "errors_by_kind": self.errors_by_kind, "stages": self.stages},
             "output": {**asdict(self.totals), "images": self.totals.images},
         }  # fmt: skip
