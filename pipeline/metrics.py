@@ -37,12 +37,14 @@ import ray
 from ray.util.metrics import Counter
 
 from pipeline.schema import STATUS_ERROR, STATUS_OK
+from pipeline.stage_clock import STAGES
 
 log = logging.getLogger(__name__)
 
 PREFIX = "panoptic_flow_"  # Ray exports it as ray_panoptic_flow_<name>_total
 
-# The keys of a row's ``stages`` that are not a stage's busy seconds; any other key is one (``stage`` label).
+# The keys of a row's ``stages`` that are not a stage's busy seconds (those are `STAGES`: the ``stage`` label);
+# the clock's other keys (``model_device``, ``between_calls``, ``call_cpu``) are in the run's record only.
 WALL = "wall"
 MODEL_IDLE = "model_idle"
 WAITED_PREFIX = "waited_"
@@ -95,7 +97,7 @@ class PartMetrics:
                 _inc(counters["model_idle_seconds"], seconds)
             elif key.startswith(WAITED_PREFIX):
                 _inc(counters["waited_seconds"], seconds, stage=key[len(WAITED_PREFIX) :])
-            else:
+            elif key in STAGES:
                 _inc(counters["stage_seconds"], seconds, stage=key)
         _inc(counters["parts"], 1)  # last: a part counted has all its numbers in
 

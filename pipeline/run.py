@@ -140,6 +140,7 @@ def build_dataset(
                 "bytes_column": config.input.bytes_column,
                 "id_column": config.input.id_column,
                 "threads": max(2, int(cpus)),
+                "cpus": cpus,
                 "failures": config.failures,
                 "flight_recorder": flight_recorder,  # an actor handle: the record survives this actor's death
             },

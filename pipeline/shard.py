@@ -51,6 +51,7 @@ from pipeline.commit import OutputCommitter
 from pipeline.config import FailureConfig, redact_uri
 from pipeline.decode import UNREAD, decode_input, decoded_batch
 from pipeline.ids import SHARD_ITSELF, file_id, member_id
+from pipeline.metrics import PartMetrics
 from pipeline.parts import PartGatherer
 from pipeline.pipelining import ordered_map
 from pipeline.poison import ANNOUNCE_CHUNK, Flight, ShardHistory
@@ -86,6 +87,8 @@ class ShardSegmenter:
     watchdog: HungBatchWatchdog | None = None
     model_thread: ThreadPoolExecutor | None = None
     clock: StageClock | None = None
+    metrics: PartMetrics | None = None
+    cpus: float | None = None
     _flight: Flight | None = None
 
     def __init__(
@@ -105,6 +108,7 @@ class ShardSegmenter:
         threads: int,
         failures: FailureConfig = DEFAULT_FAILURES,
         flight_recorder: Any = None,
+        cpus: float | None = None,
     ) -> None:
         # The model is built and run on one thread of the actor's own, never on Ray Data's per-call thread: torch's
         # OpenMP team then has one master, whose workers keep spinning between parallel regions (a second master
@@ -114,6 +118,8 @@ class ShardSegmenter:
             PanopticSegmenter, variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
         ).result()
         self.clock = StageClock()
+        self.cpus = cpus  # reserved (the metrics' CPU budget)
+        self.metrics = PartMetrics(tags={"run_id": committer.run_id})  # Ray metrics (`pipeline.metrics`)
         self.inference = inference
         self.committer = committer
         self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
@@ -174,7 +180,10 @@ class ShardSegmenter:
             clock.add("waited_commit", time.perf_counter() - started)
         row = future.result()
         if row is not None:
-            rows.append({**row, "stages": clock.take(), "committed_at": time.time()})
+            row = {**row, "stages": clock.take(), "committed_at": time.time()}
+            rows.append(row)
+            if self.metrics is not None:
+                self.metrics.record({**row, "cpus": self.cpus})
 
     def _results(self, refs: pa.Table, flight: Flight, history: ShardHistory) -> Iterator[pa.Table]:
         """`RESULT_SCHEMA` tables in the shard's order, whatever its history (so that every attempt cuts the same
