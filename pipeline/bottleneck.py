@@ -7,8 +7,9 @@ waited on. `StageTotals.verdict` names the limiting stage with its remedy:
 
 - the model, when it is busy at least `MODEL_BUSY` of the time or the shard call waited on it most:
   ``bottleneck: model (busy 96 %)``;
-- otherwise the stage the shard call waited on most (read, decode, RLE, commit, or ``work``: no shard call at
-  all), with the share of the time the model waited for input:
+- otherwise the stage the shard call waited on most (read, the CPU pool, commit, or ``work``: no shard call
+  at all; for the CPU pool, which of decode and RLE used more of it), with the share of the time the model
+  waited for input:
   ``bottleneck: decode (the model waited 38 % of the time for input) — add CPUs per actor ...``.
 
 The run's record and ``_SUCCESS`` hold `StageTotals.report` (seconds, shares, the verdict, the in-run rate);
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.stage_clock import KEYS, STAGES
+from pipeline.stage_clock import KEYS
 
 MODEL_BUSY = 0.85  # a model busy this share of the time is the bottleneck, whatever else waited
 
@@ -66,14 +67,19 @@ class StageTotals:
         return sum(n for _, n in committed[1:]) / span if span > 0 else None
 
     def limit(self) -> str | None:
-        """The limiting stage (`STAGES` or ``work``), None for a run without a measured part."""
+        """The limiting stage (`STAGES` or ``work``), None for a run without a measured part. Decoding and RLE
+        share the actor's CPU pool, so a wait on either is a wait for that pool: the one of them that used more
+        of it is the limit."""
         if self.seconds["wall"] <= 0:
             return None
-        waited = {stage: self.seconds[f"waited_{stage}"] for stage in STAGES}
-        waited["work"] = self.seconds["between_calls"]
+        s = self.seconds
+        waited = {"model": s["waited_model"], "read": s["waited_read"], "commit": s["waited_commit"],
+                  "cpu": s["waited_decode"] + s["waited_rle"], "work": s["between_calls"]}  # fmt: skip
         most = max(waited, key=lambda stage: waited[stage])
         if self.shares()["model"] >= MODEL_BUSY or most == "model":
             return "model"
+        if most == "cpu":
+            return "decode" if s["decode"] >= s["rle"] else "rle"
         return most
 
     def verdict(self) -> str:

@@ -169,7 +169,8 @@ class ShardSegmenter:
 
     def _commit(self, part: pa.Table) -> dict[str, object] | None:
         with self._clock().busy("commit"):
-            return self.committer.write_part(part, node_id=self.node_id)
+            row = self.committer.write_part(part, node_id=self.node_id)
+        return row if row is None else {**row, "committed_at": time.time()}
 
     def _collect(self, future: Future[dict[str, object] | None], rows: list[dict[str, object]]) -> None:
         """A committed part's row, with the actor's stage seconds since its previous part (`pipeline.stage_clock`)."""
@@ -180,7 +181,7 @@ class ShardSegmenter:
             clock.add("waited_commit", time.perf_counter() - started)
         row = future.result()
         if row is not None:
-            row = {**row, "stages": clock.take(), "committed_at": time.time()}
+            row = {**row, "stages": clock.take()}
             rows.append(row)
             if self.metrics is not None:
                 self.metrics.record({**row, "cpus": self.cpus})
