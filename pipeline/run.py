@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.expressions import col
 from tqdm.auto import tqdm
 
 from pipeline import block_stats, resume, run_records
@@ -80,20 +81,23 @@ def init_ray(*, verbose: bool = False) -> None:
             logger.setLevel(level)
 
 
-def shard_rows(resources: ResourceConfig, known_total: int | None) -> int:
-    """Refs per shard: ``--rows-per-file`` (one shard call commits about one part), fewer for a small job
-    (`SHARDS_PER_ACTOR` shards per actor), so that the part size never leaves actors idle."""
-    if known_total is None:
-        return resources.rows_per_file
-    return max(1, min(resources.rows_per_file, -(-known_total // (SHARDS_PER_ACTOR * resources.max_actors))))
+def shard_rows(resources: ResourceConfig, files: int) -> int:
+    """File refs (one image each) per shard, given the ``files`` to do: ``--rows-per-file`` (one shard call
+    commits about one part), fewer for few files (`SHARDS_PER_ACTOR` shards per actor), so that the part size
+    never leaves actors idle. A tar / Parquet shard is a shard of its own (`shard_dataset`)."""
+    return max(1, min(resources.rows_per_file, -(-files // (SHARDS_PER_ACTOR * resources.max_actors))))
 
 
 def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.Dataset:
     """Refs (`pipeline.sources.REF_SCHEMA`) as a dataset of shards, one block each: up to ``rows`` file refs
     in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is cut here; a
-    dataset (refs planned on the workers) is re-blocked by Ray in a streaming pass."""
+    dataset (refs planned on the workers) is split by kind and each kind re-blocked by Ray in a streaming pass,
+    so it is read once per kind (`pipeline.resume.plan` hands one whose shuffles are done)."""
     if isinstance(refs, ray.data.Dataset):
-        return refs.repartition(target_num_rows_per_block=rows, strict=True)
+        is_file = col("kind") == "file"
+        files = refs.filter(expr=is_file).repartition(target_num_rows_per_block=rows, strict=True)
+        shards = refs.filter(expr=~is_file).repartition(target_num_rows_per_block=1, strict=True)
+        return files.union(shards)
     files = refs.filter(pc.equal(refs.column("kind"), "file"))
     shards = refs.filter(pc.not_equal(refs.column("kind"), "file"))
     blocks = [files.slice(start, rows) for start in range(0, files.num_rows, rows)]
@@ -240,7 +244,7 @@ def run_job(
         this_run, parts_by_node, errors_by_kind = Counts(), {}, {}
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
-            shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
+            shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.files_to_do))
             recorder = start_flight_recorder()  # poison isolation (`pipeline.poison`)
             dataset = build_dataset(config, shards, weights=weights, committer=committer, flight_recorder=recorder)
             committer.on_write_start(record)  # the record before any row of this run; no _SUCCESS older than them
