@@ -11,8 +11,11 @@ small row per committed part: no result passes through it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -79,6 +82,39 @@ def init_ray(*, verbose: bool = False) -> None:
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
+
+
+# Ray Data hands each map worker actor its DataContext and map transformer as ObjectRefs (`ray.put` in its
+# ActorPoolMapOperator, whatever the constructor arguments), and the actor may restart: Ray's driver then logs
+# an ERROR, once per process, that a restart would fail were those objects lost (ray-project/ray#53727). Ray
+# Data holds both refs, owned by the driver, for the whole run: they are lost only with the driver's node, and
+# the job with it. A line that alarms at every job's start and never applies: `_spend_restart_notice`.
+RESTART_NOTICE = "has constructor arguments in the object store and max_restarts > 0"
+
+
+@functools.cache
+def _spend_restart_notice() -> None:
+    """Spend Ray's once-per-process `RESTART_NOTICE` on a probe actor made under a captured stderr (the line
+    is logged as the actor is made) and killed at once; anything else written meanwhile is passed on."""
+
+    class RestartNoticeProbe:  # local: pickled by value, so that a worker started for it never imports torch
+        def __init__(self, unused: object) -> None:
+            pass
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            probe_class = ray.remote(num_cpus=0, max_restarts=1)(RestartNoticeProbe)
+            probe = probe_class.remote(ray.put(None))  # an argument in the object store
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        ray.kill(probe)
+        captured.seek(0)
+        lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+    sys.stderr.write("".join(line for line in lines if RESTART_NOTICE not in line))
 
 
 def shard_rows(resources: ResourceConfig, files: int) -> int:
@@ -294,8 +330,11 @@ def run_job(
 
 
 def _start_ray(config: JobConfig, *, verbose: bool) -> None:
-    """Join or start Ray, set up Ray Data, and check that the GPUs asked for can exist (all idempotent)."""
+    """Join or start Ray (without `RESTART_NOTICE` unless ``verbose``), set up Ray Data, and check that the GPUs
+    asked for can exist (all idempotent)."""
     init_ray(verbose=verbose)
+    if not verbose:
+        _spend_restart_notice()
     _configure_ray_data(verbose=verbose)
     if use_gpus(config.resources.device):
         check_gpu_supply()
