@@ -92,7 +92,8 @@ def plan(
     if not parts and not inputs.manifests:  # a fresh run over listed inputs: the listing is the plan
         listed = listing.files + listing.shards
         refs = as_refs(pa.Table.from_pylist(listed)) if listed else REF_SCHEMA.empty_table()
-        return Plan(refs, known_total=len(listing.files) if not listing.shards else None)
+        known = len(listing.files) if not listing.shards else None
+        return Plan(refs, known_total=known, files_to_do=len(listing.files))
 
     committed = None
     if parts:
@@ -134,7 +135,8 @@ def plan(
         shard_rows = ray.data.from_items(listing.shards).map_batches(listed_shard_rows, batch_format="pyarrow")
         kept = decided.map_batches(shard_skips, batch_format="pyarrow")
         shuffled = shard_rows.union(kept).repartition(partitions, keys=["uri"])  # every row of a URI in one block
-        refs.append(shuffled.map_batches(group_shards, batch_format="pyarrow", batch_size=None))
+        grouped = shuffled.map_batches(group_shards, batch_format="pyarrow", batch_size=None)
+        refs.append(grouped.materialize())  # one row per shard: `pipeline.run.shard_dataset` reads it twice
     else:
         result.known_total = result.files_to_do
     result.refs = _union(refs)

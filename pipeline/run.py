@@ -11,8 +11,11 @@ small row per committed part: no result passes through it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -23,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.expressions import col
 from tqdm.auto import tqdm
 
 from pipeline import block_stats, resume, run_records
@@ -81,20 +85,56 @@ def init_ray(*, verbose: bool = False) -> None:
             logger.setLevel(level)
 
 
-def shard_rows(resources: ResourceConfig, known_total: int | None) -> int:
-    """Refs per shard: ``--rows-per-file`` (one shard call commits about one part), fewer for a small job
-    (`SHARDS_PER_ACTOR` shards per actor), so that the part size never leaves actors idle."""
-    if known_total is None:
-        return resources.rows_per_file
-    return max(1, min(resources.rows_per_file, -(-known_total // (SHARDS_PER_ACTOR * resources.max_actors))))
+# Ray Data hands each map worker actor its DataContext and map transformer as ObjectRefs (`ray.put` in its
+# ActorPoolMapOperator, whatever the constructor arguments), and the actor may restart: Ray's driver then logs
+# an ERROR, once per process, that a restart would fail were those objects lost (ray-project/ray#53727). Ray
+# Data holds both refs, owned by the driver, for the whole run: they are lost only with the driver's node, and
+# the job with it. A line that alarms at every job's start and never applies: `_spend_restart_notice`.
+RESTART_NOTICE = "has constructor arguments in the object store and max_restarts > 0"
+
+
+@functools.cache
+def _spend_restart_notice() -> None:
+    """Spend Ray's once-per-process `RESTART_NOTICE` on a probe actor made under a captured stderr (the line
+    is logged as the actor is made) and killed at once; anything else written meanwhile is passed on."""
+
+    class RestartNoticeProbe:  # local: pickled by value, so that a worker started for it never imports torch
+        def __init__(self, unused: object) -> None:
+            pass
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            probe_class = ray.remote(num_cpus=0, max_restarts=1)(RestartNoticeProbe)
+            probe = probe_class.remote(ray.put(None))  # an argument in the object store
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        ray.kill(probe)
+        captured.seek(0)
+        lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+    sys.stderr.write("".join(line for line in lines if RESTART_NOTICE not in line))
+
+
+def shard_rows(resources: ResourceConfig, files: int) -> int:
+    """File refs (one image each) per shard, given the ``files`` to do: ``--rows-per-file`` (one shard call
+    commits about one part), fewer for few files (`SHARDS_PER_ACTOR` shards per actor), so that the part size
+    never leaves actors idle. A tar / Parquet shard is a shard of its own (`shard_dataset`)."""
+    return max(1, min(resources.rows_per_file, -(-files // (SHARDS_PER_ACTOR * resources.max_actors))))
 
 
 def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.Dataset:
     """Refs (`pipeline.sources.REF_SCHEMA`) as a dataset of shards, one block each: up to ``rows`` file refs
     in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is cut here; a
-    dataset (refs planned on the workers) is re-blocked by Ray in a streaming pass."""
+    dataset (refs planned on the workers) is split by kind and each kind re-blocked by Ray in a streaming pass,
+    so it is read once per kind (`pipeline.resume.plan` hands one whose shuffles are done)."""
     if isinstance(refs, ray.data.Dataset):
-        return refs.repartition(target_num_rows_per_block=rows, strict=True)
+        is_file = col("kind") == "file"
+        files = refs.filter(expr=is_file).repartition(target_num_rows_per_block=rows, strict=True)
+        shards = refs.filter(expr=~is_file).repartition(target_num_rows_per_block=1, strict=True)
+        return files.union(shards)
     files = refs.filter(pc.equal(refs.column("kind"), "file"))
     shards = refs.filter(pc.not_equal(refs.column("kind"), "file"))
     blocks = [files.slice(start, rows) for start in range(0, files.num_rows, rows)]
@@ -244,7 +284,7 @@ def run_job(
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
             stages = StageTotals(gpu=use_gpus(config.resources.device))  # where the actors' time goes
-            shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.known_total))
+            shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.files_to_do))
             recorder = start_flight_recorder()  # poison isolation (`pipeline.poison`)
             dataset = build_dataset(config, shards, weights=weights, committer=committer, flight_recorder=recorder)
             committer.on_write_start(record)  # the record before any row of this run; no _SUCCESS older than them
@@ -296,8 +336,11 @@ def run_job(
 
 
 def _start_ray(config: JobConfig, *, verbose: bool) -> None:
-    """Join or start Ray, set up Ray Data, and check that the GPUs asked for can exist (all idempotent)."""
+    """Join or start Ray (without `RESTART_NOTICE` unless ``verbose``), set up Ray Data, and check that the GPUs
+    asked for can exist (all idempotent)."""
     init_ray(verbose=verbose)
+    if not verbose:
+        _spend_restart_notice()
     _configure_ray_data(verbose=verbose)
     if use_gpus(config.resources.device):
         check_gpu_supply()

@@ -14,10 +14,8 @@ import pytest
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from pipeline.readers import read_refs
-from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
+from tests.pipeline.committed_parts import FAKE_WIDTH, commit_by_hand
 from tests.pipeline.images import photo_bytes, tar_bytes
-
-FAKE_WIDTH = 7  # marks the rows committed by hand below: a redone image would have its real width
 
 
 def _config(inputs: tuple[str, ...], output: Path) -> JobConfig:
@@ -28,21 +26,6 @@ def _config(inputs: tuple[str, ...], output: Path) -> JobConfig:
         inference=InferenceConfig(min_size=64, max_size=107),
         resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=3),
     )
-
-
-def _commit_by_hand(output: Path, rows: list[tuple[str, str]]) -> None:
-    """A committed part of ``(image_id, source)`` rows, as an interrupted earlier run leaves it."""
-    images = pa.Table.from_pylist(
-        [
-            {"image_id": i, "source": s, "member": i.split("#", 1)[1] if "#" in i else None, "width": FAKE_WIDTH}
-            | {"height": 5, "status": "ok", "error": None, "retryable": False, "num_segments": 0, "run_id": "earlier"}
-            for i, s in rows
-        ],
-        schema=IMAGES_SCHEMA,
-    )
-    for table, data in (("segments", SEGMENTS_SCHEMA.empty_table()), ("images", images)):
-        (output / table).mkdir(parents=True, exist_ok=True)
-        pq.write_table(data, output / table / "part-earlier-000000.parquet")
 
 
 def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
@@ -67,7 +50,7 @@ def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
     inputs = (str(folder), str(shard), str(manifest))
     output = tmp_path / "out"
     committed = [(str(files[0]), str(files[0])), (f"{shard}#s1.jpg", str(shard)), (str(listed), str(listed))]
-    _commit_by_hand(output, committed)
+    commit_by_hand(output, committed)
 
     summary = run_job(_config(inputs, output), show_progress=False)
 
