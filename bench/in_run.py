@@ -57,6 +57,20 @@ def in_run_rate(events: Sequence[tuple[float, int]], *, actors: int = 1, lo: flo
     }
 
 
+def check_cut(images: int, *, rows_per_file: int, actors: int) -> None:
+    """Raise ValueError unless `pipeline.run.shard_rows` cuts ``images`` refs into parts of ``rows_per_file`` for
+    ``actors`` actors (it cuts a small job smaller, so that the part size would depend on the job's size)."""
+    from pipeline.config import ResourceConfig
+    from pipeline.run import SHARDS_PER_ACTOR, shard_rows
+
+    cut = shard_rows(ResourceConfig(rows_per_file=rows_per_file, max_actors=actors), images)
+    if cut != rows_per_file:
+        raise ValueError(
+            f"{images} images with {actors} actor(s) would be cut into parts of {cut}, not {rows_per_file}: "
+            f"give at least {SHARDS_PER_ACTOR * actors * rows_per_file} images, or smaller parts"
+        )
+
+
 def job_in_run(
     folder: Path,
     *,
@@ -70,15 +84,8 @@ def job_in_run(
     """One `bench.throughput.job` on ``folder`` (``images`` files; Ray up) with parts of ``rows_per_file``, its
     in-run rate from the part arrivals (`in_run_rate`) beside the job's own figures."""
     from bench.throughput import job
-    from pipeline.config import ResourceConfig
-    from pipeline.run import SHARDS_PER_ACTOR, shard_rows
 
-    cut = shard_rows(ResourceConfig(rows_per_file=rows_per_file, max_actors=actors), images)
-    if cut != rows_per_file:
-        raise ValueError(
-            f"{images} images with {actors} actor(s) would be cut into parts of {cut}, not {rows_per_file}: "
-            f"give at least {SHARDS_PER_ACTOR * actors * rows_per_file} images, or smaller parts"
-        )
+    check_cut(images, rows_per_file=rows_per_file, actors=actors)
     row = job(
         folder,
         min_size=min_size,

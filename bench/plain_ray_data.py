@@ -341,8 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     regimes = args.regime or list(REGIMES)
 
+    from bench.in_run import check_cut
     from bench.machine import contention, describe
 
+    for name in regimes:  # sizes that would be cut into smaller parts fail now, not after a regime's runs
+        sizes = {
+            "cpu": (args.cpu_images, args.cpu_rows_per_file),
+            "gpu-like": (args.gpu_images, args.gpu_rows_per_file),
+        }
+        check_cut(sizes[name][0], rows_per_file=sizes[name][1], actors=1)
     report: dict = {"machine": describe(), "settings": {k: str(v) for k, v in vars(args).items()}}
     root = Path(tempfile.mkdtemp(prefix="pfb-plain-"))
     try:
