@@ -103,6 +103,7 @@ def job_in_run(
         **{k: row[k] for k in keep},
         "actor_reports": row["actors"],
         "parts": row["result_batches"],
+        "arrivals": [[round(t, 3), n] for t, n in row["arrivals"]],  # (s since the job's start, images)
         "part_rows": rows_per_file,
     }
 
