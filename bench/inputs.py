@@ -57,22 +57,16 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_photo_set(folder: Path, count: int) -> list[Path]:
-    """``count`` JPEG files of BENCH_HEIGHT × BENCH_WIDTH in ``folder`` (photos and synthetic, alternating)."""
+def write_photo_set(folder: Path, count: int, *, height: int = BENCH_HEIGHT, width: int = BENCH_WIDTH) -> list[Path]:
+    """``count`` JPEG files of height × width (default BENCH_HEIGHT × BENCH_WIDTH) in ``folder`` (photos and
+    synthetic, alternating)."""
     folder.mkdir(parents=True, exist_ok=True)
     photos = []
     for path in sorted(PHOTOS.iterdir()):
         with Image.open(path) as im:
-            photos.append(
-                (
-                    path.stem,
-                    _jpeg(_crop_resize(im.convert("L" if im.mode == "L" else "RGB"), BENCH_HEIGHT, BENCH_WIDTH)),
-                )
-            )
+            photos.append((path.stem, _jpeg(_crop_resize(im.convert("L" if im.mode == "L" else "RGB"), height, width))))
     paths = []
-    synthetic = {
-        j: _jpeg(Image.fromarray(synthetic_photo(BENCH_HEIGHT, BENCH_WIDTH, seed=j))) for j in range(1, PERIOD, 2)
-    }
+    synthetic = {j: _jpeg(Image.fromarray(synthetic_photo(height, width, seed=j))) for j in range(1, PERIOD, 2)}
     for i in range(count):
         j = i % PERIOD
         if j % 2 == 0:
@@ -94,6 +88,17 @@ def write_tiny_set(folder: Path, count: int, *, size: int = 32) -> list[Path]:
         path.write_bytes(_jpeg(Image.fromarray(synthetic_photo(size, size, seed=i))))
         paths.append(path)
     return paths
+
+
+def write_image_set(folder: Path, count: int, size: str) -> list[Path]:
+    """``count`` JPEG files of ``size``: ``"tiny"`` (`write_tiny_set`, 32×32) or ``"HxW"`` such as ``"480x640"``
+    or ``"800x1066"`` (`write_photo_set`). Raises ValueError naming a size of neither form."""
+    if size == "tiny":
+        return write_tiny_set(folder, count)
+    height, _, width = size.partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise ValueError(f"image size must be 'tiny' or HEIGHTxWIDTH (e.g. 480x640), got {size!r}")
+    return write_photo_set(folder, count, height=int(height), width=int(width))
 
 
 # (height, width) of the mixed set: landscape and portrait photo shapes whose processed sizes at 800 px

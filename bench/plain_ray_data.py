@@ -1,154 +1,374 @@
-"""The job vs the plain Ray Data script a user would write instead, and vs the bare model, real model on CPU.
+"""The job vs the plain Ray Data script a user would write instead, each at its steady state inside one long run,
+on the real model on CPU and on a GPU-like stand-in, side by side in one invocation.
 
-`plain_script` is that script, ~30 lines: ``ray.data.read_images`` -> ``map_batches`` with an actor holding the
-same `PanopticPredictor` (same variant, same synthetic weights, same `InferenceConfig`, same torch threads as
-the job's CPU actor) that RLE-encodes each segment with the job's own `pipeline.rle.encode_segments` ->
-``write_parquet``. The job is `pipeline.run.run_job` of this checkout (one actor, device cpu).
+The plain script (`plain_script`, ~20 lines): ``ray.data.read_images`` -> ``map_batches`` with one actor ->
+``write_parquet``; the actor runs the model on its batch and RLE-encodes each segment with the job's own
+`pipeline.rle.encode_segments`, in series, as a user would. The job is `pipeline.run.run_job` of this checkout
+(one actor, device cpu, `bench.throughput.job`) with parts of exactly ``--*-rows-per-file`` images.
 
-Steady state is marginal, for all three alike: each is run on ``--small`` and on ``--large`` images (the same
-640×480 bench photos, `bench.inputs.write_photo_set`), and steady images/s = (large - small) / (T_large -
-T_small); start-up = T_small - small / steady rate (listing, planning, actor start incl. model construction).
-The bare model is `bench.throughput.bare_model`'s loop (`predict_prepared` on pre-decoded images, the job's
-batch size and thread count). One local Ray for the job and the script (4 logical CPUs, own temp dir); run it
-under ``flock /tmp/pf-ray-tests.lock`` on the shared machine. One JSON line to stdout (and ``--out``)::
+**Steady state inside one run, the same rule on both sides** (`bench.in_run.in_run_rate`: from the first event at
+which ≥ 10 % of the images are done to the last at which ≤ 90 % are): the job's events are its committed parts
+reaching the driver, the plain script's are its actor's model batches as it finished them (``(time, images)``
+lines appended to a file in this Ray's bench folder). Never a marginal between two runs of different sizes: the
+job's fixed cost depends on its size (`pipeline.run.shard_rows`). ``--rounds`` rounds, each job then plain
+(then the bare loop); each round's ratio and the median.
 
-    flock /tmp/pf-ray-tests.lock .venv/bin/python -m bench.plain_ray_data --min-size 64 --small 48 --large 240
+Regimes (``--regime``, default both):
+
+- ``cpu``: the real model (variant detr-r50-panoptic, synthetic weights, ``--min-size``, ``--batch-size``) on
+  ``--cpu-size`` images (`bench.inputs.write_image_set`), the plain actor reserving the job actor's CPUs (its
+  torch threads); and the bare model loop (`bench.throughput.bare_model`, ``predict_prepared`` on pre-decoded
+  images) at the same batch and threads, in the driver while Ray idles: job / bare.
+- ``gpu-like``: the stand-in model (`bench/stand_in_model.py`: sleeps ``--stand-in-ms`` per image with the GIL
+  released) on ``--gpu-images`` 800×1066 JPEGs at the default inference size. The job gets it in every Ray
+  worker (`bench.local_ray`'s ``stand_in_ms``); the plain actor (`StandInActor`) sleeps the same per image, then
+  RLE-encodes `bench.stand_in_model.fixed_result`. Beside it the actor's CPU budget: the CPUs its actor reserves
+  × 1000 ÷ the worker's core-ms per image beside the model (read, decode, the actor's own work incl. the
+  stand-in's `prediction_table`, RLE, write: `bench.plan_cost.stage_core_ms` in this process without Ray, on the
+  first ``--stage-images`` of the same photos; the stand-in's sleep is no CPU), and the job's share of it.
+
+One local Ray per regime (4 logical CPUs, own temp dir); run it under ``flock /tmp/pf-ray-tests.lock`` on the
+shared machine. One JSON document to stdout (and ``--out``), a markdown table to stderr (and ``--markdown``)::
+
+    flock /tmp/pf-ray-tests.lock .venv/bin/python -m bench.plain_ray_data --rounds 3 \\
+        --out bench/results/plain_ray_data.json --markdown bench/results/plain_ray_data.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
+import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 
-def plain_script(folder: str, output: str, *, min_size: int, batch_size: int, threads: int) -> int:
+REGIMES = ("cpu", "gpu-like")
+PHOTO_HEIGHT, PHOTO_WIDTH = 800, 1066  # the GPU-like regime's photos
+
+
+# ------------------------------------------------------------------------------------------ the plain script
+
+
+def _segment_rows(results: list) -> list[str]:
+    """Each `PanopticResult` -> its segments with COCO RLE counts, as one JSON string per image."""
+    from pipeline.rle import encode_segments
+
+    rows = []
+    for r in results:
+        encoded = encode_segments(r.id_map, [s.id for s in r.segments])
+        rows.append(
+            json.dumps([{**s._asdict(), "bbox": list(s.bbox), "rle": e.counts} for s, e in zip(r.segments, encoded)])
+        )
+    return rows
+
+
+def _record(events: str, images: int) -> None:
+    with open(events, "a") as f:
+        f.write(f"{time.time():.6f} {images}\n")
+
+
+class ModelActor:
+    """The plain script's actor on CPU: the job's predictor (same variant, weights, `InferenceConfig`)."""
+
+    def __init__(self, *, min_size: int, events: str) -> None:
+        import torch
+
+        from model.checkpoint import build_model
+        from model.config import InferenceConfig, get_variant
+        from model.predictor import PanopticPredictor
+        from pipeline.predict import load_weights
+
+        model = build_model(get_variant("detr-r50-panoptic").config, load_weights("detr-r50-panoptic", "synthetic"))
+        self.predictor = PanopticPredictor(model, InferenceConfig(min_size=min_size), torch.device("cpu"))
+        self.events = events
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        results = self.predictor.predict([Image.fromarray(image) for image in batch["image"]])
+        out = {"path": batch["path"], "segments": np.array(_segment_rows(results), dtype=object)}
+        _record(self.events, len(results))
+        return out
+
+
+class StandInActor:
+    """The plain script's actor for a GPU: the model's time slept (GIL released), then the stand-in's results."""
+
+    def __init__(self, *, ms_per_image: float, events: str) -> None:
+        self.ms_per_image = ms_per_image
+        self.events = events
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from bench.stand_in_model import fixed_result
+
+        time.sleep(self.ms_per_image * len(batch["image"]) / 1000)  # the model on the device
+        results = [fixed_result(*image.shape[:2]) for image in batch["image"]]
+        out = {"path": batch["path"], "segments": np.array(_segment_rows(results), dtype=object)}
+        _record(self.events, len(results))
+        return out
+
+
+def plain_script(folder: str, output: str, *, actor: type, kwargs: dict, batch_size: int, cpus: float) -> int:
     """What a user would write: read_images -> map_batches(actor) -> write_parquet. Returns rows written."""
     import pyarrow.parquet as pq
     import ray
-    import torch
-    from PIL import Image
-
-    from model.checkpoint import build_model
-    from model.config import InferenceConfig, get_variant
-    from model.predictor import PanopticPredictor
-    from pipeline.predict import load_weights
-    from pipeline.rle import encode_segments
-
-    class Segment:
-        def __init__(self) -> None:
-            model = build_model(get_variant("detr-r50-panoptic").config, load_weights("detr-r50-panoptic", "synthetic"))
-            self.predictor = PanopticPredictor(model, InferenceConfig(min_size=min_size), torch.device("cpu"))
-
-        def __call__(self, batch: dict) -> dict:
-            results = self.predictor.predict([Image.fromarray(image) for image in batch["image"]])
-            segments = []
-            for r in results:
-                encoded = encode_segments(r.id_map, [s.id for s in r.segments])
-                rows = [{**s._asdict(), "bbox": list(s.bbox), "rle": e.counts} for s, e in zip(r.segments, encoded)]
-                segments.append(rows)
-            return {"path": batch["path"], "segments": [json.dumps(s) for s in segments]}
 
     ds = ray.data.read_images(folder, include_paths=True, mode="RGB")
-    ds = ds.map_batches(Segment, batch_size=batch_size, concurrency=1, num_cpus=threads)
+    ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=batch_size, concurrency=1, num_cpus=cpus)
     ds.write_parquet(output)
     return sum(pq.ParquetFile(p).metadata.num_rows for p in Path(output).glob("*.parquet"))
 
 
-def _marginal(small: int, t_small: float, large: int, t_large: float) -> dict:
-    rate = (large - small) / (t_large - t_small) if t_large > t_small else None
-    return {"small_s": round(t_small, 2), "large_s": round(t_large, 2),
-            "steady_images_per_s": round(rate, 2) if rate else None,
-            "startup_s": round(t_small - small / rate, 2) if rate else None}  # fmt: skip
+def plain_in_run(folder: Path, *, images: int, actor: type, kwargs: dict, batch_size: int, cpus: float) -> dict:
+    """One run of `plain_script` (Ray up); its in-run rate from the actor's batch completions."""
+    from bench.in_run import in_run_rate
+    from bench.local_ray import BENCH_DIR_ENV
+
+    events = Path(os.environ[BENCH_DIR_ENV], f"plain-events-{time.time_ns()}.txt")
+    output = Path(tempfile.mkdtemp(prefix="pfb-plain-out-"))
+    try:
+        started = time.time()
+        rows = plain_script(
+            str(folder),
+            str(output / "out"),
+            actor=actor,
+            kwargs={**kwargs, "events": str(events)},
+            batch_size=batch_size,
+            cpus=cpus,
+        )
+        total = time.time() - started
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    if rows != images:
+        raise RuntimeError(f"the plain script wrote {rows} of {images} rows")
+    done = [(float(t), int(n)) for t, n in (line.split() for line in events.read_text().splitlines())]
+    events.unlink()
+    return {**in_run_rate(done), "total_s": total, "startup_s": min(t for t, _ in done) - started}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--min-size", type=int, default=64)
-    parser.add_argument("--small", type=int, default=48)
-    parser.add_argument("--large", type=int, default=240)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1, help="job and script runs per size (best kept)")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+# -------------------------------------------------------------------------------------------------- regimes
 
+
+def cpu_regime(args: argparse.Namespace, root: Path) -> dict:
     import torch
 
-    from bench.inputs import write_photo_set
+    from bench.in_run import alternate, job_in_run, ratios
+    from bench.inputs import write_image_set
     from bench.local_ray import local_ray
-    from bench.machine import contention, describe
-    from bench.throughput import bare_model, job, prepare_files
+    from bench.throughput import bare_model, prepare_files
     from model.checkpoint import build_model
     from model.config import InferenceConfig, get_variant
     from model.predictor import PanopticPredictor
     from pipeline.predict import load_weights
 
-    machine = describe()
-    root = Path(tempfile.mkdtemp(prefix="pfb-plain-"))
-    sets = {n: root / f"set-{n}" for n in (args.small, args.large)}
-    for n, folder in sets.items():
-        write_photo_set(folder, n)
-    report: dict = {"machine": machine, "settings": {k: str(v) for k, v in vars(args).items()}}
-    try:
-        with local_ray() as info:
-            import ray
+    folder = root / "cpu"
+    paths = write_image_set(folder, args.cpu_images, args.cpu_size)
+    predictor = PanopticPredictor(
+        build_model(get_variant("detr-r50-panoptic").config, load_weights("detr-r50-panoptic", "synthetic")),
+        InferenceConfig(min_size=args.min_size),
+        torch.device("cpu"),
+    )
+    prepared = prepare_files(paths[: args.bare_images], predictor)
+    with local_ray():
+        from pipeline.resources import cpu_actor_cpus
 
-            from pipeline.resources import cpu_actor_cpus
+        threads = int(cpu_actor_cpus(1))  # the job's CPU actor reservation (= its torch threads)
+        job = partial(job_in_run, folder, images=args.cpu_images, rows_per_file=args.cpu_rows_per_file,
+                      min_size=args.min_size, batch_size=args.batch_size)  # fmt: skip
+        plain = partial(plain_in_run, folder, images=args.cpu_images, actor=ModelActor,
+                        kwargs={"min_size": args.min_size}, batch_size=args.batch_size, cpus=threads)  # fmt: skip
 
-            threads = int(cpu_actor_cpus(1))  # the job's CPU actor reservation (= its torch threads)
-            times: dict[str, dict[int, float]] = {"job": {}, "plain": {}}
-            jobs: dict[int, dict] = {}
-            for _ in range(args.repeats):
-                for n, folder in sets.items():  # interleaved: job, script, job, script
-                    started = time.perf_counter()
-                    row = job(folder, min_size=args.min_size, batch_size=args.batch_size)
-                    t = time.perf_counter() - started
-                    if t < times["job"].get(n, float("inf")):
-                        times["job"][n], jobs[n] = t, row
-                    out = root / f"plain-{n}-{time.time_ns()}"
-                    started = time.perf_counter()
-                    rows = plain_script(str(folder), str(out), min_size=args.min_size, batch_size=args.batch_size,
-                                        threads=threads)  # fmt: skip
-                    t = time.perf_counter() - started
-                    assert rows == n, (rows, n)
-                    times["plain"][n] = min(t, times["plain"].get(n, float("inf")))
-                    shutil.rmtree(out, ignore_errors=True)
-            report["ray_init_s"] = info["ray_init_s"]
-            report["actor_threads"] = threads
-            del ray
-        # The bare model after Ray is gone (its CPUs free), the job's batch size and thread count.
-        predictor = PanopticPredictor(
-            build_model(get_variant("detr-r50-panoptic").config, load_weights("detr-r50-panoptic", "synthetic")),
-            InferenceConfig(min_size=args.min_size),
-            torch.device("cpu"),
+        def bare() -> dict:
+            run = bare_model(predictor, prepared, configs=((args.batch_size, threads),), repeats=1)
+            return {"images_per_s": run["runs"][0]["images_per_s"], "images": run["images"],
+                    "kept_queries_per_image": run["kept_queries_per_image"]}  # fmt: skip
+
+        rounds = alternate({"job": job, "plain": plain, "bare": bare}, args.rounds)
+    got = {j["actor_torch_threads"] for j in rounds["job"]}
+    if got != {threads}:
+        raise RuntimeError(f"the job's actor ran {got} torch threads, the plain actor and the bare loop {threads}")
+    rate = {side: [run["images_per_s"] for run in runs] for side, runs in rounds.items()}
+    return {
+        "settings": {
+            "images": args.cpu_images,
+            "size": args.cpu_size,
+            "min_size": args.min_size,
+            "batch_size": args.batch_size,
+            "part_rows": args.cpu_rows_per_file,
+            "torch_threads": threads,
+            "bare_images": len(prepared),
+        },
+        "images_per_s": rate,
+        "job_over_plain": ratios(rate["job"], rate["plain"]),
+        "job_over_bare": ratios(rate["job"], rate["bare"]),
+        "rounds": rounds,
+    }
+
+
+def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
+    from bench.in_run import alternate, job_in_run, ratios
+    from bench.inputs import write_photo_set
+    from bench.local_ray import local_ray
+    from bench.plan_cost import stage_core_ms
+    from bench.stand_in_model import fixed_result
+
+    folder = root / "photos"
+    paths = write_photo_set(folder, args.gpu_images, height=PHOTO_HEIGHT, width=PHOTO_WIDTH)
+    stage_uris = [str(p) for p in paths[: args.stage_images]]
+    stages = stage_core_ms(
+        stage_uris, [fixed_result(PHOTO_HEIGHT, PHOTO_WIDTH)] * len(stage_uris), batch_size=args.batch_size
+    )
+    with local_ray(stand_in_ms=args.stand_in_ms):
+        from pipeline.resources import cpu_actor_cpus
+
+        cpus = cpu_actor_cpus(1)  # what the job's (device cpu) actor reserves
+        job = partial(job_in_run, folder, images=args.gpu_images, rows_per_file=args.gpu_rows_per_file,
+                      min_size=None, batch_size=args.batch_size)  # fmt: skip
+        plain = partial(plain_in_run, folder, images=args.gpu_images, actor=StandInActor,
+                        kwargs={"ms_per_image": args.stand_in_ms}, batch_size=args.batch_size, cpus=cpus)  # fmt: skip
+        rounds = alternate({"job": job, "plain": plain}, args.rounds)
+    segments = {j["segments_total"] for j in rounds["job"]}
+    if segments != {4 * args.gpu_images}:  # the stand-in's 4 segments per image: it ran, not the CPU model
+        raise RuntimeError(f"the job's segments {segments} are not the stand-in's 4 per image")
+    rate = {side: [run["images_per_s"] for run in runs] for side, runs in rounds.items()}
+    core_ms = stages["core_ms_per_image_total"]
+    budget = cpus * 1000 / core_ms
+    return {
+        "settings": {
+            "images": args.gpu_images,
+            "size": f"{PHOTO_HEIGHT}x{PHOTO_WIDTH}",
+            "min_size": "default",
+            "batch_size": args.batch_size,
+            "part_rows": args.gpu_rows_per_file,
+            "stand_in_ms": args.stand_in_ms,
+            "stage_images": len(stage_uris),
+        },
+        "images_per_s": rate,
+        "job_over_plain": ratios(rate["job"], rate["plain"]),
+        "stages": stages,
+        "reserved_cpus": cpus,
+        "core_ms_per_image": core_ms,
+        "cpu_budget_images_per_s": budget,
+        "model_thread_cap_images_per_s": 1000 / args.stand_in_ms,  # one model thread sleeping per image
+        "job_share_of_cpu_budget": {
+            "per_round": [x / budget for x in rate["job"]],
+            "median": statistics.median(rate["job"]) / budget,
+        },
+        "rounds": rounds,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def markdown(report: dict) -> str:
+    """Per regime and round: job, plain, job / plain; job / bare (cpu); the job's share of its CPU budget."""
+
+    def f(x: float | None, digits: int = 1) -> str:
+        return "–" if x is None else f"{x:.{digits}f}"
+
+    lines = [
+        "| regime | round | job (images/s) | plain (images/s) | job / plain | bare (images/s) | job / bare "
+        "| job / CPU budget |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in REGIMES:
+        regime = report.get(name)
+        if regime is None:
+            continue
+        rate = regime["images_per_s"]
+        bare = rate.get("bare")
+        share = regime.get("job_share_of_cpu_budget")
+        for r in range(len(rate["job"])):
+            lines.append(
+                f"| {name} | {r + 1} | {f(rate['job'][r])} | {f(rate['plain'][r])} "
+                f"| {f(regime['job_over_plain']['per_round'][r], 3)} | {f(bare[r] if bare else None)} "
+                f"| {f(regime['job_over_bare']['per_round'][r] if bare else None, 3)} "
+                f"| {f(share['per_round'][r] if share else None, 3)} |"
+            )
+        median = statistics.median
+        lines.append(
+            f"| {name} | **median** | {f(median(rate['job']))} | {f(median(rate['plain']))} "
+            f"| **{f(regime['job_over_plain']['median'], 3)}** | {f(median(bare) if bare else None)} "
+            f"| {'**' + f(regime['job_over_bare']['median'], 3) + '**' if bare else '–'} "
+            f"| {f(share['median'] if share else None, 3)} |"
         )
-        prepared = prepare_files(sorted(sets[args.large].iterdir()), predictor)
-        bare = bare_model(predictor, prepared, configs=((args.batch_size, threads),), repeats=2)
-        bare_rate = bare["runs"][0]["images_per_s"]
-        job_m = _marginal(args.small, times["job"][args.small], args.large, times["job"][args.large])
-        plain_m = _marginal(args.small, times["plain"][args.small], args.large, times["plain"][args.large])
-        job_rate, plain_rate = job_m["steady_images_per_s"], plain_m["steady_images_per_s"]
-        report.update({
-            "bare": {"images_per_s": round(bare_rate, 2),
-                     "best_images_per_s": round(bare["runs"][0]["best_images_per_s"], 2),
-                     "segments_per_image": bare["segments_per_image"],
-                     "kept_queries_per_image": bare["kept_queries_per_image"]},
-            "job": {**job_m, "steady_images_per_s_from_part_arrivals": jobs[args.large]["steady_images_per_s"],
-                    "segments_total_large": jobs[args.large]["segments_total"], "actors": jobs[args.large]["actors"]},
-            "plain": plain_m,
-            "job_over_bare": round(job_rate / bare_rate, 3) if job_rate else None,
-            "job_over_plain": round(job_rate / plain_rate, 3) if job_rate and plain_rate else None,
-            "contention_after": contention(),
-        })  # fmt: skip
+    notes = []
+    if "cpu" in report:
+        s = report["cpu"]["settings"]
+        notes.append(
+            f"cpu: {s['images']} images of {s['size']}, min_size {s['min_size']}, batch {s['batch_size']}, "
+            f"{s['torch_threads']} torch threads, parts of {s['part_rows']}; bare loop on "
+            f"{s['bare_images']} of them."
+        )
+    if "gpu-like" in report:
+        g = report["gpu-like"]
+        s, ms = g["settings"], g["stages"]["core_ms_per_image"]
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in ms.items() if k != "decode_device_preprocess_header_check")
+        notes.append(
+            f"gpu-like: {s['images']} JPEGs of {s['size']}, stand-in {s['stand_in_ms']:g} ms per image, "
+            f"batch {s['batch_size']}, parts of {s['part_rows']}; CPU budget = {g['reserved_cpus']:g} "
+            f"reserved CPUs × 1000 / {g['core_ms_per_image']:.2f} core-ms per image ({stages}) = "
+            f"{g['cpu_budget_images_per_s']:.0f} images/s; one model thread's cap "
+            f"{g['model_thread_cap_images_per_s']:.0f} images/s."
+        )
+    return "\n".join([*lines, "", *notes]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regime", action="append", choices=REGIMES, help="repeatable; default: both")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--min-size", type=int, default=64, help="cpu: the model's input size")
+    parser.add_argument("--cpu-images", type=int, default=512)
+    parser.add_argument("--cpu-size", default="480x640", help="cpu: 'tiny' (32×32) or HEIGHTxWIDTH")
+    parser.add_argument("--cpu-rows-per-file", type=int, default=64)
+    parser.add_argument("--bare-images", type=int, default=64, help="cpu: images per pass of the bare loop")
+    parser.add_argument("--gpu-images", type=int, default=1024)
+    parser.add_argument("--gpu-rows-per-file", type=int, default=128)
+    parser.add_argument("--stand-in-ms", type=float, default=5.0)
+    parser.add_argument("--stage-images", type=int, default=64, help="gpu-like: photos of the core-ms timing")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args(argv)
+    regimes = args.regime or list(REGIMES)
+
+    from bench.in_run import check_cut
+    from bench.machine import contention, describe
+
+    for name in regimes:  # sizes that would be cut into smaller parts fail now, not after a regime's runs
+        sizes = {
+            "cpu": (args.cpu_images, args.cpu_rows_per_file),
+            "gpu-like": (args.gpu_images, args.gpu_rows_per_file),
+        }
+        check_cut(sizes[name][0], rows_per_file=sizes[name][1], actors=1)
+    report: dict = {"machine": describe(), "settings": {k: str(v) for k, v in vars(args).items()}}
+    root = Path(tempfile.mkdtemp(prefix="pfb-plain-"))
+    try:
+        for name in regimes:
+            started = time.perf_counter()
+            regime = (cpu_regime if name == "cpu" else gpu_like_regime)(args, root)
+            report[name] = {**regime, "regime_s": time.perf_counter() - started}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    report["contention_after"] = contention()
+    table = markdown(report)
     print(json.dumps(report), flush=True)
+    print(table, file=sys.stderr, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
     return 0
 
 

@@ -172,14 +172,19 @@ def child_job(args: argparse.Namespace) -> dict:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def child_stages(args: argparse.Namespace) -> dict:
-    """Worker thread-CPU ms per image by stage of the current plan at 800×1066 (no Ray)."""
-    import numpy as np
-    from PIL import Image
+CPU_STAGES = ("read", "decode", "actor_overhead", "rle", "write")  # a worker's CPU per image beside the model
 
-    from bench.inputs import PHOTOS, _crop_resize, _jpeg, synthetic_photo
+
+def stage_core_ms(uris: list[str], results: list, *, batch_size: int, part=None) -> dict:
+    """Worker thread-CPU ms per image by stage of the current plan over the local JPEGs ``uris``, in this process
+    without Ray: read (`read_ref`), decode (`decode_input`; with ``device_preprocess`` a header check), the
+    actor's own work around the model per batch of ``batch_size`` (`decoded_batch`, the segmenter's `_prepare`,
+    `prediction_table` of ``results``: one `PanopticResult` per uri), RLE (`encode_results`), write (`write_part`
+    of ``part``, a `RESULT_SCHEMA` table; None: the encoded rows of ``uris``, as one part). `CPU_STAGES` add up
+    to what a worker's CPUs do per image beside the model."""
+    import pyarrow as pa
+
     from model.config import InferenceConfig
-    from model.panoptic import PanopticResult, Segment
     from pipeline.commit import OutputCommitter
     from pipeline.decode import decode_input, decoded_batch
     from pipeline.lease import Lease
@@ -187,17 +192,7 @@ def child_stages(args: argparse.Namespace) -> dict:
     from pipeline.readers import ImageRow, read_ref
     from pipeline.results import encode_results, prediction_table
 
-    height, width, n = 800, 1066, args.stage_images
-    folder = Path(tempfile.mkdtemp(prefix="pfb-stages-"))
-    photos = []
-    for path in sorted(PHOTOS.iterdir()):
-        with Image.open(path) as im:
-            photos.append(_jpeg(_crop_resize(im.convert("RGB"), height, width)))
-    for i in range(n):
-        synthetic = Image.fromarray(synthetic_photo(height, width, seed=i))
-        data = photos[(i // 2) % len(photos)] if i % 2 == 0 else _jpeg(synthetic)
-        (folder / f"img-{i:04d}.jpg").write_bytes(data)
-    uris = sorted(str(p) for p in folder.iterdir())
+    n = len(uris)
     tcpu = time.thread_time
     ms: dict[str, float] = {}
 
@@ -215,6 +210,66 @@ def child_stages(args: argparse.Namespace) -> dict:
     decoded = timed("decode", lambda r: decode_input(r.data, max_pixels=max_pixels, inference=inference), rows)
     timed("decode_device_preprocess_header_check",
           lambda r: decode_input(r.data, max_pixels=max_pixels, inference=on_device), rows)  # fmt: skip
+
+    # The actor's own work around the model, per batch: the batch dict, the segmenter's _prepare (PreparedImage
+    # per row), the prediction table (id map bytes, segment columns).
+    class _Holder:
+        predictor = None
+
+    segmenter = _Holder()
+    tables = []
+    c = tcpu()
+    for start in range(0, n, batch_size):
+        chunk = rows[start : start + batch_size]
+        cols = {name: [getattr(r, name) for r in chunk] for name in ImageRow._fields}
+        batch = decoded_batch(cols, decoded[start : start + batch_size])
+        errors = [str(e) for e in batch["error"]]
+        retryable = [bool(r) for r in batch["retryable"]]
+        PanopticSegmenter._prepare(segmenter, batch, errors)
+        got = {i: results[start + i] for i in range(len(chunk))}
+        tables.append(prediction_table(batch, got, errors=errors, retryable=retryable))
+    ms["actor_overhead"] = 1000 * (tcpu() - c) / n
+    encoded = timed("rle", encode_results, tables)
+    ms["rle"] = ms["rle"] * len(tables) / n
+    if part is None:
+        part = pa.concat_tables(encoded)
+    output = tempfile.mkdtemp(prefix="pfb-stages-out-")
+    lease = Lease.acquire(output, "bench-stages")
+    try:
+        c = tcpu()
+        row = OutputCommitter(output, "bench-stages").write_part(part)
+        ms["write"] = 1000 * (tcpu() - c) / part.num_rows
+    finally:
+        lease.release()
+        shutil.rmtree(output, ignore_errors=True)
+    return {
+        "core_ms_per_image": ms,
+        "core_ms_per_image_total": sum(ms[s] for s in CPU_STAGES),
+        "jpeg_bytes_per_image": round(sum(len(r.data) for r in rows) / n),
+        "part_rows": part.num_rows,
+        "part_bytes_per_image": round(row["bytes"] / part.num_rows, 1),
+    }
+
+
+def child_stages(args: argparse.Namespace) -> dict:
+    """Worker thread-CPU ms per image by stage of the current plan at 800×1066 (no Ray), 25-segment results."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.inputs import PHOTOS, _crop_resize, _jpeg, synthetic_photo
+    from model.panoptic import PanopticResult, Segment
+
+    height, width, n = 800, 1066, args.stage_images
+    folder = Path(tempfile.mkdtemp(prefix="pfb-stages-"))
+    photos = []
+    for path in sorted(PHOTOS.iterdir()):
+        with Image.open(path) as im:
+            photos.append(_jpeg(_crop_resize(im.convert("RGB"), height, width)))
+    for i in range(n):
+        synthetic = Image.fromarray(synthetic_photo(height, width, seed=i))
+        data = photos[(i // 2) % len(photos)] if i % 2 == 0 else _jpeg(synthetic)
+        (folder / f"img-{i:04d}.jpg").write_bytes(data)
+    uris = sorted(str(p) for p in folder.iterdir())
 
     # Realistic results: 25 blob segments with ragged boundaries (as bench/synthetic_results.py's id maps).
     def id_map_of(seed: int) -> np.ndarray:
@@ -237,55 +292,26 @@ def child_stages(args: argparse.Namespace) -> dict:
         return PanopticResult(m, segments)
 
     results = [result_of(i) for i in range(n)]
-
-    # The actor's own work around the model, per batch of --batch-size: the batch dict, the segmenter's
-    # _prepare (PreparedImage per row), the prediction table (id map bytes, segment columns).
-    class _Holder:
-        predictor = None
-
-    segmenter = _Holder()
-    bs = args.batch_size
-    batches, tables = [], []
-    c = tcpu()
-    for start in range(0, n, bs):
-        chunk = rows[start : start + bs]
-        cols = {name: [getattr(r, name) for r in chunk] for name in ImageRow._fields}
-        batch = decoded_batch(cols, decoded[start : start + bs])
-        errors = [str(e) for e in batch["error"]]
-        retryable = [bool(r) for r in batch["retryable"]]
-        PanopticSegmenter._prepare(segmenter, batch, errors)
-        got = {i: results[start + i] for i in range(len(chunk))}
-        tables.append(prediction_table(batch, got, errors=errors, retryable=retryable))
-        batches.append(batch)
-    ms["actor_overhead"] = 1000 * (tcpu() - c) / n
-    timed("rle", encode_results, tables)
-    ms["rle"] = ms["rle"] * len(tables) / n
     # Write: one part of --rows-per-file rows of 256 distinct photo-like segmentations (bench/synthetic_results.py's
     # rows: 25 segments of 800×1066, real RLE; beyond zstd's window, so the part compresses like a real one).
     from bench.synthetic_results import DISTINCT_PHOTOS, result_block, segments_of_a_photo
 
     part = result_block(0, args.rows_per_file, [segments_of_a_photo(seed) for seed in range(DISTINCT_PHOTOS)])
-    output = tempfile.mkdtemp(prefix="pfb-stages-out-")
-    lease = Lease.acquire(output, "bench-stages")
     try:
-        c = tcpu()
-        row = OutputCommitter(output, "bench-stages").write_part(part)
-        ms["write"] = 1000 * (tcpu() - c) / part.num_rows
+        stages = stage_core_ms(uris, results, batch_size=args.batch_size, part=part)
     finally:
-        lease.release()
-        shutil.rmtree(output, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
-    cpu_stages = ("read", "decode", "actor_overhead", "rle", "write")
-    total = sum(ms[s] for s in cpu_stages)
+    ms = stages["core_ms_per_image"]
+    total = stages["core_ms_per_image_total"]
     total_dp = total - ms["decode"] + ms["decode_device_preprocess_header_check"]
     return {
         "images": n,
         "size": [height, width],
-        "jpeg_bytes_per_image": round(sum(len(r.data) for r in rows) / n),
+        "jpeg_bytes_per_image": stages["jpeg_bytes_per_image"],
         "core_ms_per_image": {k: round(v, 3) for k, v in ms.items()},
         "segments_per_image": round(sum(len(r.segments) for r in results) / n, 1),
-        "part_rows": part.num_rows,
-        "part_bytes_per_image": round(row["bytes"] / part.num_rows, 1),
+        "part_rows": stages["part_rows"],
+        "part_bytes_per_image": stages["part_bytes_per_image"],
         "core_ms_per_image_total": round(total, 3),
         "core_ms_per_image_total_device_preprocess": round(total_dp, 3),
         "cpus_per_gpu_at_1000_images_per_s": round(total, 2),

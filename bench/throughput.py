@@ -171,16 +171,33 @@ def _in_batches(predictor: PanopticPredictor, images: list[PreparedImage], b: in
     return results
 
 
-def job(folder: Path, *, min_size: int, batch_size: int, rows_per_file: int = 2048) -> dict:
+def job(
+    folder: Path,
+    *,
+    min_size: int | None,
+    batch_size: int,
+    rows_per_file: int = 2048,
+    actors: int = 1,
+    cpus_per_actor: float | None = None,
+) -> dict:
     """Run `pipeline.run.run_job` once on ``folder`` (Ray must be up) and time its committed parts (the driver
-    sees one row per part: give ``rows_per_file`` small enough for several parts)."""
+    sees one row per part: give ``rows_per_file`` small enough for several parts). ``min_size`` None: the
+    default inference sizes; ``actors`` model actors from the start (min = max), each reserving
+    ``cpus_per_actor`` (None: the pipeline's own choice)."""
     with tempfile.TemporaryDirectory(prefix="pfb-out-") as out:
         config = JobConfig(
             input=InputConfig((str(folder),)),
             output=out,
             model=ModelSpec(weights=SYNTHETIC_WEIGHTS),
-            inference=InferenceConfig(min_size=min_size),
-            resources=ResourceConfig(batch_size=batch_size, device="cpu", rows_per_file=rows_per_file),
+            inference=InferenceConfig() if min_size is None else InferenceConfig(min_size=min_size),
+            resources=ResourceConfig(
+                batch_size=batch_size,
+                device="cpu",
+                rows_per_file=rows_per_file,
+                min_actors=actors,
+                max_actors=actors,
+                cpus_per_actor=cpus_per_actor,
+            ),
         )
         _ARRIVALS.clear()
         _actor_reports()  # clear
