@@ -18,7 +18,10 @@ the shard call's CPU threads, as with the real model.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 import time
 
 import numpy as np
@@ -95,13 +98,39 @@ def _segment(self, batch):
 
 
 def install() -> None:
-    """Patch `PanopticSegmenter` in this process (a Ray ``worker_process_setup_hook``): its device step where it
-    has one (`PanopticSegmenter.segment`), else its whole call (an older tree)."""
-    from pipeline.predict import PanopticSegmenter
-
-    PanopticSegmenter.__init__ = _init
-    if hasattr(PanopticSegmenter, "segment"):
-        PanopticSegmenter.segment = _segment
+    """Patch `PanopticSegmenter` in this process (a Ray ``worker_process_setup_hook``) when `pipeline.predict` is
+    imported (at once if it is already): a worker that never imports it (Ray Data's own actors, the flight
+    recorder, idle workers) never imports torch for it, as in a real job (importing it in every worker cost ~5 s
+    of CPU each, in the middle of the measured window on 2 cores)."""
+    module = sys.modules.get("pipeline.predict")
+    if module is not None:
+        _patch(module)
     else:
-        PanopticSegmenter.__call__ = _call
-    PanopticSegmenter.stand_in = True
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "pipeline.predict":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            load(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _patch(module) -> None:
+    """Its device step where it has one (`PanopticSegmenter.segment`), else its whole call (an older tree)."""
+    segmenter = module.PanopticSegmenter
+    segmenter.__init__ = _init
+    if hasattr(segmenter, "segment"):
+        segmenter.segment = _segment
+    else:
+        segmenter.__call__ = _call
+    segmenter.stand_in = True
