@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 READ_AHEAD_FILES = 64  # file refs read ahead of the decoder (object-store latency hidden by concurrency)
 READ_AHEAD_SHARDS = 2  # tar / Parquet refs read ahead (each one whole shard in memory)
 READ_AHEAD_BYTES = 256 << 20  # and at most these listed bytes read ahead (a larger ref alone; unlisted: a share)
-MODEL_IN_FLIGHT = 2  # model batches handed to the model thread: one running, the next one waiting for it
+MODEL_IN_FLIGHT = 2  # model batches handed to the model thread: one running, the next one waiting
 RLE_IN_FLIGHT = 2  # model batches awaiting RLE
 COMMITS_IN_FLIGHT = 2  # parts being written
 IO_THREADS = 16  # reads and commits wait on storage, not on a CPU
@@ -89,7 +90,7 @@ class ShardSegmenter:
     clock: StageClock | None = None
     metrics: PartMetrics | None = None
     cpus: float | None = None
-    _flight: Flight | None = None
+    _flights: dict[int, Flight] | None = None  # the calls running, by their thread: all in flight at a death
 
     def __init__(
         self,
@@ -136,7 +137,10 @@ class ShardSegmenter:
             return self._call(refs)
 
     def _call(self, refs: pa.Table) -> pa.Table:
-        flight = self._flight = Flight(self.flight_recorder, shard_key(refs))
+        flight = Flight(self.flight_recorder, shard_key(refs))
+        if self._flights is None:
+            self._flights = {}
+        self._flights[threading.get_ident()] = flight
         history = flight.begin()
         if history.deaths:
             log.warning(
@@ -164,6 +168,8 @@ class ShardSegmenter:
         except Exception:  # raised, not died (a failed commit): a retry of it must not count a death
             flight.abandon()
             raise
+        finally:
+            self._flights.pop(threading.get_ident(), None)
         flight.finish()
         return pa.Table.from_pylist(rows, schema=PART_ROW_SCHEMA)
 
@@ -365,8 +371,8 @@ class ShardSegmenter:
         shard, whose poison isolation runs the images that were in flight alone (`pipeline.poison`)."""
         try:
             log.error("ending this model actor: %s", reason)
-            if self._flight is not None:
-                self._flight.dying(reason)  # waited for at most `pipeline.poison.RECORDER_TIMEOUT_S`
+            for flight in list((self._flights or {}).values()):
+                flight.dying(reason)  # waited for at most `pipeline.poison.RECORDER_TIMEOUT_S`
         finally:
             end_process(ACTOR_ENDED_EXIT_CODE)  # whatever happened above
 
