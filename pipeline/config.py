@@ -91,7 +91,13 @@ class ResourceConfig:
     min_actors: int = field(
         default=1, metadata={"help": "smallest model actor pool (it autoscales between --min-actors and --max-actors)"}
     )
-    max_actors: int = field(default=1, metadata={"help": "largest model actor pool"})
+    max_actors: int | None = field(
+        default=None,
+        metadata={
+            "help": "largest model actor pool; unset: 1 with GPUs (more actors: more GPUs), and on CPU one actor "
+            "per CPU of half the cluster's (`pipeline.resources.actor_layout`: the layout measured fastest)"
+        },
+    )
     device: Device = field(
         default="auto",
         metadata={
@@ -103,8 +109,9 @@ class ResourceConfig:
         default=None,
         metadata={
             "help": "CPUs each model actor reserves for its reading, decoding, RLE and commit threads (and, on "
-            "CPU, its torch threads); unset: derived from the nodes (`pipeline.resources.actor_cpus`: a GPU "
-            "actor its share of its node's CPUs, one kept free; a CPU actor its share of half the cluster's)"
+            "CPU, its torch threads); unset: derived from the nodes (`pipeline.resources.actor_layout`: a GPU "
+            "actor its share of its node's CPUs, one kept free; a CPU actor 1, or with --max-actors its share of "
+            "half the cluster's)"
         },
     )
     rows_per_file: int = field(
@@ -121,7 +128,7 @@ class ResourceConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if not 0 < self.num_gpus <= 8:
             raise ValueError(f"num_gpus per actor must be in (0, 8], got {self.num_gpus}")
-        if self.min_actors < 1 or self.max_actors < self.min_actors:
+        if self.min_actors < 1 or (self.max_actors is not None and self.max_actors < self.min_actors):
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
             raise ValueError(f"cpus_per_actor must be positive, got {self.cpus_per_actor}")

@@ -3,14 +3,15 @@ asked for can ever exist.
 
 A model actor runs the whole shard call (`pipeline.shard`): its threads read, decode, RLE-encode and commit
 while the model runs, so it reserves the CPUs those threads use, and Ray does not pack more actors (or other
-work) onto a node than its CPUs can feed. `actor_cpus` derives the reservation from the nodes unless
-``--cpus-per-actor`` sets it.
+work) onto a node than its CPUs can feed. `actor_layout` derives the pool (how many actors, how many CPUs each)
+from the nodes where ``--max-actors`` and ``--cpus-per-actor`` leave it unset.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import NamedTuple
 
 import ray
 
@@ -23,11 +24,37 @@ log = logging.getLogger(__name__)
 DEFAULT_GPU_ACTOR_CPUS = 8.0
 
 
-def actor_cpus(resources: ResourceConfig, *, use_gpu: bool) -> float:
-    """CPUs one model actor reserves: ``--cpus-per-actor`` when set, else `gpu_actor_cpus` / `cpu_actor_cpus`."""
-    if resources.cpus_per_actor is not None:
-        return resources.cpus_per_actor
-    return gpu_actor_cpus(resources.num_gpus) if use_gpu else cpu_actor_cpus(resources.max_actors)
+# A CPU model actor's CPUs (= its torch threads) by default: replicas of a 1-thread model beat one model on
+# several threads (small convolutions scale across threads worse than across processes; BENCHMARKS.md, "The CPU
+# layout": 2 one-CPU actors gave 1.25× the images/s of one 2-CPU actor on 2 cores).
+CPU_ACTOR_CPUS = 1.0
+
+
+class ActorLayout(NamedTuple):
+    """The model actor pool: it autoscales between ``min_actors`` and ``max_actors``, each reserving ``cpus``."""
+
+    min_actors: int
+    max_actors: int
+    cpus: float
+
+
+def actor_layout(resources: ResourceConfig, *, use_gpu: bool) -> ActorLayout:
+    """The pool ``resources`` ask for, its unset parts derived from the cluster's nodes:
+
+    - GPU actors: ``--max-actors`` (unset: ``--min-actors``), each `gpu_actor_cpus` unless ``--cpus-per-actor``;
+    - CPU actors with ``--max-actors``: each `cpu_actor_cpus` (their share of half the cluster) unless
+      ``--cpus-per-actor``;
+    - CPU actors without it: as many as fit in half the cluster's CPUs, each `CPU_ACTOR_CPUS` (or
+      ``--cpus-per-actor``), at least ``--min-actors``: the other half is left to the resume plan's tasks.
+    """
+    lower, given, cpus = resources.min_actors, resources.max_actors, resources.cpus_per_actor
+    if use_gpu:
+        return ActorLayout(lower, given or lower, cpus or gpu_actor_cpus(resources.num_gpus))
+    if given is not None:
+        return ActorLayout(lower, given, cpus or cpu_actor_cpus(given))
+    cpus = cpus or CPU_ACTOR_CPUS
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    return ActorLayout(lower, max(lower, int(sum(node_cpus) // 2 // cpus)), cpus)
 
 
 def gpu_actor_cpus(num_gpus: float) -> float:

@@ -37,7 +37,7 @@ from pipeline.error_budget import ErrorBudget, ErrorBudgetExceeded
 from pipeline.inspection import inspect_output
 from pipeline.lease import Lease, new_run_id
 from pipeline.poison import start_flight_recorder
-from pipeline.resources import actor_cpus, check_gpu_supply, use_gpus
+from pipeline.resources import ActorLayout, actor_layout, check_gpu_supply, use_gpus
 from pipeline.run_records import new_record
 from pipeline.run_summary import RunSummary
 from pipeline.schema import PART_ROW_SCHEMA, Counts
@@ -122,11 +122,13 @@ def _spend_restart_notice() -> None:
     sys.stderr.write("".join(line for line in lines if RESTART_NOTICE not in line))
 
 
-def shard_rows(resources: ResourceConfig, files: int) -> int:
+def shard_rows(resources: ResourceConfig, files: int, *, actors: int | None = None) -> int:
     """File refs (one image each) per shard, given the ``files`` to do: ``--rows-per-file`` (one shard call
     commits about one part), fewer for few files (`SHARDS_PER_ACTOR` shards per actor), so that the part size
-    never leaves actors idle. A tar / Parquet shard is a shard of its own (`shard_dataset`)."""
-    return max(1, min(resources.rows_per_file, -(-files // (SHARDS_PER_ACTOR * resources.max_actors))))
+    never leaves actors idle. A tar / Parquet shard is a shard of its own (`shard_dataset`). ``actors``: the
+    pool's largest size (`pipeline.resources.actor_layout`; default ``--max-actors``, else 1)."""
+    actors = actors or resources.max_actors or 1
+    return max(1, min(resources.rows_per_file, -(-files // (SHARDS_PER_ACTOR * actors))))
 
 
 def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.Dataset:
@@ -153,12 +155,15 @@ def build_dataset(
     weights: str,
     committer: OutputCommitter,
     flight_recorder: Any = None,
+    layout: ActorLayout | None = None,
 ) -> ray.data.Dataset:
     """The lazy plan from ``shards`` (`shard_dataset`) to one `PART_ROW_SCHEMA` row per committed part;
-    ``flight_recorder`` (`pipeline.poison.start_flight_recorder`) turns on poison isolation."""
+    ``flight_recorder`` (`pipeline.poison.start_flight_recorder`) turns on poison isolation; ``layout``: the
+    actor pool (default: `pipeline.resources.actor_layout` of the config)."""
     res = config.resources
     use_gpu = use_gpus(res.device)
-    cpus = actor_cpus(res, use_gpu=use_gpu)
+    layout = layout or actor_layout(res, use_gpu=use_gpu)
+    cpus = layout.cpus
     with warnings.catch_warnings():
         # Ray 2.60 deprecates `ray_remote_args_fn` for 2.64 without a named replacement for an actor's task
         # retries; pyproject pins ray < 2.61, and users need not see it.
@@ -168,8 +173,8 @@ def build_dataset(
             batch_format="pyarrow",
             batch_size=None,  # one call per shard block
             compute=ray.data.ActorPoolStrategy(
-                min_size=res.min_actors,
-                max_size=res.max_actors,
+                min_size=layout.min_actors,
+                max_size=layout.max_actors,
                 max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
                 enable_true_multi_threading=True,  # our own threads: the model has one of its own (`pipeline.shard`)
             ),
@@ -292,10 +297,15 @@ def run_job(
         stages: StageTotals | None = None
         if plan.known_total != 0:
             _start_ray(config, verbose=verbose)
-            stages = StageTotals(gpu=use_gpus(config.resources.device))  # where the actors' time goes
-            shards = shard_dataset(plan.refs, rows=shard_rows(config.resources, plan.files_to_do))
+            use_gpu = use_gpus(config.resources.device)
+            stages = StageTotals(gpu=use_gpu)  # where the actors' time goes
+            layout = actor_layout(config.resources, use_gpu=use_gpu)
+            rows = shard_rows(config.resources, plan.files_to_do, actors=layout.max_actors)
+            shards = shard_dataset(plan.refs, rows=rows)
             recorder = start_flight_recorder()  # poison isolation (`pipeline.poison`)
-            dataset = build_dataset(config, shards, weights=weights, committer=committer, flight_recorder=recorder)
+            dataset = build_dataset(
+                config, shards, weights=weights, committer=committer, flight_recorder=recorder, layout=layout
+            )
             committer.on_write_start(record)  # the record before any row of this run; no _SUCCESS older than them
             bar = _progress_bar(plan.known_total, enabled=show_progress)
             failures = config.failures

@@ -31,7 +31,8 @@ def _sample_value(option: Option) -> Any:
     if option.kind == "list":
         return [f"{option.name}-a", f"{option.name}-b"]
     if option.kind == "int":
-        return option.default + 1  # min_actors 2 <= max_actors 2, min_size 801 <= max_size 1334
+        return option.default + 1 if option.default is not None else 3  # min_size 801 <= max_size 1334, min_actors
+        # 2 <= max_actors 3 (unset by default)
     if option.kind == "float":
         return option.default / 2 if option.default is not None else 3.0  # e.g. --cpus-per-actor (unset)
     return f"{option.name}-value"
@@ -87,7 +88,10 @@ def test_flags_override_the_job_file(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("input: [x]\noutput: o\nmax-actor: 2\n", "unknown option 'max-actor' (did you mean 'max-actors'?)"),
-        ("input: [x]\noutput: o\nmin-actors: 3\n", "error: --min-actors: need 1 <= --min-actors <= --max-actors"),
+        (
+            "input: [x]\noutput: o\nmin-actors: 3\nmax-actors: 2\n",
+            "error: --min-actors: need 1 <= --min-actors <= --max-actors",
+        ),
         ("input: [x]\n", "the following arguments are required: --output"),
     ],
 )

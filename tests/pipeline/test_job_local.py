@@ -37,11 +37,11 @@ def _config(inputs: list[str], output: Path, **resources: object) -> JobConfig:
 def predictor(ray_session: None) -> Iterator[PanopticPredictor]:
     """The model run in this process, on as many threads as the job's CPU actors (float reductions round
     differently with the thread count)."""
-    from pipeline.resources import cpu_actor_cpus
+    from pipeline.resources import actor_layout
 
     config = VARIANTS["detr-r50-panoptic"].config
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(cpu_actor_cpus(ResourceConfig().max_actors)))
+    torch.set_num_threads(int(actor_layout(ResourceConfig(device="cpu"), use_gpu=False).cpus))
     try:
         yield PanopticPredictor(build_model(config, synthetic_state_dict(config)), INFERENCE)
     finally:
