@@ -97,7 +97,7 @@ def job_in_run(
     if row["images"] != images:
         raise RuntimeError(f"the job committed {row['images']} of {images} images")
     rate = in_run_rate(row["arrivals"], actors=actors)
-    keep = ("images_error", "segments_total", "total_s", "startup_s", "actor_torch_threads")
+    keep = ("images_error", "segments_total", "total_s", "startup_s", "actor_torch_threads", "stages")
     return {
         **rate,
         **{k: row[k] for k in keep},

@@ -177,11 +177,18 @@ def cpu_regime(args: argparse.Namespace, root: Path) -> dict:
     )
     prepared = prepare_files(paths[: args.bare_images], predictor)
     with local_ray():
-        from pipeline.resources import cpu_actor_cpus
+        from pipeline.config import ResourceConfig
+        from pipeline.resources import actor_layout, cpu_actor_cpus
 
-        threads = int(cpu_actor_cpus(1))  # the job's CPU actor reservation (= its torch threads)
+        threads = int(cpu_actor_cpus(1))  # one CPU actor's reservation (= its torch threads)
         job = partial(job_in_run, folder, images=args.cpu_images, rows_per_file=args.cpu_rows_per_file,
-                      min_size=args.min_size, batch_size=args.batch_size)  # fmt: skip
+                      min_size=args.min_size, batch_size=args.batch_size, actors=1,
+                      cpus_per_actor=float(threads))  # fmt: skip
+        # the default CPU layout (`pipeline.resources.actor_layout`: 1-CPU actors in half the cluster's CPUs)
+        layout = actor_layout(ResourceConfig(device="cpu"), use_gpu=False)
+        job_layout = partial(job_in_run, folder, images=args.cpu_images, rows_per_file=args.cpu_rows_per_file,
+                             min_size=args.min_size, batch_size=args.batch_size, actors=layout.max_actors,
+                             cpus_per_actor=layout.cpus)  # fmt: skip
         plain = partial(plain_in_run, folder, images=args.cpu_images, actor=ModelActor,
                         kwargs={"min_size": args.min_size}, batch_size=args.batch_size, cpus=threads)  # fmt: skip
 
@@ -190,7 +197,7 @@ def cpu_regime(args: argparse.Namespace, root: Path) -> dict:
             return {"images_per_s": run["runs"][0]["images_per_s"], "images": run["images"],
                     "kept_queries_per_image": run["kept_queries_per_image"]}  # fmt: skip
 
-        rounds = alternate({"job": job, "plain": plain, "bare": bare}, args.rounds)
+        rounds = alternate({"job": job, "job_layout": job_layout, "plain": plain, "bare": bare}, args.rounds)
     got = {j["actor_torch_threads"] for j in rounds["job"]}
     if got != {threads}:
         raise RuntimeError(f"the job's actor ran {got} torch threads, the plain actor and the bare loop {threads}")
@@ -204,9 +211,12 @@ def cpu_regime(args: argparse.Namespace, root: Path) -> dict:
             "part_rows": args.cpu_rows_per_file,
             "torch_threads": threads,
             "bare_images": len(prepared),
+            "default_layout": {"actors": layout.max_actors, "cpus_per_actor": layout.cpus},
         },
         "images_per_s": rate,
         "job_over_plain": ratios(rate["job"], rate["plain"]),
+        "job_layout_over_plain": ratios(rate["job_layout"], rate["plain"]),
+        "job_layout_over_job": ratios(rate["job_layout"], rate["job"]),
         "job_over_bare": ratios(rate["job"], rate["bare"]),
         "rounds": rounds,
     }
@@ -230,7 +240,7 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
 
         cpus = cpu_actor_cpus(1)  # what the job's (device cpu) actor reserves
         job = partial(job_in_run, folder, images=args.gpu_images, rows_per_file=args.gpu_rows_per_file,
-                      min_size=None, batch_size=args.batch_size)  # fmt: skip
+                      min_size=None, batch_size=args.batch_size, actors=1, cpus_per_actor=cpus)  # fmt: skip
         plain = partial(plain_in_run, folder, images=args.gpu_images, actor=StandInActor,
                         kwargs={"ms_per_image": args.stand_in_ms}, batch_size=args.batch_size, cpus=cpus)  # fmt: skip
         rounds = alternate({"job": job, "plain": plain}, args.rounds)
@@ -240,6 +250,9 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
     rate = {side: [run["images_per_s"] for run in runs] for side, runs in rounds.items()}
     core_ms = stages["core_ms_per_image_total"]
     budget = cpus * 1000 / core_ms
+    limit = min(budget, 1000 / args.stand_in_ms)  # what the CPUs and the one model thread allow together
+    seconds = [run["stages"]["seconds"] for run in rounds["job"]]
+    n = args.gpu_images
     return {
         "settings": {
             "images": args.gpu_images,
@@ -261,6 +274,16 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
             "per_round": [x / budget for x in rate["job"]],
             "median": statistics.median(rate["job"]) / budget,
         },
+        "job_share_of_limit": {  # min(CPU budget, model thread cap)
+            "per_round": [x / limit for x in rate["job"]],
+            "median": statistics.median(rate["job"]) / limit,
+        },
+        # the model thread's own serial time per image beside the model's (its wall time minus the stand-in's
+        # sleep), and the shard call's orchestrating thread's CPU time per image (`pipeline.stage_clock`)
+        "model_thread_serial_ms_per_image": [1000 * s["model"] / n - args.stand_in_ms for s in seconds],
+        "call_thread_cpu_ms_per_image": [1000 * s["call_cpu"] / n for s in seconds],
+        "model_idle_share": [run["stages"]["shares"]["model_idle"] for run in rounds["job"]],
+        "verdicts": [run["stages"]["verdict"] for run in rounds["job"]],
         "rounds": rounds,
     }
 

@@ -220,6 +220,7 @@ def job(
         "images_ok": summary.images_ok,
         "images_error": summary.images_error,
         "segments_total": summary.segments,
+        "stages": summary.stages,  # the run's stage seconds, shares and verdict (`pipeline.bottleneck`)
         "batch_size": batch_size,
         "result_batches": len(arrivals),
         "actors": actors,  # one record per segmenter actor: its torch threads and OMP_NUM_THREADS
