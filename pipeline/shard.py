@@ -1,30 +1,39 @@
 """The shard call: one model actor reads, decodes, segments, encodes and commits a whole shard of images.
 
 `ShardSegmenter` is the callable class `pipeline.run` maps over the job's shards with an actor pool (GPU or
-CPU). A *shard* is one block of refs (`pipeline.sources.REF_SCHEMA`): up to ``--rows-per-file`` listed files,
-or tar / Parquet shards. Ray Data schedules one task per shard, so its per-block cost on the driver is paid per
+CPU). A *shard* is one block of refs (`pipeline.sources.REF_SCHEMA`): up to ``--rows-per-file`` listed files, or
+one tar / Parquet shard. Ray Data schedules one task per shard, so its per-block cost on the driver is paid per
 shard, never per model batch, and only refs (~100 B each) and part rows cross the object store: bytes and
 decoded pixels never leave the actor's process.
 
-Inside one call the stages are pipelined on the actor's thread pool (`pipeline.pipelining.ordered_map`):
+Inside one call the stages are pipelined on the actor's threads (`pipeline.pipelining.ordered_map`):
 
-    refs --read bytes--> image rows --decode + resize--> decoded images --(batches)--> model (this thread)
-         --RLE--> result rows --gathered into parts of --rows-per-file--> commit (`pipeline.commit`)
+    refs --read bytes--> image rows --decode + resize--> decoded images --(batches)--> model (its own thread)
+         --rows + RLE--> result rows --gathered into parts of --rows-per-file--> commit (`pipeline.commit`)
 
-so the next batch is decoded, and the previous one RLE-encoded and committed, while the model runs the current
-one. Reads and commits run on an I/O pool (`IO_THREADS`), decoding and RLE on a pool of ``threads`` (the CPUs
-the actor reserves). Memory per actor is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and
-at most `READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, two chunks of
+so the next batch is decoded, and the previous one encoded and committed, while the model runs the current one.
+Reads and commits run on an I/O pool (`IO_THREADS`), decoding, the result rows and RLE on a pool of ``threads``
+(the CPUs the actor reserves). The model is built and run on one thread the actor owns (`model_thread`), never
+on the thread Ray Data calls from: it runs `PanopticSegmenter.segment` (the device's part) and nothing else,
+with the next batch waiting for it (`MODEL_IN_FLIGHT`). An actor runs two calls at a time
+(`pipeline.run.CALLS_PER_ACTOR`), sharing its threads, so the next shard is read and decoded while the previous
+one's last batches finish. Every stage's busy time, the model thread's idle time and what the call waited on are
+counted on the actor's clock (`pipeline.stage_clock`), and each part row carries the seconds since the actor's
+previous part (`pipeline.bottleneck` names the run's limiting stage from them; `pipeline.metrics` exports them).
+
+Memory per call is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and at most
+`READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, two chunks of
 `ANNOUNCE_CHUNK` rows announced ahead of ``2 × batch_size`` images being decoded (at full size),
-`RLE_IN_FLIGHT` batches of full-size id maps awaiting RLE, one part being gathered and `COMMITS_IN_FLIGHT` parts
-being written: the README's formula ("Memory per actor"), checked by tests/pipeline/test_actor_memory.py.
+`MODEL_IN_FLIGHT` batches at the model, `RLE_IN_FLIGHT` batches of full-size id maps awaiting RLE, one part being
+gathered and `COMMITS_IN_FLIGHT` parts being written: the README's formula ("Memory per actor"), checked by
+tests/pipeline/test_actor_memory.py.
 
 A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
 died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
-image is committed once; the images in flight at the death are redone one at a time, in place, and one that
-kills its actor again gets an error row (`pipeline.poison`); a model batch that hangs ends the actor
-(`pipeline.watchdog`). Any exception while reading, decoding, segmenting or encoding one image is that image's
-error row (`stage_error`), never the shard's failure; a failed commit is retried or fails the job, as before.
+image is committed once; the images in flight at the death (in every call running) are redone one at a time, in
+place, and one that kills its actor again gets an error row (`pipeline.poison`); a model batch that hangs ends
+the actor (`pipeline.watchdog`). Any exception while reading, decoding, segmenting or encoding one image is that
+image's error row (`stage_error`), never the shard's failure; a failed commit is retried or fails the job.
 """
 
 from __future__ import annotations

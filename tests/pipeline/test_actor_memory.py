@@ -25,7 +25,14 @@ from PIL import Image
 
 from pipeline.poison import ANNOUNCE_CHUNK
 from pipeline.rle import COMPARED_PIXELS
-from pipeline.shard import COMMITS_IN_FLIGHT, READ_AHEAD_BYTES, READ_AHEAD_FILES, READ_AHEAD_SHARDS, RLE_IN_FLIGHT
+from pipeline.shard import (
+    COMMITS_IN_FLIGHT,
+    MODEL_IN_FLIGHT,
+    READ_AHEAD_BYTES,
+    READ_AHEAD_FILES,
+    READ_AHEAD_SHARDS,
+    RLE_IN_FLIGHT,
+)
 from pipeline.sources import REF_SCHEMA
 from tests.pipeline.images import tar_bytes
 
@@ -48,18 +55,21 @@ class Call(NamedTuple):
     result_bytes: int  # r: result bytes per image in a part
 
 
-def actor_memory_bound(call: Call) -> int:
+def actor_memory_bound(call: Call, *, calls: int = 1) -> int:
     """The README's formula (section "Memory per actor"), in bytes, besides the model and its activations at
-    the processed size; one byte per id-map pixel (up to 256 segments)."""
+    the processed size; one byte per id-map pixel (up to 256 segments). ``calls``: shard calls running at once
+    (an actor runs `pipeline.run.CALLS_PER_ACTOR`; the tests here run one): each has its own read-ahead,
+    queues, id maps and parts, while the decoding and RLE threads are the actor's."""
     ahead = READ_AHEAD_FILES if call.kind == "file" else READ_AHEAD_SHARDS
     split = {"file": 1, "tar": 2, "parquet": 3}[call.kind]  # a shard's bytes, its members (and Arrow's copy)
     read = split * min(max(READ_AHEAD_BYTES, call.ref), ahead * call.ref, call.refs)
     decode = min(call.threads, 2 * call.batch_size) * 8 * call.pixels  # Pillow's RGB (4 B/px) + its resize
-    queue = (2 * call.batch_size + ANNOUNCE_CHUNK) * call.encoded + 3 * call.batch_size * 3 * call.processed
+    decoded = (2 + MODEL_IN_FLIGHT) * call.batch_size * 4 * call.processed  # RGBX: a view of Pillow's memory
+    queue = (2 * call.batch_size + ANNOUNCE_CHUNK) * call.encoded + decoded
     maps = (RLE_IN_FLIGHT + 2) * call.batch_size * call.pixels
     rle = min(call.threads, RLE_IN_FLIGHT) * (COMPARED_PIXELS + call.pixels)
     parts = (1 + COMMITS_IN_FLIGHT) * call.rows_per_file * call.result_bytes
-    return read + decode + queue + maps + rle + parts
+    return calls * (read + queue + maps + parts) + decode + rle
 
 
 def _jpeg(height: int, width: int, seed: int) -> bytes:
