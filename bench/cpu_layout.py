@@ -17,10 +17,8 @@ One JSON document to stdout (and ``--out``), a markdown table to stderr (and ``-
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from bench.in_run import alternate, check_cut, job_in_run, ratios
+    from bench.in_run import alternate, check_cut, emit, job_in_run, ratios
     from bench.inputs import write_image_set
     from bench.local_ray import NUM_CPUS, local_ray
     from bench.machine import contention, describe
@@ -109,15 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, rate in rates.items()
     }
     report["contention_after"] = contention()
-    table = markdown(report)
-    print(json.dumps(report), flush=True)
-    print(table, file=sys.stderr, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    emit(report, markdown(report), out=args.out, markdown=args.markdown)
     return 0
 
 

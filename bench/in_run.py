@@ -19,7 +19,9 @@ batches as its actor finished them. The same window rule on every side (`in_run_
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -122,3 +124,13 @@ def ratios(a: Sequence[float], b: Sequence[float]) -> dict:
     """Round by round a / b, and their median."""
     each = [x / y for x, y in zip(a, b)]
     return {"per_round": each, "median": statistics.median(each)}
+
+
+def emit(report: dict, table: str, *, out: Path | None, markdown: Path | None) -> None:
+    """The report as one JSON line on stdout (and indented in ``out``), its table on stderr (and in ``markdown``)."""
+    print(json.dumps(report), flush=True)
+    print(table, file=sys.stderr, flush=True)
+    for path, text in ((out, json.dumps(report, indent=2) + "\n"), (markdown, table)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)

@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from functools import partial
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     regimes = args.regime or list(REGIMES)
 
-    from bench.in_run import check_cut
+    from bench.in_run import check_cut, emit
     from bench.machine import contention, describe
 
     for name in regimes:  # sizes that would be cut into smaller parts fail now, not after a regime's runs
@@ -383,15 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report["contention_after"] = contention()
-    table = markdown(report)
-    print(json.dumps(report), flush=True)
-    print(table, file=sys.stderr, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    emit(report, markdown(report), out=args.out, markdown=args.markdown)
     return 0
 
 

@@ -61,19 +61,10 @@ def _call(self, batch):
     from pipeline.results import encode_results, prediction_table
 
     started = time.perf_counter()
-    errors = [str(e) for e in batch["error"]]
-    retryable = [bool(r) for r in batch["retryable"]]
-    heights, widths = batch["height"], batch["width"]
-    results = {
-        i: fixed_result(int(heights[i]), int(widths[i]))
-        for i in range(len(errors))
-        if not errors[i] and int(heights[i]) > 0 and int(widths[i]) > 0
-    }
+    results, errors, retryable = _fixed_results(batch)
     predictions = prediction_table(batch, results, errors=errors, retryable=retryable)
     table = encode_results(predictions) if self.encode_rle else predictions
-    rest = self.stand_in_ms * len(errors) / 1000 - (time.perf_counter() - started)
-    if rest > 0:
-        time.sleep(rest)
+    _sleep_rest(self.stand_in_ms * len(errors), started)
     return table
 
 
@@ -83,6 +74,13 @@ def _segment(self, batch):
     from pipeline.predict import Segmented
 
     started = time.perf_counter()
+    results, errors, retryable = _fixed_results(batch)
+    _sleep_rest(self.stand_in_ms * len(errors), started)  # the GIL released, as a GPU's work leaves it
+    return Segmented(results, errors, retryable)
+
+
+def _fixed_results(batch) -> tuple[dict, list[str], list[bool]]:
+    """(results by row, errors, retryable) of a batch: `fixed_result` for each ok row of a usable size."""
     errors = [str(e) for e in batch["error"]]
     retryable = [bool(r) for r in batch["retryable"]]
     heights, widths = batch["height"], batch["width"]
@@ -91,10 +89,13 @@ def _segment(self, batch):
         for i in range(len(errors))
         if not errors[i] and int(heights[i]) > 0 and int(widths[i]) > 0
     }
-    rest = self.stand_in_ms * len(errors) / 1000 - (time.perf_counter() - started)
+    return results, errors, retryable
+
+
+def _sleep_rest(ms: float, started: float) -> None:
+    rest = ms / 1000 - (time.perf_counter() - started)
     if rest > 0:
-        time.sleep(rest)  # the GIL released, as a GPU's work leaves it
-    return Segmented(results, errors, retryable)
+        time.sleep(rest)
 
 
 def install() -> None:
