@@ -477,8 +477,11 @@ def job_step(settings: Settings, device: torch.device, weights: str | None, left
             output=str(output),
             model=ModelSpec(weights=weights or "synthetic"),
             inference=InferenceConfig(min_size=settings.min_size, max_size=int(settings.min_size * 1333 / 800)),
-            resources=ResourceConfig(
-                batch_size=settings.batch_sizes[0], device=device.type, rows_per_file=settings.job_rows_per_file
+            resources=ResourceConfig(  # one actor: one GPU's job (on CPU, not the default CPU layout)
+                batch_size=settings.batch_sizes[0],
+                device=device.type,
+                rows_per_file=settings.job_rows_per_file,
+                max_actors=1,
             ),
         )
         with local_ray(num_cpus=max(4, os.cpu_count() or 4)) as ray_info:
