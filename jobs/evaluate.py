@@ -1,6 +1,6 @@
 """`panoptic-flow evaluate OUTPUT --gt-json GT.json --gt-folder GT_PNG_DIR`: PQ / SQ / RQ against COCO panoptic.
 
-The metric is :mod:`pipeline.pq` (panopticapi's ``pq_compute`` rules). Predictions are the output's id
+The metric is :mod:`pipeline.panoptic_quality` (panopticapi's ``pq_compute`` rules). Predictions are the output's id
 maps exactly as ``export-coco`` would write them (segment ``k`` -> COCO id ``k + 1``, uncovered pixels
 VOID, segments covering no pixel dropped, segments of a category that is not in the ground truth's
 ``categories`` left out as VOID), so ``evaluate OUTPUT`` equals panopticapi's ``pq_compute`` (and hotcoco's)
@@ -53,7 +53,7 @@ from pipeline.coco import rgb_to_id_map, to_coco_ids
 from pipeline.ids import last_part
 from pipeline.outputs import OutputNotFoundError, check_output, open_table, output_filesystem
 from pipeline.packed_images import map_images, packed_rows
-from pipeline.pq import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
+from pipeline.panoptic_quality import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
 from pipeline.rle import panoptic_map
 from pipeline.schema import IMAGES_TABLE, STATUS_OK
 

@@ -331,17 +331,17 @@ def run_job(
         for counts, sign in ((state.totals, 1), (plan.retracted, -1), (this_run, 1)):
             totals.add(counts, sign)
         summary = RunSummary(
-            run_id,
-            this_run,
-            sum(parts_by_node.values()),
-            plan.skipped,
-            dict(plan.retracted_by_reason),
-            plan.unlisted,
-            len(state.quarantined),
-            totals,
-            time.perf_counter() - started,
-            parts_by_node,
-            left_out_text(inputs.left_out, inputs.left_out_examples) if inputs.left_out else "",
+            run_id=run_id,
+            this_run=this_run,
+            parts=sum(parts_by_node.values()),
+            skipped_committed=plan.skipped,
+            redone=dict(plan.retracted_by_reason),
+            unlisted=plan.unlisted,
+            quarantined=len(state.quarantined),
+            totals=totals,
+            seconds=time.perf_counter() - started,
+            parts_by_node=parts_by_node,
+            left_out=left_out_text(inputs.left_out, inputs.left_out_examples) if inputs.left_out else "",
             errors_by_kind=errors_by_kind,
             stages=stages.report() if stages is not None else {},
         )

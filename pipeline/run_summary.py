@@ -10,7 +10,7 @@ from typing import Any
 from pipeline.schema import Counts
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunSummary:
     run_id: str
     this_run: Counts  # committed by this run
