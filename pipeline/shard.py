@@ -57,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.predictor import InferenceConfig
+from pipeline.call_gate import CallGate
 from pipeline.commit import OutputCommitter
 from pipeline.config import FailureConfig, redact_uri
 from pipeline.decode import UNREAD, decode_input, decoded_batch
@@ -97,6 +98,7 @@ class ShardSegmenter:
     watchdog: HungBatchWatchdog | None = None
     model_thread: ThreadPoolExecutor | None = None
     clock: StageClock | None = None
+    gate: CallGate | None = None
     metrics: PartMetrics | None = None
     cpus: float | None = None
     _flights: dict[int, Flight] | None = None  # the calls running, by their thread: all in flight at a death
@@ -128,6 +130,7 @@ class ShardSegmenter:
             PanopticSegmenter, variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
         ).result()
         self.clock = StageClock()
+        self.gate = CallGate()  # calls side by side, a retried one alone
         self.cpus = cpus  # reserved (the metrics' CPU budget)
         self.metrics = PartMetrics(tags={"run_id": committer.run_id})  # Ray metrics (`pipeline.metrics`)
         self.inference = inference
@@ -156,6 +159,11 @@ class ShardSegmenter:
                 "shard %s: redone after %d death(s) of its actor; %d image(s) run alone, %d skipped as poisoned",
                 flight.key, history.deaths, len(history.suspects), len(history.poisoned),
             )  # fmt: skip
+        gate = self._gate()
+        with gate.exclusive() if history.deaths else gate.shared():  # a retry runs alone (`pipeline.call_gate`)
+            return self._run(refs, flight, history)
+
+    def _run(self, refs: pa.Table, flight: Flight, history: ShardHistory) -> pa.Table:
         gatherer = PartGatherer(self.rows_per_file)
         commits: deque[Future[dict[str, object] | None]] = deque()
         rows: list[dict[str, object]] = []
@@ -359,9 +367,15 @@ class ShardSegmenter:
                 return encode_results(_failed(predictions, stage_error("encoding", exc)))
         return pa.concat_tables([self._encoded(predictions.slice(i, 1)) for i in range(predictions.num_rows)])
 
+    def _gate(self) -> CallGate:
+        if self.gate is None:  # a call built without __init__ (tests)
+            self.gate = CallGate()
+        return self.gate
+
     def _clock(self) -> StageClock:
         if self.clock is None:  # a call built without __init__ (tests)
             self.clock = StageClock()
+        self.gate = CallGate()  # calls side by side, a retried one alone
         return self.clock
 
     def _model_pool(self) -> ThreadPoolExecutor:

@@ -31,7 +31,7 @@ TIMEOUT_S = 300.0
 HELD_S = 240.0  # the last image's read is held this long: longer than the test needs to send its signal
 READ_TASK_REFS = 16  # `pipeline.run.REFS_PER_READ_TASK`: the held image is the 17th, alone in its read task
 FLAGS = ["--weights", "synthetic", "--device", "cpu", "--min-size", "64", "--max-size", "107",
-         "--batch-size", "2", "--rows-per-file", "2", "--no-progress"]  # fmt: skip
+         "--batch-size", "2", "--rows-per-file", "2", "--max-actors", "1", "--no-progress"]  # fmt: skip
 
 
 def _inputs(bucket: str) -> set[str]:

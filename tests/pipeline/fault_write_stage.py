@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 output=os.path.join(args.output_root, scenario),
                 model=ModelSpec(weights="synthetic"),
                 inference=InferenceConfig(min_size=64, max_size=107),
-                resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=4),
+                resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=4, max_actors=1),  # one actor
             )
             try:
                 summary = run_job(config, show_progress=False)

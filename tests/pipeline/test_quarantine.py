@@ -31,7 +31,7 @@ def _config(folder: Path, output: str, *, rows_per_file: int) -> JobConfig:
         output=output,
         model=ModelSpec(weights="synthetic"),
         inference=InferenceConfig(min_size=64, max_size=107),
-        resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=rows_per_file),
+        resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=rows_per_file, max_actors=1),  # parts as cut
     )
 
 
