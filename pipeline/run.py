@@ -54,10 +54,6 @@ NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
 # lost again and again) fails the job instead of running forever.
 SHARD_CALL_RETRIES = 32  # a poison costs two deaths (in its window, then alone), and a call queued behind a
 # dying one on the same actor loses a retry too: room for about a dozen poisoned images per shard
-# Two shard calls at a time per actor, sharing its threads: the next shard is read and decoded while the previous
-# one's last batches are segmented, encoded and committed (one call at a time left the model idle at every
-# shard's start and end: ~0.15 s per shard on 2 cores, a tenth of a 1,000-image shard at 1,000 images/s).
-CALLS_PER_ACTOR = 2
 SHARDS_PER_ACTOR = 4  # a small job is cut into at least this many shards per actor, so that every actor works
 
 
@@ -172,12 +168,7 @@ def build_dataset(
             ShardSegmenter,
             batch_format="pyarrow",
             batch_size=None,  # one call per shard block
-            compute=ray.data.ActorPoolStrategy(
-                min_size=layout.min_actors,
-                max_size=layout.max_actors,
-                max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
-                enable_true_multi_threading=True,  # our own threads: the model has one of its own (`pipeline.shard`)
-            ),
+            compute=ray.data.ActorPoolStrategy(min_size=layout.min_actors, max_size=layout.max_actors),
             num_gpus=res.num_gpus if use_gpu else 0,
             num_cpus=cpus,
             ray_remote_args_fn=_bounded_retries,  # each new actor's options (Ray Data's own default retries forever)

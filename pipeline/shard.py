@@ -15,11 +15,11 @@ so the next batch is decoded, and the previous one encoded and committed, while 
 Reads and commits run on an I/O pool (`IO_THREADS`), decoding, the result rows and RLE on a pool of ``threads``
 (the CPUs the actor reserves). The model is built and run on one thread the actor owns (`model_thread`), never
 on the thread Ray Data calls from: it runs `PanopticSegmenter.segment` (the device's part) and nothing else,
-with the next batch waiting for it (`MODEL_IN_FLIGHT`). An actor runs two calls at a time
-(`pipeline.run.CALLS_PER_ACTOR`), sharing its threads, so the next shard is read and decoded while the previous
-one's last batches finish. Every stage's busy time, the model thread's idle time and what the call waited on are
-counted on the actor's clock (`pipeline.stage_clock`), and each part row carries the seconds since the actor's
-previous part (`pipeline.bottleneck` names the run's limiting stage from them; `pipeline.metrics` exports them).
+with the next batch waiting for it (`MODEL_IN_FLIGHT`). An actor runs one call at a time: a suspect of an
+earlier death must run alone in its process (`pipeline.poison`). Every stage's busy time, the model thread's
+idle time and what the call waited on are counted on the actor's clock (`pipeline.stage_clock`), and each part
+row carries the seconds since the actor's previous part (`pipeline.bottleneck` names the run's limiting stage
+from them; `pipeline.metrics` exports them).
 
 Memory per call is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and at most
 `READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, two chunks of
@@ -30,7 +30,7 @@ tests/pipeline/test_actor_memory.py.
 
 A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
 died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
-image is committed once; the images in flight at the death (in every call running) are redone one at a time, in
+image is committed once; the images in flight at the death are redone one at a time, in
 place, and one that kills its actor again gets an error row (`pipeline.poison`); a model batch that hangs ends
 the actor (`pipeline.watchdog`). Any exception while reading, decoding, segmenting or encoding one image is that
 image's error row (`stage_error`), never the shard's failure; a failed commit is retried or fails the job.
@@ -57,7 +57,6 @@ import numpy as np
 import pyarrow as pa
 
 from model.predictor import InferenceConfig
-from pipeline.call_gate import CallGate
 from pipeline.commit import OutputCommitter
 from pipeline.config import FailureConfig, redact_uri
 from pipeline.decode import UNREAD, decode_input, decoded_batch
@@ -98,10 +97,9 @@ class ShardSegmenter:
     watchdog: HungBatchWatchdog | None = None
     model_thread: ThreadPoolExecutor | None = None
     clock: StageClock | None = None
-    gate: CallGate | None = None
     metrics: PartMetrics | None = None
     cpus: float | None = None
-    _flights: dict[int, Flight] | None = None  # the calls running, by their thread: all in flight at a death
+    _flights: dict[int, Flight] | None = None  # the call running, by its thread: in flight at a death
 
     def __init__(
         self,
@@ -130,7 +128,6 @@ class ShardSegmenter:
             PanopticSegmenter, variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
         ).result()
         self.clock = StageClock()
-        self.gate = CallGate()  # calls side by side, a retried one alone
         self.cpus = cpus  # reserved (the metrics' CPU budget)
         self.metrics = PartMetrics(tags={"run_id": committer.run_id})  # Ray metrics (`pipeline.metrics`)
         self.inference = inference
@@ -159,11 +156,6 @@ class ShardSegmenter:
                 "shard %s: redone after %d death(s) of its actor; %d image(s) run alone, %d skipped as poisoned",
                 flight.key, history.deaths, len(history.suspects), len(history.poisoned),
             )  # fmt: skip
-        gate = self._gate()
-        with gate.exclusive() if history.deaths else gate.shared():  # a retry runs alone (`pipeline.call_gate`)
-            return self._run(refs, flight, history)
-
-    def _run(self, refs: pa.Table, flight: Flight, history: ShardHistory) -> pa.Table:
         gatherer = PartGatherer(self.rows_per_file)
         commits: deque[Future[dict[str, object] | None]] = deque()
         rows: list[dict[str, object]] = []
@@ -367,15 +359,9 @@ class ShardSegmenter:
                 return encode_results(_failed(predictions, stage_error("encoding", exc)))
         return pa.concat_tables([self._encoded(predictions.slice(i, 1)) for i in range(predictions.num_rows)])
 
-    def _gate(self) -> CallGate:
-        if self.gate is None:  # a call built without __init__ (tests)
-            self.gate = CallGate()
-        return self.gate
-
     def _clock(self) -> StageClock:
         if self.clock is None:  # a call built without __init__ (tests)
             self.clock = StageClock()
-        self.gate = CallGate()  # calls side by side, a retried one alone
         return self.clock
 
     def _model_pool(self) -> ThreadPoolExecutor:

@@ -55,11 +55,9 @@ class Call(NamedTuple):
     result_bytes: int  # r: result bytes per image in a part
 
 
-def actor_memory_bound(call: Call, *, calls: int = 1) -> int:
+def actor_memory_bound(call: Call) -> int:
     """The README's formula (section "Memory per actor"), in bytes, besides the model and its activations at
-    the processed size; one byte per id-map pixel (up to 256 segments). ``calls``: shard calls running at once
-    (an actor runs `pipeline.run.CALLS_PER_ACTOR`; the tests here run one): each has its own read-ahead,
-    queues, id maps and parts, while the decoding and RLE threads are the actor's."""
+    the processed size; one byte per id-map pixel (up to 256 segments)."""
     ahead = READ_AHEAD_FILES if call.kind == "file" else READ_AHEAD_SHARDS
     split = {"file": 1, "tar": 2, "parquet": 3}[call.kind]  # a shard's bytes, its members (and Arrow's copy)
     read = split * min(max(READ_AHEAD_BYTES, call.ref), ahead * call.ref, call.refs)
@@ -69,7 +67,7 @@ def actor_memory_bound(call: Call, *, calls: int = 1) -> int:
     maps = (RLE_IN_FLIGHT + 2) * call.batch_size * call.pixels
     rle = min(call.threads, RLE_IN_FLIGHT) * (COMPARED_PIXELS + call.pixels)
     parts = (1 + COMMITS_IN_FLIGHT) * call.rows_per_file * call.result_bytes
-    return calls * (read + queue + maps + parts) + decode + rle
+    return read + decode + queue + maps + rle + parts
 
 
 def _jpeg(height: int, width: int, seed: int) -> bytes:
