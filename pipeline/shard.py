@@ -21,7 +21,7 @@ idle time and what the call waited on are counted on the actor's clock (`pipelin
 row carries the seconds since the actor's previous part (`pipeline.bottleneck` names the run's limiting stage
 from them; `pipeline.metrics` exports them).
 
-Memory per call is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and at most
+Memory per actor is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and at most
 `READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, two chunks of
 `ANNOUNCE_CHUNK` rows announced ahead of ``2 × batch_size`` images being decoded (at full size),
 `MODEL_IN_FLIGHT` batches at the model, `RLE_IN_FLIGHT` batches of full-size id maps awaiting RLE, one part being
@@ -30,9 +30,9 @@ tests/pipeline/test_actor_memory.py.
 
 A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
 died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
-image is committed once; the images in flight at the death are redone one at a time, in
-place, and one that kills its actor again gets an error row (`pipeline.poison`); a model batch that hangs ends
-the actor (`pipeline.watchdog`). Any exception while reading, decoding, segmenting or encoding one image is that
+image is committed once; the images in flight at the death are redone one at a time, in place, and one that
+kills its actor again gets an error row (`pipeline.poison`); a model batch that hangs ends the actor
+(`pipeline.watchdog`). Any exception while reading, decoding, segmenting or encoding one image is that
 image's error row (`stage_error`), never the shard's failure; a failed commit is retried or fails the job.
 """
 
@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -99,7 +98,7 @@ class ShardSegmenter:
     clock: StageClock | None = None
     metrics: PartMetrics | None = None
     cpus: float | None = None
-    _flights: dict[int, Flight] | None = None  # the call running, by its thread: in flight at a death
+    _flight: Flight | None = None  # the call running: its images are in flight at a death
 
     def __init__(
         self,
@@ -146,10 +145,7 @@ class ShardSegmenter:
             return self._call(refs)
 
     def _call(self, refs: pa.Table) -> pa.Table:
-        flight = Flight(self.flight_recorder, shard_key(refs))
-        if self._flights is None:
-            self._flights = {}
-        self._flights[threading.get_ident()] = flight
+        flight = self._flight = Flight(self.flight_recorder, shard_key(refs))
         history = flight.begin()
         if history.deaths:
             log.warning(
@@ -177,8 +173,6 @@ class ShardSegmenter:
         except Exception:  # raised, not died (a failed commit): a retry of it must not count a death
             flight.abandon()
             raise
-        finally:
-            self._flights.pop(threading.get_ident(), None)
         flight.finish()
         return pa.Table.from_pylist(rows, schema=PART_ROW_SCHEMA)
 
@@ -380,8 +374,8 @@ class ShardSegmenter:
         shard, whose poison isolation runs the images that were in flight alone (`pipeline.poison`)."""
         try:
             log.error("ending this model actor: %s", reason)
-            for flight in list((self._flights or {}).values()):
-                flight.dying(reason)  # waited for at most `pipeline.poison.RECORDER_TIMEOUT_S`
+            if self._flight is not None:
+                self._flight.dying(reason)  # waited for at most `pipeline.poison.RECORDER_TIMEOUT_S`
         finally:
             end_process(ACTOR_ENDED_EXIT_CODE)  # whatever happened above
 

@@ -149,8 +149,9 @@ def test_the_verdict_names_the_stage_made_slow(
         assert "busy" in verdict
     else:
         assert "the model waited" in verdict and "of the time for input" in verdict
-    # the parts partition the actor's time: from the first call's start to the last part's commit
-    assert 0.8 * elapsed <= totals.seconds["wall"] <= elapsed + 0.01
+    # the parts partition the actor's time, from the first call's start to the last part's commit: never more than
+    # the calls took (a span counted twice), and most of it (the calls' tails after their last part aside)
+    assert 0.5 * elapsed <= totals.seconds["wall"] <= elapsed + 0.01
     injected = {"decode": SLOW_S * IMAGES, "model": model_s * IMAGES / BATCH, "rle": SLOW_S * IMAGES}
     if slow in injected:  # busy time as injected
         assert injected[slow] <= totals.seconds[slow] <= injected[slow] * 1.5 + 0.2
