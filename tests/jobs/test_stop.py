@@ -44,13 +44,27 @@ def _inputs(bucket: str) -> set[str]:
     return {f"s3://{bucket}/in/{name}" for name in names}
 
 
+def _default_sigint() -> None:
+    """The job's SIGINT as a terminal gives it: a test run started in the background of a shell inherits SIGINT
+    ignored (POSIX shells do that to background jobs), and so would the job, which then never sees Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop_mid_run(bucket: str, output: Path, s3_proxy: FaultProxy, signum: int) -> tuple[subprocess.Popen[str], str]:
     import ray
 
     command = [sys.executable, "-m", "jobs.segment", "--input", f"s3://{bucket}/in/", "--output", str(output), *FLAGS]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     s3_proxy.set_fault("delay", count=1, methods=["GET"], paths=[f"/{bucket}/in/z-held.jpg"], delay_s=HELD_S)
-    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     try:
         wait_for(lambda: committed_parts(output) or job.poll() is not None, timeout=TIMEOUT_S, what="a commit")
         assert job.poll() is None, "the job ended although its last read was held"
