@@ -242,7 +242,8 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
                       min_size=None, batch_size=args.batch_size, actors=1, cpus_per_actor=cpus)  # fmt: skip
         plain = partial(plain_in_run, folder, images=args.gpu_images, actor=StandInActor,
                         kwargs={"ms_per_image": args.stand_in_ms}, batch_size=args.batch_size, cpus=cpus)  # fmt: skip
-        rounds = alternate({"job": job, "plain": plain}, args.rounds)
+        sides = {"job": job} if args.job_only else {"job": job, "plain": plain}
+        rounds = alternate(sides, args.rounds)
     segments = {j["segments_total"] for j in rounds["job"]}
     if segments != {4 * args.gpu_images}:  # the stand-in's 4 segments per image: it ran, not the CPU model
         raise RuntimeError(f"the job's segments {segments} are not the stand-in's 4 per image")
@@ -263,7 +264,7 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
             "stage_images": len(stage_uris),
         },
         "images_per_s": rate,
-        "job_over_plain": ratios(rate["job"], rate["plain"]),
+        "job_over_plain": ratios(rate["job"], rate["plain"]) if "plain" in rate else None,
         "stages": stages,
         "reserved_cpus": cpus,
         "core_ms_per_image": core_ms,
@@ -306,19 +307,22 @@ def markdown(report: dict) -> str:
         if regime is None:
             continue
         rate = regime["images_per_s"]
+        plain = rate.get("plain")
         bare = rate.get("bare")
         share = regime.get("job_share_of_cpu_budget")
         for r in range(len(rate["job"])):
             lines.append(
-                f"| {name} | {r + 1} | {f(rate['job'][r])} | {f(rate['plain'][r])} "
-                f"| {f(regime['job_over_plain']['per_round'][r], 3)} | {f(bare[r] if bare else None)} "
+                f"| {name} | {r + 1} | {f(rate['job'][r])} | {f(plain[r] if plain else None)} "
+                f"| {f(regime['job_over_plain']['per_round'][r] if plain else None, 3)} "
+                f"| {f(bare[r] if bare else None)} "
                 f"| {f(regime['job_over_bare']['per_round'][r] if bare else None, 3)} "
                 f"| {f(share['per_round'][r] if share else None, 3)} |"
             )
         median = statistics.median
         lines.append(
-            f"| {name} | **median** | {f(median(rate['job']))} | {f(median(rate['plain']))} "
-            f"| **{f(regime['job_over_plain']['median'], 3)}** | {f(median(bare) if bare else None)} "
+            f"| {name} | **median** | {f(median(rate['job']))} | {f(median(plain) if plain else None)} "
+            f"| {'**' + f(regime['job_over_plain']['median'], 3) + '**' if plain else '–'} "
+            f"| {f(median(bare) if bare else None)} "
             f"| {'**' + f(regime['job_over_bare']['median'], 3) + '**' if bare else '–'} "
             f"| {f(share['median'] if share else None, 3)} |"
         )
@@ -357,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-images", type=int, default=1024)
     parser.add_argument("--gpu-rows-per-file", type=int, default=128)
     parser.add_argument("--stand-in-ms", type=float, default=5.0)
+    parser.add_argument("--job-only", action="store_true", help="gpu-like: the job and its CPU budget, no plain script")
     parser.add_argument("--stage-images", type=int, default=64, help="gpu-like: photos of the core-ms timing")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
