@@ -19,6 +19,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import fsspec
@@ -172,20 +173,14 @@ def build_dataset(
             num_gpus=res.num_gpus if use_gpu else 0,
             num_cpus=cpus,
             ray_remote_args_fn=_bounded_retries,  # each new actor's options (Ray Data's own default retries forever)
-            fn_constructor_kwargs={
-                "variant": config.model.variant,
-                "weights": weights,
-                "inference": config.inference,
+            fn_constructor_kwargs={  # the frozen config sections each actor needs (`ShardSegmenter`)
+                "model": replace(config.model, weights=weights),  # the driver's resolved checkpoint
                 "device": "cuda" if use_gpu else "cpu",
-                "committer": committer,  # pickled as (output, run id): the lease stays here
-                "rows_per_file": res.rows_per_file,
-                "batch_size": res.batch_size,
-                "max_pixels": config.input.max_pixels,
-                "max_bytes": config.input.max_bytes,
-                "bytes_column": config.input.bytes_column,
-                "id_column": config.input.id_column,
-                "threads": max(2, int(cpus)),
+                "inference": config.inference,
+                "input": config.input,
+                "resources": res,
                 "cpus": cpus,
+                "committer": committer,  # pickled as (output, run id): the lease stays here
                 "failures": config.failures,
                 "flight_recorder": flight_recorder,  # an actor handle: the record survives this actor's death
             },

@@ -12,14 +12,14 @@ Inside one call the stages are pipelined on the actor's threads (`pipeline.pipel
          --rows + RLE--> result rows --gathered into parts of --rows-per-file--> commit (`pipeline.commit`)
 
 so the next batch is decoded, and the previous one encoded and committed, while the model runs the current one.
-Reads and commits run on an I/O pool (`IO_THREADS`), decoding, the result rows and RLE on a pool of ``threads``
-(the CPUs the actor reserves). The model is built and run on one thread the actor owns (`model_thread`), never
-on the thread Ray Data calls from: it runs `PanopticSegmenter.segment` (the device's part) and nothing else,
-with the next batch waiting for it (`MODEL_IN_FLIGHT`). An actor runs one call at a time: a suspect of an
-earlier death must run alone in its process (`pipeline.poison`). Every stage's busy time, the model thread's
-idle time and what the call waited on are counted on the actor's clock (`pipeline.stage_clock`), and each part
-row carries the seconds since the actor's previous part (`pipeline.bottleneck` names the run's limiting stage
-from them; `pipeline.metrics` exports them).
+Reads and commits run on an I/O pool (`IO_THREADS`), decoding, the result rows and RLE on a pool of one thread per
+CPU the actor reserves (at least 2). The model is built and run on one thread the actor owns (`model_thread`),
+never on the thread Ray Data calls from: it runs `PanopticSegmenter.segment` (the device's part) and nothing else,
+with the next batch waiting for it (`MODEL_IN_FLIGHT`). An actor runs one call at a time: a suspect of an earlier
+death must run alone in its process (`pipeline.poison`). Every stage's busy time, the model thread's idle time and
+what the call waited on are counted on the actor's clock (`pipeline.stage_clock`), and each part row carries the
+seconds since the actor's previous part (`pipeline.bottleneck` names the run's limiting stage from them;
+`pipeline.metrics` exports them).
 
 Memory per actor is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and at most
 `READ_AHEAD_FILES` files or `READ_AHEAD_SHARDS` whole tar / Parquet shards) read ahead, two chunks of
@@ -57,7 +57,7 @@ import pyarrow as pa
 
 from model.predictor import InferenceConfig
 from pipeline.commit import OutputCommitter
-from pipeline.config import FailureConfig, redact_uri
+from pipeline.config import FailureConfig, InputConfig, ModelSpec, ResourceConfig, redact_uri
 from pipeline.decode import UNREAD, decode_input, decoded_batch
 from pipeline.ids import SHARD_ITSELF, file_id, member_id
 from pipeline.metrics import PartMetrics
@@ -87,58 +87,124 @@ DEFAULT_FAILURES = FailureConfig()
 class ShardSegmenter:
     """Ray Data callable class: one shard of refs in, one `PART_ROW_SCHEMA` row per committed part out.
 
-    ``flight_recorder``: the run's in-flight record (`pipeline.poison.start_flight_recorder`; None: no poison
-    isolation). ``failures``: the run's `FailureConfig` (the hung-batch floor, the read timeout).
+    Built once per model actor from the job's frozen config sections (`pipeline.config`, all picklable):
+
+    Args:
+        model: which published model (``variant``) and its checkpoint (``weights``: a local path the driver
+            resolved, or ``synthetic``), built on the actor's model thread.
+        device: ``cuda`` or ``cpu``: where the model runs (the driver resolved ``auto``).
+        inference: the model's input size and thresholds (`model.predictor.InferenceConfig`), also the decoder's
+            resize target.
+        input: how inputs are read and bounded: ``bytes_column`` / ``id_column`` of Parquet shards,
+            ``max_pixels`` (checked on the header) and ``max_bytes`` (per object).
+        resources: ``batch_size`` (images per model call) and ``rows_per_file`` (images per committed part).
+        cpus: the CPUs the actor reserves: the decode / RLE pool's threads (at least 2) and the metrics' budget.
+        failures: the hung-batch floor and the read timeout (`FailureConfig`).
+        committer: writes and commits each part (`pipeline.commit.OutputCommitter`, pickled as output and run id).
+        flight_recorder: the run's in-flight record (`pipeline.poison.start_flight_recorder`, an actor handle);
+            None: no poison isolation.
     """
 
-    flight_recorder: Any = None  # class defaults: a test may build the call with __new__ and set the rest
+    flight_recorder: Any = None
     failures: FailureConfig = DEFAULT_FAILURES
     watchdog: HungBatchWatchdog | None = None
     model_thread: ThreadPoolExecutor | None = None
     clock: StageClock | None = None
     metrics: PartMetrics | None = None
-    cpus: float | None = None
     _flight: Flight | None = None  # the call running: its images are in flight at a death
 
     def __init__(
         self,
         *,
-        variant: str,
-        weights: str,
+        model: ModelSpec,
+        device: Literal["cpu", "cuda"],
         inference: InferenceConfig,
-        device: Literal["auto", "cpu", "cuda"],
+        input: InputConfig,
+        resources: ResourceConfig,
+        cpus: float,
         committer: OutputCommitter,
-        rows_per_file: int,
-        batch_size: int,
-        max_pixels: int,
-        max_bytes: int,
-        bytes_column: str,
-        id_column: str | None,
-        threads: int,
         failures: FailureConfig = DEFAULT_FAILURES,
         flight_recorder: Any = None,
-        cpus: float | None = None,
     ) -> None:
         # The model is built and run on one thread of the actor's own, never on Ray Data's per-call thread: torch's
         # OpenMP team then has one master, whose workers keep spinning between parallel regions (a second master
         # makes libgomp throttle their spin-wait: a CPU actor lost a quarter of its cores to sleeping workers).
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-model")
-        self.segmenter = self.model_thread.submit(
-            PanopticSegmenter, variant=variant, weights=weights, inference=inference, device=device, encode_rle=False
+        segmenter = self.model_thread.submit(
+            PanopticSegmenter,
+            variant=model.variant,
+            weights=model.weights,
+            inference=inference,
+            device=device,
+            encode_rle=False,
         ).result()
-        self.clock = StageClock()
-        self.cpus = cpus  # reserved (the metrics' CPU budget)
-        self.metrics = PartMetrics(tags={"run_id": committer.run_id})  # Ray metrics (`pipeline.metrics`)
-        self.inference = inference
-        self.committer = committer
-        self.rows_per_file, self.batch_size, self.max_pixels = rows_per_file, batch_size, max_pixels
-        self.max_bytes = max_bytes
-        self.bytes_column, self.id_column = bytes_column, id_column
-        self.failures, self.flight_recorder = failures, flight_recorder
+        self._attach(
+            segmenter,
+            inference=inference,
+            input=input,
+            resources=resources,
+            cpus=cpus,
+            committer=committer,
+            failures=failures,
+            flight_recorder=flight_recorder,
+            node_id=_node_id(),
+        )
         self.watchdog = HungBatchWatchdog(floor_s=failures.hung_batch_s, on_hung=self._hung)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard-cpu")
-        self.io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="shard-io")
-        self.node_id = _node_id()
+        self.metrics = PartMetrics(tags={"run_id": committer.run_id})  # Ray metrics (`pipeline.metrics`)
+
+    @classmethod
+    def with_model(
+        cls,
+        segmenter: PanopticSegmenter,
+        *,
+        inference: InferenceConfig,
+        input: InputConfig,
+        resources: ResourceConfig,
+        cpus: float,
+        committer: OutputCommitter,
+        failures: FailureConfig = DEFAULT_FAILURES,
+        flight_recorder: Any = None,
+        io_threads: int = IO_THREADS,
+        node_id: str = "",
+    ) -> ShardSegmenter:
+        """The shard call around a model built elsewhere (``encode_rle=False``), outside Ray: without the actor's
+        hung-batch watchdog and Ray metrics; the model runs on a thread of the call's own all the same."""
+        call = cls.__new__(cls)
+        call._attach(
+            segmenter,
+            inference=inference,
+            input=input,
+            resources=resources,
+            cpus=cpus,
+            committer=committer,
+            failures=failures,
+            flight_recorder=flight_recorder,
+            io_threads=io_threads,
+            node_id=node_id,
+        )
+        return call
+
+    def _attach(
+        self,
+        segmenter: PanopticSegmenter,
+        *,
+        inference: InferenceConfig,
+        input: InputConfig,
+        resources: ResourceConfig,
+        cpus: float,
+        committer: OutputCommitter,
+        failures: FailureConfig,
+        flight_recorder: Any,
+        node_id: str,
+        io_threads: int = IO_THREADS,
+    ) -> None:
+        self.segmenter, self.inference, self.input, self.resources = segmenter, inference, input, resources
+        self.cpus = cpus  # reserved (the metrics' CPU budget)
+        self.committer, self.failures, self.flight_recorder = committer, failures, flight_recorder
+        self.clock = StageClock()
+        self.pool = ThreadPoolExecutor(max_workers=max(2, int(cpus)), thread_name_prefix="shard-cpu")
+        self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="shard-io")
+        self.node_id = node_id
 
     def __call__(self, refs: pa.Table) -> pa.Table:
         with self._clock().call():
@@ -152,7 +218,7 @@ class ShardSegmenter:
                 "shard %s: redone after %d death(s) of its actor; %d image(s) run alone, %d skipped as poisoned",
                 flight.key, history.deaths, len(history.suspects), len(history.poisoned),
             )  # fmt: skip
-        gatherer = PartGatherer(self.rows_per_file)
+        gatherer = PartGatherer(self.resources.rows_per_file)
         commits: deque[Future[dict[str, object] | None]] = deque()
         rows: list[dict[str, object]] = []
 
@@ -215,10 +281,10 @@ class ShardSegmenter:
                 self._decode,
                 _announced(until_suspect(), flight),
                 pool=self.pool,
-                depth=2 * self.batch_size,
+                depth=2 * self.resources.batch_size,
                 on_wait=clock.waiter("decode"),
             )
-            batches = (_model_batch(batch) for batch in _chunks(images, self.batch_size))
+            batches = (_model_batch(batch) for batch in _chunks(images, self.resources.batch_size))
             segmented = ordered_map(
                 self._segment, batches, pool=model_thread, depth=MODEL_IN_FLIGHT, on_wait=clock.waiter("model")
             )
@@ -284,9 +350,9 @@ class ShardSegmenter:
                 uri,
                 kind,
                 skip,
-                bytes_column=self.bytes_column,
-                id_column=self.id_column,
-                max_bytes=self.max_bytes,
+                bytes_column=self.input.bytes_column,
+                id_column=self.input.id_column,
+                max_bytes=self.input.max_bytes,
                 read_timeout_s=self.failures.read_timeout_s,
             )
         except Exception as exc:  # any failure of one ref is its error row; the shard goes on
@@ -301,7 +367,7 @@ class ShardSegmenter:
 
     def _decoded(self, row: ImageRow) -> tuple[ImageRow, DecodedImage]:
         try:
-            decoded = decode_input(row.data, max_pixels=self.max_pixels, inference=self.inference)
+            decoded = decode_input(row.data, max_pixels=self.input.max_pixels, inference=self.inference)
         except Exception as exc:  # beyond what decode_input turns into errors (a codec plugin's own, a bug)
             decoded = DecodedImage(EMPTY_PIXELS, b"", 1, 0, 0, stage_error("decoding", exc))
         return row._replace(data=b""), decoded  # the bytes are not needed past here

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
 from model.predictor import InferenceConfig
 from pipeline.commit import OutputCommitter
+from pipeline.config import InputConfig, ResourceConfig
 from pipeline.lease import Lease
 from pipeline.predict import PanopticSegmenter
 from pipeline.shard import ShardSegmenter
@@ -38,13 +38,14 @@ def main() -> None:
     model = PanopticSegmenter(
         variant="detr-r50-panoptic", weights="synthetic", inference=INFERENCE, device="cpu", encode_rle=False
     )
-    call = ShardSegmenter.__new__(ShardSegmenter)  # as ShardSegmenter.__init__ does, with this model
-    call.segmenter, call.inference = model, INFERENCE
-    call.committer = OutputCommitter(spec["output"], "r1")
-    call.rows_per_file, call.batch_size, call.max_pixels = spec["rows_per_file"], spec["batch_size"], 10**9
-    call.bytes_column, call.id_column, call.node_id, call.max_bytes = "image", None, "node-a", 1 << 30
-    call.pool = ThreadPoolExecutor(max_workers=spec["threads"])
-    call.io_pool = ThreadPoolExecutor(max_workers=16)
+    call = ShardSegmenter.with_model(  # as the actor's, around this model
+        model,
+        inference=INFERENCE,
+        input=InputConfig(uris=(spec["refs"],), max_pixels=10**9, max_bytes=1 << 30),
+        resources=ResourceConfig(rows_per_file=spec["rows_per_file"], batch_size=spec["batch_size"]),
+        cpus=spec["threads"],
+        committer=OutputCommitter(spec["output"], "r1"),
+    )
     refs = pq.read_table(spec["refs"])
     with Lease.acquire(spec["output"], "r1"):
         with open("/proc/self/clear_refs", "w") as f:

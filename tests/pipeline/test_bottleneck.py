@@ -9,7 +9,6 @@ wall seconds add up to the calls' own wall time, the slow stage's busy seconds t
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,13 @@ from model.panoptic import PanopticResult, Segment
 from model.predictor import InferenceConfig
 from pipeline.bottleneck import StageTotals
 from pipeline.commit import OutputCommitter
+from pipeline.config import InputConfig, ResourceConfig
 from pipeline.lease import Lease
 from pipeline.predict import Segmented
 from pipeline.results import prediction_table
 from pipeline.shard import ShardSegmenter
 from pipeline.sources import REF_SCHEMA
-from pipeline.stage_clock import KEYS, StageClock
+from pipeline.stage_clock import KEYS
 from tests.pipeline.images import photo_bytes
 
 INFERENCE = InferenceConfig(min_size=32, max_size=64)
@@ -67,13 +67,16 @@ def _refs(folder: Path) -> pa.Table:
 
 def _run(tmp_path: Path, model: _Model, *, calls: int = 2) -> tuple[StageTotals, list[dict], float]:
     """Two shard calls of 12 images each on one actor (parts of 4, batches of 4); the totals the driver keeps."""
-    call = ShardSegmenter.__new__(ShardSegmenter)
-    call.segmenter, call.inference = model, INFERENCE
-    call.committer = OutputCommitter(str(tmp_path / "out"), "r1")
-    call.rows_per_file, call.batch_size, call.max_pixels = 4, BATCH, 10**8
-    call.bytes_column, call.id_column, call.node_id, call.max_bytes = "image", None, "node-a", 10**8
-    call.pool, call.io_pool = ThreadPoolExecutor(max_workers=2), ThreadPoolExecutor(max_workers=4)
-    call.clock = StageClock()
+    call = ShardSegmenter.with_model(
+        model,  # type: ignore[arg-type]  # a stand-in with the segmenter's two methods
+        inference=INFERENCE,
+        input=InputConfig(uris=(str(tmp_path / "in"),), max_pixels=10**8, max_bytes=10**8),
+        resources=ResourceConfig(rows_per_file=4, batch_size=BATCH),
+        cpus=2,
+        committer=OutputCommitter(str(tmp_path / "out"), "r1"),
+        io_threads=4,
+        node_id="node-a",
+    )
     refs = _refs(tmp_path / "in")
     totals, rows = StageTotals(gpu=True), []
     per_call = IMAGES // calls

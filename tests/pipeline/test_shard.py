@@ -8,7 +8,6 @@ of at most ``--rows-per-file`` images, and return one row per part with that par
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.commit import OutputCommitter
+from pipeline.config import InputConfig, ResourceConfig
 from pipeline.decode import decode_batch
 from pipeline.lease import Lease
 from pipeline.parts import split_results
@@ -59,14 +59,17 @@ def _inputs(folder: Path) -> pa.Table:
 
 def _shard_call(model: PanopticSegmenter, output: Path, *, recorder: FlightLog | None = None) -> ShardSegmenter:
     """A shard call on the module's model (the job tests build it in the actor): parts of 4, batches of 3."""
-    call = ShardSegmenter.__new__(ShardSegmenter)
-    call.segmenter, call.inference = model, INFERENCE
-    call.committer = OutputCommitter(str(output), "r1")
-    call.rows_per_file, call.batch_size, call.max_pixels = 4, 3, 10**8
-    call.bytes_column, call.id_column, call.node_id, call.max_bytes = "image", None, "node-a", 10**8
-    call.pool, call.io_pool = ThreadPoolExecutor(max_workers=3), ThreadPoolExecutor(max_workers=2)
-    call.flight_recorder = recorder
-    return call
+    return ShardSegmenter.with_model(
+        model,
+        inference=INFERENCE,
+        input=InputConfig(uris=(str(output),), max_pixels=10**8, max_bytes=10**8),
+        resources=ResourceConfig(rows_per_file=4, batch_size=3),
+        cpus=3,
+        committer=OutputCommitter(str(output), "r1"),
+        flight_recorder=recorder,
+        io_threads=2,
+        node_id="node-a",
+    )
 
 
 def _unpipelined(model: PanopticSegmenter, refs: pa.Table, *, batch_size: int) -> pa.Table:
