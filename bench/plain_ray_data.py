@@ -125,6 +125,53 @@ def plain_script(folder: str, output: str, *, actor: type, kwargs: dict, batch_s
     return sum(pq.ParquetFile(p).metadata.num_rows for p in Path(output).glob("*.parquet"))
 
 
+def shard_call_in_process(
+    folder: Path, *, images: int, rows_per_file: int, batch_size: int, cpus: float, stand_in_ms: float
+) -> dict:
+    """The job's shard call without Ray, in this process (the stand-in model patched in, its threads as an actor
+    reserving ``cpus`` gets), on the same photos in one call; its rate inside the run by the same window rule,
+    from its parts' commit times, and the process's CPU use over the call (what the call's threads obtained)."""
+    import pyarrow as pa
+
+    from bench import stand_in_model
+    from bench.in_run import in_run_rate
+    from model.predictor import InferenceConfig
+    from pipeline.commit import OutputCommitter
+    from pipeline.config import InputConfig, ResourceConfig
+    from pipeline.lease import Lease
+    from pipeline.predict import PanopticSegmenter
+    from pipeline.shard import ShardSegmenter
+    from pipeline.sources import REF_SCHEMA
+
+    os.environ[stand_in_model.MS_PER_IMAGE_ENV] = str(stand_in_ms)
+    stand_in_model.install()
+    uris = sorted(str(p) for p in folder.iterdir())[:images]
+    n = len(uris)
+    refs = pa.table({"uri": uris, "kind": ["file"] * n, "skip": [[]] * n, "size": [None] * n, "version": [None] * n},
+                    schema=REF_SCHEMA)  # fmt: skip
+    inference = InferenceConfig()
+    model = PanopticSegmenter(variant="detr-r50-panoptic", weights="synthetic", inference=inference, device="cpu",
+                              encode_rle=False)  # fmt: skip
+    output = tempfile.mkdtemp(prefix="pfb-inproc-")
+    call = ShardSegmenter.with_model(
+        model,
+        inference=inference,
+        input=InputConfig(uris=(str(folder),)),
+        resources=ResourceConfig(rows_per_file=rows_per_file, batch_size=batch_size),
+        cpus=cpus,
+        committer=OutputCommitter(output, "in-process"),
+    )
+    try:
+        with Lease.acquire(output, "in-process"):
+            cpu, started = time.process_time(), time.perf_counter()
+            parts = call(refs).to_pylist()
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - started
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    events = [(p["committed_at"], p["images_ok"] + p["images_error"]) for p in parts]
+    return {**in_run_rate(events), "process_cpus_used": cpu / wall, "wall_s": wall}
+
+
 def plain_in_run(folder: Path, *, images: int, actor: type, kwargs: dict, batch_size: int, cpus: float) -> dict:
     """One run of `plain_script` (Ray up); its in-run rate from the actor's batch completions."""
     from bench.in_run import in_run_rate
@@ -243,6 +290,11 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
         plain = partial(plain_in_run, folder, images=args.gpu_images, actor=StandInActor,
                         kwargs={"ms_per_image": args.stand_in_ms}, batch_size=args.batch_size, cpus=cpus)  # fmt: skip
         sides = {"job": job} if args.job_only else {"job": job, "plain": plain}
+        if args.in_process:  # the same call without Ray: what Ray's processes cost on this machine
+            sides["in_process"] = partial(
+                shard_call_in_process, folder, images=args.gpu_images, rows_per_file=args.gpu_rows_per_file,
+                batch_size=args.batch_size, cpus=cpus, stand_in_ms=args.stand_in_ms,
+            )  # fmt: skip
         rounds = alternate(sides, args.rounds)
     segments = {j["segments_total"] for j in rounds["job"]}
     if segments != {4 * args.gpu_images}:  # the stand-in's 4 segments per image: it ran, not the CPU model
@@ -274,6 +326,15 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
             "per_round": [x / budget for x in rate["job"]],
             "median": statistics.median(rate["job"]) / budget,
         },
+        "in_process_share_of_cpu_budget": {
+            "per_round": [x / budget for x in rate["in_process"]],
+            "median": statistics.median(rate["in_process"]) / budget,
+        }
+        if "in_process" in rate
+        else None,
+        "in_process_cpus_used": [r["process_cpus_used"] for r in rounds["in_process"]]
+        if "in_process" in rate
+        else None,
         "job_share_of_limit": {  # min(CPU budget, model thread cap)
             "per_round": [x / limit for x in rate["job"]],
             "median": statistics.median(rate["job"]) / limit,
@@ -345,6 +406,14 @@ def markdown(report: dict) -> str:
             f"{g['cpu_budget_images_per_s']:.0f} images/s; one model thread's cap "
             f"{g['model_thread_cap_images_per_s']:.0f} images/s."
         )
+        if g.get("in_process_share_of_cpu_budget"):
+            inproc = g["images_per_s"]["in_process"]
+            notes.append(
+                f"gpu-like, the shard call without Ray (same photos, one call): "
+                f"{', '.join(f'{x:.1f}' for x in inproc)} images/s, "
+                f"{g['in_process_share_of_cpu_budget']['median']:.3f} of the CPU budget, the process using "
+                f"{', '.join(f'{x:.2f}' for x in g['in_process_cpus_used'])} CPUs."
+            )
     return "\n".join([*lines, "", *notes]) + "\n"
 
 
@@ -361,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-images", type=int, default=1024)
     parser.add_argument("--gpu-rows-per-file", type=int, default=128)
     parser.add_argument("--stand-in-ms", type=float, default=5.0)
+    parser.add_argument("--in-process", action="store_true", help="gpu-like: also the shard call without Ray")
     parser.add_argument("--job-only", action="store_true", help="gpu-like: the job and its CPU budget, no plain script")
     parser.add_argument("--stage-images", type=int, default=64, help="gpu-like: photos of the core-ms timing")
     parser.add_argument("--out", type=Path, default=None)
