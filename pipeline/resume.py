@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.inspection import committed_rows
 from pipeline.resume_decision import (
@@ -38,12 +39,14 @@ from pipeline.resume_decision import (
     shard_skips,
     tally,
 )
-from pipeline.retraction import retract_locally, retract_rows, retraction_rows
+from pipeline.retraction import retraction_rows
 from pipeline.schema import Counts
 from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, manifest_base, manifest_rows
 
 if TYPE_CHECKING:
     import ray.data
+
+    from pipeline.commit import OutputCommitter
 
 
 @dataclass
@@ -78,7 +81,12 @@ class _Listing:
 
 
 def plan(
-    inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: int, retry_poisoned: bool = False
+    inputs: ResolvedInputs,
+    *,
+    committer: OutputCommitter,
+    parts: list[str],
+    partitions: int,
+    retry_poisoned: bool = False,
 ) -> Plan:
     """The refs to do, with the retractions applied, given the committed ``parts``, on Ray workers.
 
@@ -88,7 +96,7 @@ def plan(
     """
     import ray.data
 
-    listing = _Listing(inputs)
+    listing, output = _Listing(inputs), committer.out.uri
     if not parts and not inputs.manifests:  # a fresh run over listed inputs: the listing is the plan
         listed = listing.files + listing.shards
         refs = as_refs(pa.Table.from_pylist(listed)) if listed else REF_SCHEMA.empty_table()
@@ -126,7 +134,7 @@ def plan(
         removed = (
             decided.map_batches(retraction_rows, batch_format="pyarrow")
             .groupby("part", num_partitions=partitions)
-            .map_groups(retract_rows, batch_format="pyarrow", fn_kwargs={"output": output})
+            .map_groups(committer.retract_part, batch_format="pyarrow")
         )
         for row in removed.iter_rows():
             result.retracted.add(row)
@@ -151,12 +159,14 @@ def fits_locally(inputs: ResolvedInputs, parts: list[str]) -> bool:
     return len(parts) <= LOCAL_PLAN_MAX_PARTS and not inputs.manifests
 
 
-def plan_locally(inputs: ResolvedInputs, *, output: str, parts: list[str], retry_poisoned: bool = False) -> Plan:
+def plan_locally(
+    inputs: ResolvedInputs, *, committer: OutputCommitter, parts: list[str], retry_poisoned: bool = False
+) -> Plan:
     """`plan` for a small output, in the driver process without Ray: the same decision functions on the whole
     table instead of per shuffle partition, and the same retractions. ``Plan.refs`` is a `REF_SCHEMA` table."""
     listing = _Listing(inputs)
     paths = {"path": np.array(parts, dtype=object)}
-    committed = committed_rows(paths, output=output, retry_poisoned=retry_poisoned)
+    committed = committed_rows(paths, output=committer.out.uri, retry_poisoned=retry_poisoned)
     keys = [committed_file_keys(committed)]
     if listing.files:
         keys.append(file_ref_keys(pa.Table.from_pylist(listing.files)))
@@ -166,8 +176,10 @@ def plan_locally(inputs: ResolvedInputs, *, output: str, parts: list[str], retry
 
     result = Plan(refs=files_to_do(decided), known_total=None)
     result.count(tally(decided).to_pylist())
-    for row in retract_locally(retraction_rows(decided), output=output):
-        result.retracted.add(row)
+    retractions = retraction_rows(decided)
+    for part in sorted(set(retractions.column("part").to_pylist())):  # part by part, as `plan` groups them
+        group = retractions.filter(pc.equal(retractions.column("part"), part))
+        result.retracted.add(committer.retract_part(group).to_pylist()[0])
     if listing.shards:
         shard_rows = listed_shard_rows(pa.Table.from_pylist(listing.shards))
         shards = group_shards(pa.concat_tables([shard_rows, shard_skips(decided)]))

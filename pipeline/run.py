@@ -267,18 +267,16 @@ def run_job(
         parts = committer.prepare()
         if resume.fits_locally(inputs, parts):  # a small output: planned here, Ray only if there is work
             state = inspect_output(committer, parts, local=True)
-            committer.confirm_lease()  # the plan retracts rows
             plan = resume.plan_locally(
-                inputs, output=config.output, parts=state.parts, retry_poisoned=config.failures.retry_poisoned
+                inputs, committer=committer, parts=state.parts, retry_poisoned=config.failures.retry_poisoned
             )
         else:
             _start_ray(config, verbose=verbose)
             state = inspect_output(committer, parts, local=False)
             partitions = shuffle_partitions(inputs, state.totals.images)
-            committer.confirm_lease()  # the plan retracts rows
             plan = resume.plan(
                 inputs,
-                output=config.output,
+                committer=committer,
                 parts=state.parts,
                 partitions=partitions,
                 retry_poisoned=config.failures.retry_poisoned,

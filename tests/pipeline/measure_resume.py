@@ -86,7 +86,8 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: in
         with Lease.acquire(str(root / "out"), "measure") as lease:
             parts = OutputCommitter(str(root / "out"), "measure", lease=lease).prepare()
         inputs = ResolvedInputs([], [str(manifest)])
-        refs = plan(inputs, output=str(root / "out"), parts=parts, partitions=partitions).refs
+        committer = OutputCommitter(str(root / "out"), "measure")  # nothing to retract: no lease needed
+        refs = plan(inputs, committer=committer, parts=parts, partitions=partitions).refs
     first = None
     rows = 0
     for batch in refs.iter_batches(batch_size=None, batch_format="pyarrow"):
