@@ -1,15 +1,15 @@
 """The commit protocol: how a run's rows enter an output exactly once, across crashes, retries and re-runs.
 
-`OutputCommitter` holds the protocol in one class, shaped like Ray Data's ``Datasink`` (driver hooks around a
-worker hook; its ``write_datasink`` is not used, since it would materialise the dataset):
+`OutputCommitter` holds the protocol in one class, shaped like Ray Data's ``Datasink`` (driver hooks around
+worker hooks; its ``write_datasink`` is not used, since it would materialise the dataset):
 
 =======================  ========  =====================================================================
 hook                     where     what
 =======================  ========  =====================================================================
 `prepare`                driver    clean up what interrupted runs left; the committed parts
 `quarantine`             driver    move an unreadable committed part aside
-`retract_part`           either    remove the rows the resume redoes from one committed part (`pipeline.resume`:
-                                   on workers, or in the driver for a small output)
+`retract`                either    rows the resume redoes removed from their committed parts (on
+                                   workers, or in the driver for a small output: `pipeline.resume`)
 `on_write_start`         driver    the run's record in ``_runs/``, ``_SUCCESS`` removed
 `write_part`             worker    commit one part (the model actor's shard call, `pipeline.shard`)
 `on_write_complete`      driver    the record completed, ``_SUCCESS`` written
@@ -42,7 +42,7 @@ The guarantees
    between the two writes), then returns the committed parts; `pipeline.inspection` reads their footers and
    `quarantine` moves a part that cannot be read (cut short, not Parquet) to ``_quarantine/<run>/`` with its
    ``segments`` part: its images are done again. What else a re-run redoes is `pipeline.resume_decision`;
-   `retract_part` removes those rows from their parts (`pipeline.retraction`) before the run commits anything.
+   `retract` removes those rows from their parts (`pipeline.retraction`) before the run commits anything.
 4. **Records.** Each images row names its run (``run_id``). Before the run's first commit, `on_write_start`
    writes its record and removes ``_SUCCESS``: an output never holds rows of a run without its record, nor a
    ``_SUCCESS`` older than its newest rows. `on_write_complete` writes ``_SUCCESS`` (this run's counts and the
@@ -91,7 +91,7 @@ from pipeline.output_paths import Output
 from pipeline.parts import PART_PREFIX, parquet_bytes, part_counts, part_name, split_results
 from pipeline.retraction import retraction_row, split_part
 from pipeline.run_records import now, publish_record
-from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, SEGMENTS_SCHEMA, SEGMENTS_TABLE
+from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, RETRACTION_SCHEMA, SEGMENTS_SCHEMA, SEGMENTS_TABLE
 from pipeline.storage import is_local, is_temporary, publish
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class OutputCommitter:
     """The commit protocol of one run on one output (see the module docstring).
 
     On the driver it holds the run's `Lease`; pickled for the workers it is just (output, run id), and its
-    worker hook checks the lease in the store.
+    worker hooks check the lease in the store.
     """
 
     def __init__(self, output: str, run_id: str, *, lease: Lease | None = None) -> None:
@@ -121,6 +121,12 @@ class OutputCommitter:
             raise RuntimeError("driver hooks need the run's lease")
         self._lease.raise_if_lost()
         check_holder(self.out.uri, self.run_id)
+
+    def raise_if_lost(self) -> None:
+        """Raise `pipeline.lease.LeaseLost` if the lease's renewer found it lost (in memory: no store read)."""
+        if self._lease is None:
+            raise RuntimeError("driver hooks need the run's lease")
+        self._lease.raise_if_lost()
 
     def prepare(self) -> list[str]:
         """Remove what interrupted runs left behind (temporary files; ``segments`` parts without their
@@ -191,13 +197,23 @@ class OutputCommitter:
 
     # -- a worker (or the driver, for a small output) -------------------------------------------------------
 
-    def retract_part(self, group: pa.Table) -> pa.Table:
-        """Remove the images that ``group`` names (one part's `pipeline.retraction.retraction_rows`) from that
-        committed part: rewritten without them, ``segments`` first and then ``images``, each published whole,
-        or, left empty, deleted ``images`` first. Returns one `pipeline.schema.RETRACTION_SCHEMA` row of what
-        was removed. Raises `pipeline.lease.LeaseLost`, before the part is changed, when the run no longer
-        holds the output (the same fence as `write_part`). A Ray stage (``map_groups`` on ``part``)."""
-        out, name = self.out, group.column("part")[0].as_py()
+    def retract(self, retractions: pa.Table) -> pa.Table:
+        """Remove the images that ``retractions`` (`pipeline.retraction.retraction_rows`) name from their
+        committed parts, part by part in name order: each rewritten without them, ``segments`` first and then
+        ``images``, each published whole, or, left empty, deleted ``images`` first. Returns one
+        `pipeline.schema.RETRACTION_SCHEMA` row per part of what was removed. Each part checks the lease in
+        the store right before it is changed (the same fence as `write_part`): a run that lost its lease
+        raises `pipeline.lease.LeaseLost` and changes no further part. A Ray stage: on workers, every row of a
+        part in one partition; or in the driver, on all of them."""
+        removed = [RETRACTION_SCHEMA.empty_table()]
+        if retractions.num_rows == 0:  # an empty partition of the shuffle
+            return removed[0]
+        for name in sorted(set(retractions.column("part").to_pylist())):
+            removed.append(self._retract_part(name, retractions.filter(pc.equal(retractions.column("part"), name))))
+        return pa.concat_tables(removed)
+
+    def _retract_part(self, name: str, group: pa.Table) -> pa.Table:
+        out = self.out
         images_path, segments_path = out.part(IMAGES_TABLE, name), out.part(SEGMENTS_TABLE, name)
         with out.fs.open(images_path, "rb") as f:
             images = pq.read_table(f)

@@ -3,12 +3,12 @@ removed from their parts before the run commits anything (a new part may reuse a
 
 This module decides, in plain pyarrow (no torch, no I/O), what a part loses: `retraction_rows` turns the decision
 into one row per part to edit, and `split_part` splits a part's ``images`` rows into those kept and those
-retracted. The rewrite itself is a commit-protocol hook, `pipeline.commit.OutputCommitter.retract_part`, fenced
+retracted. The rewrite itself is a commit-protocol hook, `pipeline.commit.OutputCommitter.retract`, fenced
 by the lease like every write: a part is rewritten without those images, ``segments`` first and then
 ``images`` (the commit record), each published whole; a part left empty is deleted, ``images`` first. A crash
 in between leaves the rows' decision unchanged (they are still retryable, changed or repeated), so the next run
-retracts the rest. The hook runs per part: on workers after a group-by on ``part``, or in the driver for a
-small output (`pipeline.resume`).
+retracts the rest. The hook runs part by part: on workers, per partition of a hash shuffle on ``part``, or in
+the driver for a small output (`pipeline.resume`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Retraction is a commit-protocol hook fenced by the lease: a run that lost its lease before a retraction write
-rewrites and deletes nothing (`pipeline.commit.OutputCommitter.retract_part`). In the driver, without Ray."""
+rewrites and deletes nothing (`pipeline.commit.OutputCommitter.retract`). In the driver, without Ray."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import commit, resume
+from pipeline import commit
 from pipeline.commit import OutputCommitter
 from pipeline.lease import Lease, LeaseLost, check_holder
+from pipeline.resume import decide
+from pipeline.resume_executors import InDriver
 from tests.pipeline.resume_outputs import files_of, listing, write_output
 
 
@@ -34,12 +36,12 @@ def test_a_run_that_lost_its_lease_before_its_first_retraction_changes_no_part(t
     taker = _take_over(output, lease)
     try:
         with pytest.raises(LeaseLost, match=r"run stalled does not hold the lease .*'run_id': 'taker'.*not retracting"):
-            resume.plan_locally(listing(), committer=committer, parts=parts)
+            decide(listing(), committer=committer, parts=parts, executor=InDriver())
         assert _rows(output) == rows  # row by row
         assert files_of(output) == files  # file by file: nothing rewritten, nothing deleted
 
         # the run that holds the lease retracts the same rows: the plan has retractions to fence
-        plan = resume.plan_locally(listing(), committer=OutputCommitter(str(output), "taker"), parts=parts)
+        plan = decide(listing(), committer=OutputCommitter(str(output), "taker"), parts=parts, executor=InDriver())
     finally:
         taker.release()
     assert plan.retracted_by_reason == {"retryable": 2, "repeated": 1, "changed": 2}
@@ -68,7 +70,7 @@ def test_a_lease_lost_between_two_parts_stops_the_retraction_at_the_second(
     monkeypatch.setattr(commit, "check_holder", taken_over_after_one_part)
     try:
         with pytest.raises(LeaseLost, match=r"not retracting rows from part-b\.parquet"):
-            resume.plan_locally(listing(), committer=committer, parts=parts)
+            decide(listing(), committer=committer, parts=parts, executor=InDriver())
     finally:
         for held in taken or [lease]:
             held.release()
