@@ -62,7 +62,7 @@ def test_a_lease_lost_between_two_parts_stops_the_retraction_at_the_second(
     taken: list[Lease] = []
 
     def taken_over_after_one_part(output_uri: str, run_id: str, **kwargs: str) -> None:
-        checks.append(kwargs["not_doing"])
+        checks.append(kwargs.get("not_doing", ""))
         if len(checks) == 2:
             taken.append(_take_over(output, lease))
         check_holder(output_uri, run_id, **kwargs)
