@@ -15,6 +15,7 @@ from pipeline import resume
 from pipeline.commit import OutputCommitter
 from pipeline.lease import Lease
 from pipeline.resume import Start
+from pipeline.resume_executors import OnRay
 from tests.pipeline.resume_outputs import files_of, listing, write_output
 
 
@@ -66,3 +67,23 @@ def test_the_driver_and_ray_give_the_same_plan_and_retract_the_same_rows(
     driver_files, ray_files = files_of(tmp_path / "driver"), files_of(tmp_path / "ray")
     assert driver_files == ray_files  # the same parts rewritten, to the byte; part-b and part-c deleted by both
     assert sorted(driver_files) == [f"{t}/part-{p}.parquet" for t in ("images", "segments") for p in "ad"]
+
+
+def test_retractions_on_ray_workers_check_the_lease_before_they_change_a_part(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """The committer pickled for the workers is (output, run id): its `retract` hook reads the lease in the store,
+    so a run whose lease another run took changes no part, whichever worker retracts it."""
+    output = tmp_path / "out"
+    parts = write_output(output)
+    files = files_of(output)
+    lease = Lease.acquire(str(output), "stalled")
+    committer = OutputCommitter(str(output), "stalled", lease=lease)
+    lease.release()
+    taker = Lease.acquire(str(output), "taker")  # another run holds the output now
+    try:
+        with pytest.raises(Exception, match=r"run stalled does not hold the lease .*not retracting rows from part-"):
+            resume.decide(listing(), committer=committer, parts=parts, executor=OnRay(partitions=2))
+    finally:
+        taker.release()
+    assert files_of(output) == files  # file by file: nothing rewritten, nothing deleted
