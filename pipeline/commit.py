@@ -50,24 +50,24 @@ The guarantees
    object store's listing cache can be stale); a run with nothing to do leaves no record. Parts and records
    are listed afresh (`invalidate_cache`).
 
-Tested against: a killed model actor, a killed driver then a re-run, a lost node, a shard call killed between
-a part's two files and after both, two runs started together and one started mid-run, an exception and a
-signal during an S3 upload, a store that drops connections, an unreadable committed part, the output inside
-the input folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py,
-test_s3_faults.py); a lease taken by another run before a retraction: no part rewritten or deleted
-(test_retraction.py); two unreadable committed parts on a local and on an S3 output, re-run with another
-``--rows-per-file`` so that no redone part overwrites a bad one by name (test_quarantine.py); leases written
-by hosts whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume
-(tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output over
-and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every read
-failing after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run
-marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their
-model actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row
-and its shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
-(`pipeline.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py); an
-S3 GET that stalls after its headers: a retryable error row within the read timeout, the rest committed, and a
-re-run redoes that image only (tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed
-driver are held right after their first commit by a fault hook (no race with the job's speed).
+Tested against: a killed model actor, a killed driver then a re-run, a lost node, a shard call killed between a
+part's two files and after both, two runs started together and one started mid-run, an exception and a signal
+during an S3 upload, a store that drops connections, an unreadable committed part, the output inside the input
+folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py, test_s3_faults.py); a lease
+taken by another run before a retraction: no part rewritten or deleted, in the driver and on Ray workers
+(test_retraction.py, test_resume_executors.py); two unreadable committed parts on a local and on an S3 output,
+re-run with another ``--rows-per-file`` so that no redone part overwrites a bad one by name (test_quarantine.py);
+leases written by hosts whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / SIGINT mid-run, then
+a resume (tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output
+over and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every
+read failing after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run
+marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their model
+actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row and its
+shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
+(`pipeline.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py); an S3 GET
+that stalls after its headers: a retryable error row within the read timeout, the rest committed, and a re-run
+redoes that image only (tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed driver
+are held right after their first commit by a fault hook (no race with the job's speed).
 """
 
 from __future__ import annotations
