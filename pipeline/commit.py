@@ -1,13 +1,15 @@
 """The commit protocol: how a run's rows enter an output exactly once, across crashes, retries and re-runs.
 
-`OutputCommitter` holds the protocol in one class, shaped like Ray Data's ``Datasink`` (driver hooks around a
-worker hook; its ``write_datasink`` is not used, since it would materialise the dataset):
+`OutputCommitter` holds the protocol in one class, shaped like Ray Data's ``Datasink`` (driver hooks around
+worker hooks; its ``write_datasink`` is not used, since it would materialise the dataset):
 
 =======================  ========  =====================================================================
 hook                     where     what
 =======================  ========  =====================================================================
 `prepare`                driver    clean up what interrupted runs left; the committed parts
 `quarantine`             driver    move an unreadable committed part aside
+`retract`                either    rows the resume redoes removed from their committed parts (on
+                                   workers, or in the driver for a small output: `pipeline.resume`)
 `on_write_start`         driver    the run's record in ``_runs/``, ``_SUCCESS`` removed
 `write_part`             worker    commit one part (the model actor's shard call, `pipeline.shard`)
 `on_write_complete`      driver    the record completed, ``_SUCCESS`` written
@@ -27,9 +29,9 @@ The guarantees
 --------------
 1. **One writer.** A run takes the output's lease (`pipeline.lease`) before it touches anything; a second run
    on a held output stops (exit code 2). Every driver hook checks, in the store and not only in memory, that
-   the run still holds the lease right before it changes anything (`confirm_lease`; the resume's retractions
-   are confirmed the same way before they start), and every commit checks it again (`check_holder`), so a
-   driver stalled past its lease's expiry, whose output another run took over, changes nothing.
+   the run still holds the lease right before it changes anything (`confirm_lease`), and every commit and
+   every retraction of a part checks it again (`check_holder`), so a driver stalled past its lease's expiry,
+   whose output another run took over, changes nothing.
 2. **Commit.** A part (`pipeline.parts`: at most ``--rows-per-file`` images) is committed by `write_part`: its
    ``segments`` file, then its ``images`` file, each published whole (`pipeline.storage.publish`: a temporary
    file renamed on local stores, one PUT on object stores). The ``images`` file is the commit record of every
@@ -39,7 +41,8 @@ The guarantees
 3. **Start.** `prepare` removes temporary files and ``segments`` parts without an ``images`` part (a crash
    between the two writes), then returns the committed parts; `pipeline.inspection` reads their footers and
    `quarantine` moves a part that cannot be read (cut short, not Parquet) to ``_quarantine/<run>/`` with its
-   ``segments`` part: its images are done again. What else a re-run redoes is `pipeline.resume_decision`.
+   ``segments`` part: its images are done again. What else a re-run redoes is `pipeline.resume_decision`;
+   `retract` removes those rows from their parts (`pipeline.retraction`) before the run commits anything.
 4. **Records.** Each images row names its run (``run_id``). Before the run's first commit, `on_write_start`
    writes its record and removes ``_SUCCESS``: an output never holds rows of a run without its record, nor a
    ``_SUCCESS`` older than its newest rows. `on_write_complete` writes ``_SUCCESS`` (this run's counts and the
@@ -47,23 +50,24 @@ The guarantees
    object store's listing cache can be stale); a run with nothing to do leaves no record. Parts and records
    are listed afresh (`invalidate_cache`).
 
-Tested against: a killed model actor, a killed driver then a re-run, a lost node, a shard call killed between
-a part's two files and after both, two runs started together and one started mid-run, an exception and a
-signal during an S3 upload, a store that drops connections, an unreadable committed part, the output inside
-the input folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py,
-test_s3_faults.py); two unreadable committed parts on a local and on an S3 output, re-run with another
-``--rows-per-file`` so that no redone part overwrites a bad one by name (test_quarantine.py); leases written
-by hosts whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume
-(tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output over
-and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every read
-failing after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run
-marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their
-model actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row
-and its shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
-(`pipeline.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py); an
-S3 GET that stalls after its headers: a retryable error row within the read timeout, the rest committed, and a
-re-run redoes that image only (tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed
-driver are held right after their first commit by a fault hook (no race with the job's speed).
+Tested against: a killed model actor, a killed driver then a re-run, a lost node, a shard call killed between a
+part's two files and after both, two runs started together and one started mid-run, an exception and a signal
+during an S3 upload, a store that drops connections, an unreadable committed part, the output inside the input
+folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py, test_s3_faults.py); a lease
+taken by another run before a retraction: no part rewritten or deleted, in the driver and on Ray workers
+(test_retraction.py, test_resume_executors.py); two unreadable committed parts on a local and on an S3 output,
+re-run with another ``--rows-per-file`` so that no redone part overwrites a bad one by name (test_quarantine.py);
+leases written by hosts whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / SIGINT mid-run, then
+a resume (tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output
+over and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every
+read failing after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run
+marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their model
+actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row and its
+shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
+(`pipeline.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py); an S3 GET
+that stalls after its headers: a retryable error row within the read timeout, the rest committed, and a re-run
+redoes that image only (tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed driver
+are held right after their first commit by a fault hook (no race with the job's speed).
 """
 
 from __future__ import annotations
@@ -77,14 +81,17 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.config import redact_uri
 from pipeline.error_budget import error_kinds
 from pipeline.lease import Lease, check_holder
 from pipeline.output_paths import Output
 from pipeline.parts import PART_PREFIX, parquet_bytes, part_counts, part_name, split_results
+from pipeline.retraction import retraction_row, split_part
 from pipeline.run_records import now, publish_record
-from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, SEGMENTS_TABLE
+from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, RETRACTION_SCHEMA, SEGMENTS_SCHEMA, SEGMENTS_TABLE
 from pipeline.storage import is_local, is_temporary, publish
 
 log = logging.getLogger(__name__)
@@ -94,7 +101,7 @@ class OutputCommitter:
     """The commit protocol of one run on one output (see the module docstring).
 
     On the driver it holds the run's `Lease`; pickled for the workers it is just (output, run id), and its
-    worker hook checks the lease in the store.
+    worker hooks check the lease in the store.
     """
 
     def __init__(self, output: str, run_id: str, *, lease: Lease | None = None) -> None:
@@ -114,6 +121,12 @@ class OutputCommitter:
             raise RuntimeError("driver hooks need the run's lease")
         self._lease.raise_if_lost()
         check_holder(self.out.uri, self.run_id)
+
+    def raise_if_lost(self) -> None:
+        """Raise `pipeline.lease.LeaseLost` if the lease's renewer found it lost (in memory: no store read)."""
+        if self._lease is None:
+            raise RuntimeError("driver hooks need the run's lease")
+        self._lease.raise_if_lost()
 
     def prepare(self) -> list[str]:
         """Remove what interrupted runs left behind (temporary files; ``segments`` parts without their
@@ -182,7 +195,43 @@ class OutputCommitter:
         except Exception as inner:  # never hide the run's own error behind this one
             log.warning("could not mark run %s failed in %s: %s", self.run_id, redact_uri(self.out.uri), inner)
 
-    # -- a worker ------------------------------------------------------------------------------------------
+    # -- a worker (or the driver, for a small output) -------------------------------------------------------
+
+    def retract(self, retractions: pa.Table) -> pa.Table:
+        """Remove the images that ``retractions`` (`pipeline.retraction.retraction_rows`) name from their
+        committed parts, part by part in name order: each rewritten without them, ``segments`` first and then
+        ``images``, each published whole, or, left empty, deleted ``images`` first. Returns one
+        `pipeline.schema.RETRACTION_SCHEMA` row per part of what was removed. Each part checks the lease in
+        the store right before it is changed (the same fence as `write_part`): a run that lost its lease
+        raises `pipeline.lease.LeaseLost` and changes no further part. A Ray stage: on workers, every row of a
+        part in one partition; or in the driver, on all of them."""
+        removed = [RETRACTION_SCHEMA.empty_table()]
+        if retractions.num_rows == 0:  # an empty partition of the shuffle
+            return removed[0]
+        for name in sorted(set(retractions.column("part").to_pylist())):
+            removed.append(self._retract_part(name, retractions.filter(pc.equal(retractions.column("part"), name))))
+        return pa.concat_tables(removed)
+
+    def _retract_part(self, name: str, group: pa.Table) -> pa.Table:
+        out = self.out
+        images_path, segments_path = out.part(IMAGES_TABLE, name), out.part(SEGMENTS_TABLE, name)
+        with out.fs.open(images_path, "rb") as f:
+            images = pq.read_table(f)
+        kept, removed = split_part(images, group)
+        check_holder(out.uri, self.run_id, not_doing=f"not retracting rows from {name}")
+        if kept.num_rows == 0:
+            out.fs.rm(images_path)  # the commit record first
+            with contextlib.suppress(FileNotFoundError):
+                out.fs.rm(segments_path)
+        else:
+            with out.fs.open(segments_path, "rb") as f:
+                segments = pq.read_table(f, schema=SEGMENTS_SCHEMA)
+            removed_ids = removed.column("image_id")
+            segments = segments.filter(pc.invert(pc.is_in(segments.column("image_id"), value_set=removed_ids)))
+            publish(out.fs, segments_path, parquet_bytes(segments))
+            publish(out.fs, images_path, parquet_bytes(kept, counts=part_counts(kept)))  # commit
+        log.info("retracted %d rows from part %s", removed.num_rows, name)
+        return retraction_row(name, removed)
 
     def write_part(self, results: pa.Table, *, node_id: str = "") -> dict[str, object] | None:
         """Commit ``results`` (`pipeline.schema.RESULT_SCHEMA` rows) as one part. Returns its

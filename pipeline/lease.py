@@ -24,8 +24,9 @@ What each store guarantees:
   fsspec: an existence check, a write, a read back. Two runs started within moments of each other can
   both proceed; do not start two runs on one output there.
 
-Fencing: a write task commits a part only after `check_holder` has read the lease and found its own run in
-it, so a run that lost its lease (it stalled past the expiry and was taken over) stops committing.
+Fencing: a write task commits a part, and a retraction rewrites or deletes one, only after `check_holder` has
+read the lease and found its own run in it, so a run that lost its lease (it stalled past the expiry and was
+taken over) stops committing.
 """
 
 from __future__ import annotations
@@ -261,9 +262,9 @@ class Lease:
         self.release()
 
 
-def check_holder(output: str, run_id: str) -> None:
+def check_holder(output: str, run_id: str, *, not_doing: str = "not committing") -> None:
     """Raise `LeaseLost` unless the output's lease names ``run_id`` (a write task calls this before it
-    commits a part)."""
+    commits a part; a retraction before it changes one). ``not_doing`` ends the message: what was left undone."""
     fs, path = lease_path(output)
     if is_local(fs):
         try:
@@ -274,7 +275,7 @@ def check_holder(output: str, run_id: str) -> None:
     else:
         holder = _read(fs, path).record
     if holder is None or holder.get("run_id") != run_id or "released" in holder:
-        raise LeaseLost(f"run {run_id} does not hold the lease on {output} (holder: {holder}); not committing")
+        raise LeaseLost(f"run {run_id} does not hold the lease on {output} (holder: {holder}); {not_doing}")
 
 
 class _Seen(NamedTuple):

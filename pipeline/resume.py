@@ -1,30 +1,33 @@
-"""The resume: what a run does with an output it finds, as a plan of refs to read, with the retractions applied.
+"""The start of a run and the resume: what a run does with an output it finds, as a plan of refs to read, with
+the retractions applied.
 
-A re-run over the same output (or a run over an output made by earlier runs) reads only what is not committed
-yet or must be redone; `pipeline.resume_decision` states the rules and decides, row by row, in one place. This
-module runs that decision where it fits: in the driver for a small output whose inputs the driver listed
-(`plan_locally`: a re-run with nothing to do then starts no cluster at all), else on Ray workers (`plan`: one
-hash shuffle by URI, so the driver never holds committed ids), then retracts what it decided to redo
-(`pipeline.retraction`) before the run commits anything, and returns the refs to read.
-
-A run may only resume an output made with the same model settings (`pipeline.run_records.check_settings`),
-and only after the commit protocol's start (`pipeline.commit`: clean-up, quarantine of unreadable parts) and
-under the run's lease. Lines of text manifests are not re-checked for changes (a HEAD request per committed
-object would cost more than the resume itself); listed files and shards are.
+`start` is the one start of a run, in this order: the settings check (`pipeline.run_records.check_settings`: a
+run may only resume an output made with the same model settings), the commit protocol's start
+(`pipeline.commit`: clean-up, then each committed part inspected and an unreadable one quarantined), the
+decision and its retractions, all under the run's lease. A re-run over the same output (or a run over an output
+made by earlier runs) reads only what is not committed yet or must be redone; `pipeline.resume_decision` states
+the rules and decides, row by row, in one place. `decide` runs that decision as one composition over an
+executor (`pipeline.resume_executors`): in the driver for a small output whose inputs the driver listed (a
+re-run with nothing to do then starts no cluster at all), else on Ray workers (one hash shuffle by URI, so the
+driver never holds committed ids). It then retracts what it decided to redo (the committer's `retract` hook,
+fenced by the lease part by part) before the run commits anything, and returns the refs to read. Lines of text
+manifests are not re-checked for changes (a HEAD request per committed object would cost more than the resume
+itself); listed files and shards are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 import pyarrow as pa
 
-from pipeline.inspection import committed_rows
+from pipeline import resume_executors, run_records
+from pipeline.inspection import OutputState, committed_rows, inspect_output
 from pipeline.resume_decision import (
     DO,
+    PLAN_SCHEMA,
     RETRACT,
     SKIP,
     UNLISTED,
@@ -38,17 +41,20 @@ from pipeline.resume_decision import (
     shard_skips,
     tally,
 )
-from pipeline.retraction import retract_locally, retract_rows, retraction_rows
+from pipeline.resume_executors import InDriver, OnRay, PlanExecutor, Source
+from pipeline.retraction import retraction_rows
 from pipeline.schema import Counts
 from pipeline.sources import REF_SCHEMA, ResolvedInputs, as_refs, manifest_base, manifest_rows
 
 if TYPE_CHECKING:
     import ray.data
 
+    from pipeline.commit import OutputCommitter
+
 
 @dataclass
 class Plan:
-    refs: ray.data.Dataset | pa.Table  # `REF_SCHEMA`: what to read (a table from `plan_locally`)
+    refs: ray.data.Dataset | pa.Table  # `REF_SCHEMA`: what to read (a table when planned in the driver)
     known_total: int | None  # refs to do, when known without running the plan
     skipped: int = 0  # committed rows kept
     retracted: Counts = field(default_factory=Counts)
@@ -67,6 +73,55 @@ class Plan:
                 self.retracted_by_reason[row["reason"]] = self.retracted_by_reason.get(row["reason"], 0) + n
 
 
+class Start(NamedTuple):
+    """What a run found in its output and what it will do."""
+
+    state: OutputState  # the committed parts read back (quarantined ones left out), before the retractions
+    plan: Plan
+
+
+def start(
+    committer: OutputCommitter,
+    inputs: ResolvedInputs,
+    *,
+    settings: dict[str, Any],
+    allow_mixed_settings: bool = False,
+    retry_poisoned: bool = False,
+    start_ray: Callable[[], None],
+) -> Start:
+    """The start of a run on ``committer``'s output, before its first commit: the settings check against the
+    output's run records (``settings``: this run's, `pipeline.run_records.SettingsChanged` unless they match or
+    ``allow_mixed_settings``), `OutputCommitter.prepare`, the committed parts inspected (each unreadable one
+    quarantined), then the plan, with its retractions applied. In the driver when `fits_locally`, else on Ray
+    (``start_ray`` is called first). Raises `pipeline.lease.LeaseLost` when the run lost its lease on the way
+    (every change to the output is fenced by the committer)."""
+    run_records.check_settings(run_records.read_run_records(committer.out), settings, allow=allow_mixed_settings)
+    parts = committer.prepare()
+    local = fits_locally(inputs, parts)
+    if not local:
+        start_ray()
+    state = inspect_output(committer, parts, local=local)
+    if local:
+        plan = decide(inputs, committer=committer, parts=state.parts, executor=InDriver(),
+                      retry_poisoned=retry_poisoned)  # fmt: skip
+    elif not state.parts and not inputs.manifests:  # a fresh run over listed inputs: the listing is the plan
+        plan = _listing_plan(_Listing(inputs))
+    else:
+        executor = OnRay(partitions=resume_executors.shuffle_partitions(inputs, state.totals.images))
+        plan = decide(inputs, committer=committer, parts=state.parts, executor=executor, retry_poisoned=retry_poisoned)
+    committer.raise_if_lost()
+    return Start(state, plan)
+
+
+LOCAL_PLAN_MAX_PARTS = 16  # up to this many committed parts (and no manifest), the driver plans on its own
+
+
+def fits_locally(inputs: ResolvedInputs, parts: list[str]) -> bool:
+    """Whether the driver may plan this run on its own (`InDriver`): a small output, inputs all listed by the
+    driver."""
+    return len(parts) <= LOCAL_PLAN_MAX_PARTS and not inputs.manifests
+
+
 class _Listing:
     """This run's listed refs, without repeats: files, shards, and each shard's (version, size)."""
 
@@ -77,118 +132,65 @@ class _Listing:
         self.shard_versions = {r["uri"]: (r.get("version"), r.get("size")) for r in self.shards}
 
 
-def plan(
-    inputs: ResolvedInputs, *, output: str, parts: list[str], partitions: int, retry_poisoned: bool = False
-) -> Plan:
-    """The refs to do, with the retractions applied, given the committed ``parts``, on Ray workers.
+def _listing_plan(listing: _Listing) -> Plan:
+    """The plan of a fresh run over listed inputs, on Ray: its refs stream at once, no shuffle."""
+    listed = listing.files + listing.shards
+    refs = as_refs(pa.Table.from_pylist(listed)) if listed else REF_SCHEMA.empty_table()
+    known = len(listing.files) if not listing.shards else None
+    return Plan(refs, known_total=known, files_to_do=len(listing.files))
 
-    A fresh run over listed inputs pays nothing here: its refs stream at once. Any other run pays one hash
+
+def decide(
+    inputs: ResolvedInputs,
+    *,
+    committer: OutputCommitter,
+    parts: list[str],
+    executor: PlanExecutor,
+    retry_poisoned: bool = False,
+) -> Plan:
+    """The refs to do, with the retractions applied, given the committed ``parts``: one composition of the
+    decision's stage functions over ``executor`` (`InDriver` or `OnRay`: the same `Plan` from both).
+
+    With ``retry_poisoned``, images that killed their worker twice are redone. On Ray, a run pays one hash
     shuffle of its file refs with the committed rows (README "Resume"), and keeps the resulting plan (~100 B
     per input) in the object store while it runs.
     """
-    import ray.data
-
     listing = _Listing(inputs)
-    if not parts and not inputs.manifests:  # a fresh run over listed inputs: the listing is the plan
-        listed = listing.files + listing.shards
-        refs = as_refs(pa.Table.from_pylist(listed)) if listed else REF_SCHEMA.empty_table()
-        known = len(listing.files) if not listing.shards else None
-        return Plan(refs, known_total=known, files_to_do=len(listing.files))
-
     committed = None
     if parts:
-        committed = ray.data.from_items(
-            [{"path": p} for p in parts], override_num_blocks=min(len(parts), 4 * partitions)
-        )
-        committed = committed.map_batches(
-            committed_rows,
-            batch_format="numpy",
-            batch_size=8,
-            fn_kwargs={"output": output, "retry_poisoned": retry_poisoned},
-        )
-    file_refs = [ray.data.from_items(listing.files)] if listing.files else []
-    file_refs += _manifest_refs(inputs.manifests)
-    decisions = []
-    if file_refs:
-        keys = _union(file_refs).map_batches(file_ref_keys, batch_format="pyarrow")
-        if committed is not None:
-            keys = keys.union(committed.map_batches(committed_file_keys, batch_format="pyarrow"))
-        shuffled = keys.repartition(partitions, keys=["uri"])  # every row of a URI in one block
-        decisions.append(shuffled.map_batches(decide_file_keys, batch_format="pyarrow", batch_size=None))
+        paths: Source = [{"path": p} for p in parts]
+        committed = executor.each(committed_rows, [paths], batch_format="numpy", batch_size=8,
+                                  output=committer.out.uri, retry_poisoned=retry_poisoned)  # fmt: skip
+    file_refs: list[Source] = [listing.files] if listing.files else []
+    file_refs += _manifest_refs(inputs.manifests)  # on Ray only (`fits_locally`)
+    keys = [executor.each(committed_file_keys, [committed])] if committed is not None else []
+    keys += [executor.each(file_ref_keys, file_refs)] if file_refs else []
+    decisions = [executor.by_key(decide_file_keys, keys, key="uri")] if keys else []  # a URI's rows in one call
     if committed is not None:
-        decisions.append(committed.map_batches(decide_members, batch_format="pyarrow",
-                                               fn_kwargs={"shards": listing.shard_versions}))  # fmt: skip
-    decided = _union(decisions).materialize()
+        decisions.append(executor.each(decide_members, [committed], shards=listing.shard_versions))
+    decided = executor.keep(decisions) if decisions else PLAN_SCHEMA.empty_table()
 
-    result = Plan(refs=_empty_refs(), known_total=None)
-    result.count(decided.map_batches(tally, batch_format="pyarrow").iter_rows())
+    result = Plan(refs=REF_SCHEMA.empty_table(), known_total=None)
+    result.count(executor.rows(executor.each(tally, [decided])))
     if result.retracted_by_reason:  # before anything is committed: a new part may reuse a retracted one's name
-        removed = (
-            decided.map_batches(retraction_rows, batch_format="pyarrow")
-            .groupby("part", num_partitions=partitions)
-            .map_groups(retract_rows, batch_format="pyarrow", fn_kwargs={"output": output})
-        )
-        for row in removed.iter_rows():
+        retractions = executor.each(retraction_rows, [decided])
+        for row in executor.rows(executor.by_key(committer.retract, [retractions], key="part")):
             result.retracted.add(row)
-    refs = [decided.map_batches(files_to_do, batch_format="pyarrow")]
+    refs = [executor.each(files_to_do, [decided])]
     if listing.shards:
-        shard_rows = ray.data.from_items(listing.shards).map_batches(listed_shard_rows, batch_format="pyarrow")
-        kept = decided.map_batches(shard_skips, batch_format="pyarrow")
-        shuffled = shard_rows.union(kept).repartition(partitions, keys=["uri"])  # every row of a URI in one block
-        grouped = shuffled.map_batches(group_shards, batch_format="pyarrow", batch_size=None)
-        refs.append(grouped.materialize())  # one row per shard: `pipeline.run.shard_dataset` reads it twice
+        shard_rows = [executor.each(listed_shard_rows, [listing.shards]), executor.each(shard_skips, [decided])]
+        refs.append(executor.by_key(group_shards, shard_rows, key="uri", keep=True))  # one row per shard: read
+        # twice by `pipeline.run.shard_dataset`
     else:
         result.known_total = result.files_to_do
-    result.refs = _union(refs)
+    result.refs = executor.union(refs)
     return result
-
-
-LOCAL_PLAN_MAX_PARTS = 16  # up to this many committed parts (and no manifest), the driver plans on its own
-
-
-def fits_locally(inputs: ResolvedInputs, parts: list[str]) -> bool:
-    """Whether `plan_locally` may plan this run: a small output, inputs all listed by the driver."""
-    return len(parts) <= LOCAL_PLAN_MAX_PARTS and not inputs.manifests
-
-
-def plan_locally(inputs: ResolvedInputs, *, output: str, parts: list[str], retry_poisoned: bool = False) -> Plan:
-    """`plan` for a small output, in the driver process without Ray: the same decision functions on the whole
-    table instead of per shuffle partition, and the same retractions. ``Plan.refs`` is a `REF_SCHEMA` table."""
-    listing = _Listing(inputs)
-    paths = {"path": np.array(parts, dtype=object)}
-    committed = committed_rows(paths, output=output, retry_poisoned=retry_poisoned)
-    keys = [committed_file_keys(committed)]
-    if listing.files:
-        keys.append(file_ref_keys(pa.Table.from_pylist(listing.files)))
-    decided = pa.concat_tables(
-        [decide_file_keys(pa.concat_tables(keys)), decide_members(committed, shards=listing.shard_versions)]
-    )
-
-    result = Plan(refs=files_to_do(decided), known_total=None)
-    result.count(tally(decided).to_pylist())
-    for row in retract_locally(retraction_rows(decided), output=output):
-        result.retracted.add(row)
-    if listing.shards:
-        shard_rows = listed_shard_rows(pa.Table.from_pylist(listing.shards))
-        shards = group_shards(pa.concat_tables([shard_rows, shard_skips(decided)]))
-        result.refs = pa.concat_tables([result.refs, shards])
-    else:
-        result.known_total = result.files_to_do
-    return result
-
-
-def _union(parts: list[ray.data.Dataset]) -> ray.data.Dataset:
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def _empty_refs() -> ray.data.Dataset:
-    import ray.data
-
-    return ray.data.from_arrow(REF_SCHEMA.empty_table())
 
 
 def _manifest_refs(manifests: list[str]) -> list[ray.data.Dataset]:
     """The file refs of each manifest, read and normalised by Ray workers."""
+    if not manifests:
+        return []
     import ray.data
 
     datasets = []

@@ -1,6 +1,7 @@
 """The resume decision: what happens to each of this run's inputs and to each committed row. Plain pyarrow,
 without Ray, and written once: `pipeline.resume` runs these functions on the whole table in the driver for a
-small output (`plan_locally`), or on Ray workers per partition of a hash shuffle by URI (`plan`).
+small output (`pipeline.resume_executors.InDriver`), or on Ray workers per partition of a hash shuffle by URI
+(`OnRay`); `pipeline.resume.decide` composes them.
 
 The rules, one per outcome (`PLAN_SCHEMA` ``action`` and ``reason``); every committed images row is matched
 with this run's inputs, files by URI and shard members by shard and member:
@@ -148,8 +149,8 @@ def decide_file_keys(keys: pa.Table) -> pa.Table:
     """The decision for file inputs, once: `_KEY_SCHEMA` rows (this run's refs and the committed rows, every row
     of a URI present) -> one `PLAN_SCHEMA` row per URI (`decide_files` on their maxima, sums and unique parts).
 
-    A pure pyarrow function: `plan_locally` runs it on the whole table, `plan` on each partition of a hash
-    shuffle by URI (Ray keeps each key's rows in one block there)."""
+    A pure pyarrow function: `pipeline.resume.decide` runs it on the whole table in the driver, or on each
+    partition of a hash shuffle by URI (Ray keeps each key's rows in one block there)."""
     aggregated = keys.group_by("uri").aggregate(
         [("listed", "max"), ("version", "max"), ("size", "max"), ("committed", "sum"), ("retryable", "max"),
          ("c_version", "max"), ("c_size", "max"), ("part", "distinct")]
@@ -234,8 +235,8 @@ def group_shards(rows: pa.Table) -> pa.Table:
     """`SHARD_ROW_SCHEMA` rows, every row of a URI present -> one `pipeline.sources.REF_SCHEMA` ref per listed
     shard, its ``skip`` the members kept. Kept members of a shard not listed make no ref (they are "unlisted").
 
-    A pure pyarrow function: `plan_locally` runs it on the whole table, `plan` on each partition of a hash
-    shuffle by URI."""
+    A pure pyarrow function: `pipeline.resume.decide` runs it on the whole table in the driver, or on each
+    partition of a hash shuffle by URI."""
     grouped = rows.group_by("uri", use_threads=False).aggregate(  # listed order kept
         [("kind", "max"), ("size", "max"), ("version", "max"), ("member", "distinct", pc.CountOptions("only_valid"))]
     )

@@ -5,8 +5,10 @@ refs (input URIs; what a resume skips or redoes: `pipeline.resume`) -> shards (b
 segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one
 operator after the refs, so Ray Data's per-block cost is paid once per shard; refs and part rows are all that
 cross the object store. The driver checks inputs, weights and the output before any cluster work, holds the
-output's lease (`pipeline.lease`), drives the commit protocol's hooks (`pipeline.commit`), and receives one
-small row per committed part: no result passes through it.
+output's lease (`pipeline.lease`), starts the run in one call (`pipeline.resume.start`: settings check, clean-up,
+inspection, the plan and its retractions, in the driver or on Ray), drives the commit protocol's hooks
+(`pipeline.commit`, which own every write and its lease check), and receives one small row per committed part: no
+result passes through it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 from tqdm.auto import tqdm
@@ -35,15 +35,13 @@ from pipeline.bottleneck import StageTotals
 from pipeline.commit import OutputCommitter
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
 from pipeline.error_budget import ErrorBudget, ErrorBudgetExceeded
-from pipeline.inspection import inspect_output
 from pipeline.lease import Lease, new_run_id
 from pipeline.poison import start_flight_recorder
 from pipeline.resources import ActorLayout, actor_layout, check_gpu_supply, use_gpus
-from pipeline.run_records import new_record
 from pipeline.run_summary import RunSummary
 from pipeline.schema import PART_ROW_SCHEMA, Counts
 from pipeline.shard import ShardSegmenter
-from pipeline.sources import ResolvedInputs, left_out_text, resolve_inputs
+from pipeline.sources import left_out_text, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error
 from pipeline.weights import resolve_weights
 
@@ -132,7 +130,7 @@ def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.D
     """Refs (`pipeline.sources.REF_SCHEMA`) as a dataset of shards, one block each: up to ``rows`` file refs
     in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is cut here; a
     dataset (refs planned on the workers) is split by kind and each kind re-blocked by Ray in a streaming pass,
-    so it is read once per kind (`pipeline.resume.plan` hands one whose shuffles are done)."""
+    so it is read once per kind (`pipeline.resume.decide` on Ray hands one whose shuffles are done)."""
     if isinstance(refs, ray.data.Dataset):
         is_file = col("kind") == "file"
         files = refs.filter(expr=is_file).repartition(target_num_rows_per_block=rows, strict=True)
@@ -191,33 +189,6 @@ def _bounded_retries() -> dict[str, Any]:
     return {"max_task_retries": SHARD_CALL_RETRIES}
 
 
-ROWS_PER_SHUFFLE_PARTITION = 250_000  # refs and committed rows (~100 B each) per resume-aggregation partition
-MANIFEST_BYTES_PER_LINE = 32  # a low guess: more lines estimated, more partitions
-
-
-def shuffle_partitions(inputs: ResolvedInputs, committed_images: int) -> int:
-    """Partitions of the resume aggregations: one per ~250 k rows, at most one per cluster CPU (≤ 128).
-
-    Each partition is an aggregator actor, whose start-up dominates small plans: planning 5 refs took 16.5 s
-    with 4 partitions and 8.4 s with 1 on a 2-core machine (a re-run with nothing to do: 15.0 vs 3.4 s).
-    A Parquet manifest counts its footer's rows, a text one its bytes (a HEAD); one that cannot be sized
-    counts as large.
-    """
-    rows = len(inputs.refs) + committed_images
-    for manifest in inputs.manifests:
-        try:
-            fs, path = fsspec.core.url_to_fs(manifest)
-            if manifest.lower().endswith(".parquet"):
-                with fs.open(path, "rb") as f:
-                    rows += pq.ParquetFile(f).metadata.num_rows
-            else:
-                rows += int(fs.size(path) or 0) // MANIFEST_BYTES_PER_LINE
-        except (OSError, ValueError, pa.ArrowException, *TRANSIENT_ERRORS):
-            rows += ROWS_PER_SHUFFLE_PARTITION * 128
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(128, cpus, -(-rows // ROWS_PER_SHUFFLE_PARTITION)))
-
-
 def take_lease(output: str, run_id: str, *, take_over: bool) -> Lease:
     """The output's lease; an output that cannot be written raises `OutputError` (one line)."""
     try:
@@ -252,33 +223,18 @@ def run_job(
     )
     weights, sha256 = resolve_weights(config.model.variant, config.model.weights, allow_synthetic=allow_synthetic)
     run_id = new_run_id()
-    record = new_record(config, run_id, weights=weights, sha256=sha256)
+    record = run_records.new_record(config, run_id, weights=weights, sha256=sha256)
     lease = take_lease(config.output, run_id, take_over=take_over_lease)
     committer = OutputCommitter(config.output, run_id, lease=lease)
     try:
-        run_records.check_settings(
-            run_records.read_run_records(committer.out), record["settings"], allow=allow_mixed_settings
+        state, plan = resume.start(
+            committer,
+            inputs,
+            settings=record["settings"],
+            allow_mixed_settings=allow_mixed_settings,
+            retry_poisoned=config.failures.retry_poisoned,
+            start_ray=functools.partial(_start_ray, config, verbose=verbose),
         )
-        parts = committer.prepare()
-        if resume.fits_locally(inputs, parts):  # a small output: planned here, Ray only if there is work
-            state = inspect_output(committer, parts, local=True)
-            committer.confirm_lease()  # the plan retracts rows
-            plan = resume.plan_locally(
-                inputs, output=config.output, parts=state.parts, retry_poisoned=config.failures.retry_poisoned
-            )
-        else:
-            _start_ray(config, verbose=verbose)
-            state = inspect_output(committer, parts, local=False)
-            partitions = shuffle_partitions(inputs, state.totals.images)
-            committer.confirm_lease()  # the plan retracts rows
-            plan = resume.plan(
-                inputs,
-                output=config.output,
-                parts=state.parts,
-                partitions=partitions,
-                retry_poisoned=config.failures.retry_poisoned,
-            )
-        lease.raise_if_lost()
         this_run, parts_by_node, errors_by_kind = Counts(), {}, {}
         stages: StageTotals | None = None
         if plan.known_total != 0:
@@ -311,7 +267,7 @@ def run_job(
                     if budget.exceeded():  # a systematic failure: stop rather than write an error row per image
                         bar.close()
                         raise ErrorBudgetExceeded(budget.verdict())
-                lease.raise_if_lost()
+                committer.raise_if_lost()
             bar.close()
         totals = Counts()
         for counts, sign in ((state.totals, 1), (plan.retracted, -1), (this_run, 1)):

@@ -209,7 +209,7 @@ INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem
 unreadable (`pipeline.inspection.inspect_parts`)."""
 
 RETRACTION_SCHEMA = pa.schema([("part", pa.string()), *_COUNT_COLUMNS])
-"""What a retraction removed from one part (`pipeline.retraction.retract_rows`)."""
+"""What a retraction removed from one part (`pipeline.commit.OutputCommitter.retract`)."""
 
 
 # -- committed rows: what a resume reads back from the images parts ------------------------------------------

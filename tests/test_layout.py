@@ -62,9 +62,9 @@ def test_cpu_stages_never_import_torch() -> None:
 
     from pipeline import commit, inspection, resume_decision, retraction, sources
 
-    stages = [inspection.inspect_parts, inspection.committed_rows, retraction.retract_rows, sources.manifest_rows,
-              commit.OutputCommitter.write_part, resume_decision.decide_file_keys,
-              resume_decision.group_shards]  # fmt: skip
+    stages = [inspection.inspect_parts, inspection.committed_rows, retraction.retraction_rows, sources.manifest_rows,
+              commit.OutputCommitter.write_part, commit.OutputCommitter.retract,
+              resume_decision.decide_file_keys, resume_decision.group_shards]  # fmt: skip
     modules = sorted({f.__module__ for f in stages} | {"pipeline.resume"})
     assert modules == ["pipeline.commit", "pipeline.inspection", "pipeline.resume", "pipeline.resume_decision",
                        "pipeline.retraction", "pipeline.sources"]  # fmt: skip

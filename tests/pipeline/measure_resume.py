@@ -2,11 +2,11 @@
 
 Two figures quoted in the README (section "Resume, exactly once, failures")::
 
-    # seconds until the first ref leaves `pipeline.resume.plan`, for a Parquet manifest of N URIs
+    # seconds until the first ref leaves `pipeline.resume.decide` on Ray, for a Parquet manifest of N URIs
     python -m tests.pipeline.measure_resume refs --n 1000000                 # fresh: the de-duplication
     python -m tests.pipeline.measure_resume refs --n 1000000 --committed 500000  # resume
     python -m tests.pipeline.measure_resume refs --n 1000000 --plain         # no aggregation (baseline)
-    # a small re-run's plan with 1 vs 4 aggregation partitions (`pipeline.run.shuffle_partitions`)
+    # a small re-run's plan with 1 vs 4 aggregation partitions (`pipeline.resume_executors.shuffle_partitions`)
     python -m tests.pipeline.measure_resume refs --n 8 --committed 8 --partitions 1
     # peak RSS of the driver process of a resume whose N inputs are all committed already
     python -m tests.pipeline.measure_resume rss --n 100000
@@ -68,7 +68,8 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: in
 
     from pipeline.commit import OutputCommitter
     from pipeline.lease import Lease
-    from pipeline.resume import plan
+    from pipeline.resume import decide
+    from pipeline.resume_executors import OnRay
     from pipeline.sources import ResolvedInputs, manifest_rows
 
     uris = _uris(n, root)
@@ -86,7 +87,8 @@ def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: in
         with Lease.acquire(str(root / "out"), "measure") as lease:
             parts = OutputCommitter(str(root / "out"), "measure", lease=lease).prepare()
         inputs = ResolvedInputs([], [str(manifest)])
-        refs = plan(inputs, output=str(root / "out"), parts=parts, partitions=partitions).refs
+        committer = OutputCommitter(str(root / "out"), "measure")  # nothing to retract: no lease needed
+        refs = decide(inputs, committer=committer, parts=parts, executor=OnRay(partitions=partitions)).refs
     first = None
     rows = 0
     for batch in refs.iter_batches(batch_size=None, batch_format="pyarrow"):

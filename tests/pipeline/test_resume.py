@@ -73,7 +73,7 @@ def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
         monkeypatch.setattr(pq.ParquetFile, name, refuse)
     monkeypatch.setattr(pads, "dataset", refuse)
     # and with the aggregations over 3 partitions (a small plan gets 1: `shuffle_partitions`)
-    monkeypatch.setattr("pipeline.run.shuffle_partitions", lambda inputs, committed: 3)
+    monkeypatch.setattr("pipeline.resume_executors.shuffle_partitions", lambda inputs, committed: 3)
     again = run_job(_config(inputs, output), show_progress=False)
     monkeypatch.undo()
     assert (again.images_ok, again.images_error, again.skipped_committed) == (0, 0, len(expected))
@@ -114,7 +114,7 @@ def test_an_unreadable_shard_whose_error_row_is_committed_gets_no_second_one(tmp
 def test_shuffle_partitions_grow_with_the_rows_up_to_the_cluster_cpus(
     ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.run import MANIFEST_BYTES_PER_LINE, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
+    from pipeline.resume_executors import MANIFEST_BYTES_PER_LINE, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
     from pipeline.sources import ResolvedInputs
 
     one_ref = [{"uri": "a.jpg", "kind": "file", "size": 1, "version": "1"}]
