@@ -51,7 +51,7 @@ from PIL import Image
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.coco import rgb_to_id_map, to_coco_ids
 from pipeline.ids import last_part
-from pipeline.outputs import OutputNotFoundError, check_output, open_table, output_filesystem
+from pipeline.output_tables import OutputNotFoundError, check_output, open_table, output_filesystem
 from pipeline.packed_images import map_images, packed_rows
 from pipeline.panoptic_quality import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
 from pipeline.rle import panoptic_map
@@ -203,7 +203,7 @@ def evaluate(
 
     Returns the report: ``metrics`` (``{"All"|"Things"|"Stuff": {pq, sq, rq, n}}``), ``per_class``
     (list of :data:`PER_CLASS_SCHEMA` dicts), ``images`` (counts) and ``match``. Raises
-    :class:`~pipeline.outputs.OutputNotFoundError` when ``output`` holds no output.
+    :class:`~pipeline.output_tables.OutputNotFoundError` when ``output`` holds no output.
     """
     check_output(output)
     matched, missing = match_images(gt_json, _ok_image_ids(output), rule=rule)

@@ -29,7 +29,7 @@ from pipeline.coco import (
     to_coco_ids,
     write_coco_pngs,
 )
-from pipeline.outputs import OutputNotFoundError, check_output, output_filesystem
+from pipeline.output_tables import OutputNotFoundError, check_output, output_filesystem
 from pipeline.packed_images import map_images
 
 PROG = "panoptic-flow export-coco"
@@ -50,7 +50,7 @@ def export_coco(output: str, dest: str, *, verbose: bool = False) -> Export:
     only when ``verbose``).
 
     Returns the JSON document that was written (entries sorted by ``image_id`` of the output). Raises
-    :class:`~pipeline.outputs.OutputNotFoundError` (nothing written) when ``output`` holds no output.
+    :class:`~pipeline.output_tables.OutputNotFoundError` (nothing written) when ``output`` holds no output.
     """
     check_output(output)
     fs, root = output_filesystem(dest)

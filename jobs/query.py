@@ -25,7 +25,7 @@ import duckdb
 
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.duckdb_views import VIEWS, connect
-from pipeline.outputs import OutputNotFoundError
+from pipeline.output_tables import OutputNotFoundError
 
 PROG = "panoptic-flow query"
 # errors of the SQL itself (syntax, unknown table or column, a cast or type that fails): the user's mistake;

@@ -41,7 +41,7 @@ from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weig
 from pipeline.config import InputConfig
 from pipeline.duckdb_views import connect
 from pipeline.ids import SEPARATOR, file_id, member_id, member_of_old_row
-from pipeline.outputs import OutputNotFoundError, check_output, read_image_rows, read_run_config
+from pipeline.output_tables import OutputNotFoundError, check_output, read_image_rows, read_run_config
 from pipeline.readers import kind_of, read_image
 from pipeline.rle import decode_mask
 from pipeline.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S

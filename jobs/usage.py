@@ -67,7 +67,7 @@ def report(prog: str, error: object) -> int:
 
 def warn_if_demo_weights(prog: str, output: str) -> bool:
     """Print one warning line when ``output`` was made, wholly or partly, with the demo weights; True then."""
-    from pipeline.outputs import run_weights
+    from pipeline.output_tables import run_weights
     from pipeline.schema import SYNTHETIC_WEIGHTS
 
     weights = run_weights(output)

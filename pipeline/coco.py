@@ -28,7 +28,7 @@ from PIL import Image
 
 from model.categories import categories
 from pipeline.ids import last_part
-from pipeline.outputs import output_filesystem
+from pipeline.output_tables import output_filesystem
 from pipeline.packed_images import packed_rows
 from pipeline.rle import VOID_ID, panoptic_map
 

@@ -8,7 +8,7 @@ Views (all read lazily from the Parquet files, filters and projections pushed do
 - ``category_counts``: one row per category: ``category_id, category, isthing, segments, images,
   total_area, mean_score``.
 
-How the files are reached: each table is a ``pyarrow.dataset`` built by :func:`pipeline.outputs.open_table`
+How the files are reached: each table is a ``pyarrow.dataset`` built by :func:`pipeline.output_tables.open_table`
 (fsspec -> ``pyarrow.fs.PyFileSystem(FSSpecHandler)``, so ``s3://`` goes through s3fs and the usual AWS
 configuration) and registered with DuckDB as an Arrow scan. DuckDB never opens a URL itself, so its
 ``httpfs`` extension (downloaded on first use) is never needed, and the file-selection rules (recursive,
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import duckdb
 
-from pipeline.outputs import check_output, open_table
+from pipeline.output_tables import check_output, open_table
 from pipeline.schema import IMAGES_TABLE, SEGMENTS_TABLE
 
 _VIEW_SQL = {
@@ -52,7 +52,7 @@ def connect(output: str, *, database: str = ":memory:") -> duckdb.DuckDBPyConnec
     """A DuckDB connection with the views ``segments``, ``images``, ``image_categories``, ``category_counts``.
 
     The connection keeps the Arrow datasets alive; listing the files happens here, reading happens per
-    query. Raises :class:`~pipeline.outputs.OutputNotFoundError` when ``output`` holds no output.
+    query. Raises :class:`~pipeline.output_tables.OutputNotFoundError` when ``output`` holds no output.
     """
     check_output(output)
     con = duckdb.connect(database)

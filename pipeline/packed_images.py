@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.outputs import TABLE_SCHEMAS, open_table, output_filesystem, table_bytes, table_files
+from pipeline.output_tables import TABLE_SCHEMAS, open_table, output_filesystem, table_bytes, table_files
 from pipeline.schema import FLAT_SCHEMA, IMAGES_TABLE, PACKED_SCHEMA, SEGMENTS_TABLE, STATUS_OK
 
 if TYPE_CHECKING:

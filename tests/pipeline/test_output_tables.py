@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.outputs import (
+from pipeline.output_tables import (
     open_table,
     read_image_rows,
     read_run_config,
