@@ -189,8 +189,8 @@ def stage_core_ms(uris: list[str], results: list, *, batch_size: int, part=None)
     from pipeline.decode import decode_input, decoded_batch
     from pipeline.lease import Lease
     from pipeline.predict import PanopticSegmenter
+    from pipeline.prediction_tables import encode_results, prediction_table
     from pipeline.readers import ImageRow, read_ref
-    from pipeline.results import encode_results, prediction_table
 
     n = len(uris)
     tcpu = time.thread_time

@@ -4,7 +4,7 @@ Stages, in pipeline order: read (`pipeline.storage.read_bytes`), decode + resize
 (`pipeline.decode.decode_image`), normalise + pad (`model.preprocess`), the model forward split by forward
 hooks into backbone, transformer (incl. input projection, class and box heads: the rest of the forward),
 box attention + mask head, then merge (`model.panoptic.merge_panoptic`, after the predictor's stride-4
-crop), RLE (`pipeline.rle.encode_segments`), result rows (`pipeline.results.prediction_table` +
+crop), RLE (`pipeline.rle.encode_segments`), result rows (`pipeline.prediction_tables.prediction_table` +
 `encode_results`, which encodes the RLE a second time, as the pipeline's tables do) and write
 (`pipeline.parts.split_results` + two zstd Parquet files, timed once for all images and divided). Medians
 per image over images × repeats.
@@ -32,7 +32,7 @@ from model.tensor_preprocess import normalize, pad_batch
 from pipeline.config import InputConfig
 from pipeline.decode import decode_image
 from pipeline.parts import split_results
-from pipeline.results import encode_results, prediction_table
+from pipeline.prediction_tables import encode_results, prediction_table
 from pipeline.rle import encode_segments
 from pipeline.storage import read_bytes
 

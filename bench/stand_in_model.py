@@ -9,7 +9,7 @@ current one. Both plans construct that class: the oldest plan maps it as the act
 one runs only its device step (`PanopticSegmenter.segment`) on the model thread and the rows on its CPU threads.
 
 ``__init__`` builds no model. ``__call__(batch)`` returns what the real one returns,
-`pipeline.results.prediction_table` (through `encode_results` when ``encode_rle``), with one fixed
+`pipeline.prediction_tables.prediction_table` (through `encode_results` when ``encode_rle``), with one fixed
 `model.panoptic.PanopticResult` per ok row sized to that row's (height, width): `SEGMENTS` segments (vertical
 bands), and it sleeps so that a batch takes ``PFB_STAND_IN_MS`` (default 2) ms per image in all. ``segment(batch)``
 returns the same results as a `pipeline.predict.Segmented` after sleeping that long: the rows are then made on
@@ -58,7 +58,7 @@ def _init(self, *, variant, weights, inference, device, encode_rle: bool = True)
 
 
 def _call(self, batch):
-    from pipeline.results import encode_results, prediction_table
+    from pipeline.prediction_tables import encode_results, prediction_table
 
     started = time.perf_counter()
     results, errors, retryable = _fixed_results(batch)

@@ -51,7 +51,8 @@ from PIL import Image
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.coco import rgb_to_id_map, to_coco_ids
 from pipeline.ids import last_part
-from pipeline.outputs import OutputNotFoundError, check_output, open_table, output_filesystem
+from pipeline.output_paths import Output, locate
+from pipeline.output_tables import OutputNotFoundError, check_output, open_table
 from pipeline.packed_images import map_images, packed_rows
 from pipeline.panoptic_quality import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
 from pipeline.rle import panoptic_map
@@ -185,13 +186,13 @@ def evaluate_batch(
     return _stats_table(total)
 
 
-def _ok_image_ids(output: str) -> list[str]:
-    images = open_table(output, IMAGES_TABLE).to_table(columns=["image_id"], filter=pc.field("status") == STATUS_OK)
+def _ok_image_ids(out: Output) -> list[str]:
+    images = open_table(out, IMAGES_TABLE).to_table(columns=["image_id"], filter=pc.field("status") == STATUS_OK)
     return images["image_id"].to_pylist()
 
 
 def evaluate(
-    output: str,
+    output: Output | str,
     gt_json: Mapping[str, Any],
     gt_folder: str,
     *,
@@ -203,14 +204,14 @@ def evaluate(
 
     Returns the report: ``metrics`` (``{"All"|"Things"|"Stuff": {pq, sq, rq, n}}``), ``per_class``
     (list of :data:`PER_CLASS_SCHEMA` dicts), ``images`` (counts) and ``match``. Raises
-    :class:`~pipeline.outputs.OutputNotFoundError` when ``output`` holds no output.
+    :class:`~pipeline.output_tables.OutputNotFoundError` when ``output`` holds no output.
     """
-    check_output(output)
-    matched, missing = match_images(gt_json, _ok_image_ids(output), rule=rule)
+    out = check_output(output)
+    matched, missing = match_images(gt_json, _ok_image_ids(out), rule=rule)
     if missing and not allow_missing:
         names = ", ".join(repr(a["file_name"]) for a in missing[:5])
         raise ValueError(
-            f"{len(missing)} ground-truth images have no ok prediction in {output} (e.g. {names}); "
+            f"{len(missing)} ground-truth images have no ok prediction in {out.uri} (e.g. {names}); "
             "check --match or pass --allow-missing"
         )
     categories = {int(c["id"]): bool(c.get("isthing", 0)) for c in gt_json["categories"]}
@@ -223,7 +224,7 @@ def evaluate(
                 stats.setdefault(s.category_id, ClassStats()).fn += 1
     if matched:
         per_batch = map_images(
-            output,
+            out,
             evaluate_batch,
             image_ids=sorted(matched),
             batch_size=16,
@@ -303,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> int:
-        check_output(args.output)  # before reading a large ground truth
-        warn_if_demo_weights(PROG, args.output)
+        out = check_output(Output.of(args.output))  # resolved once, for every reader below; before a large GT
+        warn_if_demo_weights(PROG, out)
         try:
             with fsspec.open(args.gt_json, "rb") as f:
                 gt_json = json.loads(f.read())
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{args.gt_json} is not JSON ({exc})", flag="--gt-json") from None
         try:
             report = evaluate(
-                args.output, gt_json, args.gt_folder, rule=args.match, allow_missing=args.allow_missing,
+                out, gt_json, args.gt_folder, rule=args.match, allow_missing=args.allow_missing,
                 verbose=args.verbose,
             )  # fmt: skip
         except ValueError as exc:  # no prediction for a GT image, two images on one key, sizes that disagree
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             with fsspec.open(args.report, "w") as f:
                 json.dump(report, f, indent=2)
         if args.per_class:
-            fs, path = output_filesystem(args.per_class)
+            fs, path = locate(args.per_class)
             with fs.open(path, "wb") as f:
                 pq.write_table(pa.Table.from_pylist(report["per_class"], schema=PER_CLASS_SCHEMA), f)
         return 0

@@ -29,7 +29,8 @@ from pipeline.coco import (
     to_coco_ids,
     write_coco_pngs,
 )
-from pipeline.outputs import OutputNotFoundError, check_output, output_filesystem
+from pipeline.output_paths import Output, locate
+from pipeline.output_tables import OutputNotFoundError, check_output
 from pipeline.packed_images import map_images
 
 PROG = "panoptic-flow export-coco"
@@ -44,18 +45,18 @@ class Export(NamedTuple):
     left_out: int  # segments of a category outside the 133 (VOID in the PNGs)
 
 
-def export_coco(output: str, dest: str, *, verbose: bool = False) -> Export:
+def export_coco(output: Output | str, dest: str, *, verbose: bool = False) -> Export:
     """Write ``dest/panoptic/*.png`` and ``dest/panoptic.json`` for every ok image of ``output`` (a small
     output in this process, a larger one on Ray: :func:`pipeline.packed_images.map_images`; Ray's own messages
     only when ``verbose``).
 
     Returns the JSON document that was written (entries sorted by ``image_id`` of the output). Raises
-    :class:`~pipeline.outputs.OutputNotFoundError` (nothing written) when ``output`` holds no output.
+    :class:`~pipeline.output_tables.OutputNotFoundError` (nothing written) when ``output`` holds no output.
     """
-    check_output(output)
-    fs, root = output_filesystem(dest)
+    out = check_output(output)
+    fs, root = locate(dest)
     fs.makedirs(f"{root}/{PANOPTIC_FOLDER}", exist_ok=True)
-    entries = map_images(output, write_coco_pngs, fn_kwargs={"dest": dest}, verbose=verbose)
+    entries = map_images(out, write_coco_pngs, fn_kwargs={"dest": dest}, verbose=verbose)
     rows = sorted(entries, key=lambda r: r["image_id"])
     images = [json.loads(r["image"]) for r in rows]
     annotations = [json.loads(r["annotation"]) for r in rows]
@@ -84,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> int:
-        check_output(args.output)
-        warn_if_demo_weights(PROG, args.output)
-        document, left_out = export_coco(args.output, args.dest, verbose=args.verbose)
+        out = check_output(Output.of(args.output))  # resolved once, for every reader below
+        warn_if_demo_weights(PROG, out)
+        document, left_out = export_coco(out, args.dest, verbose=args.verbose)
         segments = sum(len(a["segments_info"]) for a in document["annotations"])
         print(f"wrote {len(document['images'])} images, {segments} segments to {args.dest}")
         if left_out:

@@ -25,7 +25,8 @@ import duckdb
 
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.duckdb_views import VIEWS, connect
-from pipeline.outputs import OutputNotFoundError
+from pipeline.output_paths import Output
+from pipeline.output_tables import OutputNotFoundError
 
 PROG = "panoptic-flow query"
 # errors of the SQL itself (syntax, unknown table or column, a cast or type that fails): the user's mistake;
@@ -108,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit: must be >= 0, got {args.limit}")
 
     def body() -> int:
-        con = connect(args.output)  # a mistyped folder: say so, rather than print 0 rows
+        out = Output.of(args.output)  # resolved once, for every reader below
+        con = connect(out)  # a mistyped folder: say so, rather than print 0 rows
         try:
-            warn_if_demo_weights(PROG, args.output)
+            warn_if_demo_weights(PROG, out)
             try:
                 columns, rows = run_query(con, args.sql, limit=args.limit)
             except SQL_ERRORS as exc:

@@ -41,9 +41,11 @@ from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weig
 from pipeline.config import InputConfig
 from pipeline.duckdb_views import connect
 from pipeline.ids import SEPARATOR, file_id, member_id, member_of_old_row
-from pipeline.outputs import OutputNotFoundError, check_output, read_image_rows, read_run_config
+from pipeline.output_paths import Output
+from pipeline.output_tables import OutputNotFoundError, check_output, read_image_rows
 from pipeline.readers import kind_of, read_image
 from pipeline.rle import decode_mask
+from pipeline.run_records import latest_run_record
 from pipeline.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S
 
 PROG = "panoptic-flow show"
@@ -110,20 +112,20 @@ def stored_id_candidates(given: str) -> list[str]:
     return list(dict.fromkeys(candidates))
 
 
-def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, labels: bool) -> Overlay:
-    """Read one image of ``output`` and its segments, and draw them."""
-    check_output(output)
+def render_image(output: Output | str, image_id: str, *, alpha: float, outlines: bool, labels: bool) -> Overlay:
+    """Read one image of ``output`` (resolved once by the caller, or a URI) and its segments, and draw them."""
+    out = check_output(output)
     for candidate in stored_id_candidates(image_id):
-        image_row, rows = read_image_rows(output, candidate)
+        image_row, rows = read_image_rows(out, candidate)
         if image_row is not None or rows:
             image_id = candidate
             break
     else:
-        raise UsageError(f"image_id {image_id!r} is not in {output}", hint=LIST_IDS_HINT.replace("OUTPUT", output))
+        raise UsageError(f"image_id {image_id!r} is not in {out.uri}", hint=LIST_IDS_HINT.replace("OUTPUT", out.uri))
     if image_row is not None and image_row["status"] != "ok":
         raise ValueError(f"image {image_id!r} failed in the run: {image_row['error']}")
     source = image_row["source"] if image_row is not None else rows[0]["source"]
-    run = read_run_config(output)
+    run = latest_run_record(out)
     inputs = run.get("config", run).get("input", {})  # a run record: {"config": {"input": {...}}, ...}
     failures = run.get("config", run).get("failures") or {}
     data = read_image_bytes(
@@ -152,7 +154,7 @@ def render_image(output: str, image_id: str, *, alpha: float, outlines: bool, la
     return draw_overlay(image, segments, alpha=alpha, outlines=outlines, labels=labels)
 
 
-def grid_image_ids(output: str, *, n: int, where: str | None) -> list[str]:
+def grid_image_ids(output: Output | str, *, n: int, where: str | None) -> list[str]:
     """The first ``n`` image ids (sorted) of ``image_categories`` satisfying the SQL predicate ``where``."""
     con = connect(output)
     try:
@@ -206,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     style: dict[str, Any] = {"alpha": args.alpha, "outlines": not args.no_outlines, "labels": not args.no_labels}
 
     def body() -> int:
-        check_output(args.output)
-        demo = warn_if_demo_weights(PROG, args.output)
+        out = check_output(Output.of(args.output))  # resolved once, for every reader below
+        demo = warn_if_demo_weights(PROG, out)
         if args.grid is None:
             try:
-                overlay = render_image(args.output, args.image_id, **style)
+                overlay = render_image(out, args.image_id, **style)
             except (KeyError, ValueError) as exc:  # an image that failed in the run, unreadable bytes
                 raise UsageError(str(exc.args[0])) from exc
             picture = overlay.pixels
@@ -219,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 drawn = len(overlay.labels)
                 print(f"{drawn} labels drawn; {len(overlay.unplaced)} without room on their segment: {shown}")
         else:
-            image_ids = grid_image_ids(args.output, n=args.grid, where=args.where)
+            image_ids = grid_image_ids(out, n=args.grid, where=args.where)
             if not image_ids:
                 raise UsageError("no image matches", flag="--where", hint=LIST_IDS_HINT.replace("OUTPUT", args.output))
-            tiles = [render_image(args.output, i, **style).pixels for i in image_ids]
+            tiles = [render_image(out, i, **style).pixels for i in image_ids]
             picture = contact_sheet(tiles, [posixpath.basename(i) for i in image_ids], tile=args.tile)
         if demo:
             picture = mark_demo(picture)

@@ -26,7 +26,10 @@ import argparse
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from pipeline.output_paths import Output
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
@@ -65,18 +68,21 @@ def report(prog: str, error: object) -> int:
     return EXIT_USAGE
 
 
-def warn_if_demo_weights(prog: str, output: str) -> bool:
-    """Print one warning line when ``output`` was made, wholly or partly, with the demo weights; True then."""
-    from pipeline.outputs import run_weights
+def warn_if_demo_weights(prog: str, output: Output | str) -> bool:
+    """Print one warning line when ``output`` was made, wholly or partly, with the demo weights (its run records
+    say so: `pipeline.run_records.run_weights`); True then."""
+    from pipeline.output_paths import Output
+    from pipeline.run_records import run_weights
     from pipeline.schema import SYNTHETIC_WEIGHTS
 
-    weights = run_weights(output)
+    out = Output.resolve(output)
+    weights = run_weights(out)
     demo = [run for run, uri in weights.items() if uri == SYNTHETIC_WEIGHTS]
     if not demo:
         return False
     how = "" if len(demo) == len(weights) else f" (partly: {len(demo)} of its {len(weights)} runs)"
     print(
-        f"{prog}: warning: {output} was made with demo weights (--weights synthetic){how}: "
+        f"{prog}: warning: {out.uri} was made with demo weights (--weights synthetic){how}: "
         "its segments are meaningless",
         file=sys.stderr,
     )

@@ -28,7 +28,7 @@ from PIL import Image
 
 from model.categories import categories
 from pipeline.ids import last_part
-from pipeline.outputs import output_filesystem
+from pipeline.output_paths import locate
 from pipeline.packed_images import packed_rows
 from pipeline.rle import VOID_ID, panoptic_map
 
@@ -128,7 +128,7 @@ def write_coco_pngs(batch: pa.Table, *, dest: str) -> pa.Table:
     Output columns: ``image_id``, ``image`` (JSON of the ``images`` entry), ``annotation`` (JSON) and
     ``left_out`` (segments of a category outside the 133).
     """
-    fs, root = output_filesystem(dest)
+    fs, root = locate(dest)
     out: dict[str, list[Any]] = {"image_id": [], "image": [], "annotation": [], "left_out": []}
     for image in packed_rows(batch):
         rgb, entry, annotation = coco_image(image)

@@ -8,7 +8,7 @@ Views (all read lazily from the Parquet files, filters and projections pushed do
 - ``category_counts``: one row per category: ``category_id, category, isthing, segments, images,
   total_area, mean_score``.
 
-How the files are reached: each table is a ``pyarrow.dataset`` built by :func:`pipeline.outputs.open_table`
+How the files are reached: each table is a ``pyarrow.dataset`` built by :func:`pipeline.output_tables.open_table`
 (fsspec -> ``pyarrow.fs.PyFileSystem(FSSpecHandler)``, so ``s3://`` goes through s3fs and the usual AWS
 configuration) and registered with DuckDB as an Arrow scan. DuckDB never opens a URL itself, so its
 ``httpfs`` extension (downloaded on first use) is never needed, and the file-selection rules (recursive,
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import duckdb
 
-from pipeline.outputs import check_output, open_table
+from pipeline.output_paths import Output
+from pipeline.output_tables import check_output, open_table
 from pipeline.schema import IMAGES_TABLE, SEGMENTS_TABLE
 
 _VIEW_SQL = {
@@ -48,16 +49,16 @@ VIEWS = (SEGMENTS_TABLE, IMAGES_TABLE, *_VIEW_SQL)
 """The names a query can use."""
 
 
-def connect(output: str, *, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+def connect(output: Output | str, *, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``segments``, ``images``, ``image_categories``, ``category_counts``.
 
     The connection keeps the Arrow datasets alive; listing the files happens here, reading happens per
-    query. Raises :class:`~pipeline.outputs.OutputNotFoundError` when ``output`` holds no output.
+    query. Raises :class:`~pipeline.output_tables.OutputNotFoundError` when ``output`` holds no output.
     """
-    check_output(output)
+    out = check_output(output)
     con = duckdb.connect(database)
     for table in (SEGMENTS_TABLE, IMAGES_TABLE):
-        con.register(table, open_table(output, table))
+        con.register(table, open_table(out, table))
     for name, sql in _VIEW_SQL.items():
         con.execute(f"CREATE TEMP VIEW {name} AS {sql}")
     return con

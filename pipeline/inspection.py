@@ -15,13 +15,13 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.ids import member_of_old_row
+from pipeline.output_paths import Output
 from pipeline.parts import COUNTS_KEY, part_counts
 from pipeline.poison import is_poisoned_error
 from pipeline.schema import COMMITTED_SCHEMA, INSPECTION_SCHEMA, Counts
@@ -71,7 +71,7 @@ def inspect_output(committer: OutputCommitter, parts: list[str], *, local: bool)
 def inspect_parts(batch: dict[str, np.ndarray], *, output: str) -> pa.Table:
     """{"path"} of committed ``images`` parts -> their counts from the Parquet footer (format 1 parts without
     them: from their columns), or the ``problem`` that makes a part unreadable (`INSPECTION_SCHEMA`)."""
-    fs, _ = fsspec.core.url_to_fs(output)
+    fs = Output.of(output).fs  # on a worker: the output resolved as everywhere
     rows = []
     for path in (str(p) for p in batch["path"]):
         row: dict[str, Any] = {"path": path, "problem": None}
@@ -97,7 +97,7 @@ def committed_rows(batch: dict[str, np.ndarray], *, output: str, retry_poisoned:
     get ``member`` from their old ids (``shard#member``) and ``retryable`` false. With ``retry_poisoned``
     (``--retry-poisoned``), a row of an image that killed its model worker twice (`pipeline.poison`) reads as
     retryable, so that the plan redoes it."""
-    fs, _ = fsspec.core.url_to_fs(output)
+    fs = Output.of(output).fs  # on a worker: the output resolved as everywhere
     tables = [COMMITTED_SCHEMA.empty_table()]
     for path in (str(p) for p in batch["path"]):
         with fs.open(path, "rb") as f:

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.outputs import TABLE_SCHEMAS, open_table, output_filesystem, table_bytes, table_files
+from pipeline.output_paths import Output
+from pipeline.output_tables import TABLE_SCHEMAS, open_table, table_bytes, table_files
 from pipeline.schema import FLAT_SCHEMA, IMAGES_TABLE, PACKED_SCHEMA, SEGMENTS_TABLE, STATUS_OK
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ LOCAL_MAX_BYTES = 16 << 20
 
 
 def map_images(
-    output: str,
+    output: Output | str,
     fn: Callable[..., pa.Table],
     *,
     image_ids: Sequence[str] | None = None,
@@ -47,15 +48,16 @@ def map_images(
     one runs as a Ray Data ``map_batches`` over :func:`read_segments_by_image`, with Ray's and Ray Data's
     own messages hidden unless ``verbose``.
     """
+    out = Output.resolve(output)
     kwargs = dict(fn_kwargs or {})
-    if table_bytes(output) <= LOCAL_MAX_BYTES:
-        packed = read_packed_images(output, image_ids=image_ids)
+    if table_bytes(out) <= LOCAL_MAX_BYTES:
+        packed = read_packed_images(out, image_ids=image_ids)
         rows: list[dict[str, Any]] = []
         for start in range(0, packed.num_rows, batch_size):
             rows += fn(packed.slice(start, batch_size), **kwargs).to_pylist()
         return rows
     _init_ray_quietly(verbose=verbose)
-    dataset = read_segments_by_image(output, image_ids=image_ids)
+    dataset = read_segments_by_image(out, image_ids=image_ids)
     return dataset.map_batches(fn, batch_format="pyarrow", batch_size=batch_size, fn_kwargs=kwargs).take_all()
 
 
@@ -84,12 +86,13 @@ def packed_rows(batch: pa.Table) -> list[dict[str, Any]]:
     return images
 
 
-def read_packed_images(output: str, *, image_ids: Sequence[str] | None = None) -> pa.Table:
+def read_packed_images(output: Output | str, *, image_ids: Sequence[str] | None = None) -> pa.Table:
     """The rows of :func:`read_segments_by_image`, read in this process (pyarrow only), sorted by image_id."""
-    images = open_table(output, IMAGES_TABLE).to_table(
+    out = Output.resolve(output)
+    images = open_table(out, IMAGES_TABLE).to_table(
         columns=["image_id", "source", "height", "width", "status"], filter=pc.field("status") == STATUS_OK
     )
-    segments = open_table(output, SEGMENTS_TABLE).to_table(
+    segments = open_table(out, SEGMENTS_TABLE).to_table(
         columns=["image_id", "segment_id", "category_id", "score", "rle"]
     )
     images = _keep_image_ids(images, image_ids=image_ids).sort_by("image_id")
@@ -114,7 +117,7 @@ def read_packed_images(output: str, *, image_ids: Sequence[str] | None = None) -
 
 
 def read_segments_by_image(
-    output: str, *, image_ids: Sequence[str] | None = None, num_partitions: int | None = None
+    output: Output | str, *, image_ids: Sequence[str] | None = None, num_partitions: int | None = None
 ) -> ray.data.Dataset:
     """A Ray Dataset with one :data:`PACKED_SCHEMA` row per ``ok`` image of ``output``.
 
@@ -125,22 +128,23 @@ def read_segments_by_image(
     """
     import ray.data
 
-    items = [{"table": t, "path": p} for t in (IMAGES_TABLE, SEGMENTS_TABLE) for p in table_files(output, t)[0]]
+    out = Output.resolve(output)
+    items = [{"table": t, "path": p} for t in (IMAGES_TABLE, SEGMENTS_TABLE) for p in table_files(out, t)[0]]
     if not items:
         return ray.data.from_arrow(PACKED_SCHEMA.empty_table())
     flat = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_flat,
         batch_format="pyarrow",
         batch_size=1,
-        fn_kwargs={"output": output, "image_ids": None if image_ids is None else list(image_ids)},
+        fn_kwargs={"out": out, "image_ids": None if image_ids is None else list(image_ids)},
     )
     partitions = num_partitions or min(len(items), 200)
     return flat.groupby("image_id", num_partitions=partitions).map_groups(_pack_image, batch_format="pyarrow")
 
 
-def _read_flat(batch: pa.Table, *, output: str, image_ids: Sequence[str] | None) -> pa.Table:
-    """Ray stage: rows ``{table, path}`` naming Parquet files -> their flat rows (:data:`FLAT_SCHEMA`)."""
-    fs, _ = output_filesystem(output)
+def _read_flat(batch: pa.Table, *, out: Output, image_ids: Sequence[str] | None) -> pa.Table:
+    """Ray stage: rows ``{table, path}`` naming Parquet files of ``out`` -> their flat rows (:data:`FLAT_SCHEMA`)."""
+    fs = out.fs
     parts = [FLAT_SCHEMA.empty_table()]
     for table, path in zip(batch["table"].to_pylist(), batch["path"].to_pylist()):
         with fs.open(path, "rb") as f:

@@ -5,10 +5,10 @@
 per actor. A batch of decoded images of any sizes (`pipeline.decode.decoded_batch`) goes through
 `PanopticPredictor` (grouped by canvas, so results do not depend on batch composition) and comes back as
 one Arrow table in `pipeline.schema.PREDICTION_SCHEMA`: per image its id map (bytes) and its segments as
-columns (`pipeline.results`). `pipeline.results.encode_results` turns that into `RESULT_SCHEMA` (COCO RLE
-per segment): on the shard call's threads while the model runs the next batch (``encode_rle=False``), or
-here. The two halves are apart for the shard call: `PanopticSegmenter.segment` (the device's part: all the
-model thread runs) and `PanopticSegmenter.table` (the rows, on the shard call's CPU threads).
+columns (`pipeline.prediction_tables`). `pipeline.prediction_tables.encode_results` turns that into
+`RESULT_SCHEMA` (COCO RLE per segment): on the shard call's threads while the model runs the next batch
+(``encode_rle=False``), or here. The two halves are apart for the shard call: `PanopticSegmenter.segment` (the
+device's part: all the model thread runs) and `PanopticSegmenter.table` (the rows, on the shard call's CPU threads).
 
 A CUDA out-of-memory error on a batch retries the two halves separately, down to one image; an image
 that still does not fit becomes a retryable error row.
@@ -29,7 +29,7 @@ from model.panoptic import PanopticResult
 from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
 from model.synthetic_weights import synthetic_state_dict
 from pipeline.device_decode import prepare_encoded
-from pipeline.results import encode_results, prediction_table
+from pipeline.prediction_tables import encode_results, prediction_table
 from pipeline.schema import SYNTHETIC_WEIGHTS
 
 log = logging.getLogger(__name__)

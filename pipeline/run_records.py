@@ -4,7 +4,8 @@ between the runs that share an output.
 A record holds the run's settings (`model_settings`: what changes a row's content), its weights (redacted URI,
 sha256), its config and command line (redacted), versions, its output format (`OUTPUT_FORMAT_VERSION`) and,
 once the run ends, its status and counts. `pipeline.commit` writes it (before the run's first commit, and when
-the run finishes or fails); `check_settings` compares a new run's settings with every recorded run's.
+the run finishes or fails); `check_settings` compares a new run's settings with every recorded run's. Records
+are read one way, `read_run_records`; the readers' `latest_run_record` and `run_weights` are views of it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import posixpath
 import sys
 import time
 from dataclasses import asdict
@@ -71,7 +73,12 @@ def publish_record(out: Output, record: dict[str, Any]) -> None:
 
 
 def read_run_records(out: Output) -> list[dict[str, Any]]:
-    """The records in ``_runs/``, oldest first (run ids sort by time), listed afresh."""
+    """The records in ``_runs/``, oldest first (run ids sort by time), listed afresh: the one way ``_runs/`` is
+    read (the run's settings check, and the readers' views below).
+
+    No ``_runs/`` folder gives ``[]``. A record that cannot be read (gone since the listing, not JSON, not a JSON
+    object) is left out with a warning; a record without a ``run_id`` gets its file name's.
+    """
     fs, folder = out.fs, out.runs
     fs.invalidate_cache(folder)  # another run may have written here since this process last listed it
     try:
@@ -81,10 +88,29 @@ def read_run_records(out: Output) -> list[dict[str, Any]]:
     records = []
     for path in paths:
         try:
-            records.append(json.loads(fs.cat_file(path)))
-        except (json.JSONDecodeError, FileNotFoundError) as exc:
+            record = json.loads(fs.cat_file(path))
+        except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as exc:
             log.warning("ignoring unreadable run record %s (%s)", path, exc)
+            continue
+        if not isinstance(record, dict):
+            log.warning("ignoring unreadable run record %s (not a JSON object)", path)
+            continue
+        record.setdefault("run_id", posixpath.basename(path).removesuffix(".json"))
+        records.append(record)
     return records
+
+
+def latest_run_record(out: Output) -> dict[str, Any]:
+    """The record of the output's latest readable run (`read_run_records`' last): ``config``, ``settings``,
+    ``weights``, ``versions``, counts; ``{}`` when the output has none."""
+    records = read_run_records(out)
+    return records[-1] if records else {}
+
+
+def run_weights(out: Output) -> dict[str, str]:
+    """``{run_id: weights URI}`` of the output's readable run records (`read_run_records`); ``"synthetic"`` marks
+    a run made with the deterministic demo weights, whose segments are meaningless."""
+    return {str(r["run_id"]): str((r.get("weights") or {}).get("uri", "")) for r in read_run_records(out)}
 
 
 def check_settings(records: list[dict[str, Any]], settings: dict[str, Any], *, allow: bool) -> None:

@@ -92,7 +92,7 @@ INPUT_COLUMNS = ("image_id", "source", "member", "input_size", "input_version")
 _IMAGE_KEY_COLUMNS = ("image_id", "source")
 
 SEGMENT_STRUCT = pa.struct([f for f in SEGMENTS_SCHEMA if f.name not in _IMAGE_KEY_COLUMNS])
-# What the model gives for a segment; RLE adds ``category`` and ``rle`` (`pipeline.results.encode_results`).
+# What the model gives for a segment; RLE adds ``category`` and ``rle`` (`pipeline.prediction_tables.encode_results`).
 PREDICTED_SEGMENT_STRUCT = pa.struct([f for f in SEGMENT_STRUCT if f.name not in ("category", "rle")])
 
 _STAGE_IMAGE_COLUMNS = (*INPUT_COLUMNS, "width", "height", "error", "retryable")
@@ -113,8 +113,8 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("segments", pa.list_(PREDICTED_SEGMENT_STRUCT)),
     ]
 )
-"""One row per image as the model returns it before RLE (`pipeline.results.encode_results`, on the shard call's
-threads)."""
+"""One row per image as the model returns it before RLE (`pipeline.prediction_tables.encode_results`, on the shard
+call's threads)."""
 
 
 # -- the per-image views of an output, read back (`pipeline.packed_images`) ----------------------------------

@@ -65,8 +65,8 @@ from pipeline.parts import PartGatherer
 from pipeline.pipelining import ordered_map
 from pipeline.poison import ANNOUNCE_CHUNK, Flight, ShardHistory
 from pipeline.predict import PanopticSegmenter, Segmented, is_device_fault
+from pipeline.prediction_tables import encode_results, prediction_table
 from pipeline.readers import ImageRow, read_ref, ref_rows
-from pipeline.results import encode_results, prediction_table
 from pipeline.schema import EMPTY_PIXELS, PART_ROW_SCHEMA, DecodedImage
 from pipeline.stage_clock import StageClock
 from pipeline.storage import TRANSIENT_ERRORS

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import IMAGE_EXTENSIONS, InputConfig
+from pipeline.output_paths import Output
 from pipeline.readers import kind_of, parquet_columns_problem
 from pipeline.storage import (
     DEFAULT_READ_TIMEOUT_S,
@@ -83,16 +84,6 @@ def _with_protocol(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> str:
     return f"{protocol}://{path}" if protocol and protocol not in ("file", "local") else path
 
 
-def output_location(output: str | None) -> tuple[fsspec.AbstractFileSystem, str] | None:
-    """(filesystem, root path) of an output URI, to keep it out of the listing; None when there is none."""
-    if not output:
-        return None
-    fs, root = fsspec.core.url_to_fs(output)
-    if is_local(fs):
-        root = os.path.realpath(root)
-    return fs, root.rstrip("/")
-
-
 def resolve_inputs(
     config: InputConfig, *, output: str | None = None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 ) -> ResolvedInputs:
@@ -103,7 +94,7 @@ def resolve_inputs(
     manifests: list[str] = []
     left_out: list[str] = []
     left_out_count = 0
-    excluded = output_location(output)
+    excluded = Output.of(output) if output else None  # kept out of the listing (`Output.holds`)
     for uri in config.uris:
         if config.format == "manifest" or (
             config.format == "auto" and uri.lower().endswith((".txt", ".manifest", ".lst"))
@@ -186,9 +177,7 @@ class Listing(NamedTuple):
     left_out: list[str]  # the first `LEFT_OUT_EXAMPLES` of them
 
 
-def _list_uri(
-    uri: str, config: InputConfig, excluded: tuple[fsspec.AbstractFileSystem, str] | None, read_timeout_s: float
-) -> Listing:
+def _list_uri(uri: str, config: InputConfig, excluded: Output | None, read_timeout_s: float) -> Listing:
     """The refs of one input URI and what was left out. A local ref that is no regular file has
     ``"regular": False`` (popped by `resolve_inputs`); its read gives the error row without opening it."""
     try:
@@ -208,9 +197,8 @@ def _list_uri(
     except (*TRANSIENT_ERRORS, ValueError) as exc:  # no such bucket, access denied, bad endpoint...
         raise InputError(describe_storage_error(uri, exc)) from exc
     refs, skipped, left_out, left_out_count = [], 0, [], 0
-    same_fs = excluded is not None and type(excluded[0]) is type(fs)
     for p in sorted(found):
-        under_output = same_fs and (p == excluded[1] or p.startswith(excluded[1] + "/"))  # type: ignore[index]
+        under_output = excluded is not None and excluded.holds(fs, p)
         kind = kind_of(p, config.format)
         if kind is None:
             if not under_output:

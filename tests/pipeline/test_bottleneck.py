@@ -22,7 +22,7 @@ from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, ResourceConfig
 from pipeline.lease import Lease
 from pipeline.predict import Segmented
-from pipeline.results import prediction_table
+from pipeline.prediction_tables import prediction_table
 from pipeline.shard import ShardSegmenter
 from pipeline.sources import REF_SCHEMA
 from pipeline.stage_clock import KEYS

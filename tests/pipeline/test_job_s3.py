@@ -13,7 +13,7 @@ import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.outputs import open_table
+from pipeline.output_tables import open_table
 from pipeline.sources import InputError
 from tests.pipeline.images import photo_bytes, tar_bytes
 

@@ -10,8 +10,8 @@ import pytest
 from model.predictor import InferenceConfig
 from pipeline.decode import decode_batch
 from pipeline.predict import PanopticSegmenter
-from pipeline.results import encode_results, prediction_table
-from pipeline.results import input_columns as input_columns_of
+from pipeline.prediction_tables import encode_results, prediction_table
+from pipeline.prediction_tables import input_columns as input_columns_of
 from pipeline.rle import decode_rle
 from pipeline.schema import PREDICTION_SCHEMA, RESULT_SCHEMA
 from tests.pipeline.images import input_columns, photo_bytes

@@ -1,4 +1,4 @@
-"""Opening an output: file selection, its tables and run records, one image's rows, S3."""
+"""Opening an output: file selection, its tables, one image's rows, S3 (its run records: test_run_records.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.outputs import (
-    open_table,
-    read_image_rows,
-    read_run_config,
-    table_files,
-)
+from pipeline.output_paths import Output
+from pipeline.output_tables import OutputNotFoundError, check_output, open_table, read_image_rows, table_files
+from pipeline.run_records import latest_run_record
 from tests.synthetic_output import SynthImage, make_images, write_output
 
 
@@ -56,10 +53,23 @@ def test_open_table_of_a_missing_table_is_empty(tmp_path: Path) -> None:
     assert "status" in table.column_names
 
 
-def test_read_run_config(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path) -> None:
+def test_the_latest_run_record(synthetic: tuple[Path, list[SynthImage]], tmp_path: Path) -> None:
     output, _ = synthetic
-    assert read_run_config(str(output))["config"] == {"input": {"bytes_column": "jpeg"}}
-    assert read_run_config(str(tmp_path)) == {}
+    assert latest_run_record(Output.of(str(output)))["config"] == {"input": {"bytes_column": "jpeg"}}
+    assert latest_run_record(Output.of(str(tmp_path))) == {}
+
+
+def test_check_output_gives_the_output_resolved_or_names_what_is_missing(
+    synthetic: tuple[Path, list[SynthImage]], tmp_path: Path
+) -> None:
+    output, _ = synthetic
+    out = Output.of(str(output) + "/")
+    assert check_output(out) is out  # resolved once: handed back, not resolved again
+    assert check_output(str(output)) == Output(str(output), out.fs, out.root)
+    with pytest.raises(OutputNotFoundError, match="no such folder or prefix"):
+        check_output(str(tmp_path / "nothing"))
+    with pytest.raises(OutputNotFoundError, match=r"it has no images/, segments/, _runs/ or _lease\.json"):
+        check_output(str(tmp_path))
 
 
 def test_read_image_rows(synthetic: tuple[Path, list[SynthImage]]) -> None:
@@ -87,7 +97,7 @@ def test_open_table_over_s3(synthetic: tuple[Path, list[SynthImage]], s3_env: di
     assert segments.sort_by([("image_id", "ascending"), ("segment_id", "ascending")]).equals(
         local.sort_by([("image_id", "ascending"), ("segment_id", "ascending")])
     )
-    assert read_run_config(uri)["config"] == {"input": {"bytes_column": "jpeg"}}
+    assert latest_run_record(Output.of(uri))["config"] == {"input": {"bytes_column": "jpeg"}}
     assert len(table_files(uri, "images")[0]) == 2
 
 
