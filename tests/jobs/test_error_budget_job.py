@@ -29,7 +29,8 @@ TIMEOUT_S = 300.0
 NUM_IMAGES = 96  # 12 parts of 8
 READS_BEFORE_THE_FAULT = 16  # 2 parts
 FLAGS = ["--weights", "synthetic", "--device", "cpu", "--min-size", "64", "--max-size", "107",
-         "--batch-size", "4", "--rows-per-file", "8", "--error-window", "40", "--no-progress"]  # fmt: skip
+         "--batch-size", "4", "--rows-per-file", "8", "--error-window", "40", "--max-actors", "1",
+         "--no-progress"]  # fmt: skip
 STOPPED = re.compile(
     r'panoptic-flow segment: stopped: (\d+) of the last (\d+) images failed \(most common: "([^"]+)", (\d+) '
     r"images\); the parts committed so far are kept: fix the cause and re-run the same command to resume, or raise "

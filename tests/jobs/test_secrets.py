@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -105,9 +106,14 @@ def test_secrets_in_failing_commands_are_never_printed(s3_env: dict[str, str], t
         "bad value of another flag": ["--input", str(folder), "--output", str(out),
                                       f"--max-actors=s3://u:{SECRET}@b/x"],
     }  # fmt: skip
-    for case, args in cases.items():
+
+    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
         weights = [] if any(a.startswith("--weights") for a in args) else ["--weights", "synthetic"]
-        job = _run([*args, *weights, *FLAGS])
+        return _run([*args, *weights, *FLAGS])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:  # independent processes: their start-ups overlap
+        jobs = dict(zip(cases, pool.map(run, cases.values())))
+    for case, job in jobs.items():
         assert job.returncode == 2, (case, job.stderr[-3000:])
         errors = [line for line in job.stderr.splitlines() if "error:" in line]
         assert len(errors) == 1 and "Traceback" not in job.stderr, (case, job.stderr[-3000:])

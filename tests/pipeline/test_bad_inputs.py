@@ -40,7 +40,7 @@ def test_every_odd_input_gets_exactly_one_row(ray_session: None, tmp_path: Path)
         output=str(tmp_path / "out"),
         model=ModelSpec(weights="synthetic"),
         inference=INFERENCE,
-        resources=ResourceConfig(batch_size=8, device="cpu", rows_per_file=8),
+        resources=ResourceConfig(batch_size=8, device="cpu", rows_per_file=8, max_actors=1),
     )
     summary = run_job(config, show_progress=False)
 

@@ -150,7 +150,7 @@ def test_job_with_device_preprocess_commits_every_image(ray_session: None, tmp_p
         output=str(tmp_path / "out"),
         model=ModelSpec(weights="synthetic"),
         inference=DEVICE_PATH,
-        resources=ResourceConfig(batch_size=3, device="cpu"),
+        resources=ResourceConfig(batch_size=3, device="cpu", max_actors=1),
     )
     summary = run_job(config, show_progress=False)
     images = pads.dataset(str(tmp_path / "out" / "images"), format="parquet").to_table().to_pylist()

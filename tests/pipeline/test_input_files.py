@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 READ_TIMEOUT_S = 20.0  # a read that blocks (on a FIFO's open) fails the test after this
 JOB_TIMEOUT_S = 300.0
 JOB_FLAGS = ["--weights", "synthetic", "--device", "cpu", "--min-size", "64", "--max-size", "107",
-             "--batch-size", "2", "--no-progress"]  # fmt: skip
+             "--batch-size", "2", "--max-actors", "1", "--no-progress"]  # fmt: skip
 
 
 def _read(uris: list[str], *, kind: str = "file", max_bytes: int = 1 << 30) -> dict[str, np.ndarray]:

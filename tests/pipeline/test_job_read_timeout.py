@@ -27,7 +27,7 @@ def _config(output: str) -> JobConfig:
         output=output,
         model=ModelSpec(weights="synthetic"),
         inference=InferenceConfig(min_size=64, max_size=107),
-        resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=4),
+        resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=4, max_actors=1),
         failures=FailureConfig(read_timeout_s=READ_TIMEOUT_S),
     )
 

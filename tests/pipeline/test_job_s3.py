@@ -35,7 +35,7 @@ def _config(inputs: tuple[str, ...], output: str, **input_options: object) -> Jo
         output=output,
         model=ModelSpec(weights="synthetic"),
         inference=INFERENCE,
-        resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=3),
+        resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=3, max_actors=1),
     )
 
 

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300.0
 JOB_FLAGS = ["--weights", "synthetic", "--device", "cpu", "--min-size", "64", "--max-size", "107",
-             "--batch-size", "2", "--rows-per-file", "2", "--no-progress"]  # fmt: skip
+             "--batch-size", "2", "--rows-per-file", "2", "--max-actors", "1", "--no-progress"]  # fmt: skip
 
 
 def _config(inputs: list[str], output: str, *, threshold: float = 0.85, rows_per_file: int = 2) -> JobConfig:
@@ -42,7 +42,7 @@ def _config(inputs: list[str], output: str, *, threshold: float = 0.85, rows_per
         output=output,
         model=ModelSpec(weights="synthetic"),
         inference=InferenceConfig(min_size=64, max_size=107, threshold=threshold),
-        resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=rows_per_file),
+        resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=rows_per_file, max_actors=1),
     )
 
 

@@ -24,7 +24,7 @@ def _config(inputs: tuple[str, ...], output: Path) -> JobConfig:
         output=str(output),
         model=ModelSpec(weights="synthetic"),
         inference=InferenceConfig(min_size=64, max_size=107),
-        resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=3),
+        resources=ResourceConfig(batch_size=4, device="cpu", rows_per_file=3, max_actors=1),
     )
 
 

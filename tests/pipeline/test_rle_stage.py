@@ -68,7 +68,7 @@ def test_jobs_with_other_batch_and_part_sizes_write_the_same_tables(
             output=str(tmp_path / shape),
             model=ModelSpec(weights="synthetic"),
             inference=InferenceConfig(min_size=32, max_size=64, threshold=threshold),
-            resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=rows_per_file),
+            resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=rows_per_file, max_actors=1),
         )
         assert run_job(config, show_progress=False).images_ok == 8
         keys = {"images": ["image_id"], "segments": ["image_id", "segment_id"]}

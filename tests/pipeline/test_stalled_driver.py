@@ -33,7 +33,7 @@ def _config(inputs: str, output: str) -> JobConfig:
         output=output,
         model=ModelSpec(weights="synthetic"),
         inference=InferenceConfig(min_size=64, max_size=107),
-        resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=2),
+        resources=ResourceConfig(batch_size=2, device="cpu", rows_per_file=2, max_actors=1),
     )
 
 
