@@ -5,7 +5,7 @@ the local Ray's 4 logical CPUs, vs two 1-CPU actors) runs `pipeline.run.run_job`
 with ``--min-actors = --max-actors = A`` and ``--cpus-per-actor C`` (C torch threads per actor: Ray sets
 OMP_NUM_THREADS) on the same ``--images`` files of ``--photo-size`` (`bench.inputs.write_image_set`: ``tiny`` or
 ``HEIGHTxWIDTH``), synthetic weights, ``--min-size``, ``--batch-size``, parts of exactly ``--rows-per-file``
-(at least 4 × A parts: `pipeline.run.shard_rows`). The rate is measured inside each run, from the parts'
+(at least 4 × A parts: `pipeline.run.block_refs`). The rate is measured inside each run, from the parts'
 arrivals at the driver (`bench.in_run.in_run_rate`: 10 %-90 % of the images, whole waves of A parts).
 ``--rounds`` rounds, the layouts in turn; per layout each round's images/s, the median, and its ratio to the
 first layout (per round, median). One local Ray (4 logical CPUs); run it under ``flock /tmp/pf-ray-tests.lock``.

@@ -14,7 +14,7 @@ batches as its actor finished them. The same window rule on every side (`in_run_
   two.
 
 `job_in_run` runs the job once with parts of exactly ``rows_per_file`` images (it refuses an input count that
-`pipeline.run.shard_rows` would cut smaller) and gives its rate by that rule.
+`pipeline.run.block_refs` would cut smaller) and gives its rate by that rule.
 """
 
 from __future__ import annotations
@@ -60,16 +60,16 @@ def in_run_rate(events: Sequence[tuple[float, int]], *, actors: int = 1, lo: flo
 
 
 def check_cut(images: int, *, rows_per_file: int, actors: int) -> None:
-    """Raise ValueError unless `pipeline.run.shard_rows` cuts ``images`` refs into parts of ``rows_per_file`` for
+    """Raise ValueError unless `pipeline.run.block_refs` cuts ``images`` refs into parts of ``rows_per_file`` for
     ``actors`` actors (it cuts a small job smaller, so that the part size would depend on the job's size)."""
     from pipeline.config import ResourceConfig
-    from pipeline.run import SHARDS_PER_ACTOR, shard_rows
+    from pipeline.run import BLOCKS_PER_ACTOR, block_refs
 
-    cut = shard_rows(ResourceConfig(rows_per_file=rows_per_file, max_actors=actors), images)
+    cut = block_refs(ResourceConfig(rows_per_file=rows_per_file, max_actors=actors), images)
     if cut != rows_per_file:
         raise ValueError(
             f"{images} images with {actors} actor(s) would be cut into parts of {cut}, not {rows_per_file}: "
-            f"give at least {SHARDS_PER_ACTOR * actors * rows_per_file} images, or smaller parts"
+            f"give at least {BLOCKS_PER_ACTOR * actors * rows_per_file} images, or smaller parts"
         )
 
 

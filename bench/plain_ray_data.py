@@ -10,7 +10,7 @@ The plain script (`plain_script`, ~20 lines): ``ray.data.read_images`` -> ``map_
 which ≥ 10 % of the images are done to the last at which ≤ 90 % are): the job's events are its committed parts
 reaching the driver, the plain script's are its actor's model batches as it finished them (``(time, images)``
 lines appended to a file in this Ray's bench folder). Never a marginal between two runs of different sizes: the
-job's fixed cost depends on its size (`pipeline.run.shard_rows`). ``--rounds`` rounds, each job then plain
+job's fixed cost depends on its size (`pipeline.run.block_refs`). ``--rounds`` rounds, each job then plain
 (then the bare loop); each round's ratio and the median.
 
 Regimes (``--regime``, default both):
@@ -128,7 +128,7 @@ def plain_script(folder: str, output: str, *, actor: type, kwargs: dict, batch_s
 def shard_call_in_process(
     folder: Path, *, images: int, rows_per_file: int, batch_size: int, cpus: float, stand_in_ms: float
 ) -> dict:
-    """The job's shard call without Ray, in this process (the stand-in model patched in, its threads as an actor
+    """The job's block call without Ray, in this process (the stand-in model patched in, its threads as an actor
     reserving ``cpus`` gets), on the same photos in one call; its rate inside the run by the same window rule,
     from its parts' commit times, and the process's CPU use over the call (what the call's threads obtained)."""
     import pyarrow as pa
@@ -136,11 +136,11 @@ def shard_call_in_process(
     from bench import stand_in_model
     from bench.in_run import in_run_rate
     from model.predictor import InferenceConfig
+    from pipeline.block_call import BlockSegmenter
     from pipeline.commit import OutputCommitter
     from pipeline.config import InputConfig, ResourceConfig
     from pipeline.lease import Lease
     from pipeline.predict import PanopticSegmenter
-    from pipeline.shard import ShardSegmenter
     from pipeline.sources import REF_SCHEMA
 
     os.environ[stand_in_model.MS_PER_IMAGE_ENV] = str(stand_in_ms)
@@ -153,7 +153,7 @@ def shard_call_in_process(
     model = PanopticSegmenter(variant="detr-r50-panoptic", weights="synthetic", inference=inference, device="cpu",
                               encode_rle=False)  # fmt: skip
     output = tempfile.mkdtemp(prefix="pfb-inproc-")
-    call = ShardSegmenter.with_model(
+    call = BlockSegmenter.with_model(
         model,
         inference=inference,
         input=InputConfig(uris=(str(folder),)),
@@ -340,7 +340,7 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
             "median": statistics.median(rate["job"]) / limit,
         },
         # the model thread's own serial time per image beside the model's (its wall time minus the stand-in's
-        # sleep), and the shard call's orchestrating thread's CPU time per image (`pipeline.stage_clock`)
+        # sleep), and the block call's orchestrating thread's CPU time per image (`pipeline.stage_clock`)
         "model_thread_serial_ms_per_image": [1000 * s["model"] / n - args.stand_in_ms for s in seconds],
         "call_thread_cpu_ms_per_image": [1000 * s["call_cpu"] / n for s in seconds],
         "model_idle_share": [run["stages"]["shares"]["model_idle"] for run in rounds["job"]],
@@ -409,7 +409,7 @@ def markdown(report: dict) -> str:
         if g.get("in_process_share_of_cpu_budget"):
             inproc = g["images_per_s"]["in_process"]
             notes.append(
-                f"gpu-like, the shard call without Ray (same photos, one call): "
+                f"gpu-like, the block call without Ray (same photos, one call): "
                 f"{', '.join(f'{x:.1f}' for x in inproc)} images/s, "
                 f"{g['in_process_share_of_cpu_budget']['median']:.3f} of the CPU budget, the process using "
                 f"{', '.join(f'{x:.2f}' for x in g['in_process_cpus_used'])} CPUs."
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-images", type=int, default=1024)
     parser.add_argument("--gpu-rows-per-file", type=int, default=128)
     parser.add_argument("--stand-in-ms", type=float, default=5.0)
-    parser.add_argument("--in-process", action="store_true", help="gpu-like: also the shard call without Ray")
+    parser.add_argument("--in-process", action="store_true", help="gpu-like: also the block call without Ray")
     parser.add_argument("--job-only", action="store_true", help="gpu-like: the job and its CPU budget, no plain script")
     parser.add_argument("--stage-images", type=int, default=64, help="gpu-like: photos of the core-ms timing")
     parser.add_argument("--out", type=Path, default=None)

@@ -5,7 +5,7 @@ Installed in every Ray worker by ``runtime_env={"worker_process_setup_hook": "st
 this folder (``bench/``) on the workers' ``PYTHONPATH`` *after* the tree under test: the module imports only
 ``pipeline`` and ``model``, so the same file patches the previous commit's tree (``/work/wt-before``) and the
 current one. Both plans construct that class: the oldest plan maps it as the actor, a later one's
-`pipeline.shard.ShardSegmenter` builds one with ``encode_rle=False`` and calls it per model batch, the current
+`pipeline.block_call.BlockSegmenter` builds one with ``encode_rle=False`` and calls it per model batch, the current
 one runs only its device step (`PanopticSegmenter.segment`) on the model thread and the rows on its CPU threads.
 
 ``__init__`` builds no model. ``__call__(batch)`` returns what the real one returns,
@@ -13,7 +13,7 @@ one runs only its device step (`PanopticSegmenter.segment`) on the model thread 
 `model.panoptic.PanopticResult` per ok row sized to that row's (height, width): `SEGMENTS` segments (vertical
 bands), and it sleeps so that a batch takes ``PFB_STAND_IN_MS`` (default 2) ms per image in all. ``segment(batch)``
 returns the same results as a `pipeline.predict.Segmented` after sleeping that long: the rows are then made on
-the shard call's CPU threads, as with the real model.
+the block call's CPU threads, as with the real model.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _call(self, batch):
 
 
 def _segment(self, batch):
-    """The device's part alone (a tree whose shard call runs `PanopticSegmenter.segment` on its model thread and
+    """The device's part alone (a tree whose block call runs `PanopticSegmenter.segment` on its model thread and
     the rows on its CPU threads): the fixed results, after sleeping ``PFB_STAND_IN_MS`` per image."""
     from pipeline.predict import Segmented
 

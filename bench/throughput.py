@@ -35,17 +35,17 @@ import torch
 import pipeline.run
 from bench.local_ray import BENCH_DIR_ENV
 from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
+from pipeline.block_call import BlockSegmenter
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 from pipeline.decode import decode_image
 from pipeline.schema import SYNTHETIC_WEIGHTS
-from pipeline.shard import ShardSegmenter
 from pipeline.storage import read_bytes
 
 _ARRIVALS: list[tuple[float, int]] = []  # (perf_counter, images) of each committed part reaching the driver
 
 
-class _ThreadReportingSegmenter(ShardSegmenter):
-    """`ShardSegmenter` (the job's actor) that reports its torch threads (and OMP_NUM_THREADS) in $PFB_BENCH_DIR."""
+class _ThreadReportingSegmenter(BlockSegmenter):
+    """`BlockSegmenter` (the job's actor) that reports its torch threads (and OMP_NUM_THREADS) in $PFB_BENCH_DIR."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -202,7 +202,7 @@ def job(
         _ARRIVALS.clear()
         _actor_reports()  # clear
         start = time.perf_counter()
-        with mock.patch.object(pipeline.run, "ShardSegmenter", _ThreadReportingSegmenter):
+        with mock.patch.object(pipeline.run, "BlockSegmenter", _ThreadReportingSegmenter):
             summary = pipeline.run.run_job(config, show_progress=False, on_part=_timestamp)
         end = time.perf_counter()
         actors = _actor_reports()

@@ -104,7 +104,7 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
     """uint8 ``[h, w, 3]`` of an RGB image. Where Pillow exports its memory (the Arrow C data interface, Pillow
     >= 11.2, an image held in one block), a view of it, without a copy (its stride is 4 bytes per pixel: Pillow
     keeps RGB as RGBX); else a copy (``np.asarray``: `Image.tobytes`, a Python loop that holds the GIL, ~1.4 ms
-    per 800×1066 image, which the shard call's decoding threads would wait on each other for)."""
+    per 800×1066 image, which the block call's decoding threads would wait on each other for)."""
     if image.mode == "RGB" and hasattr(image, "__arrow_c_array__"):
         try:
             rgbx = pa.array(image).values.to_numpy(zero_copy_only=True)

@@ -2,12 +2,12 @@
 
 Each committed part's row carries its actor's seconds since that actor's previous part (`pipeline.stage_clock`),
 so the sums over a run are the model actors' totals: ``wall`` (actor-seconds), each stage's busy seconds, the
-model thread's idle time (the GPU waiting for input) and which stage the shard call's orchestrating thread
+model thread's idle time (the GPU waiting for input) and which stage the block call's orchestrating thread
 waited on. `StageTotals.verdict` names the limiting stage with its remedy:
 
-- the model, when it is busy at least `MODEL_BUSY` of the time or the shard call waited on it most:
+- the model, when it is busy at least `MODEL_BUSY` of the time or the block call waited on it most:
   ``bottleneck: model (busy 96 %)``;
-- otherwise the stage the shard call waited on most (read, the CPU pool, commit, or ``work``: no shard call
+- otherwise the stage the block call waited on most (read, the CPU pool, commit, or ``work``: no block call
   at all; for the CPU pool, which of decode and RLE used more of it), with the share of the time the model
   waited for input:
   ``bottleneck: decode (the model waited 38 % of the time for input) — add CPUs per actor ...``.

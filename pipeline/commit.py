@@ -11,7 +11,7 @@ hook                     where     what
 `retract`                either    rows the resume redoes removed from their committed parts (on
                                    workers, or in the driver for a small output: `pipeline.resume`)
 `on_write_start`         driver    the run's record in ``_runs/``, ``_SUCCESS`` removed
-`write_part`             worker    commit one part (the model actor's shard call, `pipeline.shard`)
+`write_part`             worker    commit one part (the model actor's block call, `pipeline.block_call`)
 `on_write_complete`      driver    the record completed, ``_SUCCESS`` written
 `on_write_failed`        driver    the record marked failed
 =======================  ========  =====================================================================
@@ -36,7 +36,7 @@ The guarantees
    ``segments`` file, then its ``images`` file, each published whole (`pipeline.storage.publish`: a temporary
    file renamed on local stores, one PUT on object stores). The ``images`` file is the commit record of every
    image in it (ok or error), and carries its counts in its footer. Part names hash the part's image ids, so
-   Ray's retry of a shard call whose actor died (before, between or after the two files) overwrites its own
+   Ray's retry of a block call whose actor died (before, between or after the two files) overwrites its own
    files instead of adding a second copy.
 3. **Start.** `prepare` removes temporary files and ``segments`` parts without an ``images`` part (a crash
    between the two writes), then returns the committed parts; `pipeline.inspection` reads their footers and
@@ -50,7 +50,7 @@ The guarantees
    object store's listing cache can be stale); a run with nothing to do leaves no record. Parts and records
    are listed afresh (`invalidate_cache`).
 
-Tested against: a killed model actor, a killed driver then a re-run, a lost node, a shard call killed between a
+Tested against: a killed model actor, a killed driver then a re-run, a lost node, a block call killed between a
 part's two files and after both, two runs started together and one started mid-run, an exception and a signal
 during an S3 upload, a store that drops connections, an unreadable committed part, the output inside the input
 folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py, test_s3_faults.py); a lease

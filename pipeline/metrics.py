@@ -17,7 +17,7 @@ Ray 2.60 by tests/pipeline/test_metrics.py), so ``panoptic_flow_images`` is expo
 - ``panoptic_flow_stage_seconds{stage}``: busy seconds per stage (``read``, ``decode``, ``model``, ``rle``,
   ``commit``), summed over the stage's threads.
 - ``panoptic_flow_model_idle_seconds``: the model thread waiting for decoded input (the GPU idle for want of it).
-- ``panoptic_flow_waited_seconds{stage}``: the shard call's orchestrating thread blocked on a stage.
+- ``panoptic_flow_waited_seconds{stage}``: the block call's orchestrating thread blocked on a stage.
 - ``panoptic_flow_wall_seconds``: the actor's wall seconds, so that ``rate(stage) / rate(wall)`` is a busy share.
 - ``panoptic_flow_reserved_cpu_seconds``: wall seconds times the CPUs the actor reserved (a CPU share's
   denominator).
@@ -51,7 +51,7 @@ WAITED_PREFIX = "waited_"
 
 
 class PartMetrics:
-    """Created once per model actor (in ``ShardSegmenter.__init__``); `record` is called with each committed
+    """Created once per model actor (in ``BlockSegmenter.__init__``); `record` is called with each committed
     part's row.
 
     ``tags``: labels put on every series (e.g. ``{"run_id": ...}``), fixed for the actor's life.
@@ -119,10 +119,10 @@ def _counters(tag_keys: tuple[str, ...]) -> dict[str, Counter]:
         "errors": counter("errors", "Error images committed, by error kind.", "kind"),
         "segments": counter("segments", "Panoptic segments committed."),
         "parts": counter("parts", "Parts committed."),
-        "stage_seconds": counter("stage_seconds", "Busy seconds of a shard call's stage, over its threads.", "stage"),
+        "stage_seconds": counter("stage_seconds", "Busy seconds of a block call's stage, over its threads.", "stage"),
         "model_idle_seconds": counter("model_idle_seconds", "Seconds the model waited for decoded input."),
-        "waited_seconds": counter("waited_seconds", "Seconds the shard call's thread was blocked on a stage.", "stage"),
-        "wall_seconds": counter("wall_seconds", "Wall seconds of the model actors' shard calls."),
+        "waited_seconds": counter("waited_seconds", "Seconds the block call's thread was blocked on a stage.", "stage"),
+        "wall_seconds": counter("wall_seconds", "Wall seconds of the model actors' block calls."),
         "reserved_cpu_seconds": counter("reserved_cpu_seconds", "Wall seconds times the CPUs each actor reserved."),
     }
 

@@ -1,33 +1,33 @@
 """Poison isolation: an input that kills its model worker gets an error row instead of failing the job.
 
-MapReduce's "skipping bad records" (Dean & Ghemawat, OSDI 2004, §3.7), for the shard call (`pipeline.shard`):
+MapReduce's "skipping bad records" (Dean & Ghemawat, OSDI 2004, §3.7), for the block call (`pipeline.block_call`):
 
-1. Before an image is decoded, segmented and RLE-encoded, the shard call *announces* it in flight, and it says
+1. Before an image is decoded, segmented and RLE-encoded, the block call *announces* it in flight, and it says
    when the image is *done* (encoded). The record lives in a `FlightLog` held by one small actor per run
    (`start_flight_recorder`, on the driver's node, no CPU), so it survives the model actor's death and is seen
    by the call's retry wherever Ray runs it.
-2. A shard call begins with `FlightLog.begin`. When the shard's previous attempt never finished, its actor died:
+2. A block call begins with `FlightLog.begin`. When the block's previous attempt never finished, its actor died:
    every image it had in flight gets a *strike* (a *death* with nothing in flight, such as a lost node, strikes
-   nobody and the shard is redone as before).
+   nobody and the block is redone as before).
 3. The retry runs the images without a strike as usual, then each *suspect* (one strike) alone: decoded,
    segmented and encoded with nothing else in flight, each step announced with its stage. A suspect that comes
    through is cleared.
 4. A suspect whose actor dies while it is alone is *poisoned* (in flight at two deaths, the second alone): the
    retry gives it an error row, ``killed the model worker (twice) while <stage>: skipped``, not retryable
    (a re-run would only be killed again; ``--retry-poisoned`` redoes such rows on purpose), and commits its
-   shard-mates.
+   block-mates.
 
-So each death spends one of the call's retries (`pipeline.run.SHARD_CALL_RETRIES`) on finding the poison, never
-on a blind repeat: k poisoned images in flight together cost 1 + k deaths, k far apart in one shard 2k. A hung
-model batch, or a device fault, is turned into a death by the shard call itself (`pipeline.watchdog`). Order:
-the images done before a death are a prefix of the shard's images, so a retry cuts the same first parts (part
+So each death spends one of the call's retries (`pipeline.run.BLOCK_CALL_RETRIES`) on finding the poison, never
+on a blind repeat: k poisoned images in flight together cost 1 + k deaths, k far apart in one block 2k. A hung
+model batch, or a device fault, is turned into a death by the block call itself (`pipeline.watchdog`). Order:
+the images done before a death are a prefix of the block's images, so a retry cuts the same first parts (part
 names hash their ids) and nothing is committed twice.
 
 Cost: one call to the recorder per `ANNOUNCE_CHUNK` images, not waited for in the steady state (an
 announcement is sent a chunk ahead and carries the completions since the last one): BENCHMARKS.md "Poison
-isolation". If the recorder itself is lost, the shard calls go on without isolation (logged once): a death then
+isolation". If the recorder itself is lost, the block calls go on without isolation (logged once): a death then
 fails its retries as before. Order: a retry cuts the same parts as the attempt before it because suspects run
-alone *in place* (`pipeline.shard.ShardSegmenter._results`), never moved to the end.
+alone *in place* (`pipeline.block_call.BlockSegmenter._results`), never moved to the end.
 """
 
 from __future__ import annotations
@@ -57,16 +57,16 @@ def is_poisoned_error(error: str | None) -> bool:
 
 
 @dataclass
-class ShardHistory:
+class BlockHistory:
     """What `FlightLog.begin` tells an attempt: the images to run alone, and those to skip with their row."""
 
-    deaths: int = 0  # earlier attempts of this shard that never finished
+    deaths: int = 0  # earlier attempts of this block that never finished
     suspects: frozenset[str] = frozenset()  # image ids in flight at one death: run alone
     poisoned: dict[str, str] = field(default_factory=dict)  # image id -> its error row
 
 
 @dataclass
-class _Shard:
+class _Block:
     open: bool = False  # an attempt began and has not finished
     in_flight: dict[str, Stage] = field(default_factory=dict)
     alone: bool = False  # the images in flight are one suspect run alone
@@ -77,28 +77,28 @@ class _Shard:
 
 
 class FlightLog:
-    """The in-flight record of every shard of one run (see the module docstring). Plain Python: the run's
+    """The in-flight record of every block of one run (see the module docstring). Plain Python: the run's
     recorder actor holds one (`start_flight_recorder`); a test can hold one in process."""
 
     def __init__(self) -> None:
-        self._shards: dict[str, _Shard] = {}
+        self._blocks: dict[str, _Block] = {}
 
-    def begin(self, key: str) -> ShardHistory:
-        """An attempt of shard ``key`` begins; an earlier attempt that never finished died with its images."""
-        shard = self._shards.setdefault(key, _Shard())
-        if shard.open:
-            self._death(shard)
-        shard.open, shard.alone, shard.reason = True, False, ""
-        suspects = frozenset(i for i, n in shard.strikes.items() if n > 0 and i not in shard.poisoned)
-        return ShardHistory(shard.deaths, suspects, dict(shard.poisoned))
+    def begin(self, key: str) -> BlockHistory:
+        """An attempt of block ``key`` begins; an earlier attempt that never finished died with its images."""
+        block = self._blocks.setdefault(key, _Block())
+        if block.open:
+            self._death(block)
+        block.open, block.alone, block.reason = True, False, ""
+        suspects = frozenset(i for i, n in block.strikes.items() if n > 0 and i not in block.poisoned)
+        return BlockHistory(block.deaths, suspects, dict(block.poisoned))
 
-    def _death(self, shard: _Shard) -> None:
-        shard.deaths += 1
-        for image_id, stage in shard.in_flight.items():
-            if shard.alone and shard.strikes.get(image_id, 0) > 0:
-                shard.poisoned[image_id] = poisoned_error(stage, shard.reason)
-            shard.strikes[image_id] = shard.strikes.get(image_id, 0) + 1
-        shard.in_flight.clear()
+    def _death(self, block: _Block) -> None:
+        block.deaths += 1
+        for image_id, stage in block.in_flight.items():
+            if block.alone and block.strikes.get(image_id, 0) > 0:
+                block.poisoned[image_id] = poisoned_error(stage, block.reason)
+            block.strikes[image_id] = block.strikes.get(image_id, 0) + 1
+        block.in_flight.clear()
 
     def announce(
         self, key: str, image_ids: list[str], stage: Stage = IN_FLIGHT, *, alone: bool = False, done: Sequence[str] = ()
@@ -106,40 +106,40 @@ class FlightLog:
         """``image_ids`` are in flight (at ``stage``); ``alone``: one suspect with nothing else in flight; ``done``:
         images that came through since the last call (`done`, sent along to save a call)."""
         self.done(key, list(done))
-        shard = self._shards.setdefault(key, _Shard(open=True))
-        shard.alone = alone
+        block = self._blocks.setdefault(key, _Block(open=True))
+        block.alone = alone
         for image_id in image_ids:
-            shard.in_flight[image_id] = stage
+            block.in_flight[image_id] = stage
 
     def done(self, key: str, image_ids: list[str]) -> None:
         """``image_ids`` came through (encoded): no longer in flight, and a suspect among them is cleared."""
-        shard = self._shards.get(key)
-        if shard is None:
+        block = self._blocks.get(key)
+        if block is None:
             return
         for image_id in image_ids:
-            shard.in_flight.pop(image_id, None)
-            shard.strikes.pop(image_id, None)
+            block.in_flight.pop(image_id, None)
+            block.strikes.pop(image_id, None)
 
     def dying(self, key: str, reason: str) -> None:
         """The current attempt is about to be killed on purpose (a hung model batch), for this reason."""
-        shard = self._shards.get(key)
-        if shard is not None:
-            shard.reason = reason
+        block = self._blocks.get(key)
+        if block is not None:
+            block.reason = reason
 
     def finish(self, key: str) -> None:
-        """The attempt returned: the shard is committed and its record is dropped."""
-        self._shards.pop(key, None)
+        """The attempt returned: the block is committed and its record is dropped."""
+        self._blocks.pop(key, None)
 
     def abandon(self, key: str) -> None:
         """The attempt raised (its actor alive, e.g. a commit that failed): no death, nothing in flight struck,
         whether or not Ray retries it."""
-        shard = self._shards.get(key)
-        if shard is not None:
-            shard.open, shard.alone = False, False
-            shard.in_flight.clear()
+        block = self._blocks.get(key)
+        if block is not None:
+            block.open, block.alone = False, False
+            block.in_flight.clear()
 
-    def open_shards(self) -> int:
-        return sum(1 for s in self._shards.values() if s.open)
+    def open_blocks(self) -> int:
+        return sum(1 for s in self._blocks.values() if s.open)
 
 
 def start_flight_recorder() -> Any:
@@ -156,7 +156,7 @@ def start_flight_recorder() -> Any:
 
 
 class Flight:
-    """One shard attempt's side of the record. Announcements are sent a chunk ahead and waited for before the
+    """One block attempt's side of the record. Announcements are sent a chunk ahead and waited for before the
     chunk is handed on (the actor may die right after); completions are gathered and sent along with the next
     announcement, or by `flush` without waiting (a lost or late one only leaves images suspects), always before an
     image runs alone.
@@ -167,8 +167,8 @@ class Flight:
         self.alone = False
         self._done: list[str] = []
 
-    def begin(self) -> ShardHistory:
-        return self._wait(self._send("begin", self.key)) or ShardHistory()
+    def begin(self) -> BlockHistory:
+        return self._wait(self._send("begin", self.key)) or BlockHistory()
 
     def announce(self, image_ids: list[str], stage: Stage = IN_FLIGHT) -> None:
         """``image_ids`` in flight (at ``stage``), recorded before this returns."""
@@ -227,7 +227,7 @@ class Flight:
 
         try:
             return ray.get(sent, timeout=RECORDER_TIMEOUT_S)
-        except ray.exceptions.RayError as exc:  # gone, unreachable or stuck: never the shard's failure
+        except ray.exceptions.RayError as exc:  # gone, unreachable or stuck: never the block's failure
             self._lost(exc)
             return None
 

@@ -1,14 +1,14 @@
 """Segmentation of one model batch: the model on its device, as the model actor hosts it.
 
 `PanopticSegmenter` loads the weights itself from the weights URI (cached on the node), once, in
-``__init__`` — the model never travels through the object store; the shard call (`pipeline.shard`) holds one
+``__init__`` — the model never travels through the object store; the block call (`pipeline.block_call`) holds one
 per actor. A batch of decoded images of any sizes (`pipeline.decode.decoded_batch`) goes through
 `PanopticPredictor` (grouped by canvas, so results do not depend on batch composition) and comes back as
 one Arrow table in `pipeline.schema.PREDICTION_SCHEMA`: per image its id map (bytes) and its segments as
 columns (`pipeline.prediction_tables`). `pipeline.prediction_tables.encode_results` turns that into
-`RESULT_SCHEMA` (COCO RLE per segment): on the shard call's threads while the model runs the next batch
-(``encode_rle=False``), or here. The two halves are apart for the shard call: `PanopticSegmenter.segment` (the
-device's part: all the model thread runs) and `PanopticSegmenter.table` (the rows, on the shard call's CPU threads).
+`RESULT_SCHEMA` (COCO RLE per segment): on the block call's threads while the model runs the next batch
+(``encode_rle=False``), or here. The two halves are apart for the block call: `PanopticSegmenter.segment` (the
+device's part: all the model thread runs) and `PanopticSegmenter.table` (the rows, on the block call's CPU threads).
 
 A CUDA out-of-memory error on a batch retries the two halves separately, down to one image; an image
 that still does not fit becomes a retryable error row.
@@ -101,7 +101,7 @@ class PanopticSegmenter:
         return self.table(batch, self.segment(batch))
 
     def segment(self, batch: dict[str, np.ndarray]) -> Segmented:
-        """The device's part of a batch, all the model thread runs (`pipeline.shard`): the images of the rows
+        """The device's part of a batch, all the model thread runs (`pipeline.block_call`): the images of the rows
         without an error (JPEGs decoded on the device with ``--device-preprocess``) through the model."""
         errors = [str(e) for e in batch["error"]]
         retryable = [bool(r) for r in batch["retryable"]]

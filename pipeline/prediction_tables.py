@@ -2,8 +2,8 @@
 
 The model's call turns a batch into one Arrow table in `pipeline.schema.PREDICTION_SCHEMA` (`prediction_table`:
 per image its id map as bytes and its segments as columns); `encode_results` turns that into `RESULT_SCHEMA`
-(COCO RLE per segment, in one pass per image), on the shard call's threads while the model runs the next batch
-(`pipeline.shard`). Arrow end to end.
+(COCO RLE per segment, in one pass per image), on the block call's threads while the model runs the next batch
+(`pipeline.block_call`). Arrow end to end.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _predicted_segments(per_image: Sequence[Sequence[Segment]]) -> pa.ListArray:
 
 def encode_results(predictions: pa.Table) -> pa.Table:
     """`PREDICTION_SCHEMA` rows -> `RESULT_SCHEMA` rows: each segment's mask as COCO RLE, plus its category
-    name and ``status``. What the shard call runs on its threads after a model built with ``encode_rle=False``."""
+    name and ``status``. What the block call runs on its threads after a model built with ``encode_rle=False``."""
     n = predictions.num_rows
     segments = predictions.column("segments")
     lengths = pc.fill_null(pc.list_value_length(segments), 0).to_numpy()  # merged blocks may hold null lists

@@ -8,8 +8,8 @@ One `Reader` per ref kind, in the table `READERS`:
 - ``"parquet"``: a file with an image-bytes column (binary, or a ``{"bytes": ...}`` struct) and an optional id
   column, one row per row (member ``row=N``).
 
-A reader's ``rows`` reads a whole ref into `ImageRow` s (`read_ref`: the pipeline's shard call,
-`pipeline.shard`); its ``image`` reads the bytes of one image of it back, by the ``member`` its row stored
+A reader's ``rows`` reads a whole ref into `ImageRow` s (`read_ref`: the pipeline's block call,
+`pipeline.block_call`); its ``image`` reads the bytes of one image of it back, by the ``member`` its row stored
 (`read_image`: ``panoptic-flow show``), so the pipeline and whatever draws its results read inputs one way.
 
 Only regular files are read: a local FIFO, socket or device (also behind a symbolic link) becomes an error row

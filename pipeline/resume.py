@@ -180,7 +180,7 @@ def decide(
     if listing.shards:
         shard_rows = [executor.each(listed_shard_rows, [listing.shards]), executor.each(shard_skips, [decided])]
         refs.append(executor.by_key(group_shards, shard_rows, key="uri", keep=True))  # one row per shard: read
-        # twice by `pipeline.run.shard_dataset`
+        # twice by `pipeline.run.work_blocks`
     else:
         result.known_total = result.files_to_do
     result.refs = executor.union(refs)

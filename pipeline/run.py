@@ -1,14 +1,13 @@
 """The one place that wires the job together and sets Ray resources.
 
-refs (input URIs; what a resume skips or redoes: `pipeline.resume`) -> shards (blocks of refs,
-`shard_dataset`) -> the shard call (`pipeline.shard.ShardSegmenter` on an actor pool, GPU or CPU: read, decode,
-segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one
-operator after the refs, so Ray Data's per-block cost is paid once per shard; refs and part rows are all that
-cross the object store. The driver checks inputs, weights and the output before any cluster work, holds the
-output's lease (`pipeline.lease`), starts the run in one call (`pipeline.resume.start`: settings check, clean-up,
-inspection, the plan and its retractions, in the driver or on Ray), drives the commit protocol's hooks
-(`pipeline.commit`, which own every write and its lease check), and receives one small row per committed part: no
-result passes through it.
+refs (input URIs; what a resume skips or redoes: `pipeline.resume`) -> work blocks (what one actor call gets,
+`work_blocks`) -> the block call (`pipeline.block_call.BlockSegmenter` on an actor pool, GPU or CPU: read, decode,
+segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one operator
+after the refs, so Ray Data's per-block cost is paid once per work block; refs and part rows are all that cross the
+object store. The driver checks inputs, weights and the output before any cluster work, holds the output's lease
+(`pipeline.lease`), starts the run in one call (`pipeline.resume.start`: settings check, clean-up, inspection, the
+plan and its retractions, in the driver or on Ray), drives the commit protocol's hooks (`pipeline.commit`, which
+own every write and its lease check), and receives one small row per committed part: no result passes through it.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from ray.data.expressions import col
 from tqdm.auto import tqdm
 
 from pipeline import block_stats, resume, run_records
+from pipeline.block_call import BlockSegmenter
 from pipeline.bottleneck import StageTotals
 from pipeline.commit import OutputCommitter
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
@@ -40,20 +40,19 @@ from pipeline.poison import start_flight_recorder
 from pipeline.resources import ActorLayout, actor_layout, check_gpu_supply, use_gpus
 from pipeline.run_summary import RunSummary
 from pipeline.schema import PART_ROW_SCHEMA, Counts
-from pipeline.shard import ShardSegmenter
 from pipeline.sources import left_out_text, resolve_inputs
 from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error
 from pipeline.weights import resolve_weights
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
-# Ray restarts a dead model actor and retries its shard call. Each death is spent on poison isolation
+# Ray restarts a dead model actor and retries its block call. Each death is spent on poison isolation
 # (`pipeline.poison`): an input that kills every actor that reads it (a crashing codec, out of memory) costs two
-# deaths and gets an error row; bounded, so that a shard whose actors keep dying with nothing in flight (nodes
+# deaths and gets an error row; bounded, so that a work block whose actors keep dying with nothing in flight (nodes
 # lost again and again) fails the job instead of running forever.
-SHARD_CALL_RETRIES = 32  # a poison costs two deaths (in its window, then alone), and a call queued behind a
-# dying one on the same actor loses a retry too: room for about a dozen poisoned images per shard
-SHARDS_PER_ACTOR = 4  # a small job is cut into at least this many shards per actor, so that every actor works
+BLOCK_CALL_RETRIES = 32  # a poison costs two deaths (in its window, then alone), and a call queued behind a
+# dying one on the same actor loses a retry too: room for about a dozen poisoned images per block
+BLOCKS_PER_ACTOR = 4  # a small job is cut into at least this many work blocks per actor, so that every actor works
 
 
 class OutputError(ValueError):
@@ -117,18 +116,18 @@ def _spend_restart_notice() -> None:
     sys.stderr.write("".join(line for line in lines if RESTART_NOTICE not in line))
 
 
-def shard_rows(resources: ResourceConfig, files: int, *, actors: int | None = None) -> int:
-    """File refs (one image each) per shard, given the ``files`` to do: ``--rows-per-file`` (one shard call
-    commits about one part), fewer for few files (`SHARDS_PER_ACTOR` shards per actor), so that the part size
-    never leaves actors idle. A tar / Parquet shard is a shard of its own (`shard_dataset`). ``actors``: the
+def block_refs(resources: ResourceConfig, files: int, *, actors: int | None = None) -> int:
+    """File refs (one image each) per work block, given the ``files`` to do: ``--rows-per-file`` (one block call
+    commits about one part), fewer for few files (`BLOCKS_PER_ACTOR` blocks per actor), so that the part size
+    never leaves actors idle. A tar / Parquet shard is a work block of its own (`work_blocks`). ``actors``: the
     pool's largest size (`pipeline.resources.actor_layout`; default ``--max-actors``, else 1)."""
     actors = actors or resources.max_actors or 1
-    return max(1, min(resources.rows_per_file, -(-files // (SHARDS_PER_ACTOR * actors))))
+    return max(1, min(resources.rows_per_file, -(-files // (BLOCKS_PER_ACTOR * actors))))
 
 
-def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.Dataset:
-    """Refs (`pipeline.sources.REF_SCHEMA`) as a dataset of shards, one block each: up to ``rows`` file refs
-    in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is cut here; a
+def work_blocks(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.Dataset:
+    """Refs (`pipeline.sources.REF_SCHEMA`) as a dataset of work blocks (what one actor call gets): up to ``rows``
+    file refs in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is cut here; a
     dataset (refs planned on the workers) is split by kind and each kind re-blocked by Ray in a streaming pass,
     so it is read once per kind (`pipeline.resume.decide` on Ray hands one whose shuffles are done)."""
     if isinstance(refs, ray.data.Dataset):
@@ -145,14 +144,14 @@ def shard_dataset(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.D
 
 def build_dataset(
     config: JobConfig,
-    shards: ray.data.Dataset,
+    blocks: ray.data.Dataset,
     *,
     weights: str,
     committer: OutputCommitter,
     flight_recorder: Any = None,
     layout: ActorLayout | None = None,
 ) -> ray.data.Dataset:
-    """The lazy plan from ``shards`` (`shard_dataset`) to one `PART_ROW_SCHEMA` row per committed part;
+    """The lazy plan from ``blocks`` (`work_blocks`) to one `PART_ROW_SCHEMA` row per committed part;
     ``flight_recorder`` (`pipeline.poison.start_flight_recorder`) turns on poison isolation; ``layout``: the
     actor pool (default: `pipeline.resources.actor_layout` of the config)."""
     res = config.resources
@@ -163,15 +162,15 @@ def build_dataset(
         # Ray 2.60 deprecates `ray_remote_args_fn` for 2.64 without a named replacement for an actor's task
         # retries; pyproject pins ray < 2.61, and users need not see it.
         warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
-        return shards.map_batches(
-            ShardSegmenter,
+        return blocks.map_batches(
+            BlockSegmenter,
             batch_format="pyarrow",
-            batch_size=None,  # one call per shard block
+            batch_size=None,  # one call per work block
             compute=ray.data.ActorPoolStrategy(min_size=layout.min_actors, max_size=layout.max_actors),
             num_gpus=res.num_gpus if use_gpu else 0,
             num_cpus=cpus,
             ray_remote_args_fn=_bounded_retries,  # each new actor's options (Ray Data's own default retries forever)
-            fn_constructor_kwargs={  # the frozen config sections each actor needs (`ShardSegmenter`)
+            fn_constructor_kwargs={  # the frozen config sections each actor needs (`BlockSegmenter`)
                 "model": replace(config.model, weights=weights),  # the driver's resolved checkpoint
                 "device": "cuda" if use_gpu else "cpu",
                 "inference": config.inference,
@@ -186,7 +185,7 @@ def build_dataset(
 
 
 def _bounded_retries() -> dict[str, Any]:
-    return {"max_task_retries": SHARD_CALL_RETRIES}
+    return {"max_task_retries": BLOCK_CALL_RETRIES}
 
 
 def take_lease(output: str, run_id: str, *, take_over: bool) -> Lease:
@@ -242,11 +241,11 @@ def run_job(
             use_gpu = use_gpus(config.resources.device)
             stages = StageTotals(gpu=use_gpu)  # where the actors' time goes
             layout = actor_layout(config.resources, use_gpu=use_gpu)
-            rows = shard_rows(config.resources, plan.files_to_do, actors=layout.max_actors)
-            shards = shard_dataset(plan.refs, rows=rows)
+            rows = block_refs(config.resources, plan.files_to_do, actors=layout.max_actors)
+            blocks = work_blocks(plan.refs, rows=rows)
             recorder = start_flight_recorder()  # poison isolation (`pipeline.poison`)
             dataset = build_dataset(
-                config, shards, weights=weights, committer=committer, flight_recorder=recorder, layout=layout
+                config, blocks, weights=weights, committer=committer, flight_recorder=recorder, layout=layout
             )
             committer.on_write_start(record)  # the record before any row of this run; no _SUCCESS older than them
             bar = _progress_bar(plan.known_total, enabled=show_progress)

@@ -201,7 +201,7 @@ PART_ROW_SCHEMA = pa.schema(
         ("committed_at", pa.float64()),  # Unix time
     ]
 )
-"""What a shard call returns for each part it committed: all the driver receives (its progress, its counts, its
+"""What a block call returns for each part it committed: all the driver receives (its progress, its counts, its
 error budget: `pipeline.error_budget`, and where the actor's time went: `pipeline.bottleneck`)."""
 
 INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem", pa.string())])

@@ -17,8 +17,8 @@ files whose names end in no image, ``.tar`` or ``.parquet`` extension are left o
 (`ResolvedInputs.left_out`); ``--input-format files`` reads them as images. Nothing under the job's output is
 ever listed as an input.
 
-Refs travel until `pipeline.readers.read_ref` reads their bytes (in the model actor's shard call,
-`pipeline.shard`); the resume filter and the de-duplication of repeated URIs work on refs (`pipeline.resume`),
+Refs travel until `pipeline.readers.read_ref` reads their bytes (in the model actor's block call,
+`pipeline.block_call`); the resume filter and the de-duplication of repeated URIs work on refs (`pipeline.resume`),
 so bytes of committed or repeated inputs are never read. A ref's ``skip`` lists members of a shard that are
 already committed.
 """

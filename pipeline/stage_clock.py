@@ -1,6 +1,6 @@
-"""Where a model actor's time goes: the busy time of each stage of the shard call, and what waited on what.
+"""Where a model actor's time goes: the busy time of each stage of the block call, and what waited on what.
 
-One `StageClock` per model actor (`pipeline.shard.ShardSegmenter`). Its threads add to it as they work:
+One `StageClock` per model actor (`pipeline.block_call.BlockSegmenter`). Its threads add to it as they work:
 
 - *busy* seconds per stage (`STAGES`): ``read`` and ``commit`` as wall time (they wait on storage), ``decode``
   (decode, resize and the model batch's assembly) and ``rle`` (the result rows and their RLE) as the thread's
@@ -8,8 +8,8 @@ One `StageClock` per model actor (`pipeline.shard.ShardSegmenter`). Its threads 
 - ``model_idle``: the model thread with no batch to run (on a GPU actor: the GPU waiting for input), and
   ``model_device``: the model thread waiting inside a batch (wall minus its CPU time: for the device's results,
   or for torch's other threads on a CPU actor);
-- ``waited_<stage>``: the shard call's orchestrating thread blocked on that stage's next result (the stage it
-  waits on most is the one that holds the call back), ``between_calls``: the actor with no shard call at all
+- ``waited_<stage>``: the block call's orchestrating thread blocked on that stage's next result (the stage it
+  waits on most is the one that holds the call back), ``between_calls``: the actor with no block call at all
   (waiting for work from Ray Data), and ``call_cpu``: the orchestrating thread's own CPU time (serial work).
 
 `take` hands out what was added since the previous `take` together with the actor's wall time over the same
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 
 STAGES = ("read", "decode", "model", "rle", "commit")
-"""The shard call's stages, in pipeline order."""
+"""The block call's stages, in pipeline order."""
 
 WAITED = tuple(f"waited_{stage}" for stage in STAGES)
 KEYS = ("wall", *STAGES, "model_idle", "model_device", *WAITED, "between_calls", "call_cpu")
@@ -47,7 +47,7 @@ class StageClock:
         self._since: float | None = None  # when the span of the next `take` began (the first call's start)
         self._first_call: float | None = None
         self._model_free_since: float | None = None  # the model thread's last batch end
-        self._calls = 0  # shard calls running
+        self._calls = 0  # block calls running
         self._no_call_since: float | None = None
         self._thread = threading.local()  # the orchestrating thread's CPU time when last counted
 
@@ -90,7 +90,7 @@ class StageClock:
 
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
-        """Around one shard call on its orchestrating thread: its CPU time, and the actor's time between calls."""
+        """Around one block call on its orchestrating thread: its CPU time, and the actor's time between calls."""
         now = time.perf_counter()
         self._thread.cpu = time.thread_time()
         with self._lock:

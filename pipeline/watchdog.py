@@ -4,7 +4,7 @@ A model call that hangs (a kernel that never finishes, a driver deadlock) would 
 queued behind it on the same actor, until Ray Data's no-progress timeout (hours). `HungBatchWatchdog` watches
 the batch running on the model thread from a thread of its own: one that runs longer than ``floor_s``
 (``--hung-batch-timeout``) *and* ``FACTOR`` times this actor's typical batch (the median of its recent ones) is
-hung, and ``on_hung`` is called with how long it ran. The shard call's ``on_hung`` records the reason with the
+hung, and ``on_hung`` is called with how long it ran. The block call's ``on_hung`` records the reason with the
 in-flight images (`pipeline.poison`) and ends the process, so that Ray restarts the actor and retries the
 shard, whose poison isolation then runs the batch's images one at a time.
 """

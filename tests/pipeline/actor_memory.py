@@ -1,4 +1,4 @@
-"""Child process of tests/pipeline/test_actor_memory.py: one `ShardSegmenter` call (no Ray) on the refs it is
+"""Child process of tests/pipeline/test_actor_memory.py: one `BlockSegmenter` call (no Ray) on the refs it is
 given, and the peak resident memory that call added.
 
 The model is built first (synthetic weights, ``min_size`` 64), then the high-water mark is reset
@@ -16,11 +16,11 @@ import sys
 import pyarrow.parquet as pq
 
 from model.predictor import InferenceConfig
+from pipeline.block_call import BlockSegmenter
 from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, ResourceConfig
 from pipeline.lease import Lease
 from pipeline.predict import PanopticSegmenter
-from pipeline.shard import ShardSegmenter
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)
 
@@ -38,7 +38,7 @@ def main() -> None:
     model = PanopticSegmenter(
         variant="detr-r50-panoptic", weights="synthetic", inference=INFERENCE, device="cpu", encode_rle=False
     )
-    call = ShardSegmenter.with_model(  # as the actor's, around this model
+    call = BlockSegmenter.with_model(  # as the actor's, around this model
         model,
         inference=INFERENCE,
         input=InputConfig(uris=(spec["refs"],), max_pixels=10**9, max_bytes=1 << 30),

@@ -28,7 +28,7 @@ def install() -> None:
     import pipeline.readers as readers
 
     original = readers.read_object
-    lock = threading.Lock()  # the shard call reads on a pool of threads
+    lock = threading.Lock()  # the block call reads on a pool of threads
     reads = [0]
 
     def read_object(uri: str, *args: Any, **kwargs: Any) -> Any:

@@ -6,7 +6,7 @@
   its ``images`` file, the commit record);
 - ``PF_FAULT=after``: the same right after its ``images`` file (committed, but the task never returns);
 - ``PF_FAULT=actor``: the model actor is SIGKILLed in the middle of its second model batch (the first went
-  through), so Ray restarts it and retries the shard call it was on;
+  through), so Ray restarts it and retries the block call it was on;
 - ``PF_FAULT=pause``: the first commit of an ``images`` file holds, right after it, until the file
   ``PF_FAULT_RELEASE`` exists (at most ``PAUSE_LIMIT_S``): a job held mid-run, deterministically;
 - ``PF_FAULT=poison``: inputs that strike every time they are handled (`install_poison`): bytes ending in
@@ -96,7 +96,7 @@ HANG_MODEL = "hang-model"
 
 def install_poison(marker: str) -> None:
     """``PF_FAULT=poison`` (see the module docstring), in this process."""
-    import pipeline.shard as shard
+    import pipeline.block_call as shard
     from pipeline.predict import PanopticSegmenter
 
     decode, segment = shard.decode_input, PanopticSegmenter.segment

@@ -2,7 +2,7 @@
 
 Processes are found through /proc (Linux) as descendants of a process the test started itself, never by
 name across the machine: other Ray sessions may run beside the tests. Ray names an actor's worker process
-``ray::<class name>`` (e.g. ``ray::MapWorker(MapBatches(ShardSegmenter))``), an idle one ``ray::IDLE``.
+``ray::<class name>`` (e.g. ``ray::MapWorker(MapBatches(BlockSegmenter))``), an idle one ``ray::IDLE``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-SEGMENTER_TITLE = "ray::MapWorker(MapBatches(ShardSegmenter))"
+SEGMENTER_TITLE = "ray::MapWorker(MapBatches(BlockSegmenter))"
 
 
 def descendants(root: int) -> dict[int, str]:
@@ -49,7 +49,7 @@ def descendants(root: int) -> dict[int, str]:
 
 
 def segmenter_pids(root: int) -> set[int]:
-    """PIDs of the `ShardSegmenter` actor processes below ``root`` (e.g. below a raylet)."""
+    """PIDs of the `BlockSegmenter` actor processes below ``root`` (e.g. below a raylet)."""
     return {pid for pid, command in descendants(root).items() if command.startswith(SEGMENTER_TITLE)}
 
 

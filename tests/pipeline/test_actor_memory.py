@@ -1,4 +1,4 @@
-"""The actor's memory bound (README, "Memory per actor") holds with large images: a shard call of 12 MP JPEGs in
+"""The actor's memory bound (README, "Memory per actor") holds with large images: a block call of 12 MP JPEGs in
 tar shards and as files, and one image near ``--max-pixels``, run without Ray in a child process
 (`tests.pipeline.actor_memory`); the peak resident memory the call adds, minus that of the same call on small
 images, must stay under the README's formula evaluated for the call.
@@ -23,9 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.poison import ANNOUNCE_CHUNK
-from pipeline.rle import COMPARED_PIXELS
-from pipeline.shard import (
+from pipeline.block_call import (
     COMMITS_IN_FLIGHT,
     MODEL_IN_FLIGHT,
     READ_AHEAD_BYTES,
@@ -33,6 +31,8 @@ from pipeline.shard import (
     READ_AHEAD_SHARDS,
     RLE_IN_FLIGHT,
 )
+from pipeline.poison import ANNOUNCE_CHUNK
+from pipeline.rle import COMPARED_PIXELS
 from pipeline.sources import REF_SCHEMA
 from tests.pipeline.images import tar_bytes
 
@@ -41,7 +41,7 @@ MIB = 1 << 20
 
 
 class Call(NamedTuple):
-    """What the README's formula needs to know of one shard call."""
+    """What the README's formula needs to know of one block call."""
 
     pixels: int  # P: the largest image's width × height
     processed: int  # p: the largest processed image's pixels

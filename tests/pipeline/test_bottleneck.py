@@ -1,6 +1,6 @@
-"""Where a shard call's time goes (`pipeline.stage_clock`) and the run's verdict (`pipeline.bottleneck`).
+"""Where a block call's time goes (`pipeline.stage_clock`) and the run's verdict (`pipeline.bottleneck`).
 
-In-process shard calls (no Ray) on 24 small JPEGs with one stage made slow on purpose: the decoder (CPU time per
+In-process block calls (no Ray) on 24 small JPEGs with one stage made slow on purpose: the decoder (CPU time per
 image), the model (a sleep per batch, as a GPU's work), the RLE (CPU time per image) or the commit (a sleep per
 part). The verdict must name that stage, and the part rows' clock must partition the actor's time: the parts'
 wall seconds add up to the calls' own wall time, the slow stage's busy seconds to what was injected.
@@ -17,13 +17,13 @@ import pytest
 
 from model.panoptic import PanopticResult, Segment
 from model.predictor import InferenceConfig
+from pipeline.block_call import BlockSegmenter
 from pipeline.bottleneck import StageTotals
 from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, ResourceConfig
 from pipeline.lease import Lease
 from pipeline.predict import Segmented
 from pipeline.prediction_tables import prediction_table
-from pipeline.shard import ShardSegmenter
 from pipeline.sources import REF_SCHEMA
 from pipeline.stage_clock import KEYS
 from tests.pipeline.images import photo_bytes
@@ -66,8 +66,8 @@ def _refs(folder: Path) -> pa.Table:
 
 
 def _run(tmp_path: Path, model: _Model, *, calls: int = 2) -> tuple[StageTotals, list[dict], float]:
-    """Two shard calls of 12 images each on one actor (parts of 4, batches of 4); the totals the driver keeps."""
-    call = ShardSegmenter.with_model(
+    """Two block calls of 12 images each on one actor (parts of 4, batches of 4); the totals the driver keeps."""
+    call = BlockSegmenter.with_model(
         model,  # type: ignore[arg-type]  # a stand-in with the segmenter's two methods
         inference=INFERENCE,
         input=InputConfig(uris=(str(tmp_path / "in"),), max_pixels=10**8, max_bytes=10**8),
@@ -91,7 +91,7 @@ def _run(tmp_path: Path, model: _Model, *, calls: int = 2) -> tuple[StageTotals,
 
 
 def _slow_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.shard as shard
+    import pipeline.block_call as shard
 
     decode = shard.decode_input
 
@@ -103,7 +103,7 @@ def _slow_decode(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _slow_rle(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.shard as shard
+    import pipeline.block_call as shard
 
     encode = shard.encode_results
 

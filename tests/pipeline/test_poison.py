@@ -71,9 +71,9 @@ def test_a_finished_shard_is_forgotten_and_shards_are_apart() -> None:
     log.begin("t")
     log.announce("s", ["a"])
     log.finish("t")
-    assert log.open_shards() == 1
+    assert log.open_blocks() == 1
     log.finish("s")
-    assert log.open_shards() == 0 and log.begin("s").deaths == 0
+    assert log.open_blocks() == 0 and log.begin("s").deaths == 0
 
 
 def test_a_flight_without_a_recorder_does_nothing() -> None:

@@ -1,4 +1,4 @@
-"""RLE on the shard call's threads (``encode_rle=False`` + `encode_results`) gives exactly the rows of RLE in the
+"""RLE on the block call's threads (``encode_rle=False`` + `encode_results`) gives exactly the rows of RLE in the
 model's call, and the tables between the stages are Arrow all the way (nothing pickled)."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_deferred_rle_rows_equal_the_actor_rows() -> None:
 def test_jobs_with_other_batch_and_part_sizes_write_the_same_tables(
     ray_session: None, tmp_path, threshold: float
 ) -> None:
-    """Through Ray: the shard call's pipelining (RLE on its threads, parts of another size, shards of
+    """Through Ray: the block call's pipelining (RLE on its threads, parts of another size, shards of
     other sizes) changes no row, including batches whose images all have no segment."""
     import pyarrow.dataset as pads
 

@@ -1,4 +1,4 @@
-"""Shards sized by images on every path (`pipeline.run.shard_dataset`): up to ``rows`` file refs to a block and
+"""Shards sized by images on every path (`pipeline.run.work_blocks`): up to ``rows`` file refs to a block and
 each tar / Parquet shard a block of its own, whether the driver planned the refs or Ray did (`pipeline.resume`),
 so that every model actor gets work."""
 
@@ -15,8 +15,8 @@ import pyarrow.dataset as pads
 import pytest
 
 from model.predictor import InferenceConfig
+from pipeline.block_call import BlockSegmenter
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.shard import ShardSegmenter
 from pipeline.sources import REF_SCHEMA
 from tests.pipeline.committed_parts import FAKE_WIDTH, commit_by_hand
 from tests.pipeline.images import photo_bytes, tar_bytes
@@ -47,11 +47,11 @@ def _block_uris(dataset: object) -> list[list[str]]:
 def test_file_refs_go_rows_to_a_block_and_each_shard_alone(ray_session: None, planned_on: str) -> None:
     import ray
 
-    from pipeline.run import shard_dataset
+    from pipeline.run import work_blocks
 
     refs = _mixed_refs()
     source = refs if planned_on == "driver" else ray.data.from_arrow([refs.slice(0, 8), refs.slice(8)])
-    blocks = [uris for uris in _block_uris(shard_dataset(source, rows=4)) if uris]
+    blocks = [uris for uris in _block_uris(work_blocks(source, rows=4)) if uris]
     shards = sorted(uris for uris in blocks if uris[0].endswith(".tar"))
     files = [uris for uris in blocks if not uris[0].endswith(".tar")]
     assert shards == [[f"/in/t{i}.tar"] for i in (1, 3, 5, 7, 9)]
@@ -60,8 +60,8 @@ def test_file_refs_go_rows_to_a_block_and_each_shard_alone(ray_session: None, pl
     assert sorted(u for uris in blocks for u in uris) == sorted(refs.column("uri").to_pylist())
 
 
-class CallRecordingSegmenter(ShardSegmenter):
-    """`ShardSegmenter` that notes each call's process and refs in ``calls/`` beside the output."""
+class CallRecordingSegmenter(BlockSegmenter):
+    """`BlockSegmenter` that notes each call's process and refs in ``calls/`` beside the output."""
 
     def __call__(self, refs: pa.Table) -> pa.Table:
         calls = Path(self.committer.out.uri).parent / "calls"
@@ -74,8 +74,8 @@ class CallRecordingSegmenter(ShardSegmenter):
 def test_a_resume_planned_on_ray_gives_each_tar_shard_its_own_call_on_both_actors(
     ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """24 tar shards of 2 images and 16 image files, 2 actors, parts of 64: each tar is a shard call of its own,
-    the files go 2 to a call (`SHARDS_PER_ACTOR` calls per actor), and both actors work (before: all 24 tars
+    """24 tar shards of 2 images and 16 image files, 2 actors, parts of 64: each tar is a block call of its own,
+    the files go 2 to a call (`BLOCKS_PER_ACTOR` calls per actor), and both actors work (before: all 24 tars
     in one call on one actor, the other idle)."""
     from pipeline import run
 
@@ -90,7 +90,7 @@ def test_a_resume_planned_on_ray_gives_each_tar_shard_its_own_call_on_both_actor
     output = tmp_path / "out"
     commit_by_hand(output, [(f"{tars[0]}#s0.jpg", str(tars[0]))])  # a committed part: a resume
     monkeypatch.setattr("pipeline.resume.fits_locally", lambda inputs, parts: False)  # planned on Ray
-    monkeypatch.setattr(run, "ShardSegmenter", CallRecordingSegmenter)
+    monkeypatch.setattr(run, "BlockSegmenter", CallRecordingSegmenter)
     config = JobConfig(
         input=InputConfig((str(folder),)),
         output=str(output),

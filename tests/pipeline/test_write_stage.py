@@ -133,7 +133,7 @@ def test_write_part_returns_one_small_row_and_nothing_for_no_rows(tmp_path: Path
     with Lease.acquire(str(output), "r1"):
         row = OutputCommitter(str(output), "r1").write_part(_results(_result("a.jpg", segments=1)))
         empty = OutputCommitter(str(output), "r1").write_part(RESULT_SCHEMA.empty_table())
-    added_by_the_call = {"stages", "committed_at"}  # the shard call adds the actor's clock (`pipeline.shard`)
+    added_by_the_call = {"stages", "committed_at"}  # the block call adds the actor's clock (`pipeline.block_call`)
     assert row is not None and set(row) | added_by_the_call == set(PART_ROW_SCHEMA.names) and empty is None
     assert row["bytes"] == sum(p.stat().st_size for p in output.glob("*/part-*.parquet"))
 
@@ -201,7 +201,7 @@ def test_parts_are_written_by_worker_nodes_and_killed_workers_commit_once(tmp_pa
         assert "error" not in result, (scenario, result)
         assert result["images_ok"] == len(expected) and result["totals_images"] == len(expected), result
         assert set(result["parts_by_node"]) <= workers and report["head_node"] not in result["parts_by_node"]
-        # 12 images, --rows-per-file 4, one actor: 4 shards of 3 (`pipeline.run.SHARDS_PER_ACTOR`), a part each
+        # 12 images, --rows-per-file 4, one actor: 4 shards of 3 (`pipeline.run.BLOCKS_PER_ACTOR`), a part each
         assert sum(result["parts_by_node"].values()) == result["parts"] == 4
         output = tmp_path / "out" / scenario
         assert_exactly_once(output, expected)

@@ -1,7 +1,7 @@
-"""The shard call without Ray: one `ShardSegmenter` call reads, decodes, segments, encodes and commits a shard.
+"""The block call without Ray: one `BlockSegmenter` call reads, decodes, segments, encodes and commits a shard.
 
 The oracle is the unpipelined path: `read_refs` on every ref, `decode_batch` on every image, then the model with
-RLE in its call (`PanopticSegmenter(encode_rle=True)`), batch after batch, in one thread. The shard call, with
+RLE in its call (`PanopticSegmenter(encode_rle=True)`), batch after batch, in one thread. The block call, with
 its thread pool, batches and parts cut across batches, must commit exactly those rows, each image once, in parts
 of at most ``--rows-per-file`` images, and return one row per part with that part's counts.
 """
@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.predictor import InferenceConfig
+from pipeline.block_call import BlockSegmenter
 from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, ResourceConfig
 from pipeline.decode import decode_batch
@@ -26,7 +27,6 @@ from pipeline.poison import POISON_ERROR, FlightLog
 from pipeline.predict import PanopticSegmenter
 from pipeline.readers import read_refs
 from pipeline.schema import PART_ROW_SCHEMA
-from pipeline.shard import ShardSegmenter
 from pipeline.sources import REF_SCHEMA
 from tests.pipeline.images import photo_bytes, tar_bytes
 
@@ -57,9 +57,9 @@ def _inputs(folder: Path) -> pa.Table:
                     schema=REF_SCHEMA)  # fmt: skip
 
 
-def _shard_call(model: PanopticSegmenter, output: Path, *, recorder: FlightLog | None = None) -> ShardSegmenter:
-    """A shard call on the module's model (the job tests build it in the actor): parts of 4, batches of 3."""
-    return ShardSegmenter.with_model(
+def _shard_call(model: PanopticSegmenter, output: Path, *, recorder: FlightLog | None = None) -> BlockSegmenter:
+    """A block call on the module's model (the job tests build it in the actor): parts of 4, batches of 3."""
+    return BlockSegmenter.with_model(
         model,
         inference=INFERENCE,
         input=InputConfig(uris=(str(output),), max_pixels=10**8, max_bytes=10**8),
@@ -74,7 +74,7 @@ def _shard_call(model: PanopticSegmenter, output: Path, *, recorder: FlightLog |
 
 def _unpipelined(model: PanopticSegmenter, refs: pa.Table, *, batch_size: int) -> pa.Table:
     """The oracle: read everything, decode everything, then the model with RLE in its call, batch after batch
-    (the same batches as the shard call's: float reductions differ with a batch's composition)."""
+    (the same batches as the block call's: float reductions differ with a batch's composition)."""
     rows = read_refs(refs.to_pydict(), bytes_column="image", id_column=None)
     decoded = decode_batch(rows, max_pixels=10**8, inference=INFERENCE)
     results = []
@@ -139,7 +139,7 @@ def test_an_unexpected_exception_at_any_stage_is_that_images_error_row(
 ) -> None:
     """A RuntimeError (no type a stage lists) raised while reading one ref, decoding one image, segmenting one
     and encoding one: four error rows naming the stage and the exception, the rest as the oracle gives them."""
-    import pipeline.shard as shard
+    import pipeline.block_call as shard
 
     refs = _inputs(tmp_path / "in")
     struck: list[str] = []
@@ -206,7 +206,7 @@ def test_an_unexpected_exception_at_any_stage_is_that_images_error_row(
 
 def _assert_same_segments(got: pa.Table, expected: pa.Table) -> None:
     """The same segments (masks, boxes, areas, categories); scores to float32 noise, since the oracle runs each
-    image alone where the shard call batched some of them."""
+    image alone where the block call batched some of them."""
     assert got.num_rows == expected.num_rows > 0
     for name in got.column_names:
         if name == "score":
@@ -216,7 +216,7 @@ def _assert_same_segments(got: pa.Table, expected: pa.Table) -> None:
 
 
 class _Death(BaseException):
-    """The model actor's process dying, as the shard call sees it in a test: nothing after it runs."""
+    """The model actor's process dying, as the block call sees it in a test: nothing after it runs."""
 
 
 def test_an_input_that_kills_its_worker_twice_gets_an_error_row_and_its_shard_mates_are_committed(
@@ -226,7 +226,7 @@ def test_an_input_that_kills_its_worker_twice_gets_an_error_row_and_its_shard_ma
     decoding img5 (its window of images in flight all get a strike); the retry runs the others, then the
     suspects alone, and dies again on img5 alone; the third attempt gives img5 its error row and commits the
     rest exactly as the oracle does, each image once."""
-    import pipeline.shard as shard
+    import pipeline.block_call as shard
 
     refs = _inputs(tmp_path / "in")
     poison = (tmp_path / "in" / "img5.jpg").read_bytes()
@@ -248,7 +248,7 @@ def test_an_input_that_kills_its_worker_twice_gets_an_error_row_and_its_shard_ma
                 call(refs)
         parts = call(refs)
     monkeypatch.undo()
-    assert strikes == [0, 1] and recorder.open_shards() == 0
+    assert strikes == [0, 1] and recorder.open_blocks() == 0
 
     images = _images(output)
     poisoned = [r for i, r in images.items() if i.endswith("img5.jpg")]
@@ -270,7 +270,7 @@ def test_a_device_fault_ends_the_actor_and_the_image_that_causes_it_is_isolated(
 ) -> None:
     """A CUDA error (the device's context lost: every later call would fail too) is not an error row: the actor
     ends itself, with the reason on the record, and the image is isolated like one that crashed its process."""
-    import pipeline.shard as shard
+    import pipeline.block_call as shard
 
     refs = _inputs(tmp_path / "in")
     segment, ended = model.__class__.segment, []

@@ -1,10 +1,10 @@
-"""The shard call: one model actor reads, decodes, segments, encodes and commits a whole shard of images.
+"""The block call: one model actor reads, decodes, segments, encodes and commits a whole work block of images.
 
-`ShardSegmenter` is the callable class `pipeline.run` maps over the job's shards with an actor pool (GPU or
-CPU). A *shard* is one block of refs (`pipeline.sources.REF_SCHEMA`): up to ``--rows-per-file`` listed files, or
-one tar / Parquet shard. Ray Data schedules one task per shard, so its per-block cost on the driver is paid per
-shard, never per model batch, and only refs (~100 B each) and part rows cross the object store: bytes and
-decoded pixels never leave the actor's process.
+`BlockSegmenter` is the callable class `pipeline.run` maps over the job's work blocks with an actor pool (GPU or
+CPU). A *work block* is one block of refs (`pipeline.sources.REF_SCHEMA`) that one actor call gets: up to
+``--rows-per-file`` listed files, or one input *shard* (a tar or Parquet file of many images). Ray Data schedules
+one task per work block, so its per-block cost on the driver is paid per block, never per model batch, and only
+refs (~100 B each) and part rows cross the object store: bytes and decoded pixels never leave the actor's process.
 
 Inside one call the stages are pipelined on the actor's threads (`pipeline.pipelining.ordered_map`):
 
@@ -29,11 +29,11 @@ gathered and `COMMITS_IN_FLIGHT` parts being written: the README's formula ("Mem
 tests/pipeline/test_actor_memory.py.
 
 A call returns one `pipeline.schema.PART_ROW_SCHEMA` row per committed part. Ray's retry of a call whose actor
-died redoes the same shard and overwrites the same part names (part names hash their image ids), so each
+died redoes the same work block and overwrites the same part names (part names hash their image ids), so each
 image is committed once; the images in flight at the death are redone one at a time, in place, and one that
 kills its actor again gets an error row (`pipeline.poison`); a model batch that hangs ends the actor
 (`pipeline.watchdog`). Any exception while reading, decoding, segmenting or encoding one image is that
-image's error row (`stage_error`), never the shard's failure; a failed commit is retried or fails the job.
+image's error row (`stage_error`), never the block's failure; a failed commit is retried or fails the job.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from pipeline.ids import SHARD_ITSELF, file_id, member_id
 from pipeline.metrics import PartMetrics
 from pipeline.parts import PartGatherer
 from pipeline.pipelining import ordered_map
-from pipeline.poison import ANNOUNCE_CHUNK, Flight, ShardHistory
+from pipeline.poison import ANNOUNCE_CHUNK, BlockHistory, Flight
 from pipeline.predict import PanopticSegmenter, Segmented, is_device_fault
 from pipeline.prediction_tables import encode_results, prediction_table
 from pipeline.readers import ImageRow, read_ref, ref_rows
@@ -84,8 +84,8 @@ IO_THREADS = 16  # reads and commits wait on storage, not on a CPU
 DEFAULT_FAILURES = FailureConfig()
 
 
-class ShardSegmenter:
-    """Ray Data callable class: one shard of refs in, one `PART_ROW_SCHEMA` row per committed part out.
+class BlockSegmenter:
+    """Ray Data callable class: one work block of refs in, one `PART_ROW_SCHEMA` row per committed part out.
 
     Built once per model actor from the job's frozen config sections (`pipeline.config`, all picklable):
 
@@ -129,7 +129,7 @@ class ShardSegmenter:
         # The model is built and run on one thread of the actor's own, never on Ray Data's per-call thread: torch's
         # OpenMP team then has one master, whose workers keep spinning between parallel regions (a second master
         # makes libgomp throttle their spin-wait: a CPU actor lost a quarter of its cores to sleeping workers).
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-model")
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-model")
         segmenter = self.model_thread.submit(
             PanopticSegmenter,
             variant=model.variant,
@@ -166,8 +166,8 @@ class ShardSegmenter:
         flight_recorder: Any = None,
         io_threads: int = IO_THREADS,
         node_id: str = "",
-    ) -> ShardSegmenter:
-        """The shard call around a model built elsewhere (``encode_rle=False``), outside Ray: without the actor's
+    ) -> BlockSegmenter:
+        """The block call around a model built elsewhere (``encode_rle=False``), outside Ray: without the actor's
         hung-batch watchdog and Ray metrics; the model runs on a thread of the call's own all the same."""
         call = cls.__new__(cls)
         call._attach(
@@ -202,8 +202,8 @@ class ShardSegmenter:
         self.cpus = cpus  # reserved (the metrics' CPU budget)
         self.committer, self.failures, self.flight_recorder = committer, failures, flight_recorder
         self.clock = StageClock()
-        self.pool = ThreadPoolExecutor(max_workers=max(2, int(cpus)), thread_name_prefix="shard-cpu")
-        self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="shard-io")
+        self.pool = ThreadPoolExecutor(max_workers=max(2, int(cpus)), thread_name_prefix="block-cpu")
+        self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="block-io")
         self.node_id = node_id
 
     def __call__(self, refs: pa.Table) -> pa.Table:
@@ -211,11 +211,11 @@ class ShardSegmenter:
             return self._call(refs)
 
     def _call(self, refs: pa.Table) -> pa.Table:
-        flight = self._flight = Flight(self.flight_recorder, shard_key(refs))
+        flight = self._flight = Flight(self.flight_recorder, block_key(refs))
         history = flight.begin()
         if history.deaths:
             log.warning(
-                "shard %s: redone after %d death(s) of its actor; %d image(s) run alone, %d skipped as poisoned",
+                "work block %s: redone after %d death(s) of its actor; %d image(s) run alone, %d skipped as poisoned",
                 flight.key, history.deaths, len(history.suspects), len(history.poisoned),
             )  # fmt: skip
         gatherer = PartGatherer(self.resources.rows_per_file)
@@ -261,8 +261,8 @@ class ShardSegmenter:
             if self.metrics is not None:
                 self.metrics.record({**row, "cpus": self.cpus})
 
-    def _results(self, refs: pa.Table, flight: Flight, history: ShardHistory) -> Iterator[pa.Table]:
-        """`RESULT_SCHEMA` tables in the shard's order, whatever its history (so that every attempt cuts the same
+    def _results(self, refs: pa.Table, flight: Flight, history: BlockHistory) -> Iterator[pa.Table]:
+        """`RESULT_SCHEMA` tables in the block's order, whatever its history (so that every attempt cuts the same
         parts): the images pipelined batch by batch, a poisoned one as its error row, and each suspect of an
         earlier death alone, once the images before it are through (`pipeline.poison`)."""
         rows = _poisoned_in_place(self._rows(refs), history)
@@ -313,8 +313,8 @@ class ShardSegmenter:
         return results
 
     def _rows(self, refs: pa.Table) -> Iterator[ImageRow]:
-        """Each image row of the shard, read ahead on the I/O pool (bounded by count and by listed bytes), each
-        let go of as it is handed on, not with its whole shard."""
+        """Each image row of the block, read ahead on the I/O pool (bounded by count and by listed bytes), each
+        let go of as it is handed on, not with its whole block."""
         listed = refs.column("size").to_pylist() if "size" in refs.column_names else [None] * refs.num_rows
         sizes = dict(zip(refs.column("uri").to_pylist(), listed))
 
@@ -355,7 +355,7 @@ class ShardSegmenter:
                 max_bytes=self.input.max_bytes,
                 read_timeout_s=self.failures.read_timeout_s,
             )
-        except Exception as exc:  # any failure of one ref is its error row; the shard goes on
+        except Exception as exc:  # any failure of one ref is its error row; the block goes on
             retryable = isinstance(exc, (*TRANSIENT_ERRORS, MemoryError))  # another node may have the memory
             return unread_ref(uri, kind, skip, stage_error("reading", exc), retryable=retryable)
 
@@ -379,7 +379,7 @@ class ShardSegmenter:
 
     def _segmented(self, batch: dict[str, np.ndarray]) -> Segmented:
         """The model's output of a batch (`pipeline.watchdog` watching). A batch whose call raises is redone image
-        by image, and an image whose own call raises gets an error row: one bad image never fails its shard."""
+        by image, and an image whose own call raises gets an error row: one bad image never fails its block."""
         try:
             with self._watched():
                 return self.segmenter.segment(batch)
@@ -426,7 +426,7 @@ class ShardSegmenter:
 
     def _model_pool(self) -> ThreadPoolExecutor:
         if self.model_thread is None:
-            self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-model")
+            self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-model")
         return self.model_thread
 
     def _hung(self, seconds: float) -> None:
@@ -437,7 +437,7 @@ class ShardSegmenter:
 
     def _end_actor(self, reason: str) -> None:
         """Record why with the images in flight, then end this process: Ray restarts the actor and retries the
-        shard, whose poison isolation runs the images that were in flight alone (`pipeline.poison`)."""
+        work block, whose poison isolation runs the images that were in flight alone (`pipeline.poison`)."""
         try:
             log.error("ending this model actor: %s", reason)
             if self._flight is not None:
@@ -456,8 +456,8 @@ def end_process(code: int) -> None:
     os._exit(code)
 
 
-def shard_key(refs: pa.Table) -> str:
-    """The same key for every attempt of one shard: a hash of its refs (URIs and skipped members)."""
+def block_key(refs: pa.Table) -> str:
+    """The same key for every attempt of one work block: a hash of its refs (URIs and skipped members)."""
     digest = hashlib.sha256()
     for uri, kind, skip in ref_rows(refs):
         digest.update(json.dumps([uri, kind, skip]).encode())
@@ -478,7 +478,7 @@ def unread_ref(uri: str, kind: str, skip: list[str], error: str, *, retryable: b
     return [ImageRow(member_id(uri, SHARD_ITSELF), uri, SHARD_ITSELF, None, None, b"", error, retryable)]
 
 
-def _poisoned_in_place(rows: Iterator[ImageRow], history: ShardHistory) -> Iterator[ImageRow]:
+def _poisoned_in_place(rows: Iterator[ImageRow], history: BlockHistory) -> Iterator[ImageRow]:
     """``rows``, a poisoned image's replaced by its error row (it is never decoded again)."""
     for row in rows:
         if row.image_id in history.poisoned:
