@@ -27,7 +27,7 @@ def local_ray(num_cpus: int = NUM_CPUS, *, stand_in_ms: float | None = None) -> 
     """Start a local Ray for the block; yields {"ray_init_s": seconds ``ray.init`` took}.
 
     Workers inherit ``$PFB_BENCH_DIR`` (= this Ray's temp dir), where bench code running in them may write; with
-    ``stand_in_ms``, every worker's `pipeline.predict.PanopticSegmenter` is the stand-in at that rate.
+    ``stand_in_ms``, every worker's `pipeline.segmenting.predict.PanopticSegmenter` is the stand-in at that rate.
     """
     import ray
 

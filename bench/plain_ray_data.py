@@ -3,7 +3,8 @@ on the real model on CPU and on a GPU-like stand-in, side by side in one invocat
 
 The plain script (`plain_script`, ~20 lines): ``ray.data.read_images`` -> ``map_batches`` with one actor ->
 ``write_parquet``; the actor runs the model on its batch and RLE-encodes each segment with the job's own
-`pipeline.rle.encode_segments`, in series, as a user would. The job is `pipeline.run.run_job` of this checkout
+`pipeline.segmenting.rle.encode_segments`, in series, as a user would. The job is `pipeline.run.run_job` of this
+checkout
 (one actor, device cpu, `bench.throughput.job`) with parts of exactly ``--*-rows-per-file`` images.
 
 **Steady state inside one run, the same rule on both sides** (`bench.in_run.in_run_rate`: from the first event at
@@ -57,7 +58,7 @@ PHOTO_HEIGHT, PHOTO_WIDTH = 800, 1066  # the GPU-like regime's photos
 
 def _segment_rows(results: list) -> list[str]:
     """Each `PanopticResult` -> its segments with COCO RLE counts, as one JSON string per image."""
-    from pipeline.rle import encode_segments
+    from pipeline.segmenting.rle import encode_segments
 
     rows = []
     for r in results:
@@ -82,7 +83,7 @@ class ModelActor:
         from model.checkpoint import build_model
         from model.config import InferenceConfig, get_variant
         from model.predictor import PanopticPredictor
-        from pipeline.predict import load_weights
+        from pipeline.segmenting.predict import load_weights
 
         model = build_model(get_variant("detr-r50-panoptic").config, load_weights("detr-r50-panoptic", "synthetic"))
         self.predictor = PanopticPredictor(model, InferenceConfig(min_size=min_size), torch.device("cpu"))
@@ -136,12 +137,12 @@ def shard_call_in_process(
     from bench import stand_in_model
     from bench.in_run import in_run_rate
     from model.predictor import InferenceConfig
-    from pipeline.block_call import BlockSegmenter
-    from pipeline.commit import OutputCommitter
     from pipeline.config import InputConfig, ResourceConfig
-    from pipeline.lease import Lease
-    from pipeline.predict import PanopticSegmenter
-    from pipeline.sources import REF_SCHEMA
+    from pipeline.exactly_once.commit import OutputCommitter
+    from pipeline.exactly_once.lease import Lease
+    from pipeline.inputs.sources import REF_SCHEMA
+    from pipeline.segmenting.block_call import BlockSegmenter
+    from pipeline.segmenting.predict import PanopticSegmenter
 
     os.environ[stand_in_model.MS_PER_IMAGE_ENV] = str(stand_in_ms)
     stand_in_model.install()
@@ -212,7 +213,7 @@ def cpu_regime(args: argparse.Namespace, root: Path) -> dict:
     from model.checkpoint import build_model
     from model.config import InferenceConfig, get_variant
     from model.predictor import PanopticPredictor
-    from pipeline.predict import load_weights
+    from pipeline.segmenting.predict import load_weights
 
     folder = root / "cpu"
     paths = write_image_set(folder, args.cpu_images, args.cpu_size)
@@ -224,13 +225,13 @@ def cpu_regime(args: argparse.Namespace, root: Path) -> dict:
     prepared = prepare_files(paths[: args.bare_images], predictor)
     with local_ray():
         from pipeline.config import ResourceConfig
-        from pipeline.resources import actor_layout, cpu_actor_cpus
+        from pipeline.segmenting.resources import actor_layout, cpu_actor_cpus
 
         threads = int(cpu_actor_cpus(1))  # one CPU actor's reservation (= its torch threads)
         job = partial(job_in_run, folder, images=args.cpu_images, rows_per_file=args.cpu_rows_per_file,
                       min_size=args.min_size, batch_size=args.batch_size, actors=1,
                       cpus_per_actor=float(threads))  # fmt: skip
-        # the default CPU layout (`pipeline.resources.actor_layout`: 1-CPU actors in half the cluster's CPUs)
+        # the default CPU layout (`pipeline.segmenting.resources.actor_layout`: 1-CPU actors in half the cluster's CPUs)
         layout = actor_layout(ResourceConfig(device="cpu"), use_gpu=False)
         job_layout = partial(job_in_run, folder, images=args.cpu_images, rows_per_file=args.cpu_rows_per_file,
                              min_size=args.min_size, batch_size=args.batch_size, actors=layout.max_actors,
@@ -282,7 +283,7 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
         stage_uris, [fixed_result(PHOTO_HEIGHT, PHOTO_WIDTH)] * len(stage_uris), batch_size=args.batch_size
     )
     with local_ray(stand_in_ms=args.stand_in_ms):
-        from pipeline.resources import cpu_actor_cpus
+        from pipeline.segmenting.resources import cpu_actor_cpus
 
         cpus = cpu_actor_cpus(1)  # what the job's (device cpu) actor reserves
         job = partial(job_in_run, folder, images=args.gpu_images, rows_per_file=args.gpu_rows_per_file,
@@ -340,7 +341,7 @@ def gpu_like_regime(args: argparse.Namespace, root: Path) -> dict:
             "median": statistics.median(rate["job"]) / limit,
         },
         # the model thread's own serial time per image beside the model's (its wall time minus the stand-in's
-        # sleep), and the block call's orchestrating thread's CPU time per image (`pipeline.stage_clock`)
+        # sleep), and the block call's orchestrating thread's CPU time per image (`pipeline.segmenting.stage_clock`)
         "model_thread_serial_ms_per_image": [1000 * s["model"] / n - args.stand_in_ms for s in seconds],
         "call_thread_cpu_ms_per_image": [1000 * s["call_cpu"] / n for s in seconds],
         "model_idle_share": [run["stages"]["shares"]["model_idle"] for run in rounds["job"]],

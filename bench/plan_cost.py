@@ -185,12 +185,12 @@ def stage_core_ms(uris: list[str], results: list, *, batch_size: int, part=None)
     import pyarrow as pa
 
     from model.config import InferenceConfig
-    from pipeline.commit import OutputCommitter
-    from pipeline.decode import decode_input, decoded_batch
-    from pipeline.lease import Lease
-    from pipeline.predict import PanopticSegmenter
-    from pipeline.prediction_tables import encode_results, prediction_table
-    from pipeline.readers import ImageRow, read_ref
+    from pipeline.exactly_once.commit import OutputCommitter
+    from pipeline.exactly_once.lease import Lease
+    from pipeline.inputs.decode import decode_input, decoded_batch
+    from pipeline.inputs.readers import ImageRow, read_ref
+    from pipeline.segmenting.predict import PanopticSegmenter
+    from pipeline.segmenting.prediction_tables import encode_results, prediction_table
 
     n = len(uris)
     tcpu = time.thread_time

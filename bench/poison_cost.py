@@ -1,4 +1,4 @@
-"""What poison isolation's in-flight bookkeeping (`pipeline.poison`) costs, side by side in one process.
+"""What poison isolation's in-flight bookkeeping (`pipeline.segmenting.poison`) costs, side by side in one process.
 
 1. **Per image**: from a Ray actor (where the block call runs), the calling thread's CPU time for what a shard
    call does with its rows (announced a chunk ahead, ``done`` per model batch, sent along), over
@@ -28,18 +28,19 @@ TREE = BENCH_DIR.parent
 
 
 def per_call(images: int, batch_size: int) -> dict[str, float]:
-    """The caller's time per image for what a block call does (`pipeline.block_call._announced` over its rows, then
+    """The caller's time per image for what a block call does (`pipeline.segmenting.block_call._announced` over its
+    rows, then
     ``done`` per model batch), from an actor, against the run's recorder; and the old blocking pattern."""
     import ray
 
-    from pipeline.poison import ANNOUNCE_CHUNK, start_flight_recorder
+    from pipeline.segmenting.poison import ANNOUNCE_CHUNK, start_flight_recorder
 
     @ray.remote(num_cpus=0)
     class Caller:
         def run(self, recorder: object, images: int, batch_size: int) -> dict[str, float]:
-            from pipeline.block_call import _announced
-            from pipeline.poison import Flight
-            from pipeline.readers import ImageRow
+            from pipeline.inputs.readers import ImageRow
+            from pipeline.segmenting.block_call import _announced
+            from pipeline.segmenting.poison import Flight
 
             uris = [f"s3://bucket/prefix/{i:09d}.jpg" for i in range(images)]
             rows = [ImageRow(uri, uri, None, 1, "v", b"", "", False) for uri in uris]

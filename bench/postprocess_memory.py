@@ -54,8 +54,8 @@ def _one(step: str, size: tuple[int, int]) -> int:
     from model.config import InferenceConfig
     from model.panoptic import merge_panoptic
     from model.preprocess import processed_size
-    from pipeline.decode import decode_image
-    from pipeline.prediction_tables import encode_results, prediction_table
+    from pipeline.inputs.decode import decode_image
+    from pipeline.segmenting.prediction_tables import encode_results, prediction_table
 
     torch.set_num_threads(1)
     inference = InferenceConfig()

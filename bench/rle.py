@@ -1,4 +1,4 @@
-"""CPU time per image of `pipeline.rle.encode_segments` vs one ``pycocotools.mask.encode`` per segment.
+"""CPU time per image of `pipeline.segmenting.rle.encode_segments` vs one ``pycocotools.mask.encode`` per segment.
 
 The id maps are Voronoi partitions of random points (blob-like segments with straight boundaries, as a
 panoptic map roughly looks), with a few cells left as background (id 0, not encoded). Three ways, timed
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from pipeline.rle import _alternating_counts, _segment_runs, encode_segments
+from pipeline.segmenting.rle import _alternating_counts, _segment_runs, encode_segments
 
 SHAPES = ((800, 1066), (480, 640))
 BACKGROUND_CELLS = 3

@@ -1,12 +1,13 @@
 """Where an image's time goes: each pipeline stage's pure function timed in-process, one image at a time.
 
-Stages, in pipeline order: read (`pipeline.storage.read_bytes`), decode + resize
-(`pipeline.decode.decode_image`), normalise + pad (`model.preprocess`), the model forward split by forward
+Stages, in pipeline order: read (`pipeline.inputs.storage.read_bytes`), decode + resize
+(`pipeline.inputs.decode.decode_image`), normalise + pad (`model.preprocess`), the model forward split by forward
 hooks into backbone, transformer (incl. input projection, class and box heads: the rest of the forward),
 box attention + mask head, then merge (`model.panoptic.merge_panoptic`, after the predictor's stride-4
-crop), RLE (`pipeline.rle.encode_segments`), result rows (`pipeline.prediction_tables.prediction_table` +
+crop), RLE (`pipeline.segmenting.rle.encode_segments`), result rows
+(`pipeline.segmenting.prediction_tables.prediction_table` +
 `encode_results`, which encodes the RLE a second time, as the pipeline's tables do) and write
-(`pipeline.parts.split_results` + two zstd Parquet files, timed once for all images and divided). Medians
+(`pipeline.exactly_once.parts.split_results` + two zstd Parquet files, timed once for all images and divided). Medians
 per image over images × repeats.
 
 The first image is also run through `PanopticPredictor.predict_prepared` and must give the same panoptic
@@ -30,11 +31,11 @@ from model.panoptic import merge_panoptic
 from model.predictor import PanopticPredictor
 from model.tensor_preprocess import normalize, pad_batch
 from pipeline.config import InputConfig
-from pipeline.decode import decode_image
-from pipeline.parts import split_results
-from pipeline.prediction_tables import encode_results, prediction_table
-from pipeline.rle import encode_segments
-from pipeline.storage import read_bytes
+from pipeline.exactly_once.parts import split_results
+from pipeline.inputs.decode import decode_image
+from pipeline.inputs.storage import read_bytes
+from pipeline.segmenting.prediction_tables import encode_results, prediction_table
+from pipeline.segmenting.rle import encode_segments
 
 STAGES = (
     "read",

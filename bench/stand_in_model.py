@@ -1,18 +1,20 @@
-"""A stand-in for the model: `pipeline.predict.PanopticSegmenter` patched to return precomputed results at a
+"""A stand-in for the model: `pipeline.segmenting.predict.PanopticSegmenter` patched to return precomputed results at a
 fixed rate, so that a job's plan (driver, object store, stages) is measured and not the CPU model.
 
 Installed in every Ray worker by ``runtime_env={"worker_process_setup_hook": "stand_in_model.install"}`` with
 this folder (``bench/``) on the workers' ``PYTHONPATH`` *after* the tree under test: the module imports only
 ``pipeline`` and ``model``, so the same file patches the previous commit's tree (``/work/wt-before``) and the
 current one. Both plans construct that class: the oldest plan maps it as the actor, a later one's
-`pipeline.block_call.BlockSegmenter` builds one with ``encode_rle=False`` and calls it per model batch, the current
+`pipeline.segmenting.block_call.BlockSegmenter` builds one with ``encode_rle=False`` and calls it per model batch,
+the current
 one runs only its device step (`PanopticSegmenter.segment`) on the model thread and the rows on its CPU threads.
 
 ``__init__`` builds no model. ``__call__(batch)`` returns what the real one returns,
-`pipeline.prediction_tables.prediction_table` (through `encode_results` when ``encode_rle``), with one fixed
+`pipeline.segmenting.prediction_tables.prediction_table` (through `encode_results` when ``encode_rle``), with one fixed
 `model.panoptic.PanopticResult` per ok row sized to that row's (height, width): `SEGMENTS` segments (vertical
 bands), and it sleeps so that a batch takes ``PFB_STAND_IN_MS`` (default 2) ms per image in all. ``segment(batch)``
-returns the same results as a `pipeline.predict.Segmented` after sleeping that long: the rows are then made on
+returns the same results as a `pipeline.segmenting.predict.Segmented` after sleeping that long: the rows are then
+made on
 the block call's CPU threads, as with the real model.
 """
 
@@ -58,7 +60,7 @@ def _init(self, *, variant, weights, inference, device, encode_rle: bool = True)
 
 
 def _call(self, batch):
-    from pipeline.prediction_tables import encode_results, prediction_table
+    from pipeline.segmenting.prediction_tables import encode_results, prediction_table
 
     started = time.perf_counter()
     results, errors, retryable = _fixed_results(batch)
@@ -71,7 +73,7 @@ def _call(self, batch):
 def _segment(self, batch):
     """The device's part alone (a tree whose block call runs `PanopticSegmenter.segment` on its model thread and
     the rows on its CPU threads): the fixed results, after sleeping ``PFB_STAND_IN_MS`` per image."""
-    from pipeline.predict import Segmented
+    from pipeline.segmenting.predict import Segmented
 
     started = time.perf_counter()
     results, errors, retryable = _fixed_results(batch)
@@ -99,11 +101,12 @@ def _sleep_rest(ms: float, started: float) -> None:
 
 
 def install() -> None:
-    """Patch `PanopticSegmenter` in this process (a Ray ``worker_process_setup_hook``) when `pipeline.predict` is
+    """Patch `PanopticSegmenter` in this process (a Ray ``worker_process_setup_hook``) when
+    `pipeline.segmenting.predict` is
     imported (at once if it is already): a worker that never imports it (Ray Data's own actors, the flight
     recorder, idle workers) never imports torch for it, as in a real job (importing it in every worker cost ~5 s
     of CPU each, in the middle of the measured window on 2 cores)."""
-    module = sys.modules.get("pipeline.predict")
+    module = sys.modules.get("pipeline.segmenting.predict")
     if module is not None:
         _patch(module)
     else:
@@ -112,7 +115,7 @@ def install() -> None:
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "pipeline.predict":
+        if name != "pipeline.segmenting.predict":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

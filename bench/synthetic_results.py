@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.rle import encode_segments
 from pipeline.schema import RESULT_SCHEMA, SEGMENT_STRUCT
+from pipeline.segmenting.rle import encode_segments
 
 HEIGHT, WIDTH, SEGMENTS = 800, 1066, 25
 DISTINCT_PHOTOS = 256  # images cycle through this many different segmentations (~14 MB of RLE: beyond zstd's

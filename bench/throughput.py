@@ -1,6 +1,6 @@
 """Images per second: the bare model loop vs the whole Ray job on the same files, start-up apart.
 
-Bare: `PanopticPredictor.predict_prepared` on images already decoded and resized (`pipeline.decode`), in
+Bare: `PanopticPredictor.predict_prepared` on images already decoded and resized (`pipeline.inputs.decode`), in
 batches of 1 and of 4 (``exact`` mode; every bench image has the same size, so a batch runs as one
 forward). Passes over all images are timed interleaved (shuffled order each repeat), median pass kept.
 
@@ -14,7 +14,8 @@ of the window. Fixed overhead = whole job - N / steady rate: what a job pays onc
 ratio job/bare uses the bare loop at the job's batch size. Needs >= 3 result blocks (48 images).
 
 Ray gives an actor that reserves ``num_cpus = n`` ``OMP_NUM_THREADS = n``, and torch runs that many threads;
-on CPU the pipeline sizes the actor itself (`pipeline.resources.cpu_actor_cpus`). The segmenter is subclassed here
+on CPU the pipeline sizes the actor itself (`pipeline.segmenting.resources.cpu_actor_cpus`). The segmenter is
+subclassed here
 only to report the thread count it actually got, so the job is compared with the bare loop at the same
 batch size and thread count.
 """
@@ -35,11 +36,11 @@ import torch
 import pipeline.run
 from bench.local_ray import BENCH_DIR_ENV
 from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
-from pipeline.block_call import BlockSegmenter
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.decode import decode_image
+from pipeline.inputs.decode import decode_image
+from pipeline.inputs.storage import read_bytes
 from pipeline.schema import SYNTHETIC_WEIGHTS
-from pipeline.storage import read_bytes
+from pipeline.segmenting.block_call import BlockSegmenter
 
 _ARRIVALS: list[tuple[float, int]] = []  # (perf_counter, images) of each committed part reaching the driver
 

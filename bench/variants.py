@@ -4,7 +4,7 @@
 
 Variants (`model.predictor.InferenceConfig`): the fp32 reference path (contiguous layout), then bf16 / fp16
 autocast, channels-last, bucketed batching and ``device_preprocess`` (JPEG decode + EXIF rotation + resize on
-the model's device, `pipeline.device_decode`) alone and combined. Every variant runs on the same JPEG files
+the model's device, `pipeline.inputs.device_decode`) alone and combined. Every variant runs on the same JPEG files
 (`bench.inputs.write_photo_set`, all one size) from bytes to panoptic maps, so the CPU path's Pillow
 decode + resize (one core, as a decode worker does it) is counted against the device path's; model-only
 time is reported apart. Passes are interleaved across variants (shuffled each repeat), median kept; on
@@ -44,8 +44,8 @@ from model.config import VARIANTS
 from model.panoptic import PanopticResult
 from model.predictor import InferenceConfig, PanopticPredictor, PreparedImage
 from model.synthetic_weights import synthetic_state_dict
-from pipeline.decode import check_for_device, decode_image
-from pipeline.device_decode import prepare_encoded
+from pipeline.inputs.decode import check_for_device, decode_image
+from pipeline.inputs.device_decode import prepare_encoded
 
 MAX_PIXELS = 89_478_485
 

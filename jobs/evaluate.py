@@ -1,6 +1,7 @@
 """`panoptic-flow evaluate OUTPUT --gt-json GT.json --gt-folder GT_PNG_DIR`: PQ / SQ / RQ against COCO panoptic.
 
-The metric is :mod:`pipeline.panoptic_quality` (panopticapi's ``pq_compute`` rules). Predictions are the output's id
+The metric is :mod:`pipeline.reading.panoptic_quality` (panopticapi's ``pq_compute`` rules). Predictions are the
+output's id
 maps exactly as ``export-coco`` would write them (segment ``k`` -> COCO id ``k + 1``, uncovered pixels
 VOID, segments covering no pixel dropped, segments of a category that is not in the ground truth's
 ``categories`` left out as VOID), so ``evaluate OUTPUT`` equals panopticapi's ``pq_compute`` (and hotcoco's)
@@ -22,7 +23,7 @@ Two GT images or two ``ok`` output images with the same key are an error. A GT i
 prediction is an error, as in panopticapi, unless ``--allow-missing`` (then all its non-crowd segments
 count as false negatives). Output images that match no GT image are ignored.
 
-Per-image statistics run through :func:`pipeline.packed_images.map_images` (restricted to the matched images: in
+Per-image statistics run through :func:`pipeline.reading.packed_images.map_images` (restricted to the matched images: in
 this process for a small output, else a Ray Data ``map_batches``); the driver sums them per category.
 The report lists the classes present on either side (ground truth or prediction) and the overall figures;
 a group without classes (e.g. no Stuff) prints "–" and has null figures in the report.
@@ -49,14 +50,21 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
-from pipeline.coco import rgb_to_id_map, to_coco_ids
-from pipeline.ids import last_part
-from pipeline.output_paths import Output, locate
-from pipeline.output_tables import OutputNotFoundError, check_output, open_table
-from pipeline.packed_images import map_images, packed_rows
-from pipeline.panoptic_quality import ClassStats, Segment, add_stats, image_stats, pq_average, segments_from_coco
-from pipeline.rle import panoptic_map
+from pipeline.exactly_once.output_paths import Output, locate
+from pipeline.inputs.ids import last_part
+from pipeline.reading.coco import rgb_to_id_map, to_coco_ids
+from pipeline.reading.output_tables import OutputNotFoundError, check_output, open_table
+from pipeline.reading.packed_images import map_images, packed_rows
+from pipeline.reading.panoptic_quality import (
+    ClassStats,
+    Segment,
+    add_stats,
+    image_stats,
+    pq_average,
+    segments_from_coco,
+)
 from pipeline.schema import IMAGES_TABLE, STATUS_OK
+from pipeline.segmenting.rle import panoptic_map
 
 MatchRule = Literal["stem", "basename", "uri"]
 
@@ -204,7 +212,7 @@ def evaluate(
 
     Returns the report: ``metrics`` (``{"All"|"Things"|"Stuff": {pq, sq, rq, n}}``), ``per_class``
     (list of :data:`PER_CLASS_SCHEMA` dicts), ``images`` (counts) and ``match``. Raises
-    :class:`~pipeline.output_tables.OutputNotFoundError` when ``output`` holds no output.
+    :class:`~pipeline.reading.output_tables.OutputNotFoundError` when ``output`` holds no output.
     """
     out = check_output(output)
     matched, missing = match_images(gt_json, _ok_image_ids(out), rule=rule)

@@ -1,13 +1,13 @@
 """`panoptic-flow export-coco OUTPUT DEST`: an output as COCO panoptic annotations (panopticapi format).
 
 Writes ``DEST/panoptic/<name>.png`` and ``DEST/panoptic.json`` with ``images``, ``annotations`` and
-``categories`` (the 133 COCO panoptic categories), as :mod:`pipeline.coco` converts them. Only ``ok``
+``categories`` (the 133 COCO panoptic categories), as :mod:`pipeline.reading.coco` converts them. Only ``ok``
 images are exported. Segments of a class slot outside the 133 categories are left out (VOID pixels) and
 their number is reported. `evaluate` scores an output exactly as the official tools score its export.
 A collision of two images' names or ids raises an error.
 
-The PNGs are written by :func:`pipeline.packed_images.map_images` (in this process for a small output, else a
-Ray Data ``map_batches`` over :func:`pipeline.packed_images.read_segments_by_image`); the driver only gathers
+The PNGs are written by :func:`pipeline.reading.packed_images.map_images` (in this process for a small output, else a
+Ray Data ``map_batches`` over :func:`pipeline.reading.packed_images.read_segments_by_image`); the driver only gathers
 the (small) JSON entries.
 """
 
@@ -19,7 +19,8 @@ import sys
 from typing import Any, NamedTuple
 
 from jobs.usage import CommandParser, run_command, warn_if_demo_weights
-from pipeline.coco import (
+from pipeline.exactly_once.output_paths import Output, locate
+from pipeline.reading.coco import (
     PANOPTIC_FOLDER,
     coco_categories,
     coco_image,
@@ -29,9 +30,8 @@ from pipeline.coco import (
     to_coco_ids,
     write_coco_pngs,
 )
-from pipeline.output_paths import Output, locate
-from pipeline.output_tables import OutputNotFoundError, check_output
-from pipeline.packed_images import map_images
+from pipeline.reading.output_tables import OutputNotFoundError, check_output
+from pipeline.reading.packed_images import map_images
 
 PROG = "panoptic-flow export-coco"
 
@@ -47,11 +47,11 @@ class Export(NamedTuple):
 
 def export_coco(output: Output | str, dest: str, *, verbose: bool = False) -> Export:
     """Write ``dest/panoptic/*.png`` and ``dest/panoptic.json`` for every ok image of ``output`` (a small
-    output in this process, a larger one on Ray: :func:`pipeline.packed_images.map_images`; Ray's own messages
+    output in this process, a larger one on Ray: :func:`pipeline.reading.packed_images.map_images`; Ray's own messages
     only when ``verbose``).
 
     Returns the JSON document that was written (entries sorted by ``image_id`` of the output). Raises
-    :class:`~pipeline.output_tables.OutputNotFoundError` (nothing written) when ``output`` holds no output.
+    :class:`~pipeline.reading.output_tables.OutputNotFoundError` (nothing written) when ``output`` holds no output.
     """
     out = check_output(output)
     fs, root = locate(dest)

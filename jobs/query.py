@@ -1,7 +1,7 @@
 """`panoptic-flow query OUTPUT "SQL"`: DuckDB SQL over an output's tables.
 
 The views (``segments``, ``images``, ``image_categories``, ``category_counts``) are those of
-:mod:`pipeline.duckdb_views`.
+:mod:`pipeline.reading.duckdb_views`.
 
 Example: images with a dog covering more than 5 % of the frame::
 
@@ -24,9 +24,9 @@ from typing import Any, Literal
 import duckdb
 
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
-from pipeline.duckdb_views import VIEWS, connect
-from pipeline.output_paths import Output
-from pipeline.output_tables import OutputNotFoundError
+from pipeline.exactly_once.output_paths import Output
+from pipeline.reading.duckdb_views import VIEWS, connect
+from pipeline.reading.output_tables import OutputNotFoundError
 
 PROG = "panoptic-flow query"
 # errors of the SQL itself (syntax, unknown table or column, a cast or type that fails): the user's mistake;

@@ -77,8 +77,8 @@ def parse_job(argv: Sequence[str] | None = None) -> tuple[JobConfig, RunOptions]
 def check_output_is_a_folder(output: str) -> None:
     """Raise `UsageError` when the local ``output`` exists as a file: checked before the weights are fetched.
     (An object store is first reached by the run, whose error says how it could not be.)"""
-    from pipeline.output_paths import Output
-    from pipeline.storage import is_local
+    from pipeline.exactly_once.output_paths import Output
+    from pipeline.inputs.storage import is_local
 
     out = Output.of(output)
     if is_local(out.fs) and out.fs.isfile(out.root):
@@ -163,11 +163,11 @@ def _run(config: JobConfig, run: RunOptions) -> int:
     # torch and Ray load here, after the arguments are checked (and never for --help)
     from model.checkpoint import CheckpointError, CheckpointNotFound
     from pipeline.error_budget import ErrorBudgetExceeded
-    from pipeline.lease import LeaseHeld
-    from pipeline.resources import ClusterError
+    from pipeline.exactly_once.lease import LeaseHeld
+    from pipeline.exactly_once.run_records import SettingsChanged
+    from pipeline.inputs.sources import InputError
     from pipeline.run import OutputError, run_job
-    from pipeline.run_records import SettingsChanged
-    from pipeline.sources import InputError
+    from pipeline.segmenting.resources import ClusterError
 
     _redact_handlers("ray", "ray.data")  # configured when Ray was imported, just now
 

@@ -3,19 +3,19 @@
 IMAGE_ID is taken exactly as stored (``query OUT "select image_id from images limit 5"`` lists some); a
 local path that is not stored as given is also tried as its absolute path. The original image is read
 again from the images row's ``source`` and ``member`` (never by parsing the id as a path), by the pipeline's
-own reader of its kind (:func:`pipeline.readers.read_image`): a plain file / object (``source`` itself, any
+own reader of its kind (:func:`pipeline.inputs.readers.read_image`): a plain file / object (``source`` itself, any
 fsspec URI), a member of a ``.tar`` shard, or a Parquet row (``row=<N>``, or the row whose ``id_column`` holds
 the id; the bytes column is the run's ``bytes_column``, default ``image``, holding binary or a
 ``{"bytes": ...}`` struct; both, and ``max_bytes``, are read from ``config.input``, and ``read_timeout_s``
 from ``config.failures``, in the latest ``OUTPUT/_runs/<run_id>.json``). The bytes are decoded by the
-pipeline's own decoder (:func:`pipeline.decode.decode_oriented`: same header checks, EXIF orientation and RGB
+pipeline's own decoder (:func:`pipeline.inputs.decode.decode_oriented`: same header checks, EXIF orientation and RGB
 conversion), so an image the pipeline segmented is drawn in the frame of its masks.
 
 The segments are drawn over it by :mod:`jobs.overlay` (pure numpy + PIL: filled, outlined, labelled where a
 label fits on its segment); labels without room are listed.
 
 ``--grid N --where "SQL predicate"`` draws the first N images (by ``image_id``) of the ``image_categories``
-view (see :mod:`pipeline.duckdb_views`) matching the predicate, e.g. ``--where "categories['dog'] > 0"``,
+view (see :mod:`pipeline.reading.duckdb_views`) matching the predicate, e.g. ``--where "categories['dog'] > 0"``,
 on a sheet sized to its images.
 
 A picture of an output made (wholly or partly) with the demo weights carries the banner
@@ -39,14 +39,14 @@ from PIL import Image
 from jobs.overlay import DEFAULT_ALPHA, Overlay, OverlaySegment, contact_sheet, draw_overlay, mark_demo
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.config import InputConfig
-from pipeline.duckdb_views import connect
-from pipeline.ids import SEPARATOR, file_id, member_id, member_of_old_row
-from pipeline.output_paths import Output
-from pipeline.output_tables import OutputNotFoundError, check_output, read_image_rows
-from pipeline.readers import kind_of, read_image
-from pipeline.rle import decode_mask
-from pipeline.run_records import latest_run_record
-from pipeline.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S
+from pipeline.exactly_once.output_paths import Output
+from pipeline.exactly_once.run_records import latest_run_record
+from pipeline.inputs.ids import SEPARATOR, file_id, member_id, member_of_old_row
+from pipeline.inputs.readers import kind_of, read_image
+from pipeline.inputs.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S
+from pipeline.reading.duckdb_views import connect
+from pipeline.reading.output_tables import OutputNotFoundError, check_output, read_image_rows
+from pipeline.segmenting.rle import decode_mask
 
 PROG = "panoptic-flow show"
 LIST_IDS_HINT = 'list some with: panoptic-flow query OUTPUT "select image_id from images limit 5"'
@@ -64,12 +64,12 @@ def read_image_bytes(
     input_format: str = "auto",
 ) -> bytes:
     """The encoded bytes of an input image: the object itself, a ``.tar`` member or a Parquet row's bytes, read
-    by the pipeline's own reader of that kind (`pipeline.readers.read_image`).
+    by the pipeline's own reader of that kind (`pipeline.inputs.readers.read_image`).
 
     ``source`` and ``member`` are the images row's columns (``member`` None for a whole file); a row written
-    before the ``member`` column existed has its member taken from the id (`pipeline.ids.member_of_old_row`).
+    before the ``member`` column existed has its member taken from the id (`pipeline.inputs.ids.member_of_old_row`).
     A Parquet member that is not ``row=N`` is the value of the run's ``id_column``. A shard's kind is the one the
-    run's ``--input-format`` forced, else its extension's (`pipeline.readers.kind_of`).
+    run's ``--input-format`` forced, else its extension's (`pipeline.inputs.readers.kind_of`).
     """
     if member is None and image_id not in (source, file_id(source)):
         member = member_of_old_row(image_id, source)
@@ -94,14 +94,14 @@ def load_image(data: bytes, *, max_pixels: int = InputConfig.max_pixels) -> np.n
 
     Raises ValueError (with the pipeline's reason) for bytes the pipeline would have made an error row.
     """
-    from pipeline.decode import decode_oriented  # imports torch (via model.preprocess): not for --help
+    from pipeline.inputs.decode import decode_oriented  # imports torch (via model.preprocess): not for --help
 
     return decode_oriented(data, max_pixels=max_pixels)
 
 
 def stored_id_candidates(given: str) -> list[str]:
     """The ids ``given`` may be stored as: itself first (exactly), then, for a local path, the id of its absolute
-    path (a whole file: `pipeline.ids.file_id`; ``shard.tar#member``: only the shard part made absolute)."""
+    path (a whole file: `pipeline.inputs.ids.file_id`; ``shard.tar#member``: only the shard part made absolute)."""
     candidates = [given]
     if "://" not in given:
         path, separator, member = given.partition(SEPARATOR)

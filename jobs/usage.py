@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from pipeline.output_paths import Output
+    from pipeline.exactly_once.output_paths import Output
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
@@ -70,9 +70,9 @@ def report(prog: str, error: object) -> int:
 
 def warn_if_demo_weights(prog: str, output: Output | str) -> bool:
     """Print one warning line when ``output`` was made, wholly or partly, with the demo weights (its run records
-    say so: `pipeline.run_records.run_weights`); True then."""
-    from pipeline.output_paths import Output
-    from pipeline.run_records import run_weights
+    say so: `pipeline.exactly_once.run_records.run_weights`); True then."""
+    from pipeline.exactly_once.output_paths import Output
+    from pipeline.exactly_once.run_records import run_weights
     from pipeline.schema import SYNTHETIC_WEIGHTS
 
     out = Output.resolve(output)

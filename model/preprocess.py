@@ -126,7 +126,7 @@ def canvas_size(size: tuple[int, int], *, mode: BatchMode, bucket: int = 128) ->
 
 class PreparedImage(NamedTuple):
     # uint8 at the processed size: numpy [h, w, 3] when prepared on a CPU worker, or a tensor [3, h, w]
-    # already on the model's device (see `pipeline.device_decode`)
+    # already on the model's device (see `pipeline.inputs.device_decode`)
     pixels: np.ndarray | torch.Tensor
     original_size: tuple[int, int]  # (height, width) after EXIF orientation
 

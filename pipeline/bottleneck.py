@@ -1,6 +1,7 @@
 """Which stage limits a run, and what to do about it: the driver's sum of its parts' stage seconds.
 
-Each committed part's row carries its actor's seconds since that actor's previous part (`pipeline.stage_clock`),
+Each committed part's row carries its actor's seconds since that actor's previous part
+(`pipeline.segmenting.stage_clock`),
 so the sums over a run are the model actors' totals: ``wall`` (actor-seconds), each stage's busy seconds, the
 model thread's idle time (the GPU waiting for input) and which stage the block call's orchestrating thread
 waited on. `StageTotals.verdict` names the limiting stage with its remedy:
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.stage_clock import KEYS
+from pipeline.segmenting.stage_clock import KEYS
 
 MODEL_BUSY = 0.85  # a model busy this share of the time is the bottleneck, whatever else waited
 

@@ -52,7 +52,7 @@ class InputConfig:
         metadata={"help": "larger images (checked on the header, before decoding) are error rows"},
     )
     max_bytes: int = field(
-        default=1 << 30,  # `pipeline.storage.DEFAULT_MAX_BYTES`
+        default=1 << 30,  # `pipeline.inputs.storage.DEFAULT_MAX_BYTES`
         metadata={
             "help": "the most bytes read of one input object (an image file, or a whole tar / Parquet shard): a "
             "larger one is an error row, never read whole, so that no input can exhaust a worker's memory"
@@ -95,7 +95,7 @@ class ResourceConfig:
         default=None,
         metadata={
             "help": "largest model actor pool; unset: 1 with GPUs (more actors: more GPUs), and on CPU one actor "
-            "per CPU of half the cluster's (`pipeline.resources.actor_layout`: the layout measured fastest)"
+            "per CPU of half the cluster's (`pipeline.segmenting.resources.actor_layout`: the layout measured fastest)"
         },
     )
     device: Device = field(
@@ -109,9 +109,9 @@ class ResourceConfig:
         default=None,
         metadata={
             "help": "CPUs each model actor reserves for its reading, decoding, RLE and commit threads (and, on "
-            "CPU, its torch threads); unset: derived from the nodes (`pipeline.resources.actor_layout`: a GPU "
-            "actor its share of its node's CPUs, one kept free; a CPU actor 1, or with --max-actors its share of "
-            "half the cluster's)"
+            "CPU, its torch threads); unset: derived from the nodes "
+            "(`pipeline.segmenting.resources.actor_layout`: a GPU actor its share of its node's CPUs, one kept free; "
+            "a CPU actor 1, or with --max-actors its share of half the cluster's)"
         },
     )
     rows_per_file: int = field(

@@ -12,7 +12,7 @@ images are errors; a run with fewer images than the window never stops, and ``ma
 
 `pipeline.run.run_job` raises `ErrorBudgetExceeded` (its message: `ErrorBudget.verdict`, one line) from its
 driver loop: the run is marked failed, its lease released, and every part committed so far stays, so a re-run
-resumes (`pipeline.resume_decision`: it redoes the retryable error rows and keeps the others).
+resumes (`pipeline.exactly_once.resume_decision`: it redoes the retryable error rows and keeps the others).
 
 Plain Python: no Ray, no pyarrow.
 """

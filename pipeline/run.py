@@ -1,12 +1,16 @@
 """The one place that wires the job together and sets Ray resources.
 
-refs (input URIs; what a resume skips or redoes: `pipeline.resume`) -> work blocks (what one actor call gets,
-`work_blocks`) -> the block call (`pipeline.block_call.BlockSegmenter` on an actor pool, GPU or CPU: read, decode,
+refs (input URIs; what a resume skips or redoes: `pipeline.exactly_once.resume`) -> work blocks (what one actor call
+gets,
+`work_blocks`) -> the block call (`pipeline.segmenting.block_call.BlockSegmenter` on an actor pool, GPU or CPU:
+read, decode,
 segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one operator
 after the refs, so Ray Data's per-block cost is paid once per work block; refs and part rows are all that cross the
 object store. The driver checks inputs, weights and the output before any cluster work, holds the output's lease
-(`pipeline.lease`), starts the run in one call (`pipeline.resume.start`: settings check, clean-up, inspection, the
-plan and its retractions, in the driver or on Ray), drives the commit protocol's hooks (`pipeline.commit`, which
+(`pipeline.exactly_once.lease`), starts the run in one call (`pipeline.exactly_once.resume.start`: settings check,
+clean-up, inspection, the
+plan and its retractions, in the driver or on Ray), drives the commit protocol's hooks
+(`pipeline.exactly_once.commit`, which
 own every write and its lease check), and receives one small row per committed part: no result passes through it.
 """
 
@@ -29,25 +33,27 @@ import ray
 from ray.data.expressions import col
 from tqdm.auto import tqdm
 
-from pipeline import block_stats, resume, run_records
-from pipeline.block_call import BlockSegmenter
+from pipeline import block_stats
 from pipeline.bottleneck import StageTotals
-from pipeline.commit import OutputCommitter
 from pipeline.config import JobConfig, ResourceConfig, redact_uri
 from pipeline.error_budget import ErrorBudget, ErrorBudgetExceeded
-from pipeline.lease import Lease, new_run_id
-from pipeline.poison import start_flight_recorder
-from pipeline.resources import ActorLayout, actor_layout, check_gpu_supply, use_gpus
+from pipeline.exactly_once import resume, run_records
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease, new_run_id
+from pipeline.inputs.sources import left_out_text, resolve_inputs
+from pipeline.inputs.storage import TRANSIENT_ERRORS, describe_storage_error
 from pipeline.run_summary import RunSummary
 from pipeline.schema import PART_ROW_SCHEMA, Counts
-from pipeline.sources import left_out_text, resolve_inputs
-from pipeline.storage import TRANSIENT_ERRORS, describe_storage_error
-from pipeline.weights import resolve_weights
+from pipeline.segmenting.block_call import BlockSegmenter
+from pipeline.segmenting.poison import start_flight_recorder
+from pipeline.segmenting.resources import ActorLayout, actor_layout, check_gpu_supply, use_gpus
+from pipeline.segmenting.weights import resolve_weights
 
 # Waiting for spot GPUs can take long: Ray's 30-minute default would kill such a job.
 NO_PROGRESS_TIMEOUT_S = 6 * 3600.0
 # Ray restarts a dead model actor and retries its block call. Each death is spent on poison isolation
-# (`pipeline.poison`): an input that kills every actor that reads it (a crashing codec, out of memory) costs two
+# (`pipeline.segmenting.poison`): an input that kills every actor that reads it (a crashing codec, out of memory)
+# costs two
 # deaths and gets an error row; bounded, so that a work block whose actors keep dying with nothing in flight (nodes
 # lost again and again) fails the job instead of running forever.
 BLOCK_CALL_RETRIES = 32  # a poison costs two deaths (in its window, then alone), and a call queued behind a
@@ -120,16 +126,17 @@ def block_refs(resources: ResourceConfig, files: int, *, actors: int | None = No
     """File refs (one image each) per work block, given the ``files`` to do: ``--rows-per-file`` (one block call
     commits about one part), fewer for few files (`BLOCKS_PER_ACTOR` blocks per actor), so that the part size
     never leaves actors idle. A tar / Parquet shard is a work block of its own (`work_blocks`). ``actors``: the
-    pool's largest size (`pipeline.resources.actor_layout`; default ``--max-actors``, else 1)."""
+    pool's largest size (`pipeline.segmenting.resources.actor_layout`; default ``--max-actors``, else 1)."""
     actors = actors or resources.max_actors or 1
     return max(1, min(resources.rows_per_file, -(-files // (BLOCKS_PER_ACTOR * actors))))
 
 
 def work_blocks(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.Dataset:
-    """Refs (`pipeline.sources.REF_SCHEMA`) as a dataset of work blocks (what one actor call gets): up to ``rows``
+    """Refs (`pipeline.inputs.sources.REF_SCHEMA`) as a dataset of work blocks (what one actor call gets): up to
+    ``rows``
     file refs in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is cut here; a
     dataset (refs planned on the workers) is split by kind and each kind re-blocked by Ray in a streaming pass,
-    so it is read once per kind (`pipeline.resume.decide` on Ray hands one whose shuffles are done)."""
+    so it is read once per kind (`pipeline.exactly_once.resume.decide` on Ray hands one whose shuffles are done)."""
     if isinstance(refs, ray.data.Dataset):
         is_file = col("kind") == "file"
         files = refs.filter(expr=is_file).repartition(target_num_rows_per_block=rows, strict=True)
@@ -152,8 +159,8 @@ def build_dataset(
     layout: ActorLayout | None = None,
 ) -> ray.data.Dataset:
     """The lazy plan from ``blocks`` (`work_blocks`) to one `PART_ROW_SCHEMA` row per committed part;
-    ``flight_recorder`` (`pipeline.poison.start_flight_recorder`) turns on poison isolation; ``layout``: the
-    actor pool (default: `pipeline.resources.actor_layout` of the config)."""
+    ``flight_recorder`` (`pipeline.segmenting.poison.start_flight_recorder`) turns on poison isolation; ``layout``: the
+    actor pool (default: `pipeline.segmenting.resources.actor_layout` of the config)."""
     res = config.resources
     use_gpu = use_gpus(res.device)
     layout = layout or actor_layout(res, use_gpu=use_gpu)
@@ -206,11 +213,12 @@ def run_job(
     verbose: bool = False,
     on_part: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunSummary:
-    """Run the whole job; re-running with the same output resumes it (`pipeline.commit` and
-    `pipeline.resume_decision` state the rules).
+    """Run the whole job; re-running with the same output resumes it (`pipeline.exactly_once.commit` and
+    `pipeline.exactly_once.resume_decision` state the rules).
 
-    Raises before any cluster work: `pipeline.sources.InputError`, `model.checkpoint.CheckpointError`,
-    `OutputError`, `pipeline.lease.LeaseHeld`, `pipeline.run_records.SettingsChanged`, `ClusterError`. Ray Data's
+    Raises before any cluster work: `pipeline.inputs.sources.InputError`, `model.checkpoint.CheckpointError`,
+    `OutputError`, `pipeline.exactly_once.lease.LeaseHeld`, `pipeline.exactly_once.run_records.SettingsChanged`,
+    `ClusterError`. Ray Data's
     own messages (execution plans, memory advice) are shown only with ``verbose``. ``on_part`` is called with
     each committed part's `PART_ROW_SCHEMA` row as it reaches the driver (progress, benchmarks). Raises
     `pipeline.error_budget.ErrorBudgetExceeded` (one line) when more than ``--max-error-rate`` of the latest
@@ -243,7 +251,7 @@ def run_job(
             layout = actor_layout(config.resources, use_gpu=use_gpu)
             rows = block_refs(config.resources, plan.files_to_do, actors=layout.max_actors)
             blocks = work_blocks(plan.refs, rows=rows)
-            recorder = start_flight_recorder()  # poison isolation (`pipeline.poison`)
+            recorder = start_flight_recorder()  # poison isolation (`pipeline.segmenting.poison`)
             dataset = build_dataset(
                 config, blocks, weights=weights, committer=committer, flight_recorder=recorder, layout=layout
             )

@@ -1,5 +1,5 @@
 """What a run did, as the job reports it: the summary line it prints and the report in ``_SUCCESS`` and in its
-record (`pipeline.commit.OutputCommitter.on_write_complete`). The counts are `pipeline.schema.Counts`.
+record (`pipeline.exactly_once.commit.OutputCommitter.on_write_complete`). The counts are `pipeline.schema.Counts`.
 """
 
 from __future__ import annotations

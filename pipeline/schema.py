@@ -8,7 +8,7 @@ An output folder ``OUTPUT/`` holds two tables:
 Between the stages an image travels as one row whose segments are a list column of `SEGMENT_STRUCT`, the
 segment record without the image's key columns (`RESULT_SCHEMA`, what a part's commit receives), and before
 RLE as `PREDICTION_SCHEMA` (the model's id map as bytes, the segments without ``category`` and ``rle``). Between
-reading and the model an image is a `DecodedImage` (made by `pipeline.decode.decode_input`).
+reading and the model an image is a `DecodedImage` (made by `pipeline.inputs.decode.decode_input`).
 An output read back one row per image is `PACKED_SCHEMA` (grouped from `FLAT_SCHEMA` rows on Ray).
 Every other shape is derived from these; README.md documents the tables column by column.
 """
@@ -21,23 +21,26 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from pipeline.stage_clock import STAGE_SECONDS_STRUCT
+from pipeline.segmenting.stage_clock import STAGE_SECONDS_STRUCT
 
 SEGMENTS_TABLE = "segments"
 IMAGES_TABLE = "images"
 # The rest of an output's layout (README "Output"):
-RUNS_FOLDER = "_runs"  # <run_id>.json: each run's record (`pipeline.run_records`)
+RUNS_FOLDER = "_runs"  # <run_id>.json: each run's record (`pipeline.exactly_once.run_records`)
 SUCCESS_FILE = "_SUCCESS"  # the last run finished: its counts and the output's totals
-LEASE_FILE = "_lease.json"  # the lease of the run writing the output (`pipeline.lease`)
-QUARANTINE_FOLDER = "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.commit`)
+LEASE_FILE = "_lease.json"  # the lease of the run writing the output (`pipeline.exactly_once.lease`)
+QUARANTINE_FOLDER = (
+    "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.exactly_once.commit`)
+)
 
 # The output format a run writes, recorded in its ``_runs/<run_id>.json`` (``format_version``):
 # - 1: before versions were recorded; an images part may lack the ``member`` column (read from its id,
-#   ``source#member``: `pipeline.ids.member_of_old_row`), the ``retryable`` column (read as false) and its counts
-#   in the Parquet footer (counted from its columns). `pipeline.inspection` reads such parts (its branches say
+#   ``source#member``: `pipeline.inputs.ids.member_of_old_row`), the ``retryable`` column (read as false) and its counts
+#   in the Parquet footer (counted from its columns). `pipeline.exactly_once.inspection` reads such parts (its
+# branches say
 #   "format 1").
 # - 2: every images part has all of `IMAGES_SCHEMA` and its `Counts` in the footer (`COUNTS_KEY` of
-#   `pipeline.parts`).
+#   `pipeline.exactly_once.parts`).
 OUTPUT_FORMAT_VERSION = 2
 
 # The weights URI (and ``weights_sha256`` setting) a run record names for the deterministic demo weights; also
@@ -92,7 +95,8 @@ INPUT_COLUMNS = ("image_id", "source", "member", "input_size", "input_version")
 _IMAGE_KEY_COLUMNS = ("image_id", "source")
 
 SEGMENT_STRUCT = pa.struct([f for f in SEGMENTS_SCHEMA if f.name not in _IMAGE_KEY_COLUMNS])
-# What the model gives for a segment; RLE adds ``category`` and ``rle`` (`pipeline.prediction_tables.encode_results`).
+# What the model gives for a segment; RLE adds ``category`` and ``rle``
+# (`pipeline.segmenting.prediction_tables.encode_results`).
 PREDICTED_SEGMENT_STRUCT = pa.struct([f for f in SEGMENT_STRUCT if f.name not in ("category", "rle")])
 
 _STAGE_IMAGE_COLUMNS = (*INPUT_COLUMNS, "width", "height", "error", "retryable")
@@ -113,11 +117,11 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("segments", pa.list_(PREDICTED_SEGMENT_STRUCT)),
     ]
 )
-"""One row per image as the model returns it before RLE (`pipeline.prediction_tables.encode_results`, on the shard
-call's threads)."""
+"""One row per image as the model returns it before RLE (`pipeline.segmenting.prediction_tables.encode_results`,
+on the block call's threads)."""
 
 
-# -- the per-image views of an output, read back (`pipeline.packed_images`) ----------------------------------
+# -- the per-image views of an output, read back (`pipeline.reading.packed_images`) ----------------------------------
 # Each column is its source column's name and type (all nullable, as these views have always been declared).
 
 _IMAGE_VIEW_COLUMNS = [
@@ -143,7 +147,8 @@ EMPTY_PIXELS = np.zeros((1, 1, 3), dtype=np.uint8)  # placeholder for rows witho
 
 
 class DecodedImage(NamedTuple):
-    """The decoded-image record: one input image as the model actor receives it from `pipeline.decode.decode_input`.
+    """The decoded-image record: one input image as the model actor receives it from
+    `pipeline.inputs.decode.decode_input`.
 
     ``pixels`` are uint8 ``[h, w, 3]`` at the processed size (`EMPTY_PIXELS` when the image is left to the
     device or has an error); ``encoded`` holds the JPEG bytes left to the model's device (``device_preprocess``,
@@ -166,7 +171,7 @@ class DecodedImage(NamedTuple):
 class Counts:
     """How many images and segments: a part's (in its footer and its `PART_ROW_SCHEMA` row), a run's, an
     output's (``_SUCCESS``, the summary line). A new count is a field here plus its line in
-    `pipeline.parts.part_counts` (which builds a `Counts`); every schema below follows."""
+    `pipeline.exactly_once.parts.part_counts` (which builds a `Counts`); every schema below follows."""
 
     images_ok: int = 0
     images_error: int = 0
@@ -197,7 +202,10 @@ PART_ROW_SCHEMA = pa.schema(
         ("node_id", pa.string()),
         ("seconds", pa.float64()),
         ("error_kinds", pa.list_(ERROR_KIND_STRUCT)),  # most common first; [] for a part without errors
-        ("stages", STAGE_SECONDS_STRUCT),  # the actor's seconds since its previous part (`pipeline.stage_clock`)
+        (
+            "stages",
+            STAGE_SECONDS_STRUCT,
+        ),  # the actor's seconds since its previous part (`pipeline.segmenting.stage_clock`)
         ("committed_at", pa.float64()),  # Unix time
     ]
 )
@@ -206,10 +214,10 @@ error budget: `pipeline.error_budget`, and where the actor's time went: `pipelin
 
 INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem", pa.string())])
 """A committed part's counts read from its footer, or the ``problem`` (null when readable) that makes it
-unreadable (`pipeline.inspection.inspect_parts`)."""
+unreadable (`pipeline.exactly_once.inspection.inspect_parts`)."""
 
 RETRACTION_SCHEMA = pa.schema([("part", pa.string()), *_COUNT_COLUMNS])
-"""What a retraction removed from one part (`pipeline.commit.OutputCommitter.retract`)."""
+"""What a retraction removed from one part (`pipeline.exactly_once.commit.OutputCommitter.retract`)."""
 
 
 # -- committed rows: what a resume reads back from the images parts ------------------------------------------
@@ -221,4 +229,4 @@ COMMITTED_SCHEMA = pa.schema(
         pa.field("part", pa.string()),  # the images part's file name
     ]
 )
-"""One row per committed image, as the resume matches it with this run's inputs (`pipeline.inspection`)."""
+"""One row per committed image, as the resume matches it with this run's inputs (`pipeline.exactly_once.inspection`)."""

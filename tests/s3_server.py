@@ -115,7 +115,7 @@ def s3_env(endpoint_url: str) -> dict[str, str]:
         "AWS_ENDPOINT_URL": endpoint_url,
         "AWS_ENDPOINT_URL_S3": endpoint_url,
         # botocore's own retries off (its default: 5 attempts with backoff): an unreachable endpoint then
-        # fails in ~4 s instead of ~30 s; s3fs's and `pipeline.storage`'s retries still run and are tested
+        # fails in ~4 s instead of ~30 s; s3fs's and `pipeline.inputs.storage`'s retries still run and are tested
         "AWS_MAX_ATTEMPTS": "1",
     }
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -54,20 +55,23 @@ def test_every_module_has_a_docstring(package: str) -> None:
 
 def test_cpu_stages_never_import_torch() -> None:
     """Ray workers import a stage function's module: the resume plan's stages (inspecting committed parts,
-    their rows, manifest lines, the decision, retractions; `pipeline.resume` which wires them) and the commit
+    their rows, manifest lines, the decision, retractions; `pipeline.exactly_once.resume` which wires them) and the
+    commit
     protocol live in modules without torch (each worker would otherwise pay ~4 s
     of CPU and ~300 MB for an import it never uses); only the model actor loads it."""
     import subprocess
     import sys
 
-    from pipeline import commit, inspection, resume_decision, retraction, sources
+    from pipeline.exactly_once import commit, inspection, resume_decision, retraction
+    from pipeline.inputs import sources
 
     stages = [inspection.inspect_parts, inspection.committed_rows, retraction.retraction_rows, sources.manifest_rows,
               commit.OutputCommitter.write_part, commit.OutputCommitter.retract,
               resume_decision.decide_file_keys, resume_decision.group_shards]  # fmt: skip
-    modules = sorted({f.__module__ for f in stages} | {"pipeline.resume"})
-    assert modules == ["pipeline.commit", "pipeline.inspection", "pipeline.resume", "pipeline.resume_decision",
-                       "pipeline.retraction", "pipeline.sources"]  # fmt: skip
+    modules = sorted({f.__module__ for f in stages} | {"pipeline.exactly_once.resume"})
+    assert modules == ["pipeline.exactly_once.commit", "pipeline.exactly_once.inspection",
+                       "pipeline.exactly_once.resume", "pipeline.exactly_once.resume_decision",
+                       "pipeline.exactly_once.retraction", "pipeline.inputs.sources"]  # fmt: skip
     probe = f"import sys; import {', '.join(modules)}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -167,3 +171,23 @@ def test_no_package_has_an_import_cycle(package: str) -> None:
     graph = {name: _package_imports(path, package) & set(modules) for name, path in modules.items()}
     assert sum(map(len, graph.values())) > 5  # imports were found
     assert _a_cycle(graph) == []
+
+
+def test_the_readmes_module_map_names_every_pipeline_module_in_its_folder() -> None:
+    """README's "Development" map groups `pipeline/` as the folders do: each module is named in its folder's
+    entry (a module moved or added without the map fails here)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("\npipeline/   ") : text.index("\njobs/       ")]
+    entries = re.split(r"\n  (\w+)/ +", block)  # [top level, folder, its text, folder, its text, ...]
+    folders = {"": entries[0], **dict(zip(entries[1::2], entries[2::2]))}
+    package = ROOT / "pipeline"
+    assert set(folders) == {""} | {p.name for p in package.iterdir() if (p / "__init__.py").exists()}
+    missing = {
+        folder or "pipeline": sorted(
+            m.stem
+            for m in (package / folder).glob("*.py")
+            if m.stem != "__init__" and not re.search(rf"\b{m.stem}\b", words)
+        )
+        for folder, words in folders.items()
+    }
+    assert missing == {key: [] for key in missing}

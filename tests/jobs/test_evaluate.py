@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import pipeline.packed_images
+import pipeline.reading.packed_images
 from jobs.evaluate import evaluate, format_report, main, match_key
 from jobs.export_coco import main as export_main
-from pipeline.coco import coco_categories, id_map_to_rgb, rgb_to_id_map
+from pipeline.reading.coco import coco_categories, id_map_to_rgb, rgb_to_id_map
 from tests.synthetic_output import DOG, GRASS, PERSON, SKY, SynthImage, SynthSegment, make_images, rect, write_output
 
 TREE = (184, "tree-merged")
@@ -133,7 +133,7 @@ def test_an_export_evaluated_against_its_own_output_is_perfect(
     output, _, _ = setup
     if reader == "ray":  # as a large output is read: Ray Data's map_batches over read_segments_by_image
         request.getfixturevalue("ray_session")
-        monkeypatch.setattr(pipeline.packed_images, "LOCAL_MAX_BYTES", 0)
+        monkeypatch.setattr(pipeline.reading.packed_images, "LOCAL_MAX_BYTES", 0)
     assert export_main([str(output), str(tmp_path / "coco")]) == 0
     gt_json = json.loads((tmp_path / "coco" / "panoptic.json").read_text())
     report = evaluate(str(output), gt_json, str(tmp_path / "coco" / "panoptic"), rule="uri")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from jobs.export_coco import coco_image, coco_names, id_map_to_rgb, main, rgb_to_id_map, to_coco_ids
-from pipeline.rle import decode_mask
+from pipeline.segmenting.rle import decode_mask
 from tests.synthetic_output import encode_rle, make_images, write_output
 
 
@@ -111,8 +111,8 @@ def test_a_mistyped_output_writes_nothing_and_exits_2(tmp_path: Path, capsys: py
 
 _LARGE_OUTPUT_PROBE = """
 import sys
-import pipeline.packed_images
-pipeline.packed_images.LOCAL_MAX_BYTES = 0  # read as a large output is: on Ray
+import pipeline.reading.packed_images
+pipeline.reading.packed_images.LOCAL_MAX_BYTES = 0  # read as a large output is: on Ray
 from jobs.export_coco import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,5 +1,5 @@
 """Each reading command resolves its output once (`Output.of`) and hands the `Output` to every reader, and reads
-its run records the one way (`pipeline.run_records.read_run_records`), so an unreadable record is a warning
+its run records the one way (`pipeline.exactly_once.run_records.read_run_records`), so an unreadable record is a warning
 rather than a crash."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.output_paths import Output
+from pipeline.exactly_once.output_paths import Output
 from tests.synthetic_output import SynthImage, make_images, write_output
 
 

@@ -28,7 +28,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Synt
 
 
 def _pyarrow_segments(output: Path) -> ds.Dataset:
-    """The segment files read directly by pyarrow, independently of pipeline.output_tables."""
+    """The segment files read directly by pyarrow, independently of pipeline.reading.output_tables."""
     files = sorted(str(p) for p in (output / "segments").glob("shard=*/*.parquet"))
     return ds.dataset(files, format="parquet")
 

@@ -27,9 +27,9 @@ from jobs.show import load_image, main, render_image
 from model.categories import category_by_id
 from model.config import InferenceConfig
 from pipeline.config import InputConfig
-from pipeline.decode import decode_image
-from pipeline.readers import read_refs
-from pipeline.sources import resolve_inputs
+from pipeline.inputs.decode import decode_image
+from pipeline.inputs.readers import read_refs
+from pipeline.inputs.sources import resolve_inputs
 from tests.pipeline.images import tar_bytes
 from tests.pipeline.odd_inputs import damaged_exif_jpeg, exif_jpeg
 from tests.synthetic_output import SynthImage, SynthSegment, make_images, rect, write_output

@@ -31,8 +31,8 @@ from model.checkpoint import build_model, read_state_dict
 from model.config import VARIANTS
 from model.panoptic import PanopticResult
 from model.predictor import InferenceConfig, PanopticPredictor
-from pipeline.decode import check_for_device
-from pipeline.device_decode import prepare_encoded
+from pipeline.inputs.decode import check_for_device
+from pipeline.inputs.device_decode import prepare_encoded
 
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "samples" / "images").glob("*.jpg"))
 WEIGHTS = os.environ.get("PANOPTIC_FLOW_TEST_WEIGHTS", "")

@@ -16,11 +16,11 @@ import sys
 import pyarrow.parquet as pq
 
 from model.predictor import InferenceConfig
-from pipeline.block_call import BlockSegmenter
-from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, ResourceConfig
-from pipeline.lease import Lease
-from pipeline.predict import PanopticSegmenter
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease
+from pipeline.segmenting.block_call import BlockSegmenter
+from pipeline.segmenting.predict import PanopticSegmenter
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)
 

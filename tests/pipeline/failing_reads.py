@@ -2,7 +2,7 @@
 all fail after the first few: a systematic failure (credentials expired mid-run, a bucket policy changed).
 
 `install` is the jobs' ``worker_process_setup_hook`` (nothing in the product): in each worker process,
-`pipeline.readers`' ``read_object`` reads the first ``PF_FAIL_READS_AFTER`` objects and then raises
+`pipeline.inputs.readers`' ``read_object`` reads the first ``PF_FAIL_READS_AFTER`` objects and then raises
 ``PermissionError`` (access denied: a transient storage error, so a retryable error row) for every other one,
 each failure logged as one line ``<pid> <uri>`` in ``PF_FAIL_READS_MARKER`` (so that a test sees the fault struck).
 Reads are counted per process: run it with one model actor.
@@ -25,7 +25,7 @@ def install() -> None:
     if not marker:
         return
     after = int(os.environ.get("PF_FAIL_READS_AFTER", "0"))
-    import pipeline.readers as readers
+    import pipeline.inputs.readers as readers
 
     original = readers.read_object
     lock = threading.Lock()  # the block call reads on a pool of threads

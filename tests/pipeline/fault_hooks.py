@@ -35,7 +35,7 @@ def install() -> None:
         install_poison(marker)
     if point not in ("between", "after", "pause") or not marker:
         return
-    import pipeline.commit as commit
+    import pipeline.exactly_once.commit as commit
 
     original = commit.publish
     table = "/segments/" if point == "between" else "/images/"
@@ -63,7 +63,7 @@ def _wait_for(release: str) -> None:
 
 
 def _kill_the_actor_on_its_second_batch(marker: str) -> None:
-    from pipeline.predict import PanopticSegmenter
+    from pipeline.segmenting.predict import PanopticSegmenter
 
     original = PanopticSegmenter.segment
     calls = [0]
@@ -96,8 +96,8 @@ HANG_MODEL = "hang-model"
 
 def install_poison(marker: str) -> None:
     """``PF_FAULT=poison`` (see the module docstring), in this process."""
-    import pipeline.block_call as shard
-    from pipeline.predict import PanopticSegmenter
+    import pipeline.segmenting.block_call as shard
+    from pipeline.segmenting.predict import PanopticSegmenter
 
     decode, segment = shard.decode_input, PanopticSegmenter.segment
 

@@ -5,7 +5,8 @@ Run in its own process by tests/pipeline/test_write_stage.py with a private RAY_
     RAY_TMPDIR=/tmp/pf-XXXX python -m tests.pipeline.fault_write_stage --input DIR --output-root DIR
 
 Topology (`ray.cluster_utils.Cluster`, all on this machine): a head with no CPUs for tasks and two worker
-nodes, so every task and actor runs on a worker node. The driver here has `pipeline.commit.OutputCommitter.write_part`
+nodes, so every task and actor runs on a worker node. The driver here has
+`pipeline.exactly_once.commit.OutputCommitter.write_part`
 replaced by a function that fails: the job succeeds only if no part is written by the driver.
 
 Scenarios, one Ray job each (``worker_process_setup_hook`` installs `tests.pipeline.fault_hooks` in the
@@ -29,7 +30,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-import pipeline.commit
+import pipeline.exactly_once.commit
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run with a private RAY_TMPDIR and no RAY_ADDRESS")
     temp_dir = os.path.join(os.environ["RAY_TMPDIR"], "ray")
     os.makedirs(temp_dir, exist_ok=True)
-    pipeline.commit.OutputCommitter.write_part = _driver_must_not_write  # type: ignore[assignment,method-assign]
+    pipeline.exactly_once.commit.OutputCommitter.write_part = _driver_must_not_write  # type: ignore[assignment,method-assign]
     from pipeline.run import run_job
 
     report: dict = {}

@@ -2,11 +2,12 @@
 
 Two figures quoted in the README (section "Resume, exactly once, failures")::
 
-    # seconds until the first ref leaves `pipeline.resume.decide` on Ray, for a Parquet manifest of N URIs
+    # seconds until the first ref leaves `pipeline.exactly_once.resume.decide` on Ray, for a Parquet manifest of N URIs
     python -m tests.pipeline.measure_resume refs --n 1000000                 # fresh: the de-duplication
     python -m tests.pipeline.measure_resume refs --n 1000000 --committed 500000  # resume
     python -m tests.pipeline.measure_resume refs --n 1000000 --plain         # no aggregation (baseline)
-    # a small re-run's plan with 1 vs 4 aggregation partitions (`pipeline.resume_executors.shuffle_partitions`)
+    # a small re-run's plan with 1 vs 4 aggregation partitions
+    (`pipeline.exactly_once.resume_executors.shuffle_partitions`)
     python -m tests.pipeline.measure_resume refs --n 8 --committed 8 --partitions 1
     # peak RSS of the driver process of a resume whose N inputs are all committed already
     python -m tests.pipeline.measure_resume rss --n 100000
@@ -66,11 +67,11 @@ def _commit(output: Path, ids: list[str]) -> None:
 def measure_refs(n: int, committed: int, plain: bool, root: Path, partitions: int = 4) -> dict:
     import ray
 
-    from pipeline.commit import OutputCommitter
-    from pipeline.lease import Lease
-    from pipeline.resume import decide
-    from pipeline.resume_executors import OnRay
-    from pipeline.sources import ResolvedInputs, manifest_rows
+    from pipeline.exactly_once.commit import OutputCommitter
+    from pipeline.exactly_once.lease import Lease
+    from pipeline.exactly_once.resume import decide
+    from pipeline.exactly_once.resume_executors import OnRay
+    from pipeline.inputs.sources import ResolvedInputs, manifest_rows
 
     uris = _uris(n, root)
     manifest = root / "manifest.parquet"

@@ -1,4 +1,4 @@
-"""Test script: `pipeline.metrics.PartMetrics` in a Ray actor, read back from the node's Prometheus endpoint.
+"""Test script: `pipeline.segmenting.metrics.PartMetrics` in a Ray actor, read back from the node's Prometheus endpoint.
 
 Run in its own process by tests/pipeline/test_metrics.py with a private RAY_TMPDIR::
 
@@ -45,7 +45,7 @@ def _free_port() -> int:
 @ray.remote(num_cpus=0)
 class _Recorder:
     def record(self, rows: list[dict[str, object]]) -> None:
-        from pipeline.metrics import PartMetrics
+        from pipeline.segmenting.metrics import PartMetrics
 
         metrics = PartMetrics(tags={"run_id": RUN_ID})
         for row in rows:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.parts import parquet_bytes, part_counts
+from pipeline.exactly_once.parts import parquet_bytes, part_counts
+from pipeline.inputs.sources import ResolvedInputs
 from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
-from pipeline.sources import ResolvedInputs
 
 # (image id, source, member, version, retryable) rows of each committed part; the inputs never exist: a resume
 # reads the listing and the committed parts, never an input.

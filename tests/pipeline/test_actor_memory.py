@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.block_call import (
+from pipeline.inputs.sources import REF_SCHEMA
+from pipeline.segmenting.block_call import (
     COMMITS_IN_FLIGHT,
     MODEL_IN_FLIGHT,
     READ_AHEAD_BYTES,
@@ -31,9 +32,8 @@ from pipeline.block_call import (
     READ_AHEAD_SHARDS,
     RLE_IN_FLIGHT,
 )
-from pipeline.poison import ANNOUNCE_CHUNK
-from pipeline.rle import COMPARED_PIXELS
-from pipeline.sources import REF_SCHEMA
+from pipeline.segmenting.poison import ANNOUNCE_CHUNK
+from pipeline.segmenting.rle import COMPARED_PIXELS
 from tests.pipeline.images import tar_bytes
 
 REPO = Path(__file__).resolve().parents[2]

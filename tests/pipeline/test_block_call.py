@@ -17,17 +17,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.predictor import InferenceConfig
-from pipeline.block_call import BlockSegmenter
-from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, ResourceConfig
-from pipeline.decode import decode_batch
-from pipeline.lease import Lease
-from pipeline.parts import split_results
-from pipeline.poison import POISON_ERROR, FlightLog
-from pipeline.predict import PanopticSegmenter
-from pipeline.readers import read_refs
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease
+from pipeline.exactly_once.parts import split_results
+from pipeline.inputs.decode import decode_batch
+from pipeline.inputs.readers import read_refs
+from pipeline.inputs.sources import REF_SCHEMA
 from pipeline.schema import PART_ROW_SCHEMA
-from pipeline.sources import REF_SCHEMA
+from pipeline.segmenting.block_call import BlockSegmenter
+from pipeline.segmenting.poison import POISON_ERROR, FlightLog
+from pipeline.segmenting.predict import PanopticSegmenter
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)
@@ -139,7 +139,7 @@ def test_an_unexpected_exception_at_any_stage_is_that_images_error_row(
 ) -> None:
     """A RuntimeError (no type a stage lists) raised while reading one ref, decoding one image, segmenting one
     and encoding one: four error rows naming the stage and the exception, the rest as the oracle gives them."""
-    import pipeline.block_call as shard
+    import pipeline.segmenting.block_call as shard
 
     refs = _inputs(tmp_path / "in")
     struck: list[str] = []
@@ -222,11 +222,11 @@ class _Death(BaseException):
 def test_an_input_that_kills_its_worker_twice_gets_an_error_row_and_its_shard_mates_are_committed(
     model: PanopticSegmenter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The protocol of `pipeline.poison` on one shard, its actor's deaths simulated: the first attempt dies
+    """The protocol of `pipeline.segmenting.poison` on one shard, its actor's deaths simulated: the first attempt dies
     decoding img5 (its window of images in flight all get a strike); the retry runs the others, then the
     suspects alone, and dies again on img5 alone; the third attempt gives img5 its error row and commits the
     rest exactly as the oracle does, each image once."""
-    import pipeline.block_call as shard
+    import pipeline.segmenting.block_call as shard
 
     refs = _inputs(tmp_path / "in")
     poison = (tmp_path / "in" / "img5.jpg").read_bytes()
@@ -270,7 +270,7 @@ def test_a_device_fault_ends_the_actor_and_the_image_that_causes_it_is_isolated(
 ) -> None:
     """A CUDA error (the device's context lost: every later call would fail too) is not an error row: the actor
     ends itself, with the reason on the record, and the image is isolated like one that crashed its process."""
-    import pipeline.block_call as shard
+    import pipeline.segmenting.block_call as shard
 
     refs = _inputs(tmp_path / "in")
     segment, ended = model.__class__.segment, []
@@ -309,7 +309,7 @@ def test_a_device_fault_ends_the_actor_and_the_image_that_causes_it_is_isolated(
 def test_device_faults_are_told_from_other_errors() -> None:
     import torch
 
-    from pipeline.predict import is_device_fault
+    from pipeline.segmenting.predict import is_device_fault
 
     assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
     assert is_device_fault(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))

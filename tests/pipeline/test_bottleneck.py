@@ -1,4 +1,4 @@
-"""Where a block call's time goes (`pipeline.stage_clock`) and the run's verdict (`pipeline.bottleneck`).
+"""Where a block call's time goes (`pipeline.segmenting.stage_clock`) and the run's verdict (`pipeline.bottleneck`).
 
 In-process block calls (no Ray) on 24 small JPEGs with one stage made slow on purpose: the decoder (CPU time per
 image), the model (a sleep per batch, as a GPU's work), the RLE (CPU time per image) or the commit (a sleep per
@@ -17,15 +17,15 @@ import pytest
 
 from model.panoptic import PanopticResult, Segment
 from model.predictor import InferenceConfig
-from pipeline.block_call import BlockSegmenter
 from pipeline.bottleneck import StageTotals
-from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, ResourceConfig
-from pipeline.lease import Lease
-from pipeline.predict import Segmented
-from pipeline.prediction_tables import prediction_table
-from pipeline.sources import REF_SCHEMA
-from pipeline.stage_clock import KEYS
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease
+from pipeline.inputs.sources import REF_SCHEMA
+from pipeline.segmenting.block_call import BlockSegmenter
+from pipeline.segmenting.predict import Segmented
+from pipeline.segmenting.prediction_tables import prediction_table
+from pipeline.segmenting.stage_clock import KEYS
 from tests.pipeline.images import photo_bytes
 
 INFERENCE = InferenceConfig(min_size=32, max_size=64)
@@ -91,7 +91,7 @@ def _run(tmp_path: Path, model: _Model, *, calls: int = 2) -> tuple[StageTotals,
 
 
 def _slow_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.block_call as shard
+    import pipeline.segmenting.block_call as shard
 
     decode = shard.decode_input
 
@@ -103,7 +103,7 @@ def _slow_decode(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _slow_rle(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.block_call as shard
+    import pipeline.segmenting.block_call as shard
 
     encode = shard.encode_results
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.predictor import InferenceConfig
 from model.preprocess import processed_size, resize_image
-from pipeline.decode import EMPTY_PIXELS, decode_batch, decode_image
+from pipeline.inputs.decode import EMPTY_PIXELS, decode_batch, decode_image
 from tests.pipeline.images import input_columns
 from tests.pipeline.odd_inputs import OddInput, animated_gif, corpus, exif_jpeg, forged_jpeg, png_bomb
 

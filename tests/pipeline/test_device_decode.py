@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from model.predictor import InferenceConfig, PreparedImage
-from pipeline.decode import decode_batch
-from pipeline.device_decode import prepare_encoded
-from pipeline.predict import PanopticSegmenter
+from pipeline.inputs.decode import decode_batch
+from pipeline.inputs.device_decode import prepare_encoded
+from pipeline.segmenting.predict import PanopticSegmenter
 from tests.pipeline.images import input_columns, photo_bytes
 from tests.pipeline.odd_inputs import corpus
 

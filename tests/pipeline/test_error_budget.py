@@ -15,15 +15,15 @@ import botocore.exceptions
 import pyarrow as pa
 import pytest
 
-import pipeline.readers
+import pipeline.inputs.readers
 from model.config import InferenceConfig
-from pipeline.commit import OutputCommitter
-from pipeline.decode import decode_input
 from pipeline.error_budget import ErrorBudget, error_kind, error_kinds
-from pipeline.lease import Lease
-from pipeline.predict import OUT_OF_MEMORY
-from pipeline.readers import read_ref
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease
+from pipeline.inputs.decode import decode_input
+from pipeline.inputs.readers import read_ref
 from pipeline.schema import PART_ROW_SCHEMA, RESULT_SCHEMA
+from pipeline.segmenting.predict import OUT_OF_MEMORY
 from tests.pipeline.images import photo_bytes
 
 
@@ -55,7 +55,7 @@ def test_the_readers_errors_have_their_kinds(tmp_path: Path, monkeypatch: pytest
         error = {"Error": {"Code": "AccessDenied", "Message": f"Access Denied to {uri}"}}
         raise botocore.exceptions.ClientError(error, "GetObject")
 
-    monkeypatch.setattr(pipeline.readers, "read_object", denied)
+    monkeypatch.setattr(pipeline.inputs.readers, "read_object", denied)
     message = _read_error(big)
     assert "AccessDenied" in message and str(big) in message  # the specifics are in the message...
     assert error_kind(message) == "unreadable: ClientError"  # ...not in its kind

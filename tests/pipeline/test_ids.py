@@ -1,10 +1,10 @@
-"""The image-id grammar (`pipeline.ids`): built and parsed in one place, each id parsed back to its input."""
+"""The image-id grammar (`pipeline.inputs.ids`): built and parsed in one place, each id parsed back to its input."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.ids import SHARD_ITSELF, file_id, last_part, member_id, member_of_old_row, parse_image_id
+from pipeline.inputs.ids import SHARD_ITSELF, file_id, last_part, member_id, member_of_old_row, parse_image_id
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,9 @@ import pytest
 import s3fs
 
 from pipeline.config import InputConfig
-from pipeline.readers import read_refs
-from pipeline.sources import resolve_inputs
-from pipeline.storage import TooLarge, read_object
+from pipeline.inputs.readers import read_refs
+from pipeline.inputs.sources import resolve_inputs
+from pipeline.inputs.storage import TooLarge, read_object
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def test_fifos_sockets_and_devices_are_error_rows_never_opened(tmp_path: Path) -
 
 def test_listing_counts_and_names_files_left_out_by_extension(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     paths = _hostile_folder(tmp_path / "in")
-    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.inputs.sources"):
         inputs = resolve_inputs(InputConfig((str(tmp_path / "in"),)))
     assert sorted(r["uri"] for r in inputs.refs) == sorted(str(paths[n]) for n in ("a.jpg", "f.jpg", "z.jpg"))
     assert all(set(r) == {"uri", "kind", "size", "version"} for r in inputs.refs)

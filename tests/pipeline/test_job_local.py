@@ -37,7 +37,7 @@ def _config(inputs: list[str], output: Path, **resources: object) -> JobConfig:
 def predictor(ray_session: None) -> Iterator[PanopticPredictor]:
     """The model run in this process, on as many threads as the job's CPU actors (float reductions round
     differently with the thread count)."""
-    from pipeline.resources import actor_layout
+    from pipeline.segmenting.resources import actor_layout
 
     config = VARIANTS["detr-r50-panoptic"].config
     threads = torch.get_num_threads()

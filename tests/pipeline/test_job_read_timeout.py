@@ -11,7 +11,7 @@ import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.config import FailureConfig, InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.output_tables import open_table
+from pipeline.reading.output_tables import open_table
 from tests.pipeline.images import photo_bytes
 from tests.s3_server import FaultProxy
 

@@ -13,8 +13,8 @@ import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.output_tables import open_table
-from pipeline.sources import InputError
+from pipeline.inputs.sources import InputError
+from pipeline.reading.output_tables import open_table
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)
@@ -112,7 +112,7 @@ def test_canary_secret_appears_in_no_log_or_output(ray_session: None, ray_temp_d
 
 
 def test_bad_inputs_fail_before_any_work(s3_env: dict[str, str], bucket: str) -> None:
-    from pipeline.sources import resolve_inputs
+    from pipeline.inputs.sources import resolve_inputs
 
     with pytest.raises(InputError, match="no-such-bucket"):
         resolve_inputs(InputConfig(("s3://no-such-bucket-pf/x/",)))

@@ -19,13 +19,13 @@ import boto3
 import pytest
 import s3fs
 
-from pipeline.lease import Lease, LeaseHeld, LeaseLost, check_holder
+from pipeline.exactly_once.lease import Lease, LeaseHeld, LeaseLost, check_holder
 from pipeline.schema import LEASE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 HOLD = """
 import sys, time
-from pipeline.lease import Lease
+from pipeline.exactly_once.lease import Lease
 lease = Lease.acquire(sys.argv[1], "holder-run")
 print("held", flush=True)
 time.sleep(600)

@@ -14,7 +14,7 @@ import boto3
 import pytest
 import s3fs
 
-from pipeline.lease import DEFAULT_TTL_S, Lease, LeaseHeld, _is_dead, check_holder
+from pipeline.exactly_once.lease import DEFAULT_TTL_S, Lease, LeaseHeld, _is_dead, check_holder
 from pipeline.schema import LEASE_FILE
 
 HOUR = 3600.0

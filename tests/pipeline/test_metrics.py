@@ -1,4 +1,5 @@
-"""The job's Ray metrics (`pipeline.metrics`): counted in a Ray actor and read back from the node's Prometheus
+"""The job's Ray metrics (`pipeline.segmenting.metrics`): counted in a Ray actor and read back from the node's
+Prometheus
 endpoint, as a cluster's Prometheus scrapes it (`tests.pipeline.metrics_cluster`, in its own process and
 cluster); and a no-op that never raises outside Ray or when Ray's metrics fail."""
 
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import metrics
-from pipeline.metrics import PartMetrics
+from pipeline.segmenting import metrics
+from pipeline.segmenting.metrics import PartMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,7 +119,7 @@ def test_outside_ray_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_failing_metrics_never_raise(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(metrics.ray, "is_initialized", lambda: True)
     monkeypatch.setattr(metrics, "Counter", _FailingCounter)
-    with caplog.at_level(logging.DEBUG, logger="pipeline.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.segmenting.metrics"):
         recording = PartMetrics()
         for row in ROWS:
             recording.record(row)

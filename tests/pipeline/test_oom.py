@@ -9,7 +9,7 @@ import torch
 
 from model.panoptic import PanopticResult, Segment
 from model.predictor import InferenceConfig, PreparedImage
-from pipeline.predict import PanopticSegmenter
+from pipeline.segmenting.predict import PanopticSegmenter
 from tests.pipeline.images import input_columns
 
 HUGE = 40  # images at least this wide "do not fit" on their own

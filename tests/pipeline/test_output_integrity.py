@@ -23,7 +23,7 @@ import s3fs
 
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.run_records import SettingsChanged
+from pipeline.exactly_once.run_records import SettingsChanged
 from tests.pipeline.fault_probes import assert_exactly_once, committed_parts, wait_for
 from tests.pipeline.images import photo_bytes, tar_bytes
 from tests.s3_server import FaultProxy

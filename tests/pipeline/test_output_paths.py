@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.output_paths import Output, locate
+from pipeline.exactly_once.output_paths import Output, locate
 
 
 def test_a_root_is_normalised_once_whatever_its_spelling(tmp_path: Path) -> None:

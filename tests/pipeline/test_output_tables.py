@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.output_paths import Output
-from pipeline.output_tables import OutputNotFoundError, check_output, open_table, read_image_rows, table_files
-from pipeline.run_records import latest_run_record
+from pipeline.exactly_once.output_paths import Output
+from pipeline.exactly_once.run_records import latest_run_record
+from pipeline.reading.output_tables import OutputNotFoundError, check_output, open_table, read_image_rows, table_files
 from tests.synthetic_output import SynthImage, make_images, write_output
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.packed_images import packed_rows, read_packed_images, read_segments_by_image
-from pipeline.rle import decode_mask
+from pipeline.reading.packed_images import packed_rows, read_packed_images, read_segments_by_image
 from pipeline.schema import PACKED_SCHEMA
+from pipeline.segmenting.rle import decode_mask
 from tests.synthetic_output import SynthImage, make_images, write_output
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.panoptic_quality import (
+from pipeline.reading.panoptic_quality import (
     VOID,
     ClassStats,
     Segment,

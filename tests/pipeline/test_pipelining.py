@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipeline.pipelining import ordered_map
+from pipeline.segmenting.pipelining import ordered_map
 
 
 def test_results_come_in_input_order_whatever_finishes_first() -> None:

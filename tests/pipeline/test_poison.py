@@ -1,4 +1,5 @@
-"""The in-flight record's rules (`pipeline.poison.FlightLog`), one case each, and ``--retry-poisoned``'s reading
+"""The in-flight record's rules (`pipeline.segmenting.poison.FlightLog`), one case each, and ``--retry-poisoned``'s
+reading
 of committed rows, without Ray."""
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.inspection import committed_rows
-from pipeline.poison import POISON_ERROR, Flight, FlightLog, is_poisoned_error, poisoned_error
+from pipeline.exactly_once.inspection import committed_rows
 from pipeline.schema import IMAGES_SCHEMA
+from pipeline.segmenting.poison import POISON_ERROR, Flight, FlightLog, is_poisoned_error, poisoned_error
 
 
 def test_a_first_attempt_has_no_history() -> None:

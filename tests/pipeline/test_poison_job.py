@@ -1,4 +1,5 @@
-"""One input never stops a job (`pipeline.poison`): inputs that kill their model actor, or make a stage raise,
+"""One input never stops a job (`pipeline.segmenting.poison`): inputs that kill their model actor, or make a stage
+raise,
 each get one error row, and every other image is committed once.
 
 The job runs as `python -m tests.pipeline.fault_job` joined to this session's cluster, its workers patched by
@@ -21,7 +22,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.poison import POISON_ERROR
+from pipeline.segmenting.poison import POISON_ERROR
 from tests.pipeline.fault_hooks import HANG_MODEL, POISON_DECODE, POISON_MODEL, RAISE_DECODE
 from tests.pipeline.images import photo_bytes
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pycocotools import mask as coco_mask
 
 from model.panoptic import PanopticResult, merge_panoptic
-from pipeline.prediction_tables import encode_results, prediction_table
+from pipeline.segmenting.prediction_tables import encode_results, prediction_table
 from tests.model.panoptic_oracle import merge_panoptic_full_size
 from tests.pipeline.images import input_columns
 

@@ -14,9 +14,9 @@ import s3fs
 
 from jobs.query import connect, run_query
 from model.predictor import InferenceConfig
-from pipeline.commit import OutputCommitter
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.lease import Lease
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease
 from tests.pipeline.fault_probes import assert_exactly_once
 from tests.pipeline.images import photo_bytes
 

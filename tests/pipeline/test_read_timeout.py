@@ -1,4 +1,4 @@
-"""The read timeout (``--read-timeout``, `pipeline.storage.read_object`): a read that receives nothing for that
+"""The read timeout (``--read-timeout``, `pipeline.inputs.storage.read_object`): a read that receives nothing for that
 long is given up with `ReadTimedOut` (a retryable error row), on S3 through a stalling proxy in front of moto
 and on a local or fsspec filesystem whose read blocks; a read whose bytes keep coming never times out."""
 
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from fsspec.spec import AbstractFileSystem
 
-from pipeline import storage
 from pipeline.config import InputConfig
-from pipeline.readers import read_refs
-from pipeline.sources import InputError, resolve_inputs
-from pipeline.storage import ReadTimedOut, read_object
+from pipeline.inputs import storage
+from pipeline.inputs.readers import read_refs
+from pipeline.inputs.sources import InputError, resolve_inputs
+from pipeline.inputs.storage import ReadTimedOut, read_object
 from tests.s3_server import FaultProxy, proxied_s3
 
 BUCKET = "pf-read-timeout"

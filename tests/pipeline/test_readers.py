@@ -1,4 +1,4 @@
-"""`pipeline.readers`: one image read back by the member its row stored is the image its whole ref gave (the
+"""`pipeline.inputs.readers`: one image read back by the member its row stored is the image its whole ref gave (the
 pipeline reads refs whole, ``show`` reads images back one by one: one reader per kind serves both)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.readers import READERS, read_image, read_ref
+from pipeline.inputs.readers import READERS, read_image, read_ref
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.readers import read_refs
+from pipeline.inputs.readers import read_refs
 from tests.pipeline.committed_parts import FAKE_WIDTH, commit_by_hand
 from tests.pipeline.images import photo_bytes, tar_bytes
 
@@ -73,7 +73,7 @@ def test_resume_mixes_files_a_partly_committed_shard_and_a_repeating_manifest(
         monkeypatch.setattr(pq.ParquetFile, name, refuse)
     monkeypatch.setattr(pads, "dataset", refuse)
     # and with the aggregations over 3 partitions (a small plan gets 1: `shuffle_partitions`)
-    monkeypatch.setattr("pipeline.resume_executors.shuffle_partitions", lambda inputs, committed: 3)
+    monkeypatch.setattr("pipeline.exactly_once.resume_executors.shuffle_partitions", lambda inputs, committed: 3)
     again = run_job(_config(inputs, output), show_progress=False)
     monkeypatch.undo()
     assert (again.images_ok, again.images_error, again.skipped_committed) == (0, 0, len(expected))
@@ -114,8 +114,12 @@ def test_an_unreadable_shard_whose_error_row_is_committed_gets_no_second_one(tmp
 def test_shuffle_partitions_grow_with_the_rows_up_to_the_cluster_cpus(
     ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.resume_executors import MANIFEST_BYTES_PER_LINE, ROWS_PER_SHUFFLE_PARTITION, shuffle_partitions
-    from pipeline.sources import ResolvedInputs
+    from pipeline.exactly_once.resume_executors import (
+        MANIFEST_BYTES_PER_LINE,
+        ROWS_PER_SHUFFLE_PARTITION,
+        shuffle_partitions,
+    )
+    from pipeline.inputs.sources import ResolvedInputs
 
     one_ref = [{"uri": "a.jpg", "kind": "file", "size": 1, "version": "1"}]
     assert shuffle_partitions(ResolvedInputs(one_ref, []), 0) == 1
@@ -135,7 +139,7 @@ def test_demo_weights_are_recorded_as_synthetic_and_old_auto_records_still_match
     """`settings.weights_sha256` names the demo weights truthfully ("synthetic", also when `--weights auto`
     fell back to them); an output whose record says "auto" (written so before) resumes with the demo weights,
     and not with a real checkpoint."""
-    from pipeline.run_records import SettingsChanged, check_settings, model_settings
+    from pipeline.exactly_once.run_records import SettingsChanged, check_settings, model_settings
 
     auto = JobConfig(InputConfig(("in/",)), "out/")
     explicit = JobConfig(InputConfig(("in/",)), "out/", model=ModelSpec(weights="synthetic"))

@@ -1,4 +1,4 @@
-"""The resume decision, once (`pipeline.resume_decision`), without Ray: one hand-made case per rule of the
+"""The resume decision, once (`pipeline.exactly_once.resume_decision`), without Ray: one hand-made case per rule of the
 protocol (its list) for files and for shard members, and the same answer on the whole table (the local plan) as
 on any split that keeps a URI's rows together (the Ray plan's hash-shuffle partitions)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.resume_decision import (
+from pipeline.exactly_once.resume_decision import (
     DO,
     RETRACT,
     SKIP,

@@ -1,4 +1,5 @@
-"""The start of a run plans the same way in the driver and on Ray: one composition (`pipeline.resume.decide`)
+"""The start of a run plans the same way in the driver and on Ray: one composition
+(`pipeline.exactly_once.resume.decide`)
 over two executors gives the same `Plan`, the same output state and the same retractions, on an output with
 something for every decision (`tests.pipeline.resume_outputs`), with `LOCAL_PLAN_MAX_PARTS` lowered so that
 the Ray path runs on a small output."""
@@ -11,11 +12,11 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from pipeline import resume
-from pipeline.commit import OutputCommitter
-from pipeline.lease import Lease
-from pipeline.resume import Start
-from pipeline.resume_executors import OnRay
+from pipeline.exactly_once import resume
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease
+from pipeline.exactly_once.resume import Start
+from pipeline.exactly_once.resume_executors import OnRay
 from tests.pipeline.resume_outputs import files_of, listing, write_output
 
 

@@ -1,5 +1,5 @@
 """Retraction is a commit-protocol hook fenced by the lease: a run that lost its lease before a retraction write
-rewrites and deletes nothing (`pipeline.commit.OutputCommitter.retract`). In the driver, without Ray."""
+rewrites and deletes nothing (`pipeline.exactly_once.commit.OutputCommitter.retract`). In the driver, without Ray."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import commit
-from pipeline.commit import OutputCommitter
-from pipeline.lease import Lease, LeaseLost, check_holder
-from pipeline.resume import decide
-from pipeline.resume_executors import InDriver
+from pipeline.exactly_once import commit
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease, LeaseLost, check_holder
+from pipeline.exactly_once.resume import decide
+from pipeline.exactly_once.resume_executors import InDriver
 from tests.pipeline.resume_outputs import files_of, listing, write_output
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from pipeline.rle import VOID_ID, EncodedSegment, decode_mask, decode_rle, encode_segments, panoptic_map
+from pipeline.segmenting.rle import VOID_ID, EncodedSegment, decode_mask, decode_rle, encode_segments, panoptic_map
 from tests.synthetic_output import encode_rle, rect
 
 SHAPES = [(1, 1), (1, 2), (2, 1), (1, 37), (37, 1), (3, 3), (5, 8), (8, 5), (17, 23), (64, 48), (8, 10000)]
@@ -161,9 +161,9 @@ def test_panoptic_map_sizes() -> None:
 def test_rows_compared_in_blocks_give_the_same_counts(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The comparison with the row above runs a block of rows at a time (no bool map of the whole image):
     block edges that cut between any two rows change nothing."""
-    import pipeline.rle
+    import pipeline.segmenting.rle
 
-    monkeypatch.setattr(pipeline.rle, "COMPARED_PIXELS", block)
+    monkeypatch.setattr(pipeline.segmenting.rle, "COMPARED_PIXELS", block)
     rng = np.random.default_rng(block)
     id_map = _blobs(rng, 37, 23, 12)
     _assert_matches_pycocotools(id_map, sorted({int(v) for v in np.unique(id_map)} | {5000}))

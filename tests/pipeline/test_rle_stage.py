@@ -8,12 +8,12 @@ import pyarrow as pa
 import pytest
 
 from model.predictor import InferenceConfig
-from pipeline.decode import decode_batch
-from pipeline.predict import PanopticSegmenter
-from pipeline.prediction_tables import encode_results, prediction_table
-from pipeline.prediction_tables import input_columns as input_columns_of
-from pipeline.rle import decode_rle
+from pipeline.inputs.decode import decode_batch
 from pipeline.schema import PREDICTION_SCHEMA, RESULT_SCHEMA
+from pipeline.segmenting.predict import PanopticSegmenter
+from pipeline.segmenting.prediction_tables import encode_results, prediction_table
+from pipeline.segmenting.prediction_tables import input_columns as input_columns_of
+from pipeline.segmenting.rle import decode_rle
 from tests.pipeline.images import input_columns, photo_bytes
 
 INFERENCE = InferenceConfig(min_size=64, max_size=107)

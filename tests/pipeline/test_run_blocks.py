@@ -1,5 +1,6 @@
 """Shards sized by images on every path (`pipeline.run.work_blocks`): up to ``rows`` file refs to a block and
-each tar / Parquet shard a block of its own, whether the driver planned the refs or Ray did (`pipeline.resume`),
+each tar / Parquet shard a block of its own, whether the driver planned the refs or Ray did
+(`pipeline.exactly_once.resume`),
 so that every model actor gets work."""
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from model.predictor import InferenceConfig
-from pipeline.block_call import BlockSegmenter
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.sources import REF_SCHEMA
+from pipeline.inputs.sources import REF_SCHEMA
+from pipeline.segmenting.block_call import BlockSegmenter
 from tests.pipeline.committed_parts import FAKE_WIDTH, commit_by_hand
 from tests.pipeline.images import photo_bytes, tar_bytes
 
@@ -89,7 +90,7 @@ def test_a_resume_planned_on_ray_gives_each_tar_shard_its_own_call_on_both_actor
         file.write_bytes(photo_bytes(40, 48, seed=100 + i))
     output = tmp_path / "out"
     commit_by_hand(output, [(f"{tars[0]}#s0.jpg", str(tars[0]))])  # a committed part: a resume
-    monkeypatch.setattr("pipeline.resume.fits_locally", lambda inputs, parts: False)  # planned on Ray
+    monkeypatch.setattr("pipeline.exactly_once.resume.fits_locally", lambda inputs, parts: False)  # planned on Ray
     monkeypatch.setattr(run, "BlockSegmenter", CallRecordingSegmenter)
     config = JobConfig(
         input=InputConfig((str(folder),)),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.output_paths import Output
-from pipeline.run_records import latest_run_record, read_run_records, run_weights
+from pipeline.exactly_once.output_paths import Output
+from pipeline.exactly_once.run_records import latest_run_record, read_run_records, run_weights
 
 
 def _record(run_id: str, weights: str) -> dict[str, object]:
@@ -47,7 +47,7 @@ def test_unreadable_records_are_left_out_with_a_warning_by_every_view(
     (runs / "4-list.json").write_text("[1, 2]")  # JSON, but no record
     (runs / "5-binary.json").write_bytes(b"\xff\xfe\x00garbage")
     out = Output.of(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="pipeline.run_records"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.exactly_once.run_records"):
         records = read_run_records(out)
     assert [r["run_id"] for r in records] == ["1-good", "2-no-id"]  # a record without run_id: its file name's
     warned = " ".join(r.getMessage() for r in caplog.records)

@@ -11,8 +11,8 @@ import pytest
 import s3fs
 
 from pipeline.config import InputConfig
-from pipeline.readers import read_refs
-from pipeline.sources import resolve_inputs
+from pipeline.inputs.readers import read_refs
+from pipeline.inputs.sources import resolve_inputs
 from tests.pipeline.images import photo_bytes
 from tests.s3_server import FaultProxy, proxied_s3
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import InputConfig
-from pipeline.ids import file_id, member_id
-from pipeline.readers import read_refs
-from pipeline.sources import InputError, manifest_base, manifest_rows, resolve_inputs
+from pipeline.inputs.ids import file_id, member_id
+from pipeline.inputs.readers import read_refs
+from pipeline.inputs.sources import InputError, manifest_base, manifest_rows, resolve_inputs
 from tests.pipeline.images import photo_bytes, tar_bytes
 
 

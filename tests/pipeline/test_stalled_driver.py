@@ -21,7 +21,7 @@ import s3fs
 
 from model.predictor import InferenceConfig
 from pipeline.config import InputConfig, JobConfig, ModelSpec, ResourceConfig
-from pipeline.lease import Lease, LeaseLost
+from pipeline.exactly_once.lease import Lease, LeaseLost
 from tests.pipeline.images import photo_bytes
 
 pytestmark = pytest.mark.slow

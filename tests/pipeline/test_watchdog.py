@@ -1,4 +1,5 @@
-"""`pipeline.watchdog.HungBatchWatchdog`: a batch past the floor and 20x the typical one is reported, once."""
+"""`pipeline.segmenting.watchdog.HungBatchWatchdog`: a batch past the floor and 20x the typical one is reported,
+once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.watchdog import FACTOR, HungBatchWatchdog
+from pipeline.segmenting.watchdog import FACTOR, HungBatchWatchdog
 
 
 def test_a_batch_that_runs_past_its_limit_is_reported_while_it_runs() -> None:

@@ -1,6 +1,7 @@
 """Commits: model actors commit parts named by their content; the driver receives one small row per part.
 
-Unit tests run `pipeline.commit.OutputCommitter.write_part` and `pipeline.parts` directly on local folders and
+Unit tests run `pipeline.exactly_once.commit.OutputCommitter.write_part` and `pipeline.exactly_once.parts` directly
+on local folders and
 on S3 (moto on loopback); the Ray test runs the whole job on a multi-node cluster (a head without CPUs, two
 worker nodes) with actors killed between a part's two files and after both, and mid-batch
 (`tests.pipeline.fault_write_stage`, in its own process and cluster).
@@ -23,12 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from pipeline.commit import OutputCommitter
-from pipeline.lease import Lease, LeaseLost
-from pipeline.parts import COUNTS_KEY, PartGatherer, part_name, split_results
-from pipeline.rle import decode_rle
+from pipeline.exactly_once.commit import OutputCommitter
+from pipeline.exactly_once.lease import Lease, LeaseLost
+from pipeline.exactly_once.parts import COUNTS_KEY, PartGatherer, part_name, split_results
+from pipeline.inputs.storage import TRANSIENT_ERRORS
 from pipeline.schema import PART_ROW_SCHEMA, RESULT_SCHEMA
-from pipeline.storage import TRANSIENT_ERRORS
+from pipeline.segmenting.rle import decode_rle
 from tests.pipeline.fault_probes import assert_exactly_once, committed_parts
 from tests.pipeline.images import photo_bytes
 
@@ -133,7 +134,10 @@ def test_write_part_returns_one_small_row_and_nothing_for_no_rows(tmp_path: Path
     with Lease.acquire(str(output), "r1"):
         row = OutputCommitter(str(output), "r1").write_part(_results(_result("a.jpg", segments=1)))
         empty = OutputCommitter(str(output), "r1").write_part(RESULT_SCHEMA.empty_table())
-    added_by_the_call = {"stages", "committed_at"}  # the block call adds the actor's clock (`pipeline.block_call`)
+    added_by_the_call = {
+        "stages",
+        "committed_at",
+    }  # the block call adds the actor's clock (`pipeline.segmenting.block_call`)
     assert row is not None and set(row) | added_by_the_call == set(PART_ROW_SCHEMA.names) and empty is None
     assert row["bytes"] == sum(p.stat().st_size for p in output.glob("*/part-*.parquet"))
 
