@@ -4,8 +4,7 @@ on the real model on CPU and on a GPU-like stand-in, side by side in one invocat
 The plain script (`plain_script`, ~20 lines): ``ray.data.read_images`` -> ``map_batches`` with one actor ->
 ``write_parquet``; the actor runs the model on its batch and RLE-encodes each segment with the job's own
 `pipeline.segmenting.rle.encode_segments`, in series, as a user would. The job is `pipeline.run.run_job` of this
-checkout
-(one actor, device cpu, `bench.throughput.job`) with parts of exactly ``--*-rows-per-file`` images.
+checkout (one actor, device cpu, `bench.throughput.job`) with parts of exactly ``--*-rows-per-file`` images.
 
 **Steady state inside one run, the same rule on both sides** (`bench.in_run.in_run_rate`: from the first event at
 which ≥ 10 % of the images are done to the last at which ≤ 90 % are): the job's events are its committed parts

@@ -6,16 +6,15 @@ this folder (``bench/``) on the workers' ``PYTHONPATH`` *after* the tree under t
 ``pipeline`` and ``model``, so the same file patches the previous commit's tree (``/work/wt-before``) and the
 current one. Both plans construct that class: the oldest plan maps it as the actor, a later one's
 `pipeline.segmenting.block_call.BlockSegmenter` builds one with ``encode_rle=False`` and calls it per model batch,
-the current
-one runs only its device step (`PanopticSegmenter.segment`) on the model thread and the rows on its CPU threads.
+the current one runs only its device step (`PanopticSegmenter.segment`) on the model thread and the rows on its CPU
+threads.
 
 ``__init__`` builds no model. ``__call__(batch)`` returns what the real one returns,
 `pipeline.segmenting.prediction_tables.prediction_table` (through `encode_results` when ``encode_rle``), with one fixed
 `model.panoptic.PanopticResult` per ok row sized to that row's (height, width): `SEGMENTS` segments (vertical
 bands), and it sleeps so that a batch takes ``PFB_STAND_IN_MS`` (default 2) ms per image in all. ``segment(batch)``
 returns the same results as a `pipeline.segmenting.predict.Segmented` after sleeping that long: the rows are then
-made on
-the block call's CPU threads, as with the real model.
+made on the block call's CPU threads, as with the real model.
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ ratio job/bare uses the bare loop at the job's batch size. Needs >= 3 result blo
 
 Ray gives an actor that reserves ``num_cpus = n`` ``OMP_NUM_THREADS = n``, and torch runs that many threads;
 on CPU the pipeline sizes the actor itself (`pipeline.segmenting.resources.cpu_actor_cpus`). The segmenter is
-subclassed here
-only to report the thread count it actually got, so the job is compared with the bare loop at the same
+subclassed here only to report the thread count it actually got, so the job is compared with the bare loop at the same
 batch size and thread count.
 """
 

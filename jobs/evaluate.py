@@ -1,8 +1,7 @@
 """`panoptic-flow evaluate OUTPUT --gt-json GT.json --gt-folder GT_PNG_DIR`: PQ / SQ / RQ against COCO panoptic.
 
 The metric is :mod:`pipeline.reading.panoptic_quality` (panopticapi's ``pq_compute`` rules). Predictions are the
-output's id
-maps exactly as ``export-coco`` would write them (segment ``k`` -> COCO id ``k + 1``, uncovered pixels
+output's id maps exactly as ``export-coco`` would write them (segment ``k`` -> COCO id ``k + 1``, uncovered pixels
 VOID, segments covering no pixel dropped, segments of a category that is not in the ground truth's
 ``categories`` left out as VOID), so ``evaluate OUTPUT`` equals panopticapi's ``pq_compute`` (and hotcoco's)
 on the ground truth and ``export-coco OUTPUT``'s files (checked against hotcoco in the tests). Ground-truth

@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: JobConfig, run: RunOptions) -> int:
-    # torch and Ray load here, after the arguments are checked (and never for --help)
-    from model.checkpoint import CheckpointError, CheckpointNotFound
+    # Ray loads here, after the arguments are checked (and never for --help); torch only in the model actors
+    from model.checkpoint_source import CheckpointError, CheckpointNotFound
     from pipeline.error_budget import ErrorBudgetExceeded
     from pipeline.exactly_once.lease import LeaseHeld
     from pipeline.exactly_once.run_records import SettingsChanged

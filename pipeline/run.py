@@ -1,17 +1,14 @@
 """The one place that wires the job together and sets Ray resources.
 
 refs (input URIs; what a resume skips or redoes: `pipeline.exactly_once.resume`) -> work blocks (what one actor call
-gets,
-`work_blocks`) -> the block call (`pipeline.segmenting.block_call.BlockSegmenter` on an actor pool, GPU or CPU:
-read, decode,
-segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one operator
-after the refs, so Ray Data's per-block cost is paid once per work block; refs and part rows are all that cross the
-object store. The driver checks inputs, weights and the output before any cluster work, holds the output's lease
+gets, `work_blocks`) -> the block call (`pipeline.segmenting.block_call.BlockSegmenter` on an actor pool, GPU or CPU:
+read, decode, segment, RLE and commit parts of ``--rows-per-file`` images, pipelined inside the actor). The plan has one
+operator after the refs, so Ray Data's per-block cost is paid once per work block; refs and part rows are all that cross
+the object store. The driver checks inputs, weights and the output before any cluster work, holds the output's lease
 (`pipeline.exactly_once.lease`), starts the run in one call (`pipeline.exactly_once.resume.start`: settings check,
-clean-up, inspection, the
-plan and its retractions, in the driver or on Ray), drives the commit protocol's hooks
-(`pipeline.exactly_once.commit`, which
-own every write and its lease check), and receives one small row per committed part: no result passes through it.
+clean-up, inspection, the plan and its retractions, in the driver or on Ray), drives the commit protocol's hooks
+(`pipeline.exactly_once.commit`, which own every write and its lease check), and receives one small row per committed
+part: no result passes through it.
 """
 
 from __future__ import annotations
@@ -218,11 +215,10 @@ def run_job(
 
     Raises before any cluster work: `pipeline.inputs.sources.InputError`, `model.checkpoint.CheckpointError`,
     `OutputError`, `pipeline.exactly_once.lease.LeaseHeld`, `pipeline.exactly_once.run_records.SettingsChanged`,
-    `ClusterError`. Ray Data's
-    own messages (execution plans, memory advice) are shown only with ``verbose``. ``on_part`` is called with
-    each committed part's `PART_ROW_SCHEMA` row as it reaches the driver (progress, benchmarks). Raises
-    `pipeline.error_budget.ErrorBudgetExceeded` (one line) when more than ``--max-error-rate`` of the latest
-    ``--error-window`` images failed: the run is marked failed, the parts committed so far stay.
+    `ClusterError`. Ray Data's own messages (execution plans, memory advice) are shown only with ``verbose``.
+    ``on_part`` is called with each committed part's `PART_ROW_SCHEMA` row as it reaches the driver (progress,
+    benchmarks). Raises `pipeline.error_budget.ErrorBudgetExceeded` (one line) when more than ``--max-error-rate`` of
+    the latest ``--error-window`` images failed: the run is marked failed, the parts committed so far stay.
     """
     started = time.perf_counter()
     inputs = resolve_inputs(  # bad inputs fail here, before any cluster work

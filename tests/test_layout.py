@@ -56,8 +56,7 @@ def test_every_module_has_a_docstring(package: str) -> None:
 def test_cpu_stages_never_import_torch() -> None:
     """Ray workers import a stage function's module: the resume plan's stages (inspecting committed parts,
     their rows, manifest lines, the decision, retractions; `pipeline.exactly_once.resume` which wires them) and the
-    commit
-    protocol live in modules without torch (each worker would otherwise pay ~4 s
+    commit protocol live in modules without torch (each worker would otherwise pay ~4 s
     of CPU and ~300 MB for an import it never uses); only the model actor loads it."""
     import subprocess
     import sys
@@ -191,3 +190,18 @@ def test_the_readmes_module_map_names_every_pipeline_module_in_its_folder() -> N
         for folder, words in folders.items()
     }
     assert missing == {key: [] for key in missing}
+
+
+def test_the_job_driver_never_imports_torch() -> None:
+    """The segment job's driver plans, commits and reports without the model: importing torch (and torchvision)
+    cost every job ~5 s before its first line of work. Only the model actors, and a driver checking real weights
+    (`pipeline.segmenting.weights`), load it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; import jobs.segment, jobs.cli, pipeline.run, model.checkpoint_source; "
+        "from jobs.segment import main; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -4,8 +4,8 @@
 worker hooks; its ``write_datasink`` is not used, since it would materialise the dataset):
 
 =======================  ========  =====================================================================
-hook                     where     what
-=======================  ========  =====================================================================
+hook                     where     what =======================  ========
+=====================================================================
 `prepare`                driver    clean up what interrupted runs left; the committed parts
 `quarantine`             driver    move an unreadable committed part aside
 `retract`                either    rows the resume redoes removed from their committed parts (on
@@ -67,8 +67,7 @@ marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.
 actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row and its
 shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
 (`pipeline.segmenting.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py);
-an S3 GET
-that stalls after its headers: a retryable error row within the read timeout, the rest committed, and a re-run
+an S3 GET that stalls after its headers: a retryable error row within the read timeout, the rest committed, and a re-run
 redoes that image only (tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed driver
 are held right after their first commit by a fault hook (no race with the job's speed).
 """

@@ -93,8 +93,7 @@ def start(
 ) -> Start:
     """The start of a run on ``committer``'s output, before its first commit: the settings check against the
     output's run records (``settings``: this run's, `pipeline.exactly_once.run_records.SettingsChanged` unless they
-    match or
-    ``allow_mixed_settings``), `OutputCommitter.prepare`, the committed parts inspected (each unreadable one
+    match or ``allow_mixed_settings``), `OutputCommitter.prepare`, the committed parts inspected (each unreadable one
     quarantined), then the plan, with its retractions applied. In the driver when `fits_locally`, else on Ray
     (``start_ray`` is called first). Raises `pipeline.exactly_once.lease.LeaseLost` when the run lost its lease on
     the way

@@ -1,6 +1,5 @@
 """Retraction: committed rows the resume decided to redo (`pipeline.exactly_once.resume_decision`, action
-``retract``) are
-removed from their parts before the run commits anything (a new part may reuse a retracted one's name).
+``retract``) are removed from their parts before the run commits anything (a new part may reuse a retracted one's name).
 
 This module decides, in plain pyarrow (no torch, no I/O), what a part loses: `retraction_rows` turns the decision
 into one row per part to edit, and `split_part` splits a part's ``images`` rows into those kept and those

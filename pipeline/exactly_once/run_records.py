@@ -4,8 +4,7 @@ between the runs that share an output.
 A record holds the run's settings (`model_settings`: what changes a row's content), its weights (redacted URI,
 sha256), its config and command line (redacted), versions, its output format (`OUTPUT_FORMAT_VERSION`) and,
 once the run ends, its status and counts. `pipeline.exactly_once.commit` writes it (before the run's first commit,
-and when
-the run finishes or fails); `check_settings` compares a new run's settings with every recorded run's. Records
+and when the run finishes or fails); `check_settings` compares a new run's settings with every recorded run's. Records
 are read one way, `read_run_records`; the readers' `latest_run_record` and `run_weights` are views of it.
 """
 

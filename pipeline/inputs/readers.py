@@ -10,16 +10,14 @@ One `Reader` per ref kind, in the table `READERS`:
 
 A reader's ``rows`` reads a whole ref into `ImageRow` s (`read_ref`: the pipeline's block call,
 `pipeline.segmenting.block_call`); its ``image`` reads the bytes of one image of it back, by the ``member`` its row
-stored
-(`read_image`: ``panoptic-flow show``), so the pipeline and whatever draws its results read inputs one way.
+stored (`read_image`: ``panoptic-flow show``), so the pipeline and whatever draws its results read inputs one way.
 
 Only regular files are read: a local FIFO, socket or device (also behind a symbolic link) becomes an error row
 "not a regular file" without ever being opened. No read goes past the object's size or ``--max-bytes``
 (`pipeline.inputs.storage.read_object`), and a read that receives nothing for ``--read-timeout`` seconds is given up
 (a retryable error row "read timed out"). Raw bytes are read here and decoded in `pipeline.inputs.decode`, so one
-bad object
-becomes one error row; an error that another attempt may not meet (unreachable store, timeout, throttling, 5xx)
-is marked ``retryable`` and redone by the next run.
+bad object becomes one error row; an error that another attempt may not meet (unreachable store, timeout, throttling,
+5xx) is marked ``retryable`` and redone by the next run.
 
 Ids (``image_id``, `pipeline.inputs.ids`): a file's id is its URI with ``%`` and ``#`` percent-encoded; a shard
 member's id is that of its shard, ``#``, and the member (tar member name, or ``row=N``), unless an

@@ -19,9 +19,8 @@ ever listed as an input.
 
 Refs travel until `pipeline.inputs.readers.read_ref` reads their bytes (in the model actor's block call,
 `pipeline.segmenting.block_call`); the resume filter and the de-duplication of repeated URIs work on refs
-(`pipeline.exactly_once.resume`),
-so bytes of committed or repeated inputs are never read. A ref's ``skip`` lists members of a shard that are
-already committed.
+(`pipeline.exactly_once.resume`), so bytes of committed or repeated inputs are never read. A ref's ``skip`` lists
+members of a shard that are already committed.
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@ with ``_`` or ``.`` are ignored), ``_runs/<run_id>.json`` (each run's record, re
 and maybe ``_SUCCESS``. The column contract is :mod:`pipeline.schema`.
 
 Every function takes the output resolved once (a :class:`~pipeline.exactly_once.output_paths.Output`, as the
-commands pass
-it) or its URI (resolved here). Everything here is plain fsspec/pyarrow. Reading an output one row per image (in
-process or on Ray) is :mod:`pipeline.reading.packed_images`; masks and id maps are decoded by
+commands pass it) or its URI (resolved here). Everything here is plain fsspec/pyarrow. Reading an output one row per
+image (in process or on Ray) is :mod:`pipeline.reading.packed_images`; masks and id maps are decoded by
 :mod:`pipeline.segmenting.rle`.
 """
 

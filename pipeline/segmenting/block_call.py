@@ -17,10 +17,8 @@ CPU the actor reserves (at least 2). The model is built and run on one thread th
 never on the thread Ray Data calls from: it runs `PanopticSegmenter.segment` (the device's part) and nothing else,
 with the next batch waiting for it (`MODEL_IN_FLIGHT`). An actor runs one call at a time: a suspect of an earlier
 death must run alone in its process (`pipeline.segmenting.poison`). Every stage's busy time, the model thread's idle
-time and
-what the call waited on are counted on the actor's clock (`pipeline.segmenting.stage_clock`), and each part row
-carries the
-seconds since the actor's previous part (`pipeline.bottleneck` names the run's limiting stage from them;
+time and what the call waited on are counted on the actor's clock (`pipeline.segmenting.stage_clock`), and each part row
+carries the seconds since the actor's previous part (`pipeline.bottleneck` names the run's limiting stage from them;
 `pipeline.segmenting.metrics` exports them).
 
 Memory per actor is bounded by the depths below: `READ_AHEAD_BYTES` of listed input (and at most
@@ -52,12 +50,12 @@ from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from model.predictor import InferenceConfig
+from model.config import InferenceConfig
 from pipeline.config import FailureConfig, InputConfig, ModelSpec, ResourceConfig, redact_uri
 from pipeline.exactly_once.commit import OutputCommitter
 from pipeline.exactly_once.parts import PartGatherer
@@ -69,10 +67,12 @@ from pipeline.schema import EMPTY_PIXELS, PART_ROW_SCHEMA, DecodedImage
 from pipeline.segmenting.metrics import PartMetrics
 from pipeline.segmenting.pipelining import ordered_map
 from pipeline.segmenting.poison import ANNOUNCE_CHUNK, BlockHistory, Flight
-from pipeline.segmenting.predict import PanopticSegmenter, Segmented, is_device_fault
 from pipeline.segmenting.prediction_tables import encode_results, prediction_table
 from pipeline.segmenting.stage_clock import StageClock
 from pipeline.segmenting.watchdog import HungBatchWatchdog
+
+if TYPE_CHECKING:  # the model's module imports torch: the driver, which maps this class, never needs it
+    from pipeline.segmenting.predict import PanopticSegmenter, Segmented
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class BlockSegmenter:
         model: which published model (``variant``) and its checkpoint (``weights``: a local path the driver
             resolved, or ``synthetic``), built on the actor's model thread.
         device: ``cuda`` or ``cpu``: where the model runs (the driver resolved ``auto``).
-        inference: the model's input size and thresholds (`model.predictor.InferenceConfig`), also the decoder's
+        inference: the model's input size and thresholds (`model.config.InferenceConfig`), also the decoder's
             resize target.
         input: how inputs are read and bounded: ``bytes_column`` / ``id_column`` of Parquet shards,
             ``max_pixels`` (checked on the header) and ``max_bytes`` (per object).
@@ -103,9 +103,8 @@ class BlockSegmenter:
         cpus: the CPUs the actor reserves: the decode / RLE pool's threads (at least 2) and the metrics' budget.
         failures: the hung-batch floor and the read timeout (`FailureConfig`).
         committer: writes and commits each part (`pipeline.exactly_once.commit.OutputCommitter`, pickled as output
-        and run id).
-        flight_recorder: the run's in-flight record (`pipeline.segmenting.poison.start_flight_recorder`, an actor
-        handle);
+        and run id). flight_recorder: the run's in-flight record (`pipeline.segmenting.poison.start_flight_recorder`, an
+        actor handle);
             None: no poison isolation.
     """
 
@@ -133,6 +132,8 @@ class BlockSegmenter:
         # The model is built and run on one thread of the actor's own, never on Ray Data's per-call thread: torch's
         # OpenMP team then has one master, whose workers keep spinning between parallel regions (a second master
         # makes libgomp throttle their spin-wait: a CPU actor lost a quarter of its cores to sleeping workers).
+        from pipeline.segmenting.predict import PanopticSegmenter
+
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-model")
         segmenter = self.model_thread.submit(
             PanopticSegmenter,
@@ -386,6 +387,8 @@ class BlockSegmenter:
         """The model's output of a batch (`pipeline.segmenting.watchdog` watching). A batch whose call raises is
         redone image
         by image, and an image whose own call raises gets an error row: one bad image never fails its block."""
+        from pipeline.segmenting.predict import Segmented, is_device_fault
+
         try:
             with self._watched():
                 return self.segmenter.segment(batch)
@@ -530,6 +533,8 @@ def _row(output: Segmented, i: int) -> Segmented:
 
 def _concat_segmented(outputs: list[Segmented]) -> Segmented:
     """Single-row outputs, in order, as one."""
+    from pipeline.segmenting.predict import Segmented
+
     results = {i: out.results[0] for i, out in enumerate(outputs) if 0 in out.results}
     return Segmented(results, [out.errors[0] for out in outputs], [out.retryable[0] for out in outputs])
 

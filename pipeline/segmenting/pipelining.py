@@ -1,8 +1,7 @@
 """Bounded pipelining inside one process: a stage's work runs on a thread pool, a fixed number of items ahead.
 
 `ordered_map` is the one helper the block call (`pipeline.segmenting.block_call`) composes its stages with: reading
-bytes,
-decoding, RLE and commits run on threads (Pillow, numpy, zstd, Arrow and socket I/O release the GIL) while the
+bytes, decoding, RLE and commits run on threads (Pillow, numpy, zstd, Arrow and socket I/O release the GIL) while the
 calling thread runs the model. Results come back in input order, and at most ``depth`` items are in flight per
 stage, so a stage's memory is bounded by ``depth`` items whatever the input's length; given a ``weight`` per
 item (its bytes) and a ``max_weight``, also by that many bytes whatever the items' sizes. Given ``on_wait``, the

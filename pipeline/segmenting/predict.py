@@ -2,13 +2,11 @@
 
 `PanopticSegmenter` loads the weights itself from the weights URI (cached on the node), once, in
 ``__init__`` — the model never travels through the object store; the block call (`pipeline.segmenting.block_call`)
-holds one
-per actor. A batch of decoded images of any sizes (`pipeline.inputs.decode.decoded_batch`) goes through
+holds one per actor. A batch of decoded images of any sizes (`pipeline.inputs.decode.decoded_batch`) goes through
 `PanopticPredictor` (grouped by canvas, so results do not depend on batch composition) and comes back as
 one Arrow table in `pipeline.schema.PREDICTION_SCHEMA`: per image its id map (bytes) and its segments as
 columns (`pipeline.segmenting.prediction_tables`). `pipeline.segmenting.prediction_tables.encode_results` turns that
-into
-`RESULT_SCHEMA` (COCO RLE per segment): on the block call's threads while the model runs the next batch
+into `RESULT_SCHEMA` (COCO RLE per segment): on the block call's threads while the model runs the next batch
 (``encode_rle=False``), or here. The two halves are apart for the block call: `PanopticSegmenter.segment` (the
 device's part: all the model thread runs) and `PanopticSegmenter.table` (the rows, on the block call's CPU threads).
 

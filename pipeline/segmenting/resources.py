@@ -2,8 +2,7 @@
 asked for can ever exist.
 
 A model actor runs the whole block call (`pipeline.segmenting.block_call`): its threads read, decode, RLE-encode and
-commit
-while the model runs, so it reserves the CPUs those threads use, and Ray does not pack more actors (or other
+commit while the model runs, so it reserves the CPUs those threads use, and Ray does not pack more actors (or other
 work) onto a node than its CPUs can feed. `actor_layout` derives the pool (how many actors, how many CPUs each)
 from the nodes where ``--max-actors`` and ``--cpus-per-actor`` leave it unset.
 """

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from model.checkpoint import CheckpointError, check_state_dict, fetch, read_state_dict
-from model.checkpoint_source import file_sha256
+from model.checkpoint_source import CheckpointError, fetch, file_sha256
 from model.config import get_variant
 from pipeline.config import redact_uri
 from pipeline.schema import SYNTHETIC_WEIGHTS
@@ -39,5 +38,7 @@ def resolve_weights(variant: str, weights: str, *, allow_synthetic: bool) -> tup
             )
             return SYNTHETIC_WEIGHTS, ""
         raise
+    from model.checkpoint import check_state_dict, read_state_dict  # torch: only to check real weights
+
     check_state_dict(get_variant(variant).config, read_state_dict(uri), what=redact_uri(uri))
     return uri, file_sha256(path)

@@ -13,8 +13,8 @@ Scenarios, one Ray job each (``worker_process_setup_hook`` installs `tests.pipel
 job's workers): ``between`` (the first write task is killed after its segments file, before its images file);
 ``after`` (killed after both files, before it returns); ``actor`` (the model actor is killed in the middle of
 its second batch). Each checks where the parts were written as well. Ray retries a task whose worker died and
-restarts a dead actor.
-The last stdout line is a JSON report: per scenario the summary, the parts by node, the struck path.
+restarts a dead actor. The last stdout line is a JSON report: per scenario the summary, the parts by node, the struck
+path.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """The job's Ray metrics (`pipeline.segmenting.metrics`): counted in a Ray actor and read back from the node's
-Prometheus
-endpoint, as a cluster's Prometheus scrapes it (`tests.pipeline.metrics_cluster`, in its own process and
+Prometheus endpoint, as a cluster's Prometheus scrapes it (`tests.pipeline.metrics_cluster`, in its own process and
 cluster); and a no-op that never raises outside Ray or when Ray's metrics fail."""
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """One input never stops a job (`pipeline.segmenting.poison`): inputs that kill their model actor, or make a stage
-raise,
-each get one error row, and every other image is committed once.
+raise, each get one error row, and every other image is committed once.
 
 The job runs as `python -m tests.pipeline.fault_job` joined to this session's cluster, its workers patched by
 `tests.pipeline.fault_hooks` (``PF_FAULT=poison``): an image whose bytes end in `POISON_DECODE` kills the

@@ -1,9 +1,8 @@
 """Commits: model actors commit parts named by their content; the driver receives one small row per part.
 
 Unit tests run `pipeline.exactly_once.commit.OutputCommitter.write_part` and `pipeline.exactly_once.parts` directly
-on local folders and
-on S3 (moto on loopback); the Ray test runs the whole job on a multi-node cluster (a head without CPUs, two
-worker nodes) with actors killed between a part's two files and after both, and mid-batch
+on local folders and on S3 (moto on loopback); the Ray test runs the whole job on a multi-node cluster (a head without
+CPUs, two worker nodes) with actors killed between a part's two files and after both, and mid-batch
 (`tests.pipeline.fault_write_stage`, in its own process and cluster).
 """
 
