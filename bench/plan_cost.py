@@ -18,9 +18,8 @@
    shard.
 
 Each job runs in a child process with its own local Ray (4 logical CPUs, own temp dir, the tree first on
-``PYTHONPATH``), each child under ``flock /tmp/pf-ray-tests.lock`` (never two Rays at once on the shared
-machine). With ``--no-lock`` the caller holds the lock
-for the whole run instead. One JSON line goes to stdout (and ``--out``)::
+``PYTHONPATH``), each child under ``flock /tmp/pf-ray-tests.lock`` (never two Rays at once on the shared machine).
+With ``--no-lock`` the caller holds the lock for the whole run instead. One JSON line goes to stdout (and ``--out``)::
 
     .venv/bin/python -m bench.plan_cost --before /work/wt-before --after . --images 20000 \
         --out bench/results/plan_cost.json

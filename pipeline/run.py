@@ -130,10 +130,10 @@ def block_refs(resources: ResourceConfig, files: int, *, actors: int | None = No
 
 def work_blocks(refs: ray.data.Dataset | pa.Table, *, rows: int) -> ray.data.Dataset:
     """Refs (`pipeline.inputs.sources.REF_SCHEMA`) as a dataset of work blocks (what one actor call gets): up to
-    ``rows``
-    file refs in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is cut here; a
-    dataset (refs planned on the workers) is split by kind and each kind re-blocked by Ray in a streaming pass,
-    so it is read once per kind (`pipeline.exactly_once.resume.decide` on Ray hands one whose shuffles are done)."""
+    ``rows`` file refs in a block, a tar / Parquet shard in a block of its own. A table (refs known on the driver) is
+    cut here; a dataset (refs planned on the workers) is split by kind and each kind re-blocked by Ray in a streaming
+    pass, so it is read once per kind (`pipeline.exactly_once.resume.decide` on Ray hands one whose shuffles are
+    done)."""
     if isinstance(refs, ray.data.Dataset):
         is_file = col("kind") == "file"
         files = refs.filter(expr=is_file).repartition(target_num_rows_per_block=rows, strict=True)

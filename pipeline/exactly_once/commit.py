@@ -27,21 +27,19 @@ Layout under OUTPUT/ (names in `pipeline.schema`, paths from `pipeline.exactly_o
 
 The guarantees
 --------------
-1. **One writer.** A run takes the output's lease (`pipeline.exactly_once.lease`) before it touches anything; a
-second run
-   on a held output stops (exit code 2). Every driver hook checks, in the store and not only in memory, that
-   the run still holds the lease right before it changes anything (`confirm_lease`), and every commit and
-   every retraction of a part checks it again (`check_holder`), so a driver stalled past its lease's expiry,
-   whose output another run took over, changes nothing.
+1. **One writer.** A run takes the output's lease (`pipeline.exactly_once.lease`) before it touches anything; a second
+   run on a held output stops (exit code 2). Every driver hook checks, in the store and not only in memory, that the
+   run still holds the lease right before it changes anything (`confirm_lease`), and every commit and every retraction
+   of a part checks it again (`check_holder`), so a driver stalled past its lease's expiry, whose output another run
+   took over, changes nothing.
 2. **Commit.** A part (`pipeline.exactly_once.parts`: at most ``--rows-per-file`` images) is committed by
-`write_part`: its
-   ``segments`` file, then its ``images`` file, each published whole (`pipeline.inputs.storage.publish`: a temporary
-   file renamed on local stores, one PUT on object stores). The ``images`` file is the commit record of every
-   image in it (ok or error), and carries its counts in its footer. Part names hash the part's image ids, so
-   Ray's retry of a block call whose actor died (before, between or after the two files) overwrites its own
-   files instead of adding a second copy.
-3. **Start.** `prepare` removes temporary files and ``segments`` parts without an ``images`` part (a crash
-   between the two writes), then returns the committed parts; `pipeline.exactly_once.inspection` reads their footers and
+   `write_part`: its ``segments`` file, then its ``images`` file, each published whole
+   (`pipeline.inputs.storage.publish`: a temporary file renamed on local stores, one PUT on object stores). The
+   ``images`` file is the commit record of every image in it (ok or error), and carries its counts in its footer. Part
+   names hash the part's image ids, so Ray's retry of a block call whose actor died (before, between or after the two
+   files) overwrites its own files instead of adding a second copy.
+3. **Start.** `prepare` removes temporary files and ``segments`` parts without an ``images`` part (a crash between the
+   two writes), then returns the committed parts; `pipeline.exactly_once.inspection` reads their footers and
    `quarantine` moves a part that cannot be read (cut short, not Parquet) to ``_quarantine/<run>/`` with its
    ``segments`` part: its images are done again. What else a re-run redoes is `pipeline.exactly_once.resume_decision`;
    `retract` removes those rows from their parts (`pipeline.exactly_once.retraction`) before the run commits anything.
@@ -52,24 +50,24 @@ second run
    object store's listing cache can be stale); a run with nothing to do leaves no record. Parts and records
    are listed afresh (`invalidate_cache`).
 
-Tested against: a killed model actor, a killed driver then a re-run, a lost node, a block call killed between a
-part's two files and after both, two runs started together and one started mid-run, an exception and a signal
-during an S3 upload, a store that drops connections, an unreadable committed part, the output inside the input
-folder (tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py, test_s3_faults.py); a lease
-taken by another run before a retraction: no part rewritten or deleted, in the driver and on Ray workers
-(test_retraction.py, test_resume_executors.py); two unreadable committed parts on a local and on an S3 output,
-re-run with another ``--rows-per-file`` so that no redone part overwrites a bad one by name (test_quarantine.py);
-leases written by hosts whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / SIGINT mid-run, then
-a resume (tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output
-over and finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every
-read failing after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run
-marked failed, its parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their model
-actor while decoding or segmenting, with one actor and two, and a hung model batch: each gets one error row and its
-shard-mates are committed once, as retries on restarted actors cut the same parts in the same order
-(`pipeline.segmenting.poison`; tests/pipeline/test_poison_job.py, the deaths simulated in process in test_shard.py);
-an S3 GET that stalls after its headers: a retryable error row within the read timeout, the rest committed, and a re-run
-redoes that image only (tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed driver
-are held right after their first commit by a fault hook (no race with the job's speed).
+Tested against: a killed model actor, a killed driver then a re-run, a lost node, a block call killed between a part's
+two files and after both, two runs started together and one started mid-run, an exception and a signal during an S3
+upload, a store that drops connections, an unreadable committed part, the output inside the input folder
+(tests/pipeline/test_faults.py, test_write_stage.py, test_output_integrity.py, test_s3_faults.py); a lease taken by
+another run before a retraction: no part rewritten or deleted, in the driver and on Ray workers (test_retraction.py,
+test_resume_executors.py); two unreadable committed parts on a local and on an S3 output, re-run with another
+``--rows-per-file`` so that no redone part overwrites a bad one by name (test_quarantine.py); leases written by hosts
+whose clocks run an hour fast or slow (test_lease_clock.py); SIGTERM / SIGINT mid-run, then a resume
+(tests/jobs/test_stop.py); a driver stalled past its lease's expiry while another run takes the output over and
+finishes, and a run on an S3 output whose ``_runs/`` listing was cached (test_stalled_driver.py); every read failing
+after the first 16 images, so that the error budget stops the job (`pipeline.error_budget`: the run marked failed, its
+parts kept), then a re-run (tests/jobs/test_error_budget_job.py); inputs that kill their model actor while decoding or
+segmenting, with one actor and two, and a hung model batch: each gets one error row and its shard-mates are committed
+once, as retries on restarted actors cut the same parts in the same order (`pipeline.segmenting.poison`;
+tests/pipeline/test_poison_job.py, the deaths simulated in process in test_block_call.py); an S3 GET that stalls after
+its headers: a retryable error row within the read timeout, the rest committed, and a re-run redoes that image only
+(tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed driver are held right after their
+first commit by a fault hook (no race with the job's speed).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The resume decision: what happens to each of this run's inputs and to each committed row. Plain pyarrow,
 without Ray, and written once: `pipeline.exactly_once.resume` runs these functions on the whole table in the driver
 for a small output (`pipeline.exactly_once.resume_executors.InDriver`), or on Ray workers per partition of a hash
-shuffle by URI
-(`OnRay`); `pipeline.exactly_once.resume.decide` composes them.
+shuffle by URI (`OnRay`); `pipeline.exactly_once.resume.decide` composes them.
 
 The rules, one per outcome (`PLAN_SCHEMA` ``action`` and ``reason``); every committed images row is matched
 with this run's inputs, files by URI and shard members by shard and member:

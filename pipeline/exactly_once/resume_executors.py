@@ -2,12 +2,12 @@
 on Ray workers, and per partition of a hash shuffle by key).
 
 `pipeline.exactly_once.resume.decide` is one composition of plain pyarrow stage functions
-(`pipeline.exactly_once.inspection`,
-`pipeline.exactly_once.resume_decision`, `pipeline.exactly_once.retraction`, the committer's `retract` hook) over
-either executor, so the local and the Ray plan are one algorithm: a stage gets every row of a key in one call on both
-(the whole table here, a hash partition there). An executor runs a function two ways (`each` block, `by_key` partition)
-and holds a result two ways (`union` of several, `keep` for several reads), and reads rows back in the driver
-(`rows`). A source is a list of rows (built in the driver), a table, or what an earlier call returned.
+(`pipeline.exactly_once.inspection`, `pipeline.exactly_once.resume_decision`, `pipeline.exactly_once.retraction`, the
+committer's `retract` hook) over either executor, so the local and the Ray plan are one algorithm: a stage gets every
+row of a key in one call on both (the whole table here, a hash partition there). An executor runs a function two ways
+(`each` block, `by_key` partition) and holds a result two ways (`union` of several, `keep` for several reads), and
+reads rows back in the driver (`rows`). A source is a list of rows (built in the driver), a table, or what an earlier
+call returned.
 """
 
 from __future__ import annotations

@@ -102,10 +102,10 @@ class BlockSegmenter:
         resources: ``batch_size`` (images per model call) and ``rows_per_file`` (images per committed part).
         cpus: the CPUs the actor reserves: the decode / RLE pool's threads (at least 2) and the metrics' budget.
         failures: the hung-batch floor and the read timeout (`FailureConfig`).
-        committer: writes and commits each part (`pipeline.exactly_once.commit.OutputCommitter`, pickled as output
-        and run id). flight_recorder: the run's in-flight record (`pipeline.segmenting.poison.start_flight_recorder`, an
-        actor handle);
-            None: no poison isolation.
+        committer: writes and commits each part (`pipeline.exactly_once.commit.OutputCommitter`, pickled as
+            output and run id).
+        flight_recorder: the run's in-flight record (`pipeline.segmenting.poison.start_flight_recorder`, an actor
+            handle); None: no poison isolation.
     """
 
     flight_recorder: Any = None
