@@ -30,7 +30,7 @@ _REMEDIES = {
     "decode": "add CPUs per actor (--cpus-per-actor) or decode JPEGs on the GPU (--device-preprocess)",
     "rle": "add CPUs per actor (--cpus-per-actor)",
     "commit": "writing the output is slow: check the output's storage, or write larger parts (--rows-per-file)",
-    "work": "the actors waited for shards: a job too small for its actors (--max-actors), or a slow plan",
+    "work": "the actors waited for work blocks: a job too small for its actors (--max-actors), or a slow plan",
 }
 _MODEL_REMEDY = {
     True: "the GPUs are the limit: add GPUs (--max-actors) or try --precision bf16 (README, speed switches)",

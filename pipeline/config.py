@@ -147,7 +147,7 @@ class FailureConfig:
             "option": "read-timeout",
             "metavar": "SECONDS",
             "help": "a storage read that receives nothing for this long (connect or read) is given up: a retryable "
-            "error row, and the shard goes on",
+            "error row, and the work block goes on",
         },
     )
     hung_batch_s: float = field(
