@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops.misc import FrozenBatchNorm2d
 
+from model.backbone import FrozenBatchNorm2d
 from model.config import DetrConfig
 from model.detr import DetrPanoptic
 from model.tensor_preprocess import normalize

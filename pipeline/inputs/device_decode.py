@@ -18,7 +18,6 @@ import logging
 import warnings
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from model.predictor import InferenceConfig, PreparedImage, prepare_tensor
 from pipeline.inputs.decode import decode_image
@@ -50,6 +49,8 @@ def prepare_encoded(
 
 def _decode_on_device(streams: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """Batched `decode_jpeg` to RGB; after a failure each stream alone; None where the decoder refuses."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # torchvision only with --device-preprocess (~2.5 s)
+
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its codecs in favour of TorchCodec; they still work (see README).
         warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities", category=DeprecationWarning)
