@@ -1,4 +1,4 @@
-"""pyproject.toml builds without setuptools warnings and ships the category table.
+"""pyproject.toml builds without setuptools warnings and ships every module and the category table.
 
 The wheel is built from a copy of the project by the installed setuptools' own PEP 517 backend (what
 `pip install -e .` runs, minus the download of an isolated build environment): offline, a few seconds.
@@ -40,6 +40,15 @@ def test_wheel_builds_without_warnings_and_ships_the_category_table(tmp_path: Pa
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "model/data/coco_panoptic_categories.json" in names
     assert "License-Expression: Apache-2.0" in metadata
+    # every module of the three packages, sub-packages included (a folder missing from pyproject's list would
+    # install a cluster whose workers cannot import it)
+    sources = {
+        str(path.relative_to(ROOT))
+        for package in ("model", "pipeline", "jobs")
+        for path in (ROOT / package).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert sorted(sources - names) == []
 
 
 def test_editable_build_is_quiet_too(tmp_path: Path) -> None:
