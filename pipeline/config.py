@@ -191,6 +191,36 @@ class FailureConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotConfig:
+    """When a run writes snapshots of its output, and how many it keeps (README "Snapshots":
+    `pipeline.exactly_once.snapshots`)."""
+
+    snapshot_every_s: float = field(
+        default=120.0,
+        metadata={
+            "option": "snapshot-every",
+            "metavar": "SECONDS",
+            "help": "while parts arrive, write a snapshot (what readers see) at most this often; one is also written "
+            "at the start and the end of the run",
+        },
+    )
+    keep_snapshots: int = field(
+        default=100,
+        metadata={
+            "metavar": "N",
+            "help": "at the end of a run, delete the snapshots older than the newest N, and the part files that only "
+            "they list (the older versions of parts a re-run rewrote)",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.snapshot_every_s < 0:
+            raise ValueError(f"snapshot_every_s must be >= 0, got {self.snapshot_every_s}")
+        if self.keep_snapshots < 1:
+            raise ValueError(f"keep_snapshots must be >= 1, got {self.keep_snapshots}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     input: InputConfig
     output: str = field(
@@ -204,6 +234,7 @@ class JobConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     failures: FailureConfig = field(default_factory=FailureConfig)
+    snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     def __post_init__(self) -> None:
         check_output_uri(self.output)

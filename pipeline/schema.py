@@ -28,6 +28,7 @@ IMAGES_TABLE = "images"
 # The rest of an output's layout (README "Output"):
 RUNS_FOLDER = "_runs"  # <run_id>.json: each run's record (`pipeline.exactly_once.run_records`)
 SUCCESS_FILE = "_SUCCESS"  # the last run finished: its counts and the output's totals
+SNAPSHOTS_FOLDER = "_snapshots"  # <seq>.json: both tables as of a commit point (`pipeline.exactly_once.snapshots`)
 LEASE_FILE = "_lease.json"  # the lease of the run writing the output (`pipeline.exactly_once.lease`)
 QUARANTINE_FOLDER = (
     "_quarantine"  # <run_id>/{images,segments}/: unreadable parts moved aside (`pipeline.exactly_once.commit`)
@@ -216,8 +217,11 @@ INSPECTION_SCHEMA = pa.schema([("path", pa.string()), *_COUNT_COLUMNS, ("problem
 """A committed part's counts read from its footer, or the ``problem`` (null when readable) that makes it
 unreadable (`pipeline.exactly_once.inspection.inspect_parts`)."""
 
-RETRACTION_SCHEMA = pa.schema([("part", pa.string()), *_COUNT_COLUMNS])
-"""What a retraction removed from one part (`pipeline.exactly_once.commit.OutputCommitter.retract`)."""
+RETRACTION_SCHEMA = pa.schema(
+    [("part", pa.string()), *_COUNT_COLUMNS, ("new_part", pa.string()), ("new_bytes", pa.int64())]
+)
+"""What a retraction removed from one part, and the part that holds the rest (``new_part``: null when nothing was
+left; ``new_bytes``: both its files) (`pipeline.exactly_once.commit.OutputCommitter.retract`)."""
 
 
 # -- committed rows: what a resume reads back from the images parts ------------------------------------------

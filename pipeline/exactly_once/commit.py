@@ -91,6 +91,7 @@ from pipeline.exactly_once.output_paths import Output
 from pipeline.exactly_once.parts import PART_PREFIX, parquet_bytes, part_counts, part_name, split_results
 from pipeline.exactly_once.retraction import retraction_row, split_part
 from pipeline.exactly_once.run_records import now, publish_record
+from pipeline.exactly_once.snapshots import Kind, Snapshot, SnapshotLog, clean_up
 from pipeline.inputs.storage import is_local, is_temporary, publish
 from pipeline.schema import IMAGES_TABLE, QUARANTINE_FOLDER, RETRACTION_SCHEMA, SEGMENTS_SCHEMA, SEGMENTS_TABLE
 
@@ -104,11 +105,13 @@ class OutputCommitter:
     worker hooks check the lease in the store.
     """
 
-    def __init__(self, output: str, run_id: str, *, lease: Lease | None = None) -> None:
+    def __init__(self, output: str, run_id: str, *, lease: Lease | None = None, keep_snapshots: int = 100) -> None:
         self.out = Output.of(output)
         self.run_id = run_id
+        self.keep_snapshots = keep_snapshots
         self._lease = lease  # the driver's; None on a worker
         self._record: dict[str, Any] | None = None  # this run's record, once `on_write_start` wrote it
+        self.snapshots = SnapshotLog(self.out, run_id)  # the driver's: what the next snapshot lists
 
     def __reduce__(self) -> tuple[type[OutputCommitter], tuple[str, str]]:
         return OutputCommitter, (self.out.uri, self.run_id)
@@ -131,7 +134,8 @@ class OutputCommitter:
 
     def prepare(self) -> list[str]:
         """Remove what interrupted runs left behind (temporary files; ``segments`` parts without their
-        ``images`` part, each logged); returns the committed images part paths, sorted."""
+        ``images`` part, each logged); returns the committed images part paths, sorted: the latest snapshot's
+        parts and those committed after it by its run (`pipeline.exactly_once.snapshots`, rule 5)."""
         self.confirm_lease()
         out = self.out
         segments, temporary_segments = _part_names(out.fs, out.table(SEGMENTS_TABLE))
@@ -139,10 +143,23 @@ class OutputCommitter:
         for path in temporary_segments + temporary_images:
             with contextlib.suppress(FileNotFoundError):
                 out.fs.rm(path)
-        for name in sorted(segments - images):
+        for name in sorted(set(segments) - set(images)):
             log.warning("removing segments part %s: an interrupted run wrote it but never committed it", name)
             out.fs.rm(out.part(SEGMENTS_TABLE, name))
-        return sorted(out.part(IMAGES_TABLE, n) for n in images)
+        committed = self.snapshots.open({name: size + segments.get(name, 0) for name, size in images.items()})
+        return [out.part(IMAGES_TABLE, n) for n in committed]
+
+    def listed_parts(self) -> dict[str, dict[str, int]]:
+        """``{table: {part file name: bytes}}`` of both folders, listed afresh."""
+        return {table: _part_names(self.out.fs, self.out.table(table))[0] for table in (IMAGES_TABLE, SEGMENTS_TABLE)}
+
+    def snapshot(self, kind: Kind, *, only_if_changed: bool = False) -> Snapshot | None:
+        """Write the next snapshot of the committed parts (`pipeline.exactly_once.snapshots`), after confirming
+        the lease in the store; with ``only_if_changed``, none when they equal the latest snapshot's."""
+        if only_if_changed and not self.snapshots.changed:
+            return None
+        self.confirm_lease()
+        return self.snapshots.write(kind)
 
     def quarantine(self, part: str, *, problem: str) -> None:
         """Move an unreadable committed part (both tables) to ``_quarantine/<run_id>/``: its images are redone.
@@ -168,6 +185,7 @@ class OutputCommitter:
                     raise
                 log.warning("%s/%s was gone already: nothing to move", table, name)
             out.fs.invalidate_cache(out.table(table))
+        self.snapshots.drop(name)
 
     def on_write_start(self, record: dict[str, Any]) -> None:
         """Before this run's first commit: its ``record`` in ``_runs/``, and ``_SUCCESS`` removed."""
@@ -178,35 +196,50 @@ class OutputCommitter:
         self._record = record
 
     def on_write_complete(self, report: dict[str, Any]) -> None:
-        """``_SUCCESS`` holding ``report`` (this run's counts and the output's totals), and this run's record
-        completed with it if the run wrote one."""
+        """The run's last snapshot (``end``; a run that committed nothing: only if the committed parts changed),
+        ``_SUCCESS`` holding ``report`` (this run's counts and the output's totals) and the snapshot's number,
+        this run's record completed with them if the run wrote one; then the clean-up
+        (`pipeline.exactly_once.snapshots.clean_up`, keeping ``keep_snapshots``)."""
+        self.snapshot("end", only_if_changed=self._record is None)
+        latest = self.snapshots.latest
+        report = {**report, "snapshot": latest.seq if latest is not None else None}
         self.confirm_lease()
         if self._record is not None:
             publish_record(self.out, {**self._record, "status": "finished", "finished": now(), **report})
         publish(self.out.fs, self.out.success, json.dumps(report, indent=2, default=str).encode())
+        clean_up(self.out, keep=self.keep_snapshots, listed=self.listed_parts, confirm=self.confirm_lease)
 
     def on_write_failed(self, exc: BaseException) -> None:
         """Mark this run's record failed, if it has one (best effort: the run is failing already)."""
         if self._record is None:
             return
         try:
+            self.snapshot("failed", only_if_changed=True)  # readers see the parts it committed
             publish_record(
                 self.out, {**self._record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}
             )
-        except Exception as inner:  # never hide the run's own error behind this one
+        except Exception as inner:  # never hide the run's own error behind this one (a lost lease included)
             log.warning("could not mark run %s failed in %s: %s", self.run_id, redact_uri(self.out.uri), inner)
+
+    def committed(self, row: dict[str, Any]) -> None:
+        """A part's `pipeline.schema.PART_ROW_SCHEMA` row reached the driver: the next snapshot lists it."""
+        self.snapshots.add(row)
+
+    def retracted(self, row: dict[str, Any]) -> None:
+        """A `retract` row reached the driver: the next snapshot lists its new part instead of its old one."""
+        self.snapshots.replace(row["part"], row["new_part"], removed=row, new_bytes=row["new_bytes"] or 0)
 
     # -- a worker (or the driver, for a small output) -------------------------------------------------------
 
     def retract(self, retractions: pa.Table) -> pa.Table:
-        """Remove the images that ``retractions`` (`pipeline.exactly_once.retraction.retraction_rows`) name from their
-        committed parts, part by part in name order: each rewritten without them, ``segments`` first and then
-        ``images``, each published whole, or, left empty, deleted ``images`` first. Returns one
-        `pipeline.schema.RETRACTION_SCHEMA` row per part of what was removed. Each part checks the lease in
-        the store right before it is changed (the same fence as `write_part`): a run that lost its lease
-        raises `pipeline.exactly_once.lease.LeaseLost` and changes no further part. A Ray stage: on workers, every
-        row of a
-        part in one partition; or in the driver, on all of them."""
+        """Write, for each committed part that ``retractions`` (`pipeline.exactly_once.retraction.retraction_rows`)
+        name images of, the rows it keeps as a new part of this run (``segments`` first, then ``images``, each
+        published whole; nothing for a part left empty), in part name order. The old files are never changed:
+        the run's next snapshot drops them (`retracted`). Returns one `pipeline.schema.RETRACTION_SCHEMA` row per
+        part: what was removed, and the new part. Each part checks the lease in the store right before it writes
+        (the same fence as `write_part`): a run that lost its lease raises
+        `pipeline.exactly_once.lease.LeaseLost` and writes no further part. A Ray stage: on workers, every row of
+        a part in one partition; or in the driver, on all of them."""
         removed = [RETRACTION_SCHEMA.empty_table()]
         if retractions.num_rows == 0:  # an empty partition of the shuffle
             return removed[0]
@@ -221,19 +254,17 @@ class OutputCommitter:
             images = pq.read_table(f)
         kept, removed = split_part(images, group)
         check_holder(out.uri, self.run_id, not_doing=f"not retracting rows from {name}")
-        if kept.num_rows == 0:
-            out.fs.rm(images_path)  # the commit record first
-            with contextlib.suppress(FileNotFoundError):
-                out.fs.rm(segments_path)
-        else:
+        new_name, written = None, 0
+        if kept.num_rows:
             with out.fs.open(segments_path, "rb") as f:
                 segments = pq.read_table(f, schema=SEGMENTS_SCHEMA)
             removed_ids = removed.column("image_id")
             segments = segments.filter(pc.invert(pc.is_in(segments.column("image_id"), value_set=removed_ids)))
-            publish(out.fs, segments_path, parquet_bytes(segments))
-            publish(out.fs, images_path, parquet_bytes(kept, counts=part_counts(kept)))  # commit
-        log.info("retracted %d rows from part %s", removed.num_rows, name)
-        return retraction_row(name, removed)
+            new_name = part_name(kept.column("image_id").to_pylist(), self.run_id)
+            written = publish(out.fs, out.part(SEGMENTS_TABLE, new_name), parquet_bytes(segments))
+            written += publish(out.fs, out.part(IMAGES_TABLE, new_name), parquet_bytes(kept, counts=part_counts(kept)))
+        log.info("retracted %d rows from part %s (the rest: %s)", removed.num_rows, name, new_name or "none")
+        return retraction_row(name, removed, new_part=new_name, new_bytes=written)
 
     def write_part(self, results: pa.Table, *, node_id: str = "") -> dict[str, object] | None:
         """Commit ``results`` (`pipeline.schema.RESULT_SCHEMA` rows) as one part. Returns its
@@ -245,7 +276,7 @@ class OutputCommitter:
         started = time.perf_counter()
         out = self.out
         images, segments = split_results(results, run_id=self.run_id)
-        name = part_name(images.column("image_id").to_pylist())
+        name = part_name(images.column("image_id").to_pylist(), self.run_id)
         check_holder(out.uri, self.run_id)
         counts = part_counts(images)
         written = publish(out.fs, out.part(SEGMENTS_TABLE, name), parquet_bytes(segments))
@@ -255,13 +286,14 @@ class OutputCommitter:
         return {"part": name, **counts, "bytes": written, "node_id": node_id, "seconds": seconds, "error_kinds": kinds}
 
 
-def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[set[str], list[str]]:
-    """(part file names, temporary files) of one table folder, listed afresh (never from a listing cache)."""
+def _part_names(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[dict[str, int], list[str]]:
+    """({part file name: bytes}, temporary files) of one table folder, listed afresh (never from a listing
+    cache)."""
     fs.invalidate_cache(folder)
     try:
-        paths = fs.ls(folder, detail=False)
+        entries = fs.ls(folder, detail=True)
     except FileNotFoundError:
-        return set(), []
-    names = [posixpath.basename(p.rstrip("/")) for p in paths]
-    parts = {n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
-    return parts, [posixpath.join(folder, n) for n in names if is_temporary(n)]
+        return {}, []
+    sizes = {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries}
+    parts = {n: size for n, size in sizes.items() if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
+    return parts, [posixpath.join(folder, n) for n in sizes if is_temporary(n)]

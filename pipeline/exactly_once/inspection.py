@@ -64,6 +64,7 @@ def inspect_output(committer: OutputCommitter, parts: list[str], *, local: bool)
         else:
             state.parts.append(row["path"])
             state.totals.add(row)
+            committer.snapshots.count(posixpath.basename(row["path"]), row)  # from the footer, for the snapshot
     state.parts.sort()
     return state
 

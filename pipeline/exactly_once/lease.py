@@ -153,7 +153,7 @@ class Lease:
             except FileExistsError:
                 pass
             except OSError as exc:  # s3fs maps 412 PreconditionFailed to an OSError subclass
-                if not _precondition_failed(exc):
+                if not precondition_failed(exc):
                     raise
             seen = _read(fs, path)
             holder = seen.record
@@ -168,7 +168,7 @@ class Lease:
                 log.warning("took over the lease of run %s on %s", holder.get("run_id"), self.output)
                 return
             except OSError as exc:
-                if not (_precondition_failed(exc) or isinstance(exc, FileNotFoundError)):
+                if not (precondition_failed(exc) or isinstance(exc, FileNotFoundError)):
                     raise
         raise LeaseHeld(f"the lease on {self.output} keeps changing hands; another run is starting there")
 
@@ -177,7 +177,7 @@ class Lease:
         try:
             self._etag = _etag_of(fs.pipe_file(path, self._body(), IfMatch=self._etag))
         except OSError as exc:
-            if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
+            if precondition_failed(exc) or isinstance(exc, FileNotFoundError):
                 holder = _read(fs, path).record
                 raise LeaseLost(f"run {self.run_id} lost its lease on {self.output} to {holder}") from exc
             raise
@@ -329,7 +329,7 @@ def _etag_of(response: object) -> str | None:
     return response.get("ETag") if isinstance(response, dict) else None
 
 
-def _precondition_failed(exc: OSError) -> bool:
+def precondition_failed(exc: OSError) -> bool:
     """Whether s3fs's error is S3's ``412 PreconditionFailed`` (s3fs raises it as a plain OSError)."""
     response = getattr(exc.__cause__, "response", None) or {}
     return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")

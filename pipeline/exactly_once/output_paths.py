@@ -16,7 +16,7 @@ from functools import cached_property
 import fsspec
 
 from pipeline.inputs.storage import is_local
-from pipeline.schema import LEASE_FILE, QUARANTINE_FOLDER, RUNS_FOLDER, SUCCESS_FILE
+from pipeline.schema import LEASE_FILE, QUARANTINE_FOLDER, RUNS_FOLDER, SNAPSHOTS_FOLDER, SUCCESS_FILE
 
 
 def locate(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -35,6 +35,7 @@ class Output:
     uri: str  # as the user gave it
     fs: fsspec.AbstractFileSystem
     root: str  # the path inside ``fs``: no protocol, no trailing slash
+    at: int | None = None  # readers: the snapshot they read (`pipeline.reading.output_tables.pin`); None: not pinned
 
     @classmethod
     def of(cls, uri: str) -> Output:
@@ -78,6 +79,11 @@ class Output:
     def runs(self) -> str:
         """The folder of the run records."""
         return posixpath.join(self.root, RUNS_FOLDER)
+
+    @property
+    def snapshots(self) -> str:
+        """The folder of the snapshot log (`pipeline.exactly_once.snapshots`)."""
+        return posixpath.join(self.root, SNAPSHOTS_FOLDER)
 
     def run_record(self, run_id: str) -> str:
         return posixpath.join(self.root, RUNS_FOLDER, f"{run_id}.json")

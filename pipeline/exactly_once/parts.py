@@ -1,12 +1,13 @@
 """A part: the unit of commit. Its name, its two Parquet files' bytes and counts, and how a shard's results are
 cut into parts.
 
-A part is one ``segments/part-<hash>.parquet`` file and one ``images/part-<hash>.parquet`` file holding the same
-images (at most ``--rows-per-file``). `PartGatherer` cuts a shard's result rows into parts (files sized for
-queries, not one per model batch); `split_results` turns a part's `pipeline.schema.RESULT_SCHEMA` rows into the
-two tables; `part_name` hashes the sorted image ids, so the same images always get the same name, whichever
-attempt writes them; `parquet_bytes` serialises a table (zstd), with an images part's `part_counts` in its
-footer. How parts are committed, and what guarantees that gives, is `pipeline.exactly_once.commit`.
+A part is one ``segments/part-<hash>.parquet`` file and one ``images/part-<hash>.parquet`` file holding the same images
+(at most ``--rows-per-file``). `PartGatherer` cuts a shard's result rows into parts (files sized for queries, not one
+per model batch); `split_results` turns a part's `pipeline.schema.RESULT_SCHEMA` rows into the two tables; `part_name`
+hashes the sorted image ids and names the run, so the same images always get the same name in a run, whichever attempt
+writes them, and a file is never rewritten by another run; `parquet_bytes` serialises a table (zstd), with an images
+part's `part_counts` in its footer. How parts are committed, and what guarantees that gives, is
+`pipeline.exactly_once.commit`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,19 @@ COMPRESSION = "zstd"
 COUNTS_KEY = b"panoptic_flow.counts"  # images parts: their counts as JSON in the Parquet footer
 
 
-def part_name(image_ids: list[str]) -> str:
-    """``part-<hash>.parquet``, the hash (96 bits) taken over the sorted image ids: the same images, the same
-    name, whichever attempt writes them."""
+def part_name(image_ids: list[str], run_id: str) -> str:
+    """``part-<hash>-<run_id>.parquet``, the hash (96 bits) taken over the sorted image ids: the same images in
+    the same run, the same name, whichever attempt writes them; another run (a retraction's rewrite, a redo)
+    writes a new file and never changes one that a snapshot lists (`pipeline.exactly_once.snapshots`)."""
     digest = hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:24]
-    return f"{PART_PREFIX}{digest}.parquet"
+    return f"{PART_PREFIX}{digest}-{run_id}.parquet"
+
+
+def part_run(name: str) -> str | None:
+    """The run id in a part's file name (`part_name`); None for a part named before snapshots
+    (``part-<hash>.parquet``)."""
+    stem = name.removeprefix(PART_PREFIX).removesuffix(".parquet")
+    return stem.split("-", 1)[1] if "-" in stem else None
 
 
 def split_results(results: pa.Table, *, run_id: str) -> tuple[pa.Table, pa.Table]:

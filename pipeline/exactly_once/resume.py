@@ -175,10 +175,11 @@ def decide(
 
     result = Plan(refs=REF_SCHEMA.empty_table(), known_total=None)
     result.count(executor.rows(executor.each(tally, [decided])))
-    if result.retracted_by_reason:  # before anything is committed: a new part may reuse a retracted one's name
+    if result.retracted_by_reason:  # before anything is committed
         retractions = executor.each(retraction_rows, [decided])
         for row in executor.rows(executor.by_key(committer.retract, [retractions], key="part")):
             result.retracted.add(row)
+            committer.retracted(row)  # the next snapshot lists the new part, not the old one
     refs = [executor.each(files_to_do, [decided])]
     if listing.shards:
         shard_rows = [executor.each(listed_shard_rows, [listing.shards]), executor.each(shard_skips, [decided])]

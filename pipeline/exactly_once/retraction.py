@@ -1,14 +1,17 @@
 """Retraction: committed rows the resume decided to redo (`pipeline.exactly_once.resume_decision`, action
-``retract``) are removed from their parts before the run commits anything (a new part may reuse a retracted one's name).
+``retract``) are removed from their parts before the run commits anything.
 
-This module decides, in plain pyarrow (no torch, no I/O), what a part loses: `retraction_rows` turns the decision
-into one row per part to edit, and `split_part` splits a part's ``images`` rows into those kept and those
-retracted. The rewrite itself is a commit-protocol hook, `pipeline.exactly_once.commit.OutputCommitter.retract`, fenced
-by the lease like every write: a part is rewritten without those images, ``segments`` first and then
-``images`` (the commit record), each published whole; a part left empty is deleted, ``images`` first. A crash
-in between leaves the rows' decision unchanged (they are still retryable, changed or repeated), so the next run
-retracts the rest. The hook runs part by part: on workers, per partition of a hash shuffle on ``part``, or in
-the driver for a small output (`pipeline.exactly_once.resume`).
+This module decides, in plain pyarrow (no torch, no I/O), what a part loses: `retraction_rows` turns the decision into
+one row per part to edit, and `split_part` splits a part's ``images`` rows into those kept and those retracted. The
+rewrite itself is a commit-protocol hook, `pipeline.exactly_once.commit.OutputCommitter.retract`, fenced by the lease
+like every write, and copy-on-write: the rows a part keeps are written as a new part (``segments`` first, then
+``images``, each published whole, named by this run: `pipeline.exactly_once.parts.part_name`); the old files stay, for
+the snapshots that list them (`pipeline.exactly_once.snapshots`). The run's start snapshot then lists the new part
+instead of the old one (a part left empty: neither). A crash before that snapshot leaves the old part committed and the
+rows' decision unchanged (they are still retryable, changed or repeated), so the next run retracts them again; the
+stopped run's new files are listed by no snapshot, and the clean-up deletes them. The hook runs part by part: on
+workers, per partition of a hash shuffle on ``part``, or in the driver for a small output
+(`pipeline.exactly_once.resume`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def split_part(images: pa.Table, group: pa.Table) -> tuple[pa.Table, pa.Table]:
     return images.filter(pa.array(~drop)), images.filter(pa.array(drop))
 
 
-def retraction_row(name: str, removed: pa.Table) -> pa.Table:
-    """One `RETRACTION_SCHEMA` row: the counts of the ``removed`` images rows of part ``name``."""
-    return pa.Table.from_pylist([{"part": name, **part_counts(removed)}], schema=RETRACTION_SCHEMA)
+def retraction_row(name: str, removed: pa.Table, *, new_part: str | None, new_bytes: int) -> pa.Table:
+    """One `RETRACTION_SCHEMA` row: the counts of the ``removed`` images rows of part ``name``, and the part
+    written with the rest (None: nothing was left) and its bytes."""
+    row = {"part": name, **part_counts(removed), "new_part": new_part, "new_bytes": new_bytes}
+    return pa.Table.from_pylist([row], schema=RETRACTION_SCHEMA)

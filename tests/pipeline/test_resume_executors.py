@@ -20,17 +20,15 @@ from pipeline.exactly_once.resume_executors import OnRay
 from tests.pipeline.resume_outputs import files_of, listing, write_output
 
 
-def _start(output: Path, monkeypatch: pytest.MonkeyPatch, *, max_local_parts: int) -> Start:
+def _start(output: Path, monkeypatch: pytest.MonkeyPatch, *, max_local_parts: int) -> tuple[Start, list[str]]:
+    """The start on a fresh copy of the fixture, and the parts its snapshot would list."""
     write_output(output)
     monkeypatch.setattr(resume, "LOCAL_PLAN_MAX_PARTS", max_local_parts)
     started: list[bool] = []
     with Lease.acquire(str(output), "rerun") as lease:
-        return resume.start(
-            OutputCommitter(str(output), "rerun", lease=lease),
-            listing(),
-            settings={},
-            start_ray=lambda: started.append(True),
-        )
+        committer = OutputCommitter(str(output), "rerun", lease=lease)
+        start = resume.start(committer, listing(), settings={}, start_ray=lambda: started.append(True))
+    return start, sorted(committer.snapshots.live)
 
 
 def _refs(refs: Any) -> list[dict[str, Any]]:
@@ -41,8 +39,10 @@ def _refs(refs: Any) -> list[dict[str, Any]]:
 def test_the_driver_and_ray_give_the_same_plan_and_retract_the_same_rows(
     ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    in_driver = _start(tmp_path / "driver", monkeypatch, max_local_parts=16)
-    on_ray = _start(tmp_path / "ray", monkeypatch, max_local_parts=1)  # 4 parts: planned on Ray
+    write_output(tmp_path / "fixture")
+    fixture = files_of(tmp_path / "fixture")
+    in_driver, driver_live = _start(tmp_path / "driver", monkeypatch, max_local_parts=16)
+    on_ray, ray_live = _start(tmp_path / "ray", monkeypatch, max_local_parts=1)  # 4 parts: planned on Ray
     assert isinstance(in_driver.plan.refs, pa.Table) and not isinstance(on_ray.plan.refs, pa.Table)
 
     refs = _refs(in_driver.plan.refs)
@@ -66,8 +66,11 @@ def test_the_driver_and_ray_give_the_same_plan_and_retract_the_same_rows(
     assert in_driver.state.totals == on_ray.state.totals and in_driver.state.totals.images == 9
 
     driver_files, ray_files = files_of(tmp_path / "driver"), files_of(tmp_path / "ray")
-    assert driver_files == ray_files  # the same parts rewritten, to the byte; part-b and part-c deleted by both
-    assert sorted(driver_files) == [f"{t}/part-{p}.parquet" for t in ("images", "segments") for p in "ad"]
+    assert driver_files == ray_files  # the same new parts, to the byte
+    assert {name: driver_files[name] for name in fixture} == fixture  # copy on write: the committed files unchanged
+    new = sorted(set(driver_files) - set(fixture))  # part a keeps rows, written anew; b and c: nothing left
+    assert len(new) == 2 and all(name.endswith("-rerun.parquet") for name in new)
+    assert driver_live == ray_live == sorted([Path(new[0]).name, "part-d.parquet"])  # the start snapshot's parts
 
 
 def test_retractions_on_ray_workers_check_the_lease_before_they_change_a_part(

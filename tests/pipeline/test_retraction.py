@@ -1,5 +1,6 @@
-"""Retraction is a commit-protocol hook fenced by the lease: a run that lost its lease before a retraction write
-rewrites and deletes nothing (`pipeline.exactly_once.commit.OutputCommitter.retract`). In the driver, without Ray."""
+"""Retraction is a commit-protocol hook fenced by the lease, and copy-on-write: the rows a part keeps are written as a
+new part of the run, and no committed file is ever changed or deleted (`pipeline.exactly_once.commit.OutputCommitter.
+retract`); a run that lost its lease before a retraction writes nothing. In the driver, without Ray."""
 
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ from tests.pipeline.resume_outputs import files_of, listing, write_output
 def _rows(output: Path) -> dict[str, list[dict[str, object]]]:
     """Each part file's rows, by path."""
     return {str(p.relative_to(output)): pq.read_table(p).to_pylist() for p in sorted(output.glob("*/part-*.parquet"))}
+
+
+def _opened(committer: OutputCommitter, parts: list[str]) -> OutputCommitter:
+    """``committer`` with its snapshot log holding ``parts`` (as `OutputCommitter.prepare` leaves it)."""
+    committer.snapshots.open({Path(p).name: 0 for p in parts})
+    return committer
+
+
+def _new_files(output: Path, before: dict[str, bytes]) -> list[str]:
+    after = files_of(output)
+    assert {name: after[name] for name in before} == before  # copy on write: every earlier file as it was
+    return sorted(set(after) - set(before))
 
 
 def _take_over(output: Path, lease: Lease) -> Lease:
@@ -41,11 +54,14 @@ def test_a_run_that_lost_its_lease_before_its_first_retraction_changes_no_part(t
         assert files_of(output) == files  # file by file: nothing rewritten, nothing deleted
 
         # the run that holds the lease retracts the same rows: the plan has retractions to fence
-        plan = decide(listing(), committer=OutputCommitter(str(output), "taker"), parts=parts, executor=InDriver())
+        holder = _opened(OutputCommitter(str(output), "taker"), parts)
+        plan = decide(listing(), committer=holder, parts=parts, executor=InDriver())
     finally:
         taker.release()
     assert plan.retracted_by_reason == {"retryable": 2, "repeated": 1, "changed": 2}
-    assert "images/part-c.parquet" not in files_of(output) and files_of(output) != files
+    new = _new_files(output, files)  # part a keeps rows: written anew by the run; b and c: nothing left; d untouched
+    assert len(new) == 2 and all(name.endswith("-taker.parquet") for name in new)
+    assert sorted(holder.snapshots.live) == sorted({Path(new[0]).name, "part-d.parquet"})  # what its snapshot lists
 
 
 def test_a_lease_lost_between_two_parts_stops_the_retraction_at_the_second(
@@ -57,7 +73,7 @@ def test_a_lease_lost_between_two_parts_stops_the_retraction_at_the_second(
     parts = write_output(output)
     files = files_of(output)
     lease = Lease.acquire(str(output), "stalled")
-    committer = OutputCommitter(str(output), "stalled", lease=lease)
+    committer = _opened(OutputCommitter(str(output), "stalled", lease=lease), parts)
     checks: list[str] = []
     taken: list[Lease] = []
 
@@ -74,7 +90,6 @@ def test_a_lease_lost_between_two_parts_stops_the_retraction_at_the_second(
     finally:
         for held in taken or [lease]:
             held.release()
-    after = files_of(output)
-    changed = sorted(name for name in files if after.get(name) != files[name])
-    assert changed == ["images/part-a.parquet", "segments/part-a.parquet"]  # part-a retracted, b and c untouched
-    assert [r["image_id"] for r in pq.read_table(output / "images" / "part-a.parquet").to_pylist()] == ["/in/kept.jpg"]
+    new = _new_files(output, files)  # part-a's rest written, b and c untouched
+    assert [name.split("/")[0] for name in new] == ["images", "segments"] and new[0].endswith("-stalled.parquet")
+    assert [r["image_id"] for r in pq.read_table(output / new[0]).to_pylist()] == ["/in/kept.jpg"]

@@ -25,7 +25,7 @@ import s3fs
 
 from pipeline.exactly_once.commit import OutputCommitter
 from pipeline.exactly_once.lease import Lease, LeaseLost
-from pipeline.exactly_once.parts import COUNTS_KEY, PartGatherer, part_name, split_results
+from pipeline.exactly_once.parts import COUNTS_KEY, PartGatherer, part_name, part_run, split_results
 from pipeline.inputs.storage import TRANSIENT_ERRORS
 from pipeline.schema import PART_ROW_SCHEMA, RESULT_SCHEMA
 from pipeline.segmenting.rle import decode_rle
@@ -70,10 +70,13 @@ def test_split_results_flattens_segments_and_counts_them() -> None:
     assert decode_rle(rle["size"], rle["counts"]).tolist() == [[True, True, False], [True, True, False]]
 
 
-def test_part_names_depend_on_the_set_of_ids_only() -> None:
-    assert part_name(["b", "a", "c"]) == part_name(["c", "b", "a"])
-    assert part_name(["a", "b"]) != part_name(["a", "b", "c"])
-    assert part_name(["a"]).startswith("part-") and part_name(["a"]).endswith(".parquet")
+def test_part_names_depend_on_the_set_of_ids_and_the_run_only() -> None:
+    run = "20261208T015000Z-abc123"
+    assert part_name(["b", "a", "c"], run) == part_name(["c", "b", "a"], run)
+    assert part_name(["a", "b"], run) != part_name(["a", "b", "c"], run)
+    assert part_name(["a", "b"], run) != part_name(["a", "b"], "20261208T015001Z-abc124")  # never another run's file
+    assert part_name(["a"], run).startswith("part-") and part_name(["a"], run).endswith(f"-{run}.parquet")
+    assert part_run(part_name(["a"], run)) == run and part_run("part-0123456789abcdef01234567.parquet") is None
 
 
 def test_write_part_commits_segments_then_images_with_counts_in_the_footer(tmp_path: Path) -> None:
@@ -82,7 +85,7 @@ def test_write_part_commits_segments_then_images_with_counts_in_the_footer(tmp_p
     with Lease.acquire(str(output), "r1"):
         row = OutputCommitter(str(output), "r1").write_part(results)
         again = OutputCommitter(str(output), "r1").write_part(results)  # a retry: same name
-    assert row is not None and again is not None and row["part"] == again["part"] == part_name(["a.jpg", "b.jpg"])
+    assert row is not None and again is not None and row["part"] == again["part"] == part_name(["a.jpg", "b.jpg"], "r1")
     assert (row["images_ok"], row["images_error"], row["images_retryable"], row["segments"]) == (1, 1, 1, 3)
     assert [p.name for p in committed_parts(output)] == [row["part"]]
     assert [p.name for p in (output / "segments").iterdir()] == [row["part"]]
