@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show": ("jobs.show", "draw one result (or a grid of results) as a PNG"),
     "export-coco": ("jobs.export_coco", "write COCO panoptic PNGs + JSON from an output"),
     "evaluate": ("jobs.evaluate", "compute PQ / SQ / RQ against COCO panoptic ground truth"),
+    "register": ("jobs.register", "register an output snapshot as Delta or Iceberg tables (in place)"),
 }
 
 

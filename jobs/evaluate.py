@@ -48,11 +48,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from jobs.snapshot_options import SNAPSHOT_ERRORS, add_snapshot_options, open_output
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.exactly_once.output_paths import Output, locate
 from pipeline.inputs.ids import last_part
 from pipeline.reading.coco import rgb_to_id_map, to_coco_ids
-from pipeline.reading.output_tables import OutputNotFoundError, check_output, open_table
+from pipeline.reading.output_tables import check_output, open_table
 from pipeline.reading.packed_images import map_images, packed_rows
 from pipeline.reading.panoptic_quality import (
     ClassStats,
@@ -290,6 +291,7 @@ def _parser() -> argparse.ArgumentParser:
         description="PQ / SQ / RQ of an output against COCO panoptic ground truth (panopticapi's rules).",
     )
     p.add_argument("output", help="output folder or URI")
+    add_snapshot_options(p)
     p.add_argument("--gt-json", required=True, help="COCO panoptic ground-truth JSON")
     p.add_argument("--gt-folder", required=True, help="folder (or URI) of the ground-truth PNGs")
     p.add_argument(
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> int:
-        out = check_output(Output.of(args.output))  # resolved once, for every reader below; before a large GT
+        out = open_output(args)  # resolved once, for every reader below; before a large GT
         warn_if_demo_weights(PROG, out)
         try:
             with fsspec.open(args.gt_json, "rb") as f:
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 pq.write_table(pa.Table.from_pylist(report["per_class"], schema=PER_CLASS_SCHEMA), f)
         return 0
 
-    return run_command(PROG, body, user_errors=(OutputNotFoundError,))
+    return run_command(PROG, body, user_errors=SNAPSHOT_ERRORS)
 
 
 if __name__ == "__main__":

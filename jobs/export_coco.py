@@ -18,6 +18,7 @@ import json
 import sys
 from typing import Any, NamedTuple
 
+from jobs.snapshot_options import SNAPSHOT_ERRORS, add_snapshot_options, open_output
 from jobs.usage import CommandParser, run_command, warn_if_demo_weights
 from pipeline.exactly_once.output_paths import Output, locate
 from pipeline.reading.coco import (
@@ -30,7 +31,7 @@ from pipeline.reading.coco import (
     to_coco_ids,
     write_coco_pngs,
 )
-from pipeline.reading.output_tables import OutputNotFoundError, check_output
+from pipeline.reading.output_tables import check_output
 from pipeline.reading.packed_images import map_images
 
 PROG = "panoptic-flow export-coco"
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Write COCO panoptic PNGs (DEST/panoptic/) and DEST/panoptic.json from an output.",
     )
     p.add_argument("output", help="output folder or URI")
+    add_snapshot_options(p)
     p.add_argument("dest", help="destination folder or URI")
     p.add_argument("--verbose", action="store_true", help="show Ray's own messages when a large output uses Ray")
     return p
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> int:
-        out = check_output(Output.of(args.output))  # resolved once, for every reader below
+        out = open_output(args)  # resolved once, for every reader below
         warn_if_demo_weights(PROG, out)
         document, left_out = export_coco(out, args.dest, verbose=args.verbose)
         segments = sum(len(a["segments_info"]) for a in document["annotations"])
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"left out {left_out} segments of class slots outside the 133 COCO panoptic categories (VOID pixels)")
         return 0
 
-    return run_command(PROG, body, user_errors=(OutputNotFoundError,))
+    return run_command(PROG, body, user_errors=SNAPSHOT_ERRORS)
 
 
 if __name__ == "__main__":

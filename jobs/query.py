@@ -23,10 +23,9 @@ from typing import Any, Literal
 
 import duckdb
 
+from jobs.snapshot_options import SNAPSHOT_ERRORS, add_snapshot_options, open_output
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
-from pipeline.exactly_once.output_paths import Output
 from pipeline.reading.duckdb_views import VIEWS, connect
-from pipeline.reading.output_tables import OutputNotFoundError
 
 PROG = "panoptic-flow query"
 # errors of the SQL itself (syntax, unknown table or column, a cast or type that fails): the user's mistake;
@@ -94,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("output", help="output folder or URI (e.g. out/ or s3://bucket/run)")
+    add_snapshot_options(p)
     p.add_argument("sql", help="SQL to run")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="default: table")
     p.add_argument("--limit", type=int, default=None, help="print at most N rows (default: all)")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit: must be >= 0, got {args.limit}")
 
     def body() -> int:
-        out = Output.of(args.output)  # resolved once, for every reader below
+        out = open_output(args)  # resolved once and pinned to one snapshot, for every reader below
         con = connect(out)  # a mistyped folder: say so, rather than print 0 rows
         try:
             warn_if_demo_weights(PROG, out)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(format_rows(columns, rows, args.format))
         return 0
 
-    return run_command(PROG, body, user_errors=(OutputNotFoundError,))
+    return run_command(PROG, body, user_errors=SNAPSHOT_ERRORS)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.overlay import DEFAULT_ALPHA, Overlay, OverlaySegment, contact_sheet, draw_overlay, mark_demo
+from jobs.snapshot_options import SNAPSHOT_ERRORS, add_snapshot_options, open_output
 from jobs.usage import CommandParser, UsageError, run_command, warn_if_demo_weights
 from pipeline.config import InputConfig
 from pipeline.exactly_once.output_paths import Output
@@ -45,7 +46,7 @@ from pipeline.inputs.ids import SEPARATOR, file_id, member_id, member_of_old_row
 from pipeline.inputs.readers import kind_of, read_image
 from pipeline.inputs.storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S
 from pipeline.reading.duckdb_views import connect
-from pipeline.reading.output_tables import OutputNotFoundError, check_output, read_image_rows
+from pipeline.reading.output_tables import check_output, read_image_rows
 from pipeline.segmenting.rle import decode_mask
 
 PROG = "panoptic-flow show"
@@ -178,6 +179,7 @@ def _write_png(array: np.ndarray, path: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = CommandParser(prog=PROG, description="Draw segments over their image as a PNG.")
     p.add_argument("output", help="output folder or URI")
+    add_snapshot_options(p)
     p.add_argument("image_id", nargs="?", help="image to draw (not with --grid)")
     p.add_argument("-o", "--out", default="show.png", help="PNG to write (default: show.png)")
     p.add_argument(
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     style: dict[str, Any] = {"alpha": args.alpha, "outlines": not args.no_outlines, "labels": not args.no_labels}
 
     def body() -> int:
-        out = check_output(Output.of(args.output))  # resolved once, for every reader below
+        out = open_output(args)  # resolved once, for every reader below
         demo = warn_if_demo_weights(PROG, out)
         if args.grid is None:
             try:
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out} ({picture.shape[1]}x{picture.shape[0]})")
         return 0
 
-    return run_command(PROG, body, user_errors=(OutputNotFoundError,))
+    return run_command(PROG, body, user_errors=SNAPSHOT_ERRORS)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,10 @@ def test_cpu_stages_never_import_torch() -> None:
 
 # jobs/: the command modules (one per `panoptic-flow` command, `jobs.cli.COMMANDS`) and the shared helpers of
 # the command line (`cli` dispatches, `options` generates options, `segment_options` declares segment's,
-# `usage` is the exit-code convention, `overlay` draws results for show). Anything two commands share lives in a
-# helper or in pipeline/.
-JOBS_HELPERS = {"jobs.cli", "jobs.options", "jobs.overlay", "jobs.segment_options", "jobs.usage"}
+# `snapshot_options` the readers' choice of snapshot, `usage` is the exit-code convention, `overlay` draws results
+# for show). Anything two commands share lives in a helper or in pipeline/.
+JOBS_HELPERS = {"jobs.cli", "jobs.options", "jobs.overlay", "jobs.segment_options", "jobs.snapshot_options"}
+JOBS_HELPERS |= {"jobs.usage"}
 
 
 def _imported_modules(path: Path) -> set[str]:

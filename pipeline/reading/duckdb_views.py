@@ -1,4 +1,5 @@
-"""An output's tables as DuckDB views: ``segments``, ``images``, ``image_categories``, ``category_counts``.
+"""An output's tables as DuckDB views: ``segments``, ``images``, ``image_categories``, ``category_counts``,
+``snapshots``.
 
 Views (all read lazily from the Parquet files, filters and projections pushed down):
 
@@ -7,6 +8,11 @@ Views (all read lazily from the Parquet files, filters and projections pushed do
   categories`` (MAP category name -> number of segments) and ``category_list`` (sorted distinct names).
 - ``category_counts``: one row per category: ``category_id, category, isthing, segments, images,
   total_area, mean_score``.
+- ``snapshots``: one row per kept snapshot (`pipeline.exactly_once.snapshots`): ``seq, run_id, kind, written,
+  parts, images, segments`` and ``read`` (true for the one the other views read).
+
+The views read one snapshot of the output (the latest by default, or ``snapshot`` / ``as_of_run``:
+:func:`pipeline.reading.output_tables.pin`), so ``segments`` and ``images`` always agree.
 
 How the files are reached: each table is a ``pyarrow.dataset`` built by
 :func:`pipeline.reading.output_tables.open_table`
@@ -19,9 +25,11 @@ configuration) and registered with DuckDB as an Arrow scan. DuckDB never opens a
 from __future__ import annotations
 
 import duckdb
+import pyarrow as pa
 
 from pipeline.exactly_once.output_paths import Output
-from pipeline.reading.output_tables import check_output, open_table
+from pipeline.exactly_once.snapshots import describe_snapshots
+from pipeline.reading.output_tables import NO_SNAPSHOT, check_output, open_table
 from pipeline.schema import IMAGES_TABLE, SEGMENTS_TABLE
 
 _VIEW_SQL = {
@@ -46,20 +54,32 @@ _VIEW_SQL = {
 }
 
 
-VIEWS = (SEGMENTS_TABLE, IMAGES_TABLE, *_VIEW_SQL)
+SNAPSHOTS_SCHEMA = pa.schema(
+    [("seq", pa.int64()), ("run_id", pa.string()), ("kind", pa.string()), ("written", pa.string()),
+     ("parts", pa.int64()), ("images", pa.int64()), ("segments", pa.int64()), ("read", pa.bool_())]
+)  # fmt: skip
+
+VIEWS = (SEGMENTS_TABLE, IMAGES_TABLE, *_VIEW_SQL, "snapshots")
 """The names a query can use."""
 
 
-def connect(output: Output | str, *, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views ``segments``, ``images``, ``image_categories``, ``category_counts``.
+def connect(
+    output: Output | str, *, snapshot: int | None = None, as_of_run: str | None = None, database: str = ":memory:"
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views ``segments``, ``images``, ``image_categories``, ``category_counts`` over
+    one snapshot (the latest, or ``snapshot`` / ``as_of_run``), and ``snapshots``.
 
     The connection keeps the Arrow datasets alive; listing the files happens here, reading happens per
-    query. Raises :class:`~pipeline.reading.output_tables.OutputNotFoundError` when ``output`` holds no output.
+    query. Raises :class:`~pipeline.reading.output_tables.OutputNotFoundError` when ``output`` holds no output,
+    `pipeline.exactly_once.snapshots.SnapshotNotFound` for a snapshot or run not in its log.
     """
-    out = check_output(output)
+    out = check_output(output, snapshot=snapshot, as_of_run=as_of_run)
     con = duckdb.connect(database)
     for table in (SEGMENTS_TABLE, IMAGES_TABLE):
         con.register(table, open_table(out, table))
     for name, sql in _VIEW_SQL.items():
         con.execute(f"CREATE TEMP VIEW {name} AS {sql}")
+    listed = describe_snapshots(out) if out.at != NO_SNAPSHOT else []
+    rows = [{**row, "read": row["seq"] == out.at} for row in listed]
+    con.register("snapshots", pa.Table.from_pylist(rows, schema=SNAPSHOTS_SCHEMA))
     return con

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.exactly_once.output_paths import Output
-from pipeline.reading.output_tables import TABLE_SCHEMAS, open_table, table_bytes, table_files
+from pipeline.reading.output_tables import TABLE_SCHEMAS, open_table, pin, table_bytes, table_files
 from pipeline.schema import FLAT_SCHEMA, IMAGES_TABLE, PACKED_SCHEMA, SEGMENTS_TABLE, STATUS_OK
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def map_images(
     one runs as a Ray Data ``map_batches`` over :func:`read_segments_by_image`, with Ray's and Ray Data's
     own messages hidden unless ``verbose``.
     """
-    out = Output.resolve(output)
+    out = pin(output)  # one snapshot for both tables
     kwargs = dict(fn_kwargs or {})
     if table_bytes(out) <= LOCAL_MAX_BYTES:
         packed = read_packed_images(out, image_ids=image_ids)
@@ -88,7 +88,7 @@ def packed_rows(batch: pa.Table) -> list[dict[str, Any]]:
 
 def read_packed_images(output: Output | str, *, image_ids: Sequence[str] | None = None) -> pa.Table:
     """The rows of :func:`read_segments_by_image`, read in this process (pyarrow only), sorted by image_id."""
-    out = Output.resolve(output)
+    out = pin(output)  # one snapshot for both tables
     images = open_table(out, IMAGES_TABLE).to_table(
         columns=["image_id", "source", "height", "width", "status"], filter=pc.field("status") == STATUS_OK
     )
@@ -128,7 +128,7 @@ def read_segments_by_image(
     """
     import ray.data
 
-    out = Output.resolve(output)
+    out = pin(output)  # one snapshot for both tables
     items = [{"table": t, "path": p} for t in (IMAGES_TABLE, SEGMENTS_TABLE) for p in table_files(out, t)[0]]
     if not items:
         return ray.data.from_arrow(PACKED_SCHEMA.empty_table())

@@ -12,7 +12,14 @@ from PIL import Image
 
 from pipeline.exactly_once.output_paths import Output
 from pipeline.exactly_once.run_records import latest_run_record
-from pipeline.reading.output_tables import OutputNotFoundError, check_output, open_table, read_image_rows, table_files
+from pipeline.reading.output_tables import (
+    NO_SNAPSHOT,
+    OutputNotFoundError,
+    check_output,
+    open_table,
+    read_image_rows,
+    table_files,
+)
 from tests.synthetic_output import SynthImage, make_images, write_output
 
 
@@ -64,8 +71,9 @@ def test_check_output_gives_the_output_resolved_or_names_what_is_missing(
 ) -> None:
     output, _ = synthetic
     out = Output.of(str(output) + "/")
-    assert check_output(out) is out  # resolved once: handed back, not resolved again
-    assert check_output(str(output)) == Output(str(output), out.fs, out.root)
+    pinned = check_output(out)  # resolved once, and pinned: an output without snapshots is globbed
+    assert (pinned.fs, pinned.root, pinned.at) == (out.fs, out.root, NO_SNAPSHOT) and check_output(pinned) is pinned
+    assert check_output(str(output)) == Output(str(output), out.fs, out.root, NO_SNAPSHOT)
     with pytest.raises(OutputNotFoundError, match="no such folder or prefix"):
         check_output(str(tmp_path / "nothing"))
     with pytest.raises(OutputNotFoundError, match=r"it has no images/, segments/, _runs/ or _lease\.json"):
