@@ -27,8 +27,8 @@ The rules (the commit protocol, `pipeline.exactly_once.commit`, drives the write
    first snapshot: no reader sees them, and `clean_up` deletes them. An output without ``_snapshots/`` (written
    before snapshots existed) has every part in its folders committed; its next run writes snapshot ``1``.
 6. **Clean-up.** At the end of a run, under the lease: the snapshot files older than the newest ``keep`` ones
-   (and than the full snapshot those build on) are deleted first, then every part file that no remaining
-   snapshot lists. A crash in between leaves files that nothing lists, which the next clean-up deletes: no file
+   (and than the full snapshot those build on) are deleted first, newest first (each snapshot left stays
+   readable), then every part file that no remaining snapshot lists. A crash in between leaves files that nothing lists, which the next clean-up deletes: no file
    a kept snapshot lists is ever deleted.
 
 Tested against: a reader querying during a job and during a re-run's retractions (tests/pipeline/test_snapshots_job.py);
@@ -364,7 +364,8 @@ def clean_up(
     oldest = seqs[max(0, len(seqs) - keep)]
     base = oldest if is_full(oldest) else max(1, oldest - oldest % FULL_EVERY)
     confirm()
-    for seq in (s for s in seqs if s < base):  # first the snapshots: then nothing lists what is deleted below
+    # first the snapshots, newest first (each one left can still be read: its chain is older), then the files
+    for seq in sorted((s for s in seqs if s < base), reverse=True):
         with contextlib.suppress(FileNotFoundError):
             out.fs.rm_file(posixpath.join(out.snapshots, seq_name(seq)))
         done.snapshots += 1
