@@ -13,8 +13,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from pipeline.reading.output_tables import open_table, pin, snapshot_files
 
 SEGMENTER_TITLE = "ray::MapWorker(MapBatches(BlockSegmenter))"
 
@@ -78,17 +79,20 @@ def wait_for(predicate: Callable[[], object], *, timeout: float, what: str, poll
 
 
 def assert_exactly_once(output: Path, expected: set[str]) -> None:
-    """Every id in ``expected`` has one ``ok`` images row and no other ids have one; no (image_id, segment_id)
-    twice; each ``num_segments`` matches the image's segment rows; every segments part has its images part."""
-    images = pads.dataset(str(output / "images"), format="parquet").to_table().to_pylist()
+    """In the output's latest snapshot: every id in ``expected`` has one ``ok`` images row and no other ids have one;
+    no (image_id, segment_id) twice; each ``num_segments`` matches the image's segment rows; every segments part
+    has its images part, both in the folders."""
+    out = pin(str(output))
+    images = open_table(out, "images").to_table().to_pylist()
     ids = Counter(r["image_id"] for r in images)
     assert set(ids) == expected, f"missing {sorted(expected - set(ids))[:5]}, extra {sorted(set(ids) - expected)[:5]}"
     assert [i for i, n in ids.items() if n > 1] == []
     assert all(r["status"] == "ok" for r in images)
-    segments = pads.dataset(str(output / "segments"), format="parquet").to_table(columns=["image_id", "segment_id"])
+    segments = open_table(out, "segments").to_table(columns=["image_id", "segment_id"])
     pairs = Counter(zip(segments["image_id"].to_pylist(), segments["segment_id"].to_pylist()))
     assert [p for p, n in pairs.items() if n > 1] == []
     per_image = Counter(image_id for image_id, _ in pairs)
     assert {r["image_id"]: r["num_segments"] for r in images} == {i: per_image.get(i, 0) for i in expected}
-    segment_parts = {p.name for p in (output / "segments").glob("part-*.parquet")}
-    assert segment_parts == {p.name for p in committed_parts(output)}
+    files = snapshot_files(out)
+    assert [Path(p).name for p in files["segments"]] == [Path(p).name for p in files["images"]]
+    assert all(Path(p).is_file() for table in files.values() for p in table)
