@@ -4,22 +4,26 @@
 worker hooks; its ``write_datasink`` is not used, since it would materialise the dataset):
 
 =======================  ========  =====================================================================
-hook                     where     what =======================  ========
-=====================================================================
+hook                     where     what
+=======================  ========  =====================================================================
 `prepare`                driver    clean up what interrupted runs left; the committed parts
 `quarantine`             driver    move an unreadable committed part aside
-`retract`                either    rows the resume redoes removed from their committed parts (on
-                                   workers, or in the driver for a small output: `pipeline.exactly_once.resume`)
+`retract`                either    the rows a committed part keeps, written as a new part, when the resume redoes
+                                   some of its rows (on workers, or in the driver for a small output:
+                                   `pipeline.exactly_once.resume`)
+`snapshot`               driver    the next snapshot of the committed parts (start, progress, end, failed)
 `on_write_start`         driver    the run's record in ``_runs/``, ``_SUCCESS`` removed
 `write_part`             worker    commit one part (the model actor's block call, `pipeline.segmenting.block_call`)
-`on_write_complete`      driver    the record completed, ``_SUCCESS`` written
-`on_write_failed`        driver    the record marked failed
+`on_write_complete`      driver    the last snapshot, the record completed, ``_SUCCESS`` written, the clean-up
+`on_write_failed`        driver    a last snapshot, the record marked failed
 =======================  ========  =====================================================================
 
 Layout under OUTPUT/ (names in `pipeline.schema`, paths from `pipeline.exactly_once.output_paths.Output`)::
 
-    segments/part-<hash>.parquet   one row per segment   (pipeline.schema.SEGMENTS_SCHEMA)
-    images/part-<hash>.parquet     one row per image     (pipeline.schema.IMAGES_SCHEMA): the commit record
+    segments/part-<hash>-<run_id>.parquet   one row per segment (pipeline.schema.SEGMENTS_SCHEMA)
+    images/part-<hash>-<run_id>.parquet     one row per image (pipeline.schema.IMAGES_SCHEMA): the commit record
+    _snapshots/<seq>.json          both tables as of a commit point: what readers read
+                                   (`pipeline.exactly_once.snapshots`)
     _runs/<run_id>.json            each run's record (`pipeline.exactly_once.run_records`)
     _SUCCESS                       the last run finished: its counts and the output's totals
     _lease.json                    the lease of the run writing the output (`pipeline.exactly_once.lease`)
@@ -36,13 +40,22 @@ The guarantees
    `write_part`: its ``segments`` file, then its ``images`` file, each published whole
    (`pipeline.inputs.storage.publish`: a temporary file renamed on local stores, one PUT on object stores). The
    ``images`` file is the commit record of every image in it (ok or error), and carries its counts in its footer. Part
-   names hash the part's image ids, so Ray's retry of a block call whose actor died (before, between or after the two
-   files) overwrites its own files instead of adding a second copy.
+   names hash the part's image ids and name the run, so Ray's retry of a block call whose actor died (before, between
+   or after the two files) overwrites its own files instead of adding a second copy, and no other run ever writes
+   that name: a committed file is never changed (copy on write; `retract` writes a new part).
 3. **Start.** `prepare` removes temporary files and ``segments`` parts without an ``images`` part (a crash between the
    two writes), then returns the committed parts; `pipeline.exactly_once.inspection` reads their footers and
    `quarantine` moves a part that cannot be read (cut short, not Parquet) to ``_quarantine/<run>/`` with its
-   ``segments`` part: its images are done again. What else a re-run redoes is `pipeline.exactly_once.resume_decision`;
-   `retract` removes those rows from their parts (`pipeline.exactly_once.retraction`) before the run commits anything.
+   ``segments`` part: its images are done again. The committed parts are the latest snapshot's plus those its run
+   committed after it (`pipeline.exactly_once.snapshots`, rule 5; every part for an output without snapshots).
+   What else a re-run redoes is `pipeline.exactly_once.resume_decision`; `retract` writes the rows each part
+   concerned keeps as a new part (`pipeline.exactly_once.retraction`) before the run commits anything.
+5. **Snapshots.** Readers read snapshots, never the folders: `snapshot` writes the next one (put-if-absent, after
+   `confirm_lease`) after the start (the retractions replaced in it), every ``--snapshot-every`` seconds from the part
+   rows the driver receives (a part is listed once both its files exist), and at the end (``end``, or ``failed``);
+   `on_write_complete` then deletes the snapshots past ``--keep-snapshots`` and the files no remaining snapshot
+   lists (`pipeline.exactly_once.snapshots.clean_up`, under the lease). Of two writers of one snapshot number one
+   wins; the other stops (`pipeline.exactly_once.snapshots.SnapshotConflict`).
 4. **Records.** Each images row names its run (``run_id``). Before the run's first commit, `on_write_start`
    writes its record and removes ``_SUCCESS``: an output never holds rows of a run without its record, nor a
    ``_SUCCESS`` older than its newest rows. `on_write_complete` writes ``_SUCCESS`` (this run's counts and the
@@ -66,8 +79,11 @@ segmenting, with one actor and two, and a hung model batch: each gets one error 
 once, as retries on restarted actors cut the same parts in the same order (`pipeline.segmenting.poison`;
 tests/pipeline/test_poison_job.py, the deaths simulated in process in test_block_call.py); an S3 GET that stalls after
 its headers: a retryable error row within the read timeout, the rest committed, and a re-run redoes that image only
-(tests/pipeline/test_job_read_timeout.py). The runs started mid-run and the killed driver are held right after their
-first commit by a fault hook (no race with the job's speed).
+(tests/pipeline/test_job_read_timeout.py); a reader querying during a job and during a re-run's retractions, time
+travel by run after three runs, eight snapshot writers racing on S3, a driver stalled past its lease writing no
+snapshot, a clean-up crashed after each of its deletions (tests/pipeline/test_snapshots_job.py, test_snapshots.py).
+The runs started mid-run and the killed driver are held right after their first commit by a fault hook (no race with
+the job's speed).
 """
 
 from __future__ import annotations

@@ -28,13 +28,13 @@ The rules (the commit protocol, `pipeline.exactly_once.commit`, drives the write
    before snapshots existed) has every part in its folders committed; its next run writes snapshot ``1``.
 6. **Clean-up.** At the end of a run, under the lease: the snapshot files older than the newest ``keep`` ones
    (and than the full snapshot those build on) are deleted first, newest first (each snapshot left stays
-   readable), then every part file that no remaining snapshot lists. A crash in between leaves files that nothing lists, which the next clean-up deletes: no file
-   a kept snapshot lists is ever deleted.
+   readable), then every part file that no remaining snapshot lists. A crash in between leaves files that nothing
+   lists, which the next clean-up deletes: no file a kept snapshot lists is ever deleted.
 
-Tested against: a reader querying during a job and during a re-run's retractions (tests/pipeline/test_snapshots_job.py);
-time travel after three runs, one retracting changed inputs; a clean-up crashed between its steps, then re-run;
-two writers racing for one sequence number on S3 (moto); a driver stalled past its lease
-(tests/pipeline/test_snapshots.py).
+Tested against: a reader querying during a job and during a re-run's retractions, time travel after three runs, one
+retracting changed inputs (tests/pipeline/test_snapshots_job.py); snapshots read back through full snapshots and
+deltas, a clean-up crashed after each of its deletions then run again, eight writers racing for one sequence number on
+S3 (moto) and locally, a driver stalled past its lease (tests/pipeline/test_snapshots.py).
 """
 
 from __future__ import annotations
