@@ -427,7 +427,8 @@ def report(result: dict[str, Any]) -> str:
         for n, r in sizes.items():
             d = r["read"]
             lines.append(
-                f"| {int(n):,} | {d['latest_seq']} ({d['files_read']}) | {ms(d['latest_s'])} | {kb(d['bytes_read'])} | {ms(d['full_only_s'])} "
+                f"| {int(n):,} | {d['latest_seq']} ({d['files_read']}) | {ms(d['latest_s'])} | {kb(d['bytes_read'])} "
+                f"| {ms(d['full_only_s'])} "
                 f"| {ms(d['snapshot_seqs_s'])} |"
             )
     lines += [
@@ -445,8 +446,7 @@ def report(result: dict[str, Any]) -> str:
     if result.get("full_every"):
         lines += [
             f"\nFULL_EVERY at {result['full_every_parts']:,} parts (one cycle: the full snapshot and its deltas):\n",
-            "| FULL_EVERY | KB written per commit point | ms written per commit point | worst read: files | KB "
-            "| ms |",
+            "| FULL_EVERY | KB written per commit point | ms written per commit point | worst read: files | KB | ms |",
             "|---:|---:|---:|---:|---:|---:|",
         ]
         for row in result["full_every"]:
