@@ -98,7 +98,8 @@ class Snapshot:
 
     def files(self, out: Output, table: str) -> list[str]:
         """The paths (in ``out.fs``) of ``table``'s files in this snapshot, sorted."""
-        return sorted(out.part(table, name) for name in self.parts)
+        folder = out.table(table) + "/"
+        return [folder + name for name in sorted(self.parts)]
 
     @property
     def totals(self) -> Counts:
@@ -109,12 +110,6 @@ class Snapshot:
     @property
     def bytes(self) -> int:
         return sum(stats[4] for stats in self.parts.values())
-
-    def describe(self) -> dict[str, Any]:
-        """One line of ``snapshots`` listings: the snapshot without its parts."""
-        totals = self.totals
-        return {"seq": self.seq, "run_id": self.run_id, "kind": self.kind, "written": self.written,
-                "parts": len(self.parts), "images": totals.images, "segments": totals.segments}  # fmt: skip
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -170,10 +165,12 @@ def _folded(fs: fsspec.AbstractFileSystem, root: str, uri: str, seq: int) -> Sna
     """Snapshot ``seq``: the full snapshot at or below it, then each delta up to it."""
     folder = posixpath.join(root, SNAPSHOTS_FOLDER)
     base = seq if is_full(seq) else max(1, seq - seq % FULL_EVERY)
+    paths = [posixpath.join(folder, seq_name(s)) for s in range(base, seq + 1)]
+    contents = fs.cat(paths, on_error="return") if len(paths) > 1 else {paths[0]: _cat(fs, paths[0])}
     parts: dict[str, PartStats] = {}
     entry: dict[str, Any] = {}
-    for s in range(base, seq + 1):
-        entry = _read_entry(fs, posixpath.join(folder, seq_name(s)))
+    for s, path in zip(range(base, seq + 1), paths):  # the files fetched at once (concurrently on object stores)
+        entry = _parse_entry(path, contents.get(path, FileNotFoundError(path)))
         if entry.get("seq") != s or (s > base and entry.get("previous") != s - 1):
             raise SnapshotError(f"{uri}: _snapshots/{seq_name(s)} is not snapshot {s} of the chain")
         if entry.get("full"):
@@ -185,11 +182,25 @@ def _folded(fs: fsspec.AbstractFileSystem, root: str, uri: str, seq: int) -> Sna
     return Snapshot(seq, entry["run_id"], entry["kind"], entry["written"], parts)
 
 
-def _read_entry(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+def _cat(fs: fsspec.AbstractFileSystem, path: str) -> bytes | Exception:
     try:
-        entry = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        raise SnapshotError(f"{path} is missing: the snapshot log was cut (deleted by hand?)") from None
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        return exc
+
+
+def _read_entry(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    return _parse_entry(path, _cat(fs, path))
+
+
+def _parse_entry(path: str, content: bytes | Exception) -> dict[str, Any]:
+    """One snapshot file's JSON, or `SnapshotError` naming what is wrong with it."""
+    if isinstance(content, FileNotFoundError):
+        raise SnapshotError(f"{path} is missing: the snapshot log was cut (deleted by hand?)")
+    if isinstance(content, Exception):
+        raise content
+    try:
+        entry = json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SnapshotError(f"{path} is not a snapshot ({exc})") from None
     if not isinstance(entry, dict) or entry.get("format") != SNAPSHOT_FORMAT:
@@ -238,84 +249,109 @@ def publish_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
 @dataclass
 class SnapshotLog:
     """The writer of one run's snapshots, in the driver (owned by `pipeline.exactly_once.commit.OutputCommitter`,
-    which confirms the lease before each `write`). ``live`` is what the next snapshot lists."""
+    which confirms the lease before each `write`). ``live`` is what the next snapshot lists; it changes only
+    through `open`, `count`, `add`, `drop` and `replace`, which keep the names changed since the latest snapshot and
+    running sums, so that a commit point costs what changed, not the number of parts."""
 
     out: Output
     run_id: str
     live: dict[str, PartStats] = field(default_factory=dict)
     latest: Snapshot | None = None  # the latest snapshot in the store, as this run last wrote or read it
+    _touched: set[str] = field(default_factory=set)  # names added, changed or dropped since ``latest``
+    _sums: list[int] = field(default_factory=lambda: [0] * len(STATS))  # of ``live``'s stats
     _written_since: float = field(default_factory=time.monotonic)
 
     def open(self, listed: Mapping[str, int]) -> list[str]:
         """The committed parts (rule 5), given the ``images`` part names in the folders and each part's bytes (both
         files); returns their names, sorted. Counts not known from the log are zeros until `count`."""
         self.latest = read_snapshot(self.out)
-        if self.latest is None:
-            self.live = {name: (0, 0, 0, 0, size) for name, size in listed.items()}
-            return sorted(self.live)
         snapshot = self.latest
-        self.live = {name: stats for name, stats in snapshot.parts.items() if name in listed}
-        for name in sorted(set(snapshot.parts) - set(listed)):
-            log.warning("part %s of snapshot %d is gone from the output (moved or deleted by hand)", name, snapshot.seq)
-        for name, size in listed.items():
-            if name not in snapshot.parts and part_run(name) == snapshot.run_id:
-                self.live[name] = (0, 0, 0, 0, size)  # committed after the last snapshot of a run that stopped
+        if snapshot is None:
+            self.live = {name: (0, 0, 0, 0, size) for name, size in listed.items()}
+        else:
+            self.live = {name: stats for name, stats in snapshot.parts.items() if name in listed}
+            for name in sorted(set(snapshot.parts) - set(listed)):
+                log.warning("part %s of snapshot %d is gone from the output (moved or deleted by hand)", name,
+                            snapshot.seq)  # fmt: skip
+            for name, size in listed.items():
+                if name not in snapshot.parts and part_run(name) == snapshot.run_id:
+                    self.live[name] = (0, 0, 0, 0, size)  # committed after the last snapshot of a run that stopped
+        known = set(snapshot.parts) if snapshot is not None else set()
+        self._touched = set(self.live).symmetric_difference(known)
+        self._sums = [sum(column) for column in zip(*self.live.values())] or [0] * len(STATS)
         return sorted(self.live)
+
+    def _set(self, name: str, stats: PartStats | None) -> None:
+        """``live[name] = stats`` (None: removed), keeping the sums and the changed names."""
+        old = self.live.pop(name, None)
+        for i, value in enumerate(old or ()):
+            self._sums[i] -= value
+        if stats is not None:
+            self.live[name] = stats
+            for i, value in enumerate(stats):
+                self._sums[i] += value
+        self._touched.add(name)
 
     def count(self, name: str, counts: Mapping[str, int]) -> None:
         """Set a committed part's counts (from its footer: `pipeline.exactly_once.inspection`)."""
         size = self.live[name][4]
-        self.live[name] = (*(int(counts[k]) for k in STATS[:4]), size)  # type: ignore[assignment]
+        self._set(name, (*(int(counts[k]) for k in STATS[:4]), size))  # type: ignore[arg-type]
 
     def add(self, row: Mapping[str, Any]) -> None:
         """A part committed (its `pipeline.schema.PART_ROW_SCHEMA` row)."""
-        self.live[row["part"]] = tuple(int(row[k] or 0) for k in STATS)  # type: ignore[assignment]
+        self._set(row["part"], tuple(int(row[k] or 0) for k in STATS))  # type: ignore[arg-type]
 
     def drop(self, name: str) -> None:
         """A part no longer committed (quarantined, or emptied by a retraction)."""
-        self.live.pop(name, None)
+        self._set(name, None)
 
     def replace(self, name: str, new_name: str | None, *, removed: Mapping[str, int], new_bytes: int) -> None:
         """A retraction: part ``name`` lost the ``removed`` counts and its rest was written as ``new_name`` (None:
         nothing was left)."""
-        old = self.live.pop(name)
+        old = self.live[name]
+        self._set(name, None)
         if new_name is not None:
             counts = tuple(old[i] - int(removed[k]) for i, k in enumerate(STATS[:4]))
-            self.live[new_name] = (*counts, new_bytes)  # type: ignore[assignment]
+            self._set(new_name, (*counts, new_bytes))  # type: ignore[arg-type]
 
     def due(self, every_s: float) -> bool:
         """Whether ``every_s`` seconds passed since this run's last snapshot."""
         return time.monotonic() - self._written_since >= every_s
 
+    def _delta(self) -> tuple[dict[str, PartStats], list[str]]:
+        """(parts added or changed, names removed) since ``latest``, from the names touched since."""
+        previous = self.latest.parts if self.latest is not None else {}
+        added = {n: self.live[n] for n in self._touched if n in self.live and previous.get(n) != self.live[n]}
+        return added, sorted(n for n in self._touched if n not in self.live and n in previous)
+
     @property
     def changed(self) -> bool:
         """Whether ``live`` differs from the latest snapshot (or the output has none yet)."""
-        return self.latest is None or dict(self.latest.parts) != self.live
+        return self.latest is None or any(self._delta())
 
     def write(self, kind: Kind) -> Snapshot:
         """Create the next snapshot of ``live`` (put-if-absent). Raises `SnapshotConflict` when another writer
         created that sequence number first. The caller confirmed the lease."""
         previous = self.latest
         seq = previous.seq + 1 if previous is not None else 1
+        written = _now()
         entry: dict[str, Any] = {
             "format": SNAPSHOT_FORMAT,
             "seq": seq,
             "previous": previous.seq if previous else None,
             "run_id": self.run_id,
             "kind": kind,
-            "written": _now(),
+            "written": written,
             "full": is_full(seq),
         }
-        if is_full(seq) or previous is None:
-            added, removed = self.live, []
-        else:
-            added = {n: s for n, s in self.live.items() if previous.parts.get(n) != s}
-            removed = sorted(set(previous.parts) - set(self.live))
+        added, removed = (self.live, []) if is_full(seq) or previous is None else self._delta()
         names = sorted(added)
         entry["added"] = {"part": names, **{k: [added[n][i] for n in names] for i, k in enumerate(STATS)}}
         entry["removed"] = removed
-        snapshot = Snapshot(seq, self.run_id, kind, entry["written"], dict(self.live))
-        entry["summary"] = snapshot.describe() | {"bytes": snapshot.bytes}
+        sums = self._sums
+        entry["summary"] = {"seq": seq, "run_id": self.run_id, "kind": kind, "written": written,
+                            "parts": len(self.live), "images": sums[0] + sums[1], "segments": sums[3],
+                            "bytes": sums[4]}  # fmt: skip
         path = posixpath.join(self.out.snapshots, seq_name(seq))
         try:
             publish_exclusive(self.out.fs, path, json.dumps(entry, separators=(",", ":")).encode())
@@ -325,9 +361,10 @@ class SnapshotLog:
                 "output; nothing more is written"
             ) from None
         self.out.fs.invalidate_cache(self.out.snapshots)
-        self.latest, self._written_since = snapshot, time.monotonic()
-        log.debug("snapshot %d: %d parts (%s)", seq, len(snapshot.parts), kind)
-        return snapshot
+        self.latest = Snapshot(seq, self.run_id, kind, written, dict(self.live))
+        self._touched, self._written_since = set(), time.monotonic()
+        log.debug("snapshot %d: %d parts (%s)", seq, len(self.live), kind)
+        return self.latest
 
 
 def _now() -> str:
@@ -392,6 +429,7 @@ def clean_up(
 
 
 def describe_snapshots(out: Output, seqs: Iterable[int] | None = None) -> list[dict[str, Any]]:
-    """`Snapshot.describe` of every kept snapshot (or of ``seqs``), oldest first, from their headers."""
+    """The summary of every kept snapshot (or of ``seqs``), oldest first, from their headers: ``seq``, ``run_id``,
+    ``kind``, ``written``, ``parts``, ``images``, ``segments``, ``bytes``."""
     seqs = snapshot_seqs(out) if seqs is None else list(seqs)
     return [_read_entry(out.fs, posixpath.join(out.snapshots, seq_name(s)))["summary"] for s in seqs]

@@ -65,7 +65,8 @@ def test_snapshots_read_back_as_written_through_full_snapshots_and_deltas(
             old = rng.choice(sorted(live))
             new = part_name([f"rest{step}"], log.run_id)
             removed = dict(zip(snapshots.STATS[:4], (1, 0, 0, 2)))
-            log.live[old] = live[old] = (5, 0, 0, 9, 500)
+            live[old] = (5, 0, 0, 9, 500)
+            log.add({"part": old, **dict(zip(snapshots.STATS, live[old]))})
             log.replace(old, new, removed=removed, new_bytes=321)
             del live[old]
             live[new] = (4, 0, 0, 7, 321)
@@ -141,7 +142,7 @@ def test_of_two_writers_of_one_sequence_number_exactly_one_wins(
 
         def write(log: SnapshotLog, barrier: threading.Barrier, outcomes: dict[str, str], seq: int) -> None:
             log.open({})
-            log.live = {part_name([log.run_id], log.run_id): (1, 0, 0, 3, 100)}
+            log.add({"part": part_name([log.run_id], log.run_id), **dict(zip(snapshots.STATS, (1, 0, 0, 3, 100)))})
             barrier.wait()
             try:
                 log.write("progress")
