@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import fsspec
 
 from pipeline.exactly_once.output_paths import Output
-from pipeline.inputs.storage import is_local, is_s3
+from pipeline.inputs.storage import is_local, is_s3, precondition_failed
 
 log = logging.getLogger(__name__)
 
@@ -327,12 +327,6 @@ def _parse(text: str) -> dict[str, Any] | None:
 
 def _etag_of(response: object) -> str | None:
     return response.get("ETag") if isinstance(response, dict) else None
-
-
-def precondition_failed(exc: OSError) -> bool:
-    """Whether s3fs's error is S3's ``412 PreconditionFailed`` (s3fs raises it as a plain OSError)."""
-    response = getattr(exc.__cause__, "response", None) or {}
-    return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
 
 
 def _is_dead(holder: dict[str, Any], *, age_s: float | None, now: float | None = None) -> bool:

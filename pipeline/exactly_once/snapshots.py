@@ -11,8 +11,9 @@ The rules (the commit protocol, `pipeline.exactly_once.commit`, drives the write
    that wrote it (`pipeline.exactly_once.parts.part_name`), and a retraction writes the rows a part keeps as a
    new part. A file leaves the folders only by quarantine (unreadable) or by `clean_up`.
 2. **Written by the lease holder, once.** A snapshot is written only after the driver confirmed its lease in
-   the store, and created with put-if-absent (`publish_exclusive`: a link on local stores, ``If-None-Match: *``
-   on S3): of two writers of the same sequence number exactly one wins, the other raises `SnapshotConflict`.
+   the store, and created with put-if-absent (`pipeline.inputs.storage.publish`, exclusive: a link on local
+   stores, ``If-None-Match: *`` on S3): of two writers of the same sequence number exactly one wins, the other
+   raises `SnapshotConflict`.
 3. **Commit points.** A run writes a snapshot after its start (clean-up, quarantine, retractions: kind
    ``start``), every ``--snapshot-every`` seconds while parts arrive (``progress``), and at its end (``end``,
    or ``failed`` when it fails). A part enters a snapshot only once its row reached the driver: both its files
@@ -43,20 +44,17 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import posixpath
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import fsspec
 
-from pipeline.exactly_once.lease import precondition_failed
 from pipeline.exactly_once.output_paths import Output
 from pipeline.exactly_once.parts import part_run
-from pipeline.inputs.storage import is_local, is_s3
+from pipeline.inputs.storage import publish
 from pipeline.schema import IMAGES_TABLE, SEGMENTS_TABLE, SNAPSHOTS_FOLDER, Counts
 
 log = logging.getLogger(__name__)
@@ -216,36 +214,6 @@ def seq_name(seq: int) -> str:
 # -- writing ---------------------------------------------------------------------------------------------------
 
 
-def publish_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Create ``path`` holding ``data`` whole, or raise `FileExistsError` when it exists (put-if-absent): a hard
-    link of a temporary file on local stores, ``If-None-Match: *`` on S3; elsewhere an existence check, then the
-    write (best effort, like the lease there)."""
-    if is_local(fs):
-        folder = posixpath.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        temporary = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(temporary, "wb") as f:
-                f.write(data)
-            os.link(temporary, path)  # fails when ``path`` exists: exactly one creator
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temporary)
-        return
-    if is_s3(fs):
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except OSError as exc:
-            if isinstance(exc, FileExistsError) or precondition_failed(exc):
-                raise FileExistsError(path) from exc
-            raise
-        return
-    fs.invalidate_cache(posixpath.dirname(path))
-    if fs.exists(path):
-        raise FileExistsError(path)
-    fs.pipe_file(path, data)
-
-
 @dataclass
 class SnapshotLog:
     """The writer of one run's snapshots, in the driver (owned by `pipeline.exactly_once.commit.OutputCommitter`,
@@ -361,7 +329,7 @@ class SnapshotLog:
         entry["removed"] = removed
         path = posixpath.join(self.out.snapshots, seq_name(seq))
         try:
-            publish_exclusive(self.out.fs, path, json.dumps(entry, separators=(",", ":")).encode())
+            publish(self.out.fs, path, json.dumps(entry, separators=(",", ":")).encode(), exclusive=True)
         except FileExistsError:
             raise SnapshotConflict(
                 f"snapshot {seq} of {self.out.uri} was written by another run: run {self.run_id} no longer owns the "

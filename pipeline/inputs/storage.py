@@ -377,12 +377,26 @@ def read_bytes(
     return read_object(uri, max_bytes=max_bytes, read_timeout_s=read_timeout_s)[0]
 
 
-def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> int:
-    """Put ``data`` at ``path`` whole, or not at all (see the module docstring); returns its size."""
+def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusive: bool = False) -> int:
+    """Put ``data`` at ``path`` whole, or not at all (see the module docstring); returns its size.
+
+    ``exclusive``: create it only if there is no ``path`` yet (put-if-absent), else raise `FileExistsError`: a hard
+    link of the temporary file on local stores, ``If-None-Match: *`` on S3, an existence check before the write
+    elsewhere (best effort). A ``path`` already holding exactly ``data`` counts as created (an earlier attempt whose
+    reply was lost)."""
 
     def attempt() -> int:
         if not is_local(fs):
-            fs.pipe_file(path, data)
+            if exclusive and not is_s3(fs):
+                fs.invalidate_cache(posixpath.dirname(path))
+                if fs.exists(path):
+                    raise FileExistsError(path)
+            try:
+                fs.pipe_file(path, data, **({"mode": "create"} if exclusive and is_s3(fs) else {}))
+            except OSError as exc:
+                if exclusive and (isinstance(exc, FileExistsError) or precondition_failed(exc)):
+                    raise FileExistsError(path) from exc
+                raise
             return len(data)
         folder = posixpath.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -390,13 +404,28 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> int:
         try:
             with open(temporary, "wb") as f:
                 f.write(data)
-            os.replace(temporary, path)
+            if exclusive:
+                os.link(temporary, path)  # fails when ``path`` exists: exactly one creator
+            else:
+                os.replace(temporary, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temporary)
         return len(data)
 
-    return retrying(f"writing {path}", attempt, attempts=WRITE_ATTEMPTS)
+    try:
+        return retrying(f"writing {path}", attempt, attempts=WRITE_ATTEMPTS)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if fs.cat_file(path) == data:
+                return len(data)
+        raise
+
+
+def precondition_failed(exc: OSError) -> bool:
+    """Whether s3fs's error is S3's ``412 PreconditionFailed`` (s3fs raises it as a plain OSError)."""
+    response = getattr(exc.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
 
 
 def describe_storage_error(uri: str, exc: BaseException) -> str:
