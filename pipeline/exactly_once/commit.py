@@ -223,7 +223,11 @@ class OutputCommitter:
         if self._record is not None:
             publish_record(self.out, {**self._record, "status": "finished", "finished": now(), **report})
         publish(self.out.fs, self.out.success, json.dumps(report, indent=2, default=str).encode())
-        clean_up(self.out, keep=self.keep_snapshots, listed=self.listed_parts, confirm=self.confirm_lease)
+        try:
+            clean_up(self.out, keep=self.keep_snapshots, listed=self.listed_parts, confirm=self.confirm_lease)
+        except Exception as exc:  # the run is done: what is left is deleted by the next run's clean-up
+            log.warning("clean-up of %s stopped (%s: %s); the next run's clean-up finishes it",
+                        redact_uri(self.out.uri), type(exc).__name__, exc)  # fmt: skip
 
     def on_write_failed(self, exc: BaseException) -> None:
         """Mark this run's record failed, if it has one (best effort: the run is failing already)."""
