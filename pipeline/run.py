@@ -228,7 +228,7 @@ def run_job(
     run_id = new_run_id()
     record = run_records.new_record(config, run_id, weights=weights, sha256=sha256)
     lease = take_lease(config.output, run_id, take_over=take_over_lease)
-    committer = OutputCommitter(config.output, run_id, lease=lease, keep_snapshots=config.snapshots.keep_snapshots)
+    committer = OutputCommitter(config.output, run_id, lease=lease, snapshots=config.snapshots)
     try:
         state, plan = resume.start(
             committer,
@@ -260,9 +260,7 @@ def run_job(
             # no prefetch: each part's row reaches the bar, `on_part` and the lease check as soon as it exists
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                 for row in batch.cast(PART_ROW_SCHEMA).to_pylist():  # one small row per committed part
-                    committer.committed(row)
-                    if committer.snapshots.due(config.snapshots.snapshot_every_s):
-                        committer.snapshot("progress")
+                    committer.committed(row)  # readers see it at the next snapshot
                     this_run.add(row)
                     parts_by_node[row["node_id"]] = parts_by_node.get(row["node_id"], 0) + 1
                     if on_part is not None:

@@ -100,7 +100,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import redact_uri
+from pipeline.config import SnapshotConfig, redact_uri
 from pipeline.error_budget import error_kinds
 from pipeline.exactly_once.lease import Lease, check_holder
 from pipeline.exactly_once.output_paths import Output
@@ -121,10 +121,17 @@ class OutputCommitter:
     worker hooks check the lease in the store.
     """
 
-    def __init__(self, output: str, run_id: str, *, lease: Lease | None = None, keep_snapshots: int = 100) -> None:
+    def __init__(
+        self,
+        output: str,
+        run_id: str,
+        *,
+        lease: Lease | None = None,
+        snapshots: SnapshotConfig = SnapshotConfig(),  # noqa: B008 (frozen)
+    ) -> None:
         self.out = Output.of(output)
         self.run_id = run_id
-        self.keep_snapshots = keep_snapshots
+        self.snapshot_config = snapshots
         self._lease = lease  # the driver's; None on a worker
         self._record: dict[str, Any] | None = None  # this run's record, once `on_write_start` wrote it
         self.snapshots = SnapshotLog(self.out, run_id)  # the driver's: what the next snapshot lists
@@ -215,7 +222,7 @@ class OutputCommitter:
         """The run's last snapshot (``end``; a run that committed nothing: only if the committed parts changed),
         ``_SUCCESS`` holding ``report`` (this run's counts and the output's totals) and the snapshot's number,
         this run's record completed with them if the run wrote one; then the clean-up
-        (`pipeline.exactly_once.snapshots.clean_up`, keeping ``keep_snapshots``)."""
+        (`pipeline.exactly_once.snapshots.clean_up`, keeping ``--keep-snapshots``)."""
         self.snapshot("end", only_if_changed=self._record is None)
         latest = self.snapshots.latest
         report = {**report, "snapshot": latest.seq if latest is not None else None}
@@ -224,7 +231,8 @@ class OutputCommitter:
             publish_record(self.out, {**self._record, "status": "finished", "finished": now(), **report})
         publish(self.out.fs, self.out.success, json.dumps(report, indent=2, default=str).encode())
         try:
-            clean_up(self.out, keep=self.keep_snapshots, listed=self.listed_parts, confirm=self.confirm_lease)
+            keep = self.snapshot_config.keep_snapshots
+            clean_up(self.out, keep=keep, listed=self.listed_parts, confirm=self.confirm_lease)
         except Exception as exc:  # the run is done: what is left is deleted by the next run's clean-up
             log.warning("clean-up of %s stopped (%s: %s); the next run's clean-up finishes it",
                         redact_uri(self.out.uri), type(exc).__name__, exc)  # fmt: skip
@@ -242,8 +250,11 @@ class OutputCommitter:
             log.warning("could not mark run %s failed in %s: %s", self.run_id, redact_uri(self.out.uri), inner)
 
     def committed(self, row: dict[str, Any]) -> None:
-        """A part's `pipeline.schema.PART_ROW_SCHEMA` row reached the driver: the next snapshot lists it."""
+        """A part's `pipeline.schema.PART_ROW_SCHEMA` row reached the driver: the next snapshot lists it, written
+        now when ``--snapshot-every`` seconds passed since the last one (``progress``)."""
         self.snapshots.add(row)
+        if self.snapshots.due(self.snapshot_config.snapshot_every_s):
+            self.snapshot("progress")
 
     def retracted(self, row: dict[str, Any]) -> None:
         """A `retract` row reached the driver: the next snapshot lists its new part instead of its old one."""
