@@ -251,6 +251,10 @@ def test_delta_over_s3(tmp_path: Path, moto_process: str, monkeypatch: pytest.Mo
     import s3fs
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # the session's S3 environment (tests/conftest.py's s3_env, once another test used it) names its in-process
+    # server, which delta-rs reads from the environment too: point it at this test's server
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, moto_process)
     fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": moto_process})
     bucket = f"lake-{uuid.uuid4().hex[:8]}"
     fs.mkdir(bucket)
