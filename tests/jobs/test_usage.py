@@ -48,7 +48,8 @@ def test_a_bare_panoptic_flow_prints_help_and_exits_2() -> None:
     assert helped.returncode == 0 and "usage: panoptic-flow COMMAND" in helped.stdout
     unknown = _run("segmnt")
     assert unknown.returncode == 2 and unknown.stderr.splitlines() == [
-        "panoptic-flow: error: unknown command 'segmnt'; commands: segment, query, show, export-coco, evaluate, register"
+        "panoptic-flow: error: unknown command 'segmnt'; commands: segment, query, show, export-coco, evaluate, "
+        "register"
     ]
 
 
