@@ -105,10 +105,6 @@ class Snapshot:
         sums = [sum(column) for column in zip(*self.parts.values())] or [0] * len(STATS)
         return Counts(images_ok=sums[0], images_error=sums[1], images_retryable=sums[2], segments=sums[3])
 
-    @property
-    def bytes(self) -> int:
-        return sum(stats[4] for stats in self.parts.values())
-
 
 # -- reading ---------------------------------------------------------------------------------------------------
 
